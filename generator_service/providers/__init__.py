@@ -1,0 +1,1 @@
+"""Image providers: each turns a GenerationRequest into images (or filtered placeholders)."""

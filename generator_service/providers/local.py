@@ -1,0 +1,71 @@
+"""The offline provider: real PNG/JPEG files of the requested size, drawn with Pillow, no AI involved.
+
+It is the default so that everything runs with no credentials. Every image says in large letters that
+it is a local placeholder, so it can never be mistaken for generated art. Output is deterministic for
+(prompt, index, size).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import random
+import textwrap
+from collections.abc import AsyncIterator
+
+from PIL import Image, ImageDraw, ImageFont
+
+from generator_service.config import ModelSpec
+from generator_service.domain import FilteredImage, GeneratedImage, GenerationRequest, image_dimensions
+
+
+def render_placeholder(prompt: str, index: int, width: int, height: int, mime_type: str) -> bytes:
+    digest = hashlib.sha256(f"{prompt}\x00{index}".encode()).digest()
+    top, bottom = tuple(digest[0:3]), tuple(digest[3:6])
+    image = Image.new("RGB", (width, height), top)
+    draw = ImageDraw.Draw(image)
+    # A vertical gradient from `top` to `bottom` in 64 bands: cheap to draw, easy to tell apart.
+    bands = 64
+    for band in range(bands):
+        t = band / (bands - 1)
+        colour = tuple(int(a + (b - a) * t) for a, b in zip(top, bottom, strict=True))
+        draw.rectangle([0, band * height // bands, width, (band + 1) * height // bands], fill=colour)
+    font = ImageFont.load_default(size=max(16, width // 24))
+    small = ImageFont.load_default(size=max(12, width // 48))
+    margin = width // 16
+    draw.text((margin, margin), "LOCAL PLACEHOLDER - NOT AI OUTPUT", font=font, fill="white",
+              stroke_width=2, stroke_fill="black")
+    body = "\n".join(textwrap.wrap(prompt, width=48)[:8])
+    draw.multiline_text((margin, margin + height // 6), f"#{index + 1}  {width}x{height}\n\n{body}",
+                        font=small, fill="white", stroke_width=1, stroke_fill="black")
+    out = io.BytesIO()
+    if mime_type == "image/jpeg":
+        image.save(out, format="JPEG", quality=85)
+    else:
+        image.save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+class LocalProvider:
+    name = "local"
+
+    def __init__(self, latency_min: float = 0.0, latency_max: float = 0.0) -> None:
+        self._latency = (latency_min, max(latency_min, latency_max))
+
+    async def generate(
+        self, request: GenerationRequest, model: ModelSpec
+    ) -> AsyncIterator[GeneratedImage | FilteredImage]:
+        low, high = self._latency
+        if high > 0:
+            await asyncio.sleep(random.uniform(low, high))
+        width, height = image_dimensions(request.aspect_ratio, request.image_size)
+        for index in range(request.sample_count):
+            # Pillow holds the GIL for part of the work, but off the event loop it cannot stall other streams.
+            data = await asyncio.to_thread(
+                render_placeholder, request.prompt, index, width, height, request.output_mime_type
+            )
+            yield GeneratedImage(index, data, request.output_mime_type, width, height)
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,78 @@
+"""Local storage: files under a folder, served over HTTP with the URL shape of Supabase public objects.
+
+URLs look like {base}/storage/v1/object/public/{bucket}/{path}, so a client that handles Supabase
+public URLs handles these the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+PUBLIC_PREFIX = "/storage/v1/object/public/"
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    temporary.write_bytes(data)
+    # A reader never sees a half-written image, and a concurrent rerun of the same attempt just wins or loses.
+    temporary.replace(target)
+
+
+class LocalStorage:
+    def __init__(self, root: Path, bucket: str, public_base_url: str) -> None:
+        self._bucket_dir = root / bucket
+        self._bucket = bucket
+        self._base = public_base_url.rstrip("/")
+
+    async def upload(self, path: str, data: bytes, content_type: str) -> str:
+        target = (self._bucket_dir / path).resolve()
+        if self._bucket_dir.resolve() not in target.parents:
+            raise ValueError(f"storage path escapes the bucket: {path}")
+        await asyncio.to_thread(_write_atomically, target, data)
+        return f"{self._base}{PUBLIC_PREFIX}{self._bucket}/{path}"
+
+    async def aclose(self) -> None:
+        return None
+
+
+class _PublicObjectHandler(SimpleHTTPRequestHandler):
+    """Serves GET {PUBLIC_PREFIX}{bucket}/{path} from the storage folder; nothing else."""
+
+    def translate_path(self, path: str) -> str:
+        clean = path.split("?", 1)[0].split("#", 1)[0]
+        if not clean.startswith(PUBLIC_PREFIX):
+            return "/nonexistent"
+        return super().translate_path("/" + clean[len(PUBLIC_PREFIX):])
+
+    def list_directory(self, path: str | os.PathLike[str]) -> Any:
+        self.send_error(404, "Object not found")
+        return None
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+        return None
+
+
+class LocalStorageServer:
+    """A small threaded HTTP server for the storage folder (stdlib; reads are file copies)."""
+
+    def __init__(self, root: Path, host: str, port: int) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        handler = partial(_PublicObjectHandler, directory=str(root))
+        self._httpd = ThreadingHTTPServer((host, port), handler)
+        self._httpd.daemon_threads = True
+        self.port = int(self._httpd.server_address[1])
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="storage-http", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

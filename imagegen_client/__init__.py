@@ -1,0 +1,1 @@
+"""imagegen_client."""

@@ -1,0 +1,55 @@
+"""Errors that domain code raises; the servicer layer turns them into rich gRPC statuses.
+
+Domain and store modules import nothing from grpc, so they say *what kind* of failure it is
+(`ErrorKind`, named after the gRPC code it becomes) and *why* (an UPPER_SNAKE reason).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class ErrorKind(StrEnum):
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    UNAVAILABLE = "UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    CANCELLED = "CANCELLED"
+    INTERNAL = "INTERNAL"
+
+
+@dataclass
+class FieldViolation:
+    field: str
+    description: str
+
+
+@dataclass
+class ServiceError(Exception):
+    """A failure the caller should see, with a stable reason."""
+
+    kind: ErrorKind
+    reason: str
+    message: str
+    violations: list[FieldViolation] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    # Seconds the caller should wait before retrying, when known (becomes google.rpc.RetryInfo).
+    retry_after: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.reason}: {self.message}"
+
+
+def invalid_argument(violations: list[FieldViolation], reason: str = "INVALID_ARGUMENT") -> ServiceError:
+    """One error carrying every bad field, so a caller fixes them all in one go."""
+    summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+    return ServiceError(ErrorKind.INVALID_ARGUMENT, reason, f"invalid request: {summary}", violations)

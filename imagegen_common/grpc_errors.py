@@ -1,0 +1,128 @@
+"""The one place where ServiceError becomes a gRPC status (google.rpc.Status with ErrorInfo and details)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from imagegen_common.errors import ErrorKind, FieldViolation, ServiceError
+
+log = structlog.get_logger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def to_grpc_status(err: ServiceError, domain: str) -> grpc.Status:
+    details = [
+        error_details_pb2.ErrorInfo(reason=err.reason, domain=domain, metadata=err.metadata),
+    ]
+    packed: list[Any] = list(details)
+    if err.violations:
+        packed.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    for v in err.violations
+                ]
+            )
+        )
+    if err.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(err.retry_after * 1e9))
+        packed.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    anys = []
+    for message in packed:
+        wrapped = any_pb2.Any()
+        wrapped.Pack(message)
+        anys.append(wrapped)
+    status = status_pb2.Status(code=getattr(code_pb2, err.kind.value), message=err.message, details=anys)
+    return rpc_status.to_status(status)
+
+
+def from_grpc_error(error: grpc.aio.AioRpcError, default_reason: str = "UNKNOWN") -> ServiceError:
+    """Reads a peer's rich status back into a ServiceError (ErrorInfo, BadRequest and RetryInfo kept)."""
+    kind = ErrorKind(error.code().name) if error.code().name in ErrorKind.__members__ else ErrorKind.INTERNAL
+    reason, metadata, violations, retry_after = default_reason, {}, [], None
+    for key, value in error.trailing_metadata() or ():
+        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason, metadata = info.reason, dict(info.metadata)
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                violations = [FieldViolation(v.field, v.description) for v in bad.field_violations]
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+    return ServiceError(kind, reason, error.details() or "", violations, metadata, retry_after)
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, domain: str) -> None:
+    if isinstance(exc, ServiceError):
+        err = exc
+    else:
+        # Never a traceback to the caller: log it here, answer INTERNAL with a stable reason.
+        log.exception("unhandled error in RPC handler")
+        err = ServiceError(ErrorKind.INTERNAL, "INTERNAL", "internal error; see the server log")
+    status = to_grpc_status(err, domain)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def unary_errors(
+    domain: str,
+) -> Callable[[Callable[[Any, Req, Any], Awaitable[Resp]]], Callable[[Any, Req, Any], Awaitable[Resp]]]:
+    """Decorates a unary servicer method so every ServiceError it raises becomes a rich status."""
+
+    def decorate(
+        method: Callable[[Any, Req, Any], Awaitable[Resp]],
+    ) -> Callable[[Any, Req, Any], Awaitable[Resp]]:
+        @functools.wraps(method)
+        async def wrapper(self: Any, request: Req, context: Any) -> Resp:
+            try:
+                return await method(self, request, context)
+            except Exception as exc:
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                await _abort(context, exc, domain)
+                raise  # unreachable: abort raises
+
+        return wrapper
+
+    return decorate
+
+
+def stream_errors(
+    domain: str,
+) -> Callable[[Callable[[Any, Req, Any], AsyncIterator[Resp]]], Callable[[Any, Req, Any], AsyncIterator[Resp]]]:
+    """Decorates a server-streaming servicer method the same way as `unary_errors`."""
+
+    def decorate(
+        method: Callable[[Any, Req, Any], AsyncIterator[Resp]],
+    ) -> Callable[[Any, Req, Any], AsyncIterator[Resp]]:
+        @functools.wraps(method)
+        async def wrapper(self: Any, request: Req, context: Any) -> AsyncIterator[Resp]:
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except Exception as exc:
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                await _abort(context, exc, domain)
+
+        return wrapper
+
+    return decorate

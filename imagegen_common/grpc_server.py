@@ -1,0 +1,80 @@
+"""What both gRPC servers have in common: health, reflection, TLS and binding to a port."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a TLS listener; with `client_ca` set, clients must present a certificate it signed."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.key.read_bytes(), self.cert.read_bytes())],
+            root_certificates=self.client_ca.read_bytes() if self.client_ca else None,
+            require_client_auth=self.client_ca is not None,
+        )
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: Sequence[str]
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float) -> None:
+        """Reports NOT_SERVING (so balancers drain first), then lets in-flight RPCs finish within `grace`."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_server(
+    *,
+    add_servicers: Sequence[Callable[[grpc.aio.Server], None]],
+    service_names: Sequence[str],
+    host: str,
+    port: int,
+    tls: TlsFiles | None,
+    interceptors: Sequence[Any] = (),
+    options: Sequence[tuple[str, Any]] = (),
+) -> RunningServer:
+    """Starts a grpc.aio server with health and reflection; port 0 picks a free port (tests)."""
+    server = grpc.aio.server(interceptors=list(interceptors), options=list(options))
+    for add in add_servicers:
+        add(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    address = f"{host}:{port}"
+    bound = (
+        server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
+    )
+    if bound == 0:
+        raise OSError(f"could not bind {address}")
+    await server.start()
+    running = RunningServer(server, bound, health_servicer, service_names)
+    await running.set_serving(True)
+    return running
