@@ -1,4 +1,4 @@
-"""GeneratorService settings: one class, read from the environment (prefix GEN_) and .env, built once at start."""
+"""GeneratorService settings: one class, read from the environment (prefix GEN_) and .env, built once."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ class ModelSpec(BaseModel):
     id: str
     provider: Literal["local", "vertex-imagen", "gemini-imagen", "gemini-image"]
     display_name: str
+    # The model's name in the provider's API when it differs from `id`: two providers can serve the same
+    # Google model (Imagen 4 on Vertex and on the Gemini API), and our catalogue ids must stay unique.
+    provider_model: str | None = None
     aspect_ratios: list[str] = Field(default_factory=lambda: list(ALL_ASPECT_RATIOS))
     image_sizes: list[str] = Field(default_factory=lambda: ["1K"])
     max_sample_count: int = 4
@@ -28,6 +31,11 @@ class ModelSpec(BaseModel):
     # Per-model limits, so a burst queues here instead of failing at the provider.
     max_concurrency: int = 8
     requests_per_minute: int = 0  # 0: no limit
+
+    @property
+    def api_model(self) -> str:
+        """The name to put in the provider's URL."""
+        return self.provider_model or self.id
 
 
 def _default_models() -> list[ModelSpec]:
@@ -59,6 +67,32 @@ def _default_models() -> list[ModelSpec]:
             display_name="Imagen 4 Fast (Vertex AI)",
             provider_price_usd=0.02,
         ),
+        # The same Imagen 4 models on the Gemini API (the seed's endpoint). Google shut them down there in
+        # 2026; they stay listed (when GEN_GEMINI_API_KEY is set) so a caller of the seed's model gets a
+        # clear MODEL_NOT_SERVED answer naming the alternatives instead of an unknown-model error.
+        ModelSpec(
+            id="gemini-api/imagen-4.0-generate-001",
+            provider="gemini-imagen",
+            provider_model="imagen-4.0-generate-001",
+            display_name="Imagen 4 (Gemini API, shut down by Google in 2026)",
+            image_sizes=["1K", "2K"],
+            provider_price_usd=0.04,
+        ),
+        ModelSpec(
+            id="gemini-api/imagen-4.0-ultra-generate-001",
+            provider="gemini-imagen",
+            provider_model="imagen-4.0-ultra-generate-001",
+            display_name="Imagen 4 Ultra (Gemini API, shut down by Google in 2026)",
+            image_sizes=["1K", "2K"],
+            provider_price_usd=0.06,
+        ),
+        ModelSpec(
+            id="gemini-api/imagen-4.0-fast-generate-001",
+            provider="gemini-imagen",
+            provider_model="imagen-4.0-fast-generate-001",
+            display_name="Imagen 4 Fast (Gemini API, shut down by Google in 2026)",
+            provider_price_usd=0.02,
+        ),
         ModelSpec(
             id="gemini-2.5-flash-image",
             provider="gemini-image",
@@ -69,7 +103,9 @@ def _default_models() -> list[ModelSpec]:
 
 
 class GeneratorSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GEN_", env_file=".env", extra="ignore", env_nested_delimiter="__")
+    model_config = SettingsConfigDict(
+        env_prefix="GEN_", env_file=".env", extra="ignore", env_nested_delimiter="__"
+    )
 
     host: str = "0.0.0.0"
     port: int = 50052
@@ -92,9 +128,42 @@ class GeneratorSettings(BaseSettings):
     local_latency_min_seconds: float = 0.0
     local_latency_max_seconds: float = 0.0
 
+    # vertex-imagen: configured when the project is set; the token comes from Application Default Credentials.
+    vertex_project: str | None = None
+    vertex_location: str = "us-central1"
+    # Default https://{location}-aiplatform.googleapis.com (https://aiplatform.googleapis.com for "global").
+    vertex_base_url: str | None = None
+
+    # gemini-imagen and gemini-image: configured when the API key is set.
+    gemini_api_key: SecretStr | None = None
+    gemini_base_url: str = "https://generativelanguage.googleapis.com"
+
+    # Provider HTTP. Imagen takes 5-30 s per request, so the read timeout is generous.
+    provider_connect_timeout_seconds: float = 10.0
+    provider_read_timeout_seconds: float = 120.0
+    # Retries of one provider request (429, 5xx, timeouts, connection errors), within a total time budget.
+    provider_max_retries: int = 3
+    provider_retry_max_total_seconds: float = 90.0
+    # JPEG quality asked of Imagen (outputOptions.compressionQuality) and used when converting Gemini output.
+    jpeg_quality: int = Field(default=90, ge=1, le=100)
+
+    # Exponential backoff (with jitter) between retries, for providers and storage alike.
+    retry_backoff_initial_seconds: float = 1.0
+    retry_backoff_max_seconds: float = 30.0
+
     # Storage.
     storage_backend: Literal["local", "supabase"] = "local"
     storage_bucket: str = "images"
+    # An optional folder inside the bucket that every object path starts with (supabase storage).
+    storage_prefix: str = ""
+    # supabase storage: public bucket -> public URLs; private -> signed URLs valid for the TTL below.
+    storage_public: bool = True
+    storage_signed_url_ttl_seconds: int = Field(default=3600, ge=1)
+    storage_timeout_seconds: float = 30.0
+    storage_max_retries: int = 3
+    storage_retry_max_total_seconds: float = 30.0
+    supabase_url: str | None = None
+    supabase_service_key: SecretStr | None = None
     # local storage: files live under this folder and are served over HTTP.
     storage_dir: Path = Path(".data/storage")
     storage_http_host: str = "127.0.0.1"

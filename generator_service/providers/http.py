@@ -1,0 +1,171 @@
+"""The HTTP side of every cloud provider: one shared httpx client, per-model limits, retries.
+
+A provider hands over a JSON body and gets back the raw bytes of a 2xx answer, or an `HttpFailure`
+once retrying is pointless or the budget is spent. Turning failures into ServiceErrors is left to
+`providers.errors`, because what a status means differs slightly per API (a 404 on the Gemini API's
+:predict means "shut down", a 400 on :predict may be a blocked prompt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+import structlog
+
+from generator_service.config import ModelSpec
+from generator_service.providers.limits import ModelLimits
+from generator_service.retry import RetryPolicy, parse_retry_after
+
+log = structlog.get_logger(__name__)
+
+# 502 is not in Google's list, but it is what a load balancer says when a backend restarts: transient.
+RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_MAX_MESSAGE_CHARS = 500
+
+
+@dataclass
+class HttpFailure(Exception):
+    """A provider request that did not succeed. `status` is None when no answer came (timeout, network)."""
+
+    status: int | None
+    message: str
+    google_status: str | None = None
+    retry_after: float | None = None
+    timed_out: bool = False
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    @property
+    def retryable(self) -> bool:
+        return self.status is None or self.status in RETRYABLE_STATUSES
+
+    def __str__(self) -> str:
+        return f"HTTP {self.status}: {self.message}" if self.status is not None else self.message
+
+
+class RequestAuth(Protocol):
+    async def headers(self) -> Mapping[str, str]:
+        """Headers that authenticate one request (fetched again before every retry)."""
+        ...
+
+    def invalidate(self) -> bool:
+        """Forgets cached credentials after a 401; True if asking again may help."""
+        ...
+
+
+class ApiKeyAuth:
+    """The Gemini API's `x-goog-api-key` header."""
+
+    def __init__(self, api_key: str) -> None:
+        self._headers = {"x-goog-api-key": api_key}
+
+    async def headers(self) -> Mapping[str, str]:
+        return self._headers
+
+    def invalidate(self) -> bool:
+        return False
+
+
+def failure_from_response(response: httpx.Response) -> HttpFailure:
+    """Reads Google's error body ({"error": {"code", "message", "status"}}) when there is one."""
+    message, google_status = "", None
+    try:
+        error = json.loads(response.content).get("error")
+        if isinstance(error, dict):
+            message = str(error.get("message") or "")
+            google_status = str(error["status"]) if error.get("status") else None
+    except (ValueError, AttributeError):
+        pass
+    if not message:
+        message = response.text.strip() or response.reason_phrase
+    return HttpFailure(
+        response.status_code,
+        message[:_MAX_MESSAGE_CHARS],
+        google_status,
+        parse_retry_after(response.headers.get("retry-after")),
+    )
+
+
+class ProviderHttp:
+    """One per provider: owns its connection pool, its models' limiters and the retry loop."""
+
+    def __init__(
+        self,
+        provider: str,
+        client: httpx.AsyncClient,
+        policy: RetryPolicy,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._provider = provider
+        self._client = client
+        self._policy = policy
+        self._limits = ModelLimits()
+        self._clock = clock
+        self._sleep = sleep
+
+    @classmethod
+    def create(
+        cls, provider: str, *, connect_timeout: float, read_timeout: float, policy: RetryPolicy
+    ) -> ProviderHttp:
+        # No pool timeout: the per-model limiters already bound how many requests wait for a connection.
+        timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=None)
+        return cls(provider, httpx.AsyncClient(timeout=timeout), policy)
+
+    async def post_json(
+        self, model: ModelSpec, url: str, body: Mapping[str, Any], auth: RequestAuth
+    ) -> bytes:
+        """POSTs `body` with retries; returns the 2xx body or raises HttpFailure.
+
+        Cancellation is never caught here: it aborts the request in flight, which closes its
+        connection, so the provider stops work it would otherwise bill for.
+        """
+        payload = json.dumps(body, separators=(",", ":")).encode()
+        limiter = self._limits.for_model(model)
+        started = self._clock()
+        retries = 0
+        reauthenticated = False
+        while True:
+            headers = {"content-type": "application/json", **(await auth.headers())}
+            try:
+                async with limiter.request_slot():
+                    response = await self._client.post(url, content=payload, headers=headers)
+            except httpx.TimeoutException as exc:
+                failure = HttpFailure(None, f"no answer in time ({type(exc).__name__})", timed_out=True)
+            except httpx.TransportError as exc:
+                failure = HttpFailure(None, f"connection failed ({type(exc).__name__}: {exc})")
+            else:
+                if response.is_success:
+                    return response.content
+                failure = failure_from_response(response)
+                if response.status_code == 401 and not reauthenticated and auth.invalidate():
+                    # An access token can expire between our check and Google's; one fresh token is worth it.
+                    reauthenticated = True
+                    continue
+            if not failure.retryable:
+                raise failure
+            delay = self._policy.next_delay(retries, self._clock() - started, failure.retry_after)
+            if delay is None:
+                raise failure
+            retries += 1
+            log.warning(
+                "provider request failed; retrying",
+                provider=self._provider,
+                model=model.id,
+                status=failure.status,
+                error=failure.message,
+                retry=retries,
+                delay_seconds=round(delay, 3),
+            )
+            await self._sleep(delay)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

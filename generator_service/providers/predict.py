@@ -1,0 +1,121 @@
+"""Imagen's `:predict` wire format, shared by Vertex AI and the Gemini API (they speak the same body).
+
+Request:  {"instances": [{"prompt"}], "parameters": {"sampleCount", "aspectRatio", "sampleImageSize" (2K
+           only), "personGeneration", "includeRaiReason": true, "outputOptions": {"mimeType",
+           "compressionQuality" (JPEG only)}}}
+Response: {"predictions": [{"bytesBase64Encoded", "mimeType"} | {"raiFilteredReason"}, ...]}
+See /work/shared/reference/external-apis.md §2 for the sources.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from generator_service.domain import (
+    FilteredImage,
+    GeneratedImage,
+    GenerationRequest,
+    generation_error,
+    image_dimensions,
+)
+from generator_service.providers.errors import bad_response, error_for_failure
+from generator_service.providers.http import HttpFailure
+from generator_service.providers.images import BadImage, decode_and_check
+from imagegen_common.errors import ErrorKind, ServiceError
+
+# How Imagen words a prompt refused before generation (HTTP 400), e.g. "The prompt could not be submitted.
+# This prompt contains sensitive words that violate Google's Responsible AI practices."
+_BLOCKED_PROMPT_MARKERS = ("could not be submitted", "sensitive words", "responsible ai")
+
+
+def request_body(request: GenerationRequest, jpeg_quality: int) -> dict[str, Any]:
+    output_options: dict[str, Any] = {"mimeType": request.output_mime_type}
+    if request.output_mime_type == "image/jpeg":
+        output_options["compressionQuality"] = jpeg_quality
+    parameters: dict[str, Any] = {
+        "sampleCount": request.sample_count,
+        "aspectRatio": request.aspect_ratio,
+        "personGeneration": request.person_generation,
+        # Without it a filtered image silently vanishes (or `predictions` is absent); with it we learn why.
+        "includeRaiReason": True,
+        "outputOptions": output_options,
+    }
+    # 1K is the default; sending sampleImageSize to a model without 2K support (Fast) is an error, and
+    # generation.validate only lets 2K through for models whose spec lists it.
+    if request.image_size == "2K":
+        parameters["sampleImageSize"] = "2K"
+    return {"instances": [{"prompt": request.prompt}], "parameters": parameters}
+
+
+def error_for(failure: HttpFailure, provider: str, model: str) -> ServiceError:
+    if failure.status == 400 and any(m in failure.message.lower() for m in _BLOCKED_PROMPT_MARKERS):
+        return generation_error(
+            ErrorKind.INVALID_ARGUMENT,
+            "PROMPT_BLOCKED",
+            f"the prompt was blocked by {provider}: {failure.message}",
+            retryable=False,
+        )
+    return error_for_failure(failure, provider, model)
+
+
+def _parse(content: bytes) -> Any:
+    return json.loads(content)
+
+
+async def images_from_response(
+    content: bytes, request: GenerationRequest, provider: str
+) -> AsyncIterator[GeneratedImage | FilteredImage]:
+    """Yields each prediction as soon as it is decoded and checked, in the provider's order.
+
+    The caller passes the body straight in and keeps no reference: a 4 x 2K answer is tens of MB of
+    base64, so each prediction is popped off the parsed list and dropped once its image is yielded.
+    """
+    try:
+        document = await asyncio.to_thread(_parse, content)
+    except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        raise bad_response(provider, f"the body is not JSON ({exc})") from None
+    del content
+    if not isinstance(document, dict):
+        raise bad_response(provider, "the body is not a JSON object")
+    predictions = document.pop("predictions", None)
+    if not predictions:
+        raise generation_error(
+            ErrorKind.UNAVAILABLE,
+            "NO_IMAGES",
+            f"{provider} returned no predictions (no images and no filter reason)",
+            retryable=False,
+        )
+    if not isinstance(predictions, list):
+        raise bad_response(provider, "`predictions` is not a list")
+
+    expected_size = image_dimensions(request.aspect_ratio, request.image_size)
+    index = 0
+    while predictions:
+        prediction = predictions.pop(0)
+        if not isinstance(prediction, dict):
+            raise bad_response(provider, f"prediction {index} is not an object")
+        if prediction.get("contentType") == "Positive Prompt":
+            continue  # the prompt's own safety scores (includeSafetyAttributes), not an image
+        encoded = prediction.pop("bytesBase64Encoded", None)
+        if encoded is None:
+            reason = prediction.get("raiFilteredReason")
+            if not reason:
+                raise bad_response(
+                    provider, f"prediction {index} has neither image bytes nor a filter reason"
+                )
+            yield FilteredImage(index, str(reason))
+            index += 1
+            continue
+        try:
+            checked = await asyncio.to_thread(
+                decode_and_check, encoded, prediction.get("mimeType"), expected_size
+            )
+        except BadImage as exc:
+            raise bad_response(provider, f"prediction {index}: {exc}") from None
+        del encoded, prediction
+        yield GeneratedImage(index, checked.data, checked.mime_type, checked.width, checked.height)
+        del checked
+        index += 1

@@ -1,0 +1,63 @@
+"""Imagen 4 on Vertex AI: `:predict` under a project and location, with an OAuth token from ADC."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from generator_service.config import ModelSpec
+from generator_service.domain import FilteredImage, GeneratedImage, GenerationRequest
+from generator_service.providers import predict
+from generator_service.providers.google_auth import BearerTokenAuth, TokenSource
+from generator_service.providers.http import HttpFailure, ProviderHttp
+
+
+def vertex_base_url(location: str) -> str:
+    # The "global" location has no regional host.
+    host = "aiplatform.googleapis.com" if location == "global" else f"{location}-aiplatform.googleapis.com"
+    return f"https://{host}"
+
+
+class VertexImagenProvider:
+    name = "vertex-imagen"
+
+    def __init__(
+        self,
+        http: ProviderHttp,
+        tokens: TokenSource,
+        *,
+        project: str,
+        location: str,
+        base_url: str | None = None,
+        jpeg_quality: int = 90,
+    ) -> None:
+        self._http = http
+        self._tokens = tokens
+        self._auth = BearerTokenAuth(tokens)
+        self._models_url = (
+            f"{(base_url or vertex_base_url(location)).rstrip('/')}"
+            f"/v1/projects/{project}/locations/{location}/publishers/google/models"
+        )
+        self._jpeg_quality = jpeg_quality
+
+    def predict_url(self, model: ModelSpec) -> str:
+        return f"{self._models_url}/{model.api_model}:predict"
+
+    async def generate(
+        self, request: GenerationRequest, model: ModelSpec
+    ) -> AsyncIterator[GeneratedImage | FilteredImage]:
+        body = predict.request_body(request, self._jpeg_quality)
+        try:
+            # The body goes straight to the parser, which drops it once parsed; no reference stays here.
+            images = predict.images_from_response(
+                await self._http.post_json(model, self.predict_url(model), body, self._auth),
+                request,
+                self.name,
+            )
+        except HttpFailure as failure:
+            raise predict.error_for(failure, self.name, model.id) from None
+        async for item in images:
+            yield item
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+        await self._tokens.aclose()

@@ -1,0 +1,250 @@
+"""Fake Google image APIs speaking the documented wire formats (external-apis.md §2 and DESIGN.md §5).
+
+Each fake answers correctly by default (real PNG/JPEG bytes of the size the real model returns) and
+takes a queue of `faults`: each request first pops one fault, if any, and answers with it instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+import re
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from gen_fake_http import Exchange, FakeHttpServer, RecordedRequest, Reply
+from PIL import Image
+
+from generator_service.domain import image_dimensions
+
+Fault = Callable[[Exchange], Awaitable[Reply]]
+
+# What gemini-2.5-flash-image returns per aspect ratio (differs from Imagen's sizes).
+GEMINI_IMAGE_SIZES = {
+    "1:1": (1024, 1024),
+    "3:4": (864, 1184),
+    "4:3": (1184, 864),
+    "9:16": (768, 1344),
+    "16:9": (1344, 768),
+}
+BLOCKED_PROMPT_MESSAGE = (
+    "Image generation failed with the following error: The prompt could not be submitted. "
+    "This prompt contains sensitive words that violate Google's Responsible AI practices. "
+    "Try rephrasing the prompt."
+)
+ALL_FILTERED_REASON = (
+    "Unable to show generated images. All images were filtered out because they violated Vertex AI's usage "
+    "guidelines. You will not be charged for blocked images. Support codes: 56562880"
+)
+
+
+@functools.lru_cache(maxsize=32)
+def image_bytes(
+    width: int, height: int, mime_type: str, colour: tuple[int, int, int] = (40, 120, 200)
+) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(out, format="JPEG" if mime_type == "image/jpeg" else "PNG")
+    return out.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def google_error(code: int, status: str, message: str, headers: dict[str, str] | None = None) -> Reply:
+    """Google's JSON error body: {"error": {"code", "message", "status"}}."""
+    return Reply.json({"error": {"code": code, "message": message, "status": status}}, code, headers)
+
+
+def gemini_key_refusal(request: RecordedRequest, api_key: str) -> Reply | None:
+    """How the Gemini API answers a missing key (403) or a wrong one (400 "API key not valid")."""
+    sent = request.headers.get("x-goog-api-key")
+    if sent is None:
+        return google_error(403, "PERMISSION_DENIED", "Method doesn't allow unregistered callers.")
+    if sent != api_key:
+        return google_error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.")
+    return None
+
+
+# Faults, for the `faults` queues below.
+def fail(code: int, status: str, message: str, retry_after: str | None = None) -> Fault:
+    async def answer(exchange: Exchange) -> Reply:
+        return google_error(code, status, message, {"retry-after": retry_after} if retry_after else None)
+
+    return answer
+
+
+def raw(body: bytes, status: int = 200, content_type: str = "application/json") -> Fault:
+    async def answer(exchange: Exchange) -> Reply:
+        return Reply(status, body, {"content-type": content_type})
+
+    return answer
+
+
+def answer_json(payload: Any) -> Fault:
+    async def answer(exchange: Exchange) -> Reply:
+        return Reply.json(payload)
+
+    return answer
+
+
+def hang(seconds: float = 10.0) -> Fault:
+    """Never answers: waits (up to `seconds`) for the client to give up and close the connection."""
+
+    async def answer(exchange: Exchange) -> Reply:
+        await exchange.client_disconnected(seconds)
+        return google_error(500, "INTERNAL", "answered too late")
+
+    return answer
+
+
+class _FakeService:
+    def __init__(self) -> None:
+        self.faults: deque[Fault] = deque()
+        self.http = FakeHttpServer(self._handle)
+
+    @property
+    def url(self) -> str:
+        return self.http.url
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        return self.http.requests
+
+    async def start(self) -> _FakeService:
+        await self.http.start()
+        return self
+
+    async def stop(self) -> None:
+        await self.http.stop()
+
+    async def _handle(self, exchange: Exchange) -> Reply:
+        if self.faults:
+            return await self.faults.popleft()(exchange)
+        return await self.answer(exchange)
+
+    async def answer(self, exchange: Exchange) -> Reply:
+        raise NotImplementedError
+
+
+class _FakeImagenPredict(_FakeService):
+    """Imagen :predict: one prediction per requested image, `filtered` indexes replaced by a reason."""
+
+    path: re.Pattern[str]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.filtered: set[int] = set()
+        self.filter_reason = "This image was filtered because it may violate the usage guidelines."
+        self.known_models = {
+            "imagen-4.0-generate-001",
+            "imagen-4.0-ultra-generate-001",
+            "imagen-4.0-fast-generate-001",
+        }
+        # Optional hold-up of every successful answer (to keep requests in flight), e.g. asyncio.sleep.
+        self.delay: Callable[[], Awaitable[None]] | None = None
+
+    def refuse(self, request: RecordedRequest) -> Reply | None:
+        """The answer to missing or wrong credentials, or None when they are right."""
+        raise NotImplementedError
+
+    async def answer(self, exchange: Exchange) -> Reply:
+        request = exchange.request
+        match = self.path.fullmatch(request.path)
+        if request.method != "POST" or match is None:
+            return google_error(404, "NOT_FOUND", f"no route {request.method} {request.path}")
+        refusal = self.refuse(request)
+        if refusal is not None:
+            return refusal
+        if match["model"] not in self.known_models:
+            return google_error(404, "NOT_FOUND", f"models/{match['model']} is not found")
+        body = request.json()
+        parameters = body["parameters"]
+        mime = parameters.get("outputOptions", {}).get("mimeType", "image/png")
+        size = image_dimensions(parameters.get("aspectRatio", "1:1"), parameters.get("sampleImageSize", "1K"))
+        if self.delay is not None:
+            await self.delay()
+        predictions: list[dict[str, Any]] = []
+        for index in range(parameters.get("sampleCount", 4)):
+            if index in self.filtered:
+                predictions.append({"raiFilteredReason": self.filter_reason})
+            else:
+                predictions.append({"mimeType": mime, "bytesBase64Encoded": b64(image_bytes(*size, mime))})
+        return Reply.json({"predictions": predictions})
+
+
+class FakeVertexImagen(_FakeImagenPredict):
+    """Stands in for Imagen on Vertex AI: POST /v1/projects/{project}/locations/{location}/publishers/google/
+    models/{model}:predict on {location}-aiplatform.googleapis.com, `Authorization: Bearer <OAuth token>`."""
+
+    path = re.compile(
+        r"/v1/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/publishers/google/models/(?P<model>[^/:]+):predict"
+    )
+
+    def __init__(self, token: str = "test-access-token") -> None:
+        super().__init__()
+        self.valid_tokens = {token}
+
+    def refuse(self, request: RecordedRequest) -> Reply | None:
+        sent = request.headers.get("authorization", "")
+        if sent.startswith("Bearer ") and sent.removeprefix("Bearer ") in self.valid_tokens:
+            return None
+        # Vertex answers a missing, expired or unknown token with 401 UNAUTHENTICATED.
+        return google_error(401, "UNAUTHENTICATED", "Request had invalid authentication credentials.")
+
+
+class FakeGeminiImagen(_FakeImagenPredict):
+    """Stands in for Imagen on the Gemini API, as it was before the 2026 shutdown: POST /v1beta/models/
+    {model}:predict on generativelanguage.googleapis.com with `x-goog-api-key`. Set `known_models` to an
+    empty set to get today's behaviour (404 for every Imagen model)."""
+
+    path = re.compile(r"/v1beta/models/(?P<model>[^/:]+):predict")
+
+    def __init__(self, api_key: str = "test-api-key") -> None:
+        super().__init__()
+        self.api_key = api_key
+
+    def refuse(self, request: RecordedRequest) -> Reply | None:
+        return gemini_key_refusal(request, self.api_key)
+
+
+class FakeGeminiImage(_FakeService):
+    """Stands in for Gemini's image models on the Gemini API: POST /v1beta/models/{model}:generateContent
+    with `x-goog-api-key`, answering one PNG per call in candidates[0].content.parts[].inlineData."""
+
+    path = re.compile(r"/v1beta/models/(?P<model>[^/:]+):generateContent")
+
+    def __init__(self, api_key: str = "test-api-key") -> None:
+        super().__init__()
+        self.api_key = api_key
+
+    async def answer(self, exchange: Exchange) -> Reply:
+        request = exchange.request
+        match = self.path.fullmatch(request.path)
+        if request.method != "POST" or match is None:
+            return google_error(404, "NOT_FOUND", f"no route {request.method} {request.path}")
+        refusal = gemini_key_refusal(request, self.api_key)
+        if refusal is not None:
+            return refusal
+        body = request.json()
+        ratio = body["generationConfig"]["imageConfig"]["aspectRatio"]
+        png = image_bytes(*GEMINI_IMAGE_SIZES[ratio], "image/png")
+        return Reply.json(
+            {
+                "candidates": [
+                    {
+                        "content": {
+                            "role": "model",
+                            "parts": [
+                                {"text": "Here is your image."},
+                                {"inlineData": {"mimeType": "image/png", "data": b64(png)}},
+                            ],
+                        },
+                        "finishReason": "STOP",
+                    }
+                ],
+                "usageMetadata": {"promptTokenCount": 7, "candidatesTokenCount": 1290},
+            }
+        )
