@@ -219,6 +219,7 @@ class FakeGeminiImage(_FakeService):
     def __init__(self, api_key: str = "test-api-key") -> None:
         super().__init__()
         self.api_key = api_key
+        self.delay: Callable[[], Awaitable[None]] | None = None
 
     async def answer(self, exchange: Exchange) -> Reply:
         request = exchange.request
@@ -228,6 +229,8 @@ class FakeGeminiImage(_FakeService):
         refusal = gemini_key_refusal(request, self.api_key)
         if refusal is not None:
             return refusal
+        if self.delay is not None:
+            await self.delay()
         body = request.json()
         ratio = body["generationConfig"]["imageConfig"]["aspectRatio"]
         png = image_bytes(*GEMINI_IMAGE_SIZES[ratio], "image/png")
