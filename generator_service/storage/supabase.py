@@ -1,0 +1,194 @@
+"""Supabase Storage through storage3's AsyncStorageClient (the storage part of supabase-py).
+
+storage3 alone is enough here: `acreate_client` would also build auth, PostgREST, realtime and
+functions clients the generator never uses. Headers and URL are what `acreate_client` would set
+(`apikey` + `Authorization: Bearer <service key>`, base `{SUPABASE_URL}/storage/v1/`).
+
+Uploads are upserts (`file_options` keys are header-style: "content-type", and "upsert" as the
+*string* "true"), so rerunning an attempt overwrites its own objects. Storage reports errors with
+HTTP 400 and the real status as a string in the body's `statusCode` (external-apis.md §6); storage3
+surfaces it as `StorageApiError.status`, which is what decides here whether to retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import httpx
+import structlog
+from storage3 import AsyncStorageClient
+from storage3.exceptions import StorageApiError
+
+from generator_service.domain import generation_error
+from generator_service.retry import RetryPolicy
+from imagegen_common.errors import ErrorKind, ServiceError
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+_RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def _status(error: StorageApiError) -> int | None:
+    try:
+        return int(error.status)
+    except (TypeError, ValueError):
+        return None
+
+
+def _is_conflict(error: StorageApiError) -> bool:
+    return _status(error) == 409 or error.code == "Duplicate" or "already exists" in error.message.lower()
+
+
+def _is_retryable(exc: Exception) -> bool:
+    if isinstance(exc, StorageApiError):
+        status = _status(exc)
+        return not _is_conflict(exc) and (status is None or status in _RETRYABLE_STATUSES or status >= 500)
+    return isinstance(exc, httpx.TransportError)
+
+
+def _service_error(exc: Exception, action: str, key: str) -> ServiceError:
+    what = f"storage {action} of {key} failed"
+    if not isinstance(exc, StorageApiError):
+        return generation_error(
+            ErrorKind.UNAVAILABLE, "STORAGE_UNAVAILABLE", f"{what}: {exc!r}", retryable=True
+        )
+    said = f"{exc.message} (statusCode {exc.status}, {exc.code})"
+    status = _status(exc)
+    if _is_conflict(exc):
+        # We always upsert, so this means something between us and Storage dropped x-upsert.
+        return generation_error(
+            ErrorKind.ALREADY_EXISTS,
+            "STORAGE_CONFLICT",
+            f"{what}: the object exists and was not overwritten although the upload asked to upsert; "
+            f"check that nothing strips the x-upsert header: {said}",
+            retryable=False,
+        )
+    if _is_retryable(exc):
+        return generation_error(
+            ErrorKind.UNAVAILABLE, "STORAGE_UNAVAILABLE", f"{what}: {said}", retryable=True
+        )
+    if status in (401, 403):
+        return generation_error(
+            ErrorKind.PERMISSION_DENIED,
+            "STORAGE_PERMISSION_DENIED",
+            f"{what}: the service key was refused (check GEN_SUPABASE_SERVICE_KEY): {said}",
+            retryable=False,
+        )
+    if status == 404:
+        return generation_error(
+            ErrorKind.NOT_FOUND,
+            "STORAGE_BUCKET_NOT_FOUND",
+            f"{what}: check GEN_STORAGE_BUCKET: {said}",
+            retryable=False,
+        )
+    return generation_error(
+        ErrorKind.FAILED_PRECONDITION, "STORAGE_REJECTED", f"{what}: {said}", retryable=False
+    )
+
+
+class SupabaseStorage:
+    def __init__(
+        self,
+        client: AsyncStorageClient,
+        bucket: str,
+        *,
+        policy: RetryPolicy,
+        prefix: str = "",
+        public: bool = True,
+        signed_url_ttl_seconds: int = 3600,
+        http: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._client = client
+        self._bucket = bucket
+        self._policy = policy
+        self._prefix = prefix.strip("/")
+        self._public = public
+        self._ttl = signed_url_ttl_seconds
+        self._http = http
+        self._clock = clock
+        self._sleep = sleep
+
+    @classmethod
+    def create(
+        cls,
+        supabase_url: str,
+        service_key: str,
+        bucket: str,
+        *,
+        policy: RetryPolicy,
+        timeout_seconds: float = 30.0,
+        prefix: str = "",
+        public: bool = True,
+        signed_url_ttl_seconds: int = 3600,
+    ) -> SupabaseStorage:
+        # Our own httpx client, so the timeout is ours and closing it is ours (storage3 deprecates `timeout`).
+        http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_seconds), follow_redirects=True)
+        client = AsyncStorageClient(
+            f"{supabase_url.rstrip('/')}/storage/v1/",
+            {"apikey": service_key, "Authorization": f"Bearer {service_key}"},
+            http_client=http,
+        )
+        return cls(
+            client,
+            bucket,
+            policy=policy,
+            prefix=prefix,
+            public=public,
+            signed_url_ttl_seconds=signed_url_ttl_seconds,
+            http=http,
+        )
+
+    def object_key(self, path: str) -> str:
+        return f"{self._prefix}/{path}" if self._prefix else path
+
+    async def upload(self, path: str, data: bytes, content_type: str) -> str:
+        key = self.object_key(path)
+        bucket = self._client.from_(self._bucket)
+        await self._retrying(
+            "upload", key, lambda: bucket.upload(key, data, {"content-type": content_type, "upsert": "true"})
+        )
+        if self._public:
+            return await bucket.get_public_url(key)  # built locally, but async in the async client
+        signed = await self._retrying("signing", key, lambda: bucket.create_signed_url(key, self._ttl))
+        url = signed.get("signedURL")
+        if not url:
+            raise generation_error(
+                ErrorKind.UNAVAILABLE,
+                "STORAGE_UNAVAILABLE",
+                f"storage returned no signed URL for {key}",
+                retryable=True,
+            )
+        return url
+
+    async def _retrying(self, action: str, key: str, call: Callable[[], Awaitable[T]]) -> T:
+        started = self._clock()
+        retries = 0
+        while True:
+            try:
+                return await call()
+            except (StorageApiError, httpx.TransportError) as exc:
+                delay = (
+                    self._policy.next_delay(retries, self._clock() - started) if _is_retryable(exc) else None
+                )
+                if delay is None:
+                    raise _service_error(exc, action, key) from exc
+                retries += 1
+                log.warning(
+                    "storage request failed; retrying",
+                    action=action,
+                    key=key,
+                    error=str(exc),
+                    retry=retries,
+                    delay_seconds=round(delay, 3),
+                )
+                await self._sleep(delay)
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()

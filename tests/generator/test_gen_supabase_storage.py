@@ -1,0 +1,164 @@
+"""SupabaseStorage (storage3's async client) against a fake Supabase Storage REST server."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from gen_fake_google import image_bytes
+from gen_fake_http import Reply
+from gen_fake_supabase import FakeSupabaseStorage, StoredObject, storage_error, storage_fault
+
+from generator_service.retry import RetryPolicy
+from generator_service.storage.supabase import SupabaseStorage
+from imagegen_common.errors import ErrorKind, ServiceError
+
+PNG = image_bytes(1024, 1024, "image/png")
+PATH = "user-1/job-1/1-0.png"
+
+
+def storage(api: FakeSupabaseStorage, *, key: str = "test-service-key", **options: object) -> SupabaseStorage:
+    return SupabaseStorage.create(
+        api.url,
+        key,
+        "images",
+        policy=RetryPolicy(
+            max_retries=3, max_total_seconds=5.0, backoff_initial_seconds=0.01, backoff_max_seconds=0.05
+        ),
+        timeout_seconds=5.0,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+async def upload(api: FakeSupabaseStorage, **options: object) -> str:
+    store = storage(api, **options)
+    try:
+        return await store.upload(PATH, PNG, "image/png")
+    finally:
+        await store.aclose()
+
+
+async def upload_error(api: FakeSupabaseStorage, **options: object) -> ServiceError:
+    with pytest.raises(ServiceError) as caught:
+        await upload(api, **options)
+    return caught.value
+
+
+async def test_upload_sends_an_upsert_with_the_content_type_and_returns_the_public_url(
+    supabase_storage_api: FakeSupabaseStorage,
+) -> None:
+    url = await upload(supabase_storage_api)
+
+    sent = supabase_storage_api.requests[0]
+    assert (sent.method, sent.path) == ("POST", f"/storage/v1/object/images/{PATH}")
+    assert sent.headers["x-upsert"] == "true"
+    assert sent.headers["authorization"] == "Bearer test-service-key"
+    assert sent.headers["apikey"] == "test-service-key"
+    assert supabase_storage_api.objects[("images", PATH)] == StoredObject(PNG, "image/png")
+    assert url == f"{supabase_storage_api.url}/storage/v1/object/public/images/{PATH}"
+    async with httpx.AsyncClient() as client:
+        fetched = await client.get(url)
+    assert (fetched.status_code, fetched.content, fetched.headers["content-type"]) == (200, PNG, "image/png")
+
+
+async def test_uploading_the_same_path_again_overwrites_it(supabase_storage_api: FakeSupabaseStorage) -> None:
+    supabase_storage_api.objects[("images", PATH)] = StoredObject(b"an older attempt", "image/png")
+    await upload(supabase_storage_api)
+    assert supabase_storage_api.objects[("images", PATH)].data == PNG
+
+
+async def test_the_prefix_setting_puts_objects_under_a_folder(
+    supabase_storage_api: FakeSupabaseStorage,
+) -> None:
+    url = await upload(supabase_storage_api, prefix="/generated/")
+    assert ("images", f"generated/{PATH}") in supabase_storage_api.objects
+    assert url.endswith(f"/storage/v1/object/public/images/generated/{PATH}")
+
+
+async def test_a_private_bucket_gets_a_signed_url_with_the_configured_ttl(
+    supabase_storage_api: FakeSupabaseStorage,
+) -> None:
+    supabase_storage_api.buckets["images"] = False
+    url = await upload(supabase_storage_api, public=False, signed_url_ttl_seconds=600)
+
+    assert [int(str(r["expiresIn"])) for r in supabase_storage_api.sign_requests] == [600]
+    assert url.startswith(f"{supabase_storage_api.url}/storage/v1/object/sign/images/{PATH}?token=")
+    async with httpx.AsyncClient() as client:
+        signed = await client.get(url)
+        public = await client.get(f"{supabase_storage_api.url}/storage/v1/object/public/images/{PATH}")
+    assert (signed.status_code, signed.content) == (200, PNG)
+    assert public.status_code == 400  # a private bucket has no public URLs
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Reply(500, b"Internal Server Error", {"content-type": "text/plain"}),
+        Reply(503, b"<html>Service Unavailable</html>", {"content-type": "text/html"}),
+        storage_error(
+            "500", "Internal", "Internal Server Error", "InternalError"
+        ),  # HTTP 400, statusCode "500"
+    ],
+    ids=["http-500", "http-503", "statusCode-500-in-a-400"],
+)
+async def test_storage_server_errors_are_retried_then_succeed(
+    supabase_storage_api: FakeSupabaseStorage, fault: Reply
+) -> None:
+    supabase_storage_api.upload_faults.append(storage_fault(fault))
+    url = await upload(supabase_storage_api)
+
+    uploads = [r for r in supabase_storage_api.requests if r.method == "POST"]
+    assert len(uploads) == 2
+    assert supabase_storage_api.objects[("images", PATH)].data == PNG
+    assert url.endswith(PATH)
+
+
+async def test_storage_that_stays_down_fails_retryable(supabase_storage_api: FakeSupabaseStorage) -> None:
+    supabase_storage_api.upload_faults.extend(storage_fault(Reply(503, b"unavailable")) for _ in range(10))
+    error = await upload_error(supabase_storage_api)
+    assert (error.kind, error.reason, error.metadata["retryable"]) == (
+        ErrorKind.UNAVAILABLE,
+        "STORAGE_UNAVAILABLE",
+        "true",
+    )
+    assert len(supabase_storage_api.requests) == 4  # the first try and three retries
+
+
+async def test_already_exists_despite_upsert_is_a_permanent_conflict(
+    supabase_storage_api: FakeSupabaseStorage,
+) -> None:
+    supabase_storage_api.ignore_upsert = True  # e.g. a proxy that strips x-upsert
+    supabase_storage_api.objects[("images", PATH)] = StoredObject(b"an older attempt", "image/png")
+    error = await upload_error(supabase_storage_api)
+
+    assert (error.kind, error.reason, error.metadata["retryable"]) == (
+        ErrorKind.ALREADY_EXISTS,
+        "STORAGE_CONFLICT",
+        "false",
+    )
+    assert "The resource already exists" in error.message
+    assert len(supabase_storage_api.requests) == 1
+    assert supabase_storage_api.objects[("images", PATH)].data == b"an older attempt"
+
+
+async def test_a_wrong_service_key_is_a_permanent_permission_error(
+    supabase_storage_api: FakeSupabaseStorage,
+) -> None:
+    error = await upload_error(supabase_storage_api, key="not-the-key")
+    assert (error.kind, error.reason, error.metadata["retryable"]) == (
+        ErrorKind.PERMISSION_DENIED,
+        "STORAGE_PERMISSION_DENIED",
+        "false",
+    )
+    assert len(supabase_storage_api.requests) == 1
+
+
+async def test_a_missing_bucket_is_a_permanent_error(supabase_storage_api: FakeSupabaseStorage) -> None:
+    supabase_storage_api.buckets = {"other": True}
+    error = await upload_error(supabase_storage_api)
+    assert (error.reason, error.metadata["retryable"]) == ("STORAGE_BUCKET_NOT_FOUND", "false")
+
+
+async def test_unreachable_storage_is_retryable(supabase_storage_api: FakeSupabaseStorage) -> None:
+    await supabase_storage_api.stop()
+    error = await upload_error(supabase_storage_api)
+    assert (error.reason, error.metadata["retryable"]) == ("STORAGE_UNAVAILABLE", "true")
