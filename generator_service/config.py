@@ -140,10 +140,11 @@ class GeneratorSettings(BaseSettings):
 
     # Provider HTTP. Imagen takes 5-30 s per request, so the read timeout is generous.
     provider_connect_timeout_seconds: float = 10.0
-    provider_read_timeout_seconds: float = 120.0
-    # Retries of one provider request (429, 5xx, timeouts, connection errors), within a total time budget.
+    provider_read_timeout_seconds: float = 60.0
+    # Retries of one provider request (429, 5xx, timeouts, connection errors) within a time budget counted
+    # from the first try; past it the attempt fails retryable and JobService schedules the next attempt.
     provider_max_retries: int = 3
-    provider_retry_max_total_seconds: float = 90.0
+    provider_retry_max_total_seconds: float = 60.0
     # JPEG quality asked of Imagen (outputOptions.compressionQuality) and used when converting Gemini output.
     jpeg_quality: int = Field(default=90, ge=1, le=100)
 

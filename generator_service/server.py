@@ -8,29 +8,97 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from imagegen.generator.v1 import generator_service_pb2 as pb
+from imagegen.generator.v1 import generator_service_pb2_grpc as pb_grpc
 
 from generator_service.config import GeneratorSettings, ModelSpec
 from generator_service.generation import Generator
 from generator_service.interceptors import SharedTokenInterceptor
 from generator_service.providers.base import Provider
+from generator_service.providers.gemini_image import GeminiImageProvider
+from generator_service.providers.gemini_imagen import GeminiImagenProvider
+from generator_service.providers.google_auth import AdcTokenSource, TokenSource
+from generator_service.providers.http import ProviderHttp
 from generator_service.providers.local import LocalProvider
+from generator_service.providers.vertex_imagen import VertexImagenProvider
+from generator_service.retry import RetryPolicy
 from generator_service.servicer import GeneratorServicer
 from generator_service.storage.base import Storage
 from generator_service.storage.local import LocalStorage, LocalStorageServer
-from imagegen.generator.v1 import generator_service_pb2 as pb
-from imagegen.generator.v1 import generator_service_pb2_grpc as pb_grpc
+from generator_service.storage.supabase import SupabaseStorage
 from imagegen_common.grpc_server import RunningServer, TlsFiles, start_server
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GeneratorService"].full_name
 
 
-def build_providers(settings: GeneratorSettings) -> dict[str, Provider]:
-    """The providers that are configured; a model whose provider is missing is not served."""
+def provider_retry_policy(settings: GeneratorSettings) -> RetryPolicy:
+    return RetryPolicy(
+        max_retries=settings.provider_max_retries,
+        max_total_seconds=settings.provider_retry_max_total_seconds,
+        backoff_initial_seconds=settings.retry_backoff_initial_seconds,
+        backoff_max_seconds=settings.retry_backoff_max_seconds,
+    )
+
+
+def build_providers(
+    settings: GeneratorSettings, *, vertex_tokens: TokenSource | None = None
+) -> dict[str, Provider]:
+    """The providers that are configured; a model whose provider is missing is not served.
+
+    Each cloud provider gets its own HTTP client (own pool, own limiters). `vertex_tokens` replaces
+    Application Default Credentials (tests, or tokens minted elsewhere).
+    """
     providers: dict[str, Provider] = {
         "local": LocalProvider(settings.local_latency_min_seconds, settings.local_latency_max_seconds),
     }
+
+    def http(name: str) -> ProviderHttp:
+        return ProviderHttp.create(
+            name,
+            connect_timeout=settings.provider_connect_timeout_seconds,
+            read_timeout=settings.provider_read_timeout_seconds,
+            policy=provider_retry_policy(settings),
+        )
+
+    if settings.vertex_project:
+        providers["vertex-imagen"] = VertexImagenProvider(
+            http("vertex-imagen"),
+            vertex_tokens or AdcTokenSource(),
+            project=settings.vertex_project,
+            location=settings.vertex_location,
+            base_url=settings.vertex_base_url,
+            jpeg_quality=settings.jpeg_quality,
+        )
+    if settings.gemini_api_key is not None:
+        key = settings.gemini_api_key.get_secret_value()
+        providers["gemini-imagen"] = GeminiImagenProvider(
+            http("gemini-imagen"), key, base_url=settings.gemini_base_url, jpeg_quality=settings.jpeg_quality
+        )
+        providers["gemini-image"] = GeminiImageProvider(
+            http("gemini-image"), key, base_url=settings.gemini_base_url, jpeg_quality=settings.jpeg_quality
+        )
     return providers
+
+
+def build_supabase_storage(settings: GeneratorSettings) -> SupabaseStorage:
+    if not settings.supabase_url or settings.supabase_service_key is None:
+        raise ValueError("GEN_STORAGE_BACKEND=supabase needs GEN_SUPABASE_URL and GEN_SUPABASE_SERVICE_KEY")
+    return SupabaseStorage.create(
+        settings.supabase_url,
+        settings.supabase_service_key.get_secret_value(),
+        settings.storage_bucket,
+        policy=RetryPolicy(
+            max_retries=settings.storage_max_retries,
+            max_total_seconds=settings.storage_retry_max_total_seconds,
+            backoff_initial_seconds=settings.retry_backoff_initial_seconds,
+            backoff_max_seconds=settings.retry_backoff_max_seconds,
+        ),
+        timeout_seconds=settings.storage_timeout_seconds,
+        prefix=settings.storage_prefix,
+        public=settings.storage_public,
+        signed_url_ttl_seconds=settings.storage_signed_url_ttl_seconds,
+    )
 
 
 @dataclass
@@ -56,13 +124,15 @@ async def start(settings: GeneratorSettings) -> GeneratorApp:
     closers: list[Any] = []
     storage: Storage
     if settings.storage_backend == "local":
-        http = LocalStorageServer(settings.storage_dir, settings.storage_http_host, settings.storage_http_port)
+        http = LocalStorageServer(
+            settings.storage_dir, settings.storage_http_host, settings.storage_http_port
+        )
         http.start()
         closers.append(http.stop)
         base = settings.storage_public_base_url or f"http://{settings.storage_http_host}:{http.port}"
         storage = LocalStorage(settings.storage_dir, settings.storage_bucket, base)
     else:
-        raise NotImplementedError("storage backend 'supabase' is not built yet (see README: not finished)")
+        storage = build_supabase_storage(settings)
     closers.append(storage.aclose)
 
     providers = build_providers(settings)
@@ -71,10 +141,20 @@ async def start(settings: GeneratorSettings) -> GeneratorApp:
     models: dict[str, ModelSpec] = {m.id: m for m in settings.models if m.provider in providers}
     generator = Generator(models, providers, storage)
 
-    tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca) if settings.tls_cert and settings.tls_key else None
-    interceptors = [SharedTokenInterceptor(settings.auth_token.get_secret_value())] if settings.auth_token else []
+    tls = (
+        TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        if settings.tls_cert and settings.tls_key
+        else None
+    )
+    interceptors = (
+        [SharedTokenInterceptor(settings.auth_token.get_secret_value())] if settings.auth_token else []
+    )
     running = await start_server(
-        add_servicers=[lambda server: pb_grpc.add_GeneratorServiceServicer_to_server(GeneratorServicer(generator), server)],
+        add_servicers=[
+            lambda server: pb_grpc.add_GeneratorServiceServicer_to_server(
+                GeneratorServicer(generator), server
+            )
+        ],
         service_names=[SERVICE_NAME],
         host=settings.host,
         port=settings.port,

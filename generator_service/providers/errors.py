@@ -33,7 +33,7 @@ def error_for_failure(failure: HttpFailure, provider: str, model: str) -> Servic
             retryable=True,
             retry_after=failure.retry_after,
         )
-    # The Gemini API answers a wrong key with 400 "API key not valid": a configuration error, not a bad request.
+    # The Gemini API answers a wrong key with 400 "API key not valid": configuration, not a bad request.
     if status in (401, 403) or (status == 400 and "api key not valid" in said.lower()):
         # Wrong key, wrong project, API not enabled, or missing IAM role: retrying cannot fix configuration.
         reason = "PROVIDER_UNAUTHENTICATED" if status == 401 else "PROVIDER_PERMISSION_DENIED"

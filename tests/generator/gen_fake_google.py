@@ -145,10 +145,24 @@ class _FakeImagenPredict(_FakeService):
         }
         # Optional hold-up of every successful answer (to keep requests in flight), e.g. asyncio.sleep.
         self.delay: Callable[[], Awaitable[None]] | None = None
+        # Quotas like the real service's: 429 when more requests than this are in flight at once, or
+        # when more than `per_second_quota` requests arrived within the last second.
+        self.concurrency_quota: int | None = None
+        self.per_second_quota: int | None = None
+        self.rate_limited = 0  # 429s answered because of the quotas above
 
     def refuse(self, request: RecordedRequest) -> Reply | None:
         """The answer to missing or wrong credentials, or None when they are right."""
         raise NotImplementedError
+
+    def _over_quota(self, request: RecordedRequest) -> bool:
+        if self.concurrency_quota is not None and self.http.in_flight > self.concurrency_quota:
+            return True
+        if self.per_second_quota is not None:
+            window_start = request.received_at - 1.0
+            recent = [r for r in self.http.requests if window_start < r.received_at <= request.received_at]
+            return len(recent) > self.per_second_quota
+        return False
 
     async def answer(self, exchange: Exchange) -> Reply:
         request = exchange.request
@@ -158,6 +172,9 @@ class _FakeImagenPredict(_FakeService):
         refusal = self.refuse(request)
         if refusal is not None:
             return refusal
+        if self._over_quota(request):
+            self.rate_limited += 1
+            return google_error(429, "RESOURCE_EXHAUSTED", "Quota exceeded for online prediction requests.")
         if match["model"] not in self.known_models:
             return google_error(404, "NOT_FOUND", f"models/{match['model']} is not found")
         body = request.json()

@@ -70,6 +70,7 @@ def settings_for(tmp_path: Path, **overrides: Any) -> GeneratorSettings:
         "metrics_port": 0,
         "shutdown_grace_seconds": 1.0,
         "provider_max_retries": 3,
+        "provider_retry_max_total_seconds": 10.0,
         "retry_backoff_initial_seconds": 0.01,
         "retry_backoff_max_seconds": 0.05,
     }

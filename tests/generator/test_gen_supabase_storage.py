@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 from gen_fake_google import image_bytes
@@ -16,7 +18,7 @@ PNG = image_bytes(1024, 1024, "image/png")
 PATH = "user-1/job-1/1-0.png"
 
 
-def storage(api: FakeSupabaseStorage, *, key: str = "test-service-key", **options: object) -> SupabaseStorage:
+def storage(api: FakeSupabaseStorage, *, key: str = "test-service-key", **options: Any) -> SupabaseStorage:
     return SupabaseStorage.create(
         api.url,
         key,
@@ -25,11 +27,11 @@ def storage(api: FakeSupabaseStorage, *, key: str = "test-service-key", **option
             max_retries=3, max_total_seconds=5.0, backoff_initial_seconds=0.01, backoff_max_seconds=0.05
         ),
         timeout_seconds=5.0,
-        **options,  # type: ignore[arg-type]
+        **options,
     )
 
 
-async def upload(api: FakeSupabaseStorage, **options: object) -> str:
+async def upload(api: FakeSupabaseStorage, **options: Any) -> str:
     store = storage(api, **options)
     try:
         return await store.upload(PATH, PNG, "image/png")
@@ -37,7 +39,7 @@ async def upload(api: FakeSupabaseStorage, **options: object) -> str:
         await store.aclose()
 
 
-async def upload_error(api: FakeSupabaseStorage, **options: object) -> ServiceError:
+async def upload_error(api: FakeSupabaseStorage, **options: Any) -> ServiceError:
     with pytest.raises(ServiceError) as caught:
         await upload(api, **options)
     return caught.value
