@@ -36,9 +36,7 @@ class RunningServer:
     service_names: Sequence[str]
 
     async def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self.service_names):
             await self.health.set(name, status)
 
@@ -69,9 +67,7 @@ async def start_server(
         server,
     )
     address = f"{host}:{port}"
-    bound = (
-        server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
-    )
+    bound = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"could not bind {address}")
     await server.start()

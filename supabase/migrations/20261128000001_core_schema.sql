@@ -31,7 +31,10 @@ CREATE TABLE IF NOT EXISTS generation_jobs (
     request_id       text,
     -- A digest of the request, to tell an idempotent retry from a reused request_id.
     request_hash     text,
+    -- Claims so far; every claim increments it, and every write of an attempt is fenced on it.
     attempt          integer NOT NULL DEFAULT 0,
+    -- Attempts that failed in a way that counts toward max_attempts (not "generator unreachable").
+    failed_attempts  integer NOT NULL DEFAULT 0,
     max_attempts     integer NOT NULL CHECK (max_attempts >= 1),
     lease_owner      text,
     lease_expires_at timestamptz,

@@ -1,0 +1,51 @@
+# imagegen: `make run` starts everything on embedded defaults; `make test` runs every check and test.
+# Both set up what they need first (a private uv in .tools/, the locked dependencies in .venv/).
+
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+UV := .tools/bin/uv
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.synced
+
+.DEFAULT_GOAL := help
+.PHONY: help setup proto proto-check lint typecheck test test-fast run bench clean
+
+help: ## Show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-12s %s\n", $$1, $$2}'
+
+$(UV):
+	$(PYTHON) -m venv .tools
+	.tools/bin/pip install --quiet uv==$(UV_VERSION)
+
+$(STAMP): $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen --quiet
+	@touch $(STAMP)
+
+setup: $(STAMP) ## Install the locked dependencies into .venv (needs only python3 >= 3.11)
+
+proto: $(STAMP) ## Regenerate gen/ from protos/
+	$(PY) scripts/gen_protos.py
+
+proto-check: $(STAMP) ## Fail when protos/ and gen/ disagree, or buf lint finds a problem
+	$(VENV)/bin/buf lint
+	$(PY) scripts/check_generated.py
+
+lint: $(STAMP) ## ruff (lint and format check)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP) ## mypy --strict on hand-written code
+	$(VENV)/bin/mypy job_service generator_service imagegen_common imagegen_client
+
+test: $(STAMP) proto-check lint ## Every check, then every test (embedded PostgreSQL unless DATABASE_URL is set)
+	$(VENV)/bin/pytest -q
+
+run: $(STAMP) ## Embedded PostgreSQL + migrations + JobService (:50051) + GeneratorService (:50052)
+	$(PY) scripts/run_local.py
+
+bench: $(STAMP) ## The benchmarks; figures in bench/results/latest.json
+	$(PY) -m bench
+
+clean: ## Remove the virtualenvs and caches (keeps .data/)
+	rm -rf .venv .tools .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,215 @@
+"""`imagegen`: generate images, follow jobs and manage credits from a terminal."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import httpx
+import typer
+from imagegen.job.v1 import job_service_pb2 as pb
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from imagegen_client.client import ImageGenClient
+from imagegen_common.dev_tokens import DEV_JWT_SECRET, DEV_USER_ID, mint_token
+
+app = typer.Typer(help="Generate images through imagegen's JobService.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Inspect and control jobs.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+console = Console(stderr=True)
+
+Target = Annotated[str, typer.Option(envvar="IMAGEGEN_TARGET", help="JobService address.")]
+Token = Annotated[
+    str, typer.Option(envvar="IMAGEGEN_TOKEN", help="Bearer token; default: a dev token for the dev user.")
+]
+STATE_NAMES = {v: k.removeprefix("JOB_STATE_") for k, v in pb.JobState.items()}
+
+
+def _token(token: str) -> str:
+    if token:
+        return token
+    secret = os.environ.get("SUPABASE_JWT_SECRET") or DEV_JWT_SECRET
+    return mint_token(secret)
+
+
+def _client(target: str, token: str) -> ImageGenClient:
+    return ImageGenClient(target, _token(token))
+
+
+def _run(coroutine: object) -> None:
+    try:
+        asyncio.run(coroutine)  # type: ignore[arg-type]
+    except grpc.aio.AioRpcError as error:
+        console.print(f"[red]{error.code().name}[/red]: {error.details()}")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def token(
+    user: Annotated[str, typer.Option(help="The user id (sub).")] = DEV_USER_ID,
+    service_role: Annotated[bool, typer.Option(help="Mint a service_role token instead.")] = False,
+    ttl: Annotated[int, typer.Option(help="Lifetime in seconds.")] = 3600,
+) -> None:
+    """Print a development token signed with SUPABASE_JWT_SECRET (or the local dev secret)."""
+    secret = os.environ.get("SUPABASE_JWT_SECRET") or DEV_JWT_SECRET
+    print(mint_token(secret, user_id=user, ttl_seconds=ttl, service_role=service_role))
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    n: Annotated[int, typer.Option("-n", "--count", help="Number of images, 1-4.")] = 4,
+    aspect: Annotated[str, typer.Option(help="1:1, 3:4, 4:3, 9:16 or 16:9.")] = "1:1",
+    size: Annotated[str, typer.Option(help="1K or 2K.")] = "",
+    model: Annotated[str, typer.Option(help="Model id; default: the service's default.")] = "",
+    out: Annotated[Path, typer.Option(help="Folder to download the images into.")] = Path("images"),
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the job.")] = 300.0,
+    target: Target = "localhost:50051",
+    token: Token = "",
+) -> None:
+    """Create a job, show its progress live, download the images and print their paths."""
+
+    async def run() -> None:
+        async with _client(target, token) as client:
+            job = await client.create_job(prompt, model=model, sample_count=n, aspect_ratio=aspect, image_size=size)
+            console.print(f"job [bold]{job.id}[/bold] created")
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeElapsedColumn(),
+                console=console,
+            ) as progress:
+                bar = progress.add_task("pending", total=job.params.sample_count)
+                async with asyncio.timeout(timeout):
+                    async for update in client.watch(job.id):
+                        job = update.job
+                        progress.update(bar, description=STATE_NAMES[job.state].lower(), completed=len(job.images))
+            if job.state != pb.JOB_STATE_COMPLETED:
+                console.print(f"[red]job {STATE_NAMES[job.state]}[/red]: {job.error.reason} {job.error.message}")
+                raise typer.Exit(1)
+            out.mkdir(parents=True, exist_ok=True)
+            async with httpx.AsyncClient(timeout=60) as http:
+                for image in job.images:
+                    response = await http.get(image.url)
+                    response.raise_for_status()
+                    path = out / f"{job.id}-{image.index}.{image.storage_path.rsplit('.', 1)[-1]}"
+                    path.write_bytes(response.content)
+                    print(path)
+            if job.filtered_count:
+                console.print(f"{job.filtered_count} image(s) withheld by safety filters")
+            console.print(f"charged {job.credits_charged} credit(s)")
+
+    _run(run())
+
+
+def _job_table(jobs: list[pb.Job]) -> Table:
+    table = Table("id", "state", "images", "credits", "created", "prompt")
+    for job in jobs:
+        table.add_row(
+            job.id,
+            STATE_NAMES[job.state],
+            f"{len(job.images)}/{job.params.sample_count}",
+            str(job.credits_charged),
+            job.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+            job.prompt if len(job.prompt) <= 40 else job.prompt[:39] + "…",
+        )
+    return table
+
+
+@jobs_app.command("get")
+def jobs_get(job_id: str, target: Target = "localhost:50051", token: Token = "") -> None:
+    """Print one job."""
+
+    async def run() -> None:
+        async with _client(target, token) as client:
+            job = await client.get_job(job_id)
+            Console().print(_job_table([job]))
+            for image in job.images:
+                print(image.url)
+            if job.error.reason:
+                print(f"error: {job.error.reason}: {job.error.message}")
+
+    _run(run())
+
+
+@jobs_app.command("list")
+def jobs_list(
+    limit: Annotated[int, typer.Option(help="How many jobs.")] = 20,
+    state: Annotated[str, typer.Option(help="Only jobs in this state, e.g. COMPLETED.")] = "",
+    target: Target = "localhost:50051",
+    token: Token = "",
+) -> None:
+    """List your jobs, newest first, as a table."""
+
+    async def run() -> None:
+        async with _client(target, token) as client:
+            state_value = pb.JobState.Value(f"JOB_STATE_{state.upper()}") if state else 0
+            response = await client.list_jobs(page_size=limit, state=state_value)
+            Console().print(_job_table(list(response.jobs)))
+
+    _run(run())
+
+
+@jobs_app.command("watch")
+def jobs_watch(job_id: str, target: Target = "localhost:50051", token: Token = "") -> None:
+    """Print each change of a job until it ends."""
+
+    async def run() -> None:
+        async with _client(target, token) as client:
+            async for update in client.watch(job_id):
+                what = (
+                    pb.JobEventType.Name(update.event.type).removeprefix("JOB_EVENT_TYPE_")
+                    if update.HasField("event")
+                    else "SNAPSHOT"
+                )
+                print(f"{what:<20} {STATE_NAMES[update.job.state]:<11} images={len(update.job.images)}")
+
+    _run(run())
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, target: Target = "localhost:50051", token: Token = "") -> None:
+    """Cancel a job."""
+
+    async def run() -> None:
+        async with _client(target, token) as client:
+            job = await client.cancel_job(job_id)
+            print(f"{job.id} {STATE_NAMES[job.state]}{' (cancel requested)' if job.cancel_requested else ''}")
+
+    _run(run())
+
+
+@app.command()
+def credits(target: Target = "localhost:50051", token: Token = "") -> None:
+    """Show your credit balance."""
+
+    async def run() -> None:
+        async with _client(target, token) as client:
+            balance = await client.credit_balance()
+            print(f"balance {balance.balance}, reserved {balance.reserved}{', premium' if balance.premium else ''}")
+
+    _run(run())
+
+
+@app.command()
+def templates(target: Target = "localhost:50051", token: Token = "") -> None:
+    """List the prompt templates."""
+
+    async def run() -> None:
+        async with _client(target, token) as client:
+            table = Table("id", "name", "variables", "prompt")
+            for template in await client.list_templates():
+                table.add_row(template.id, template.name, ", ".join(template.variables), template.prompt_template)
+            Console().print(table)
+
+    _run(run())
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,217 @@
+"""A typed client for JobService, for app backends and the CLI.
+
+Every call carries a deadline; only UNAVAILABLE is retried (with backoff), and WatchJob resumes where
+it left off when its stream drops, because watching is read-only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+from imagegen.job.v1 import job_service_pb2 as pb
+from imagegen.job.v1 import job_service_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+TokenSource = Callable[[], str]
+TERMINAL_STATES = (pb.JOB_STATE_COMPLETED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 4
+    initial_backoff: float = 0.2
+    max_backoff: float = 3.0
+
+
+class JobTimeoutError(TimeoutError):
+    def __init__(self, job: pb.Job) -> None:
+        super().__init__(f"job {job.id} is still {pb.JobState.Name(job.state)}")
+        self.job = job
+
+
+class ImageGenClient:
+    """Async client. `token` is a bearer JWT, or a function returning a fresh one for each call."""
+
+    def __init__(
+        self,
+        target: str,
+        token: str | TokenSource,
+        *,
+        root_certificates: bytes | None = None,
+        secure: bool = False,
+        timeout: float = 10.0,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        if secure or root_certificates:
+            self._channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates))
+        else:
+            self._channel = grpc.aio.insecure_channel(target)
+        self._stub = pb_grpc.JobServiceStub(self._channel)
+        self._token: TokenSource = token if callable(token) else (lambda: token)  # type: ignore[assignment,return-value]
+        self._timeout = timeout
+        self._retry = retry or RetryPolicy()
+
+    async def __aenter__(self) -> ImageGenClient:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self._token()}"),)
+
+    async def _call(self, rpc: Callable[..., Awaitable[T]], request: object, timeout: float | None) -> T:
+        delay = self._retry.initial_backoff
+        for attempt in range(1, self._retry.attempts + 1):
+            try:
+                return await rpc(request, timeout=timeout or self._timeout, metadata=self._metadata())
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == self._retry.attempts:
+                    raise
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, self._retry.max_backoff)
+        raise AssertionError("unreachable")
+
+    async def create_job(
+        self,
+        prompt: str = "",
+        *,
+        model: str = "",
+        sample_count: int = 0,
+        aspect_ratio: str = "",
+        image_size: str = "",
+        person_generation: str = "",
+        output_mime_type: str = "",
+        template_id: str = "",
+        template_variables: dict[str, str] | None = None,
+        request_id: str = "",
+        user_id: str = "",
+        timeout: float | None = None,
+    ) -> pb.Job:
+        """Creates a job. Pass `request_id` to make retries safe: the same id never creates two jobs."""
+        request = pb.CreateJobRequest(
+            prompt=prompt,
+            model=model,
+            template_id=template_id,
+            template_variables=template_variables or {},
+            request_id=request_id,
+            user_id=user_id,
+            params=pb.GenerationParams(
+                sample_count=sample_count,
+                aspect_ratio=aspect_ratio,
+                image_size=image_size,
+                person_generation=person_generation,
+                output_mime_type=output_mime_type,
+            ),
+        )
+        response: pb.CreateJobResponse = await self._call(self._stub.CreateJob, request, timeout)
+        return response.job
+
+    async def get_job(self, job_id: str, *, timeout: float | None = None) -> pb.Job:
+        response: pb.GetJobResponse = await self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id), timeout)
+        return response.job
+
+    async def list_jobs(
+        self,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        state: int = 0,
+        user_id: str = "",
+        timeout: float | None = None,
+    ) -> pb.ListJobsResponse:
+        request = pb.ListJobsRequest(page_size=page_size, page_token=page_token, state=state, user_id=user_id)  # type: ignore[arg-type]
+        response: pb.ListJobsResponse = await self._call(self._stub.ListJobs, request, timeout)
+        return response
+
+    async def cancel_job(self, job_id: str, *, timeout: float | None = None) -> pb.Job:
+        response: pb.CancelJobResponse = await self._call(
+            self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id), timeout
+        )
+        return response.job
+
+    async def list_templates(self, *, timeout: float | None = None) -> list[pb.Template]:
+        response: pb.ListTemplatesResponse = await self._call(
+            self._stub.ListTemplates, pb.ListTemplatesRequest(), timeout
+        )
+        return list(response.templates)
+
+    async def credit_balance(self, user_id: str = "", *, timeout: float | None = None) -> pb.GetCreditBalanceResponse:
+        response: pb.GetCreditBalanceResponse = await self._call(
+            self._stub.GetCreditBalance, pb.GetCreditBalanceRequest(user_id=user_id), timeout
+        )
+        return response
+
+    async def grant_credits(
+        self,
+        user_id: str,
+        amount: int,
+        *,
+        reason: str = "",
+        premium: bool | None = None,
+        timeout: float | None = None,
+    ) -> pb.GrantCreditsResponse:
+        request = pb.GrantCreditsRequest(user_id=user_id, amount=amount, reason=reason)
+        if premium is not None:
+            request.premium = premium
+        response: pb.GrantCreditsResponse = await self._call(self._stub.GrantCredits, request, timeout)
+        return response
+
+    async def watch(self, job_id: str) -> AsyncIterator[pb.WatchJobResponse]:
+        """The job's current state, then every change, ending after a terminal state.
+
+        A dropped stream is reopened; events already seen are not repeated.
+        """
+        last_seq = -1
+        last_job: pb.Job | None = None
+        delay = self._retry.initial_backoff
+        while True:
+            stream = self._stub.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=self._metadata())
+            try:
+                async for update in stream:
+                    delay = self._retry.initial_backoff
+                    if update.HasField("event"):
+                        if update.event.seq <= last_seq:
+                            continue
+                        last_seq = update.event.seq
+                    elif last_job is not None and update.job == last_job:
+                        continue  # a resumed stream's snapshot of a job that did not change meanwhile
+                    last_job = update.job
+                    yield update
+                    # The event's state, not the job's: the job is the newest snapshot, which can
+                    # already be terminal while earlier events are still being delivered.
+                    state = update.event.state if update.HasField("event") else update.job.state
+                    if state in TERMINAL_STATES:
+                        return
+                return
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, self._retry.max_backoff)
+            finally:
+                stream.cancel()
+
+    async def wait(self, job_id: str, *, timeout: float) -> pb.Job:
+        """Follows the job until it ends; raises JobTimeoutError (with the last state seen) after `timeout`."""
+        last: pb.Job | None = None
+
+        async def follow() -> pb.Job:
+            nonlocal last
+            async for update in self.watch(job_id):
+                last = update.job
+            assert last is not None
+            return last
+
+        try:
+            return await asyncio.wait_for(follow(), timeout)
+        except TimeoutError:
+            raise JobTimeoutError(last if last is not None else await self.get_job(job_id)) from None

@@ -1,0 +1,31 @@
+"""`python -m job_service [serve|migrate]`: run the JobService, or only apply the migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import uvloop
+
+from imagegen_common.logs import configure_logging
+from imagegen_common.migrate import migrate
+from job_service.config import JobSettings
+from job_service.server import resolve_database_url, serve
+
+
+def main() -> None:
+    command = sys.argv[1] if len(sys.argv) > 1 else "serve"
+    settings = JobSettings()
+    configure_logging("job_service", settings.log_format, settings.log_level)
+    if command == "serve":
+        uvloop.run(serve(settings))
+    elif command == "migrate":
+        dsn, _embedded = resolve_database_url(settings)
+        applied = asyncio.run(migrate(dsn))
+        print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none needed'}")
+    else:
+        sys.exit(f"usage: python -m job_service [serve|migrate] (got {command!r})")
+
+
+if __name__ == "__main__":
+    main()

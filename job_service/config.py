@@ -1,0 +1,73 @@
+"""JobService settings: one class, read from the environment (prefix JOB_, a few shared names) and .env."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from imagegen_common.dev_tokens import DEV_JWT_SECRET
+from imagegen_common.logs import LogFormat
+
+
+class JobSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="JOB_", env_file=".env", extra="ignore")
+
+    host: str = "0.0.0.0"
+    port: int = 50051
+
+    # PostgreSQL. Unset: an embedded server (pgserver) with its data under data_dir/postgres.
+    database_url: str | None = Field(default=None, validation_alias=AliasChoices("DATABASE_URL", "JOB_DATABASE_URL"))
+    data_dir: Path = Field(default=Path(".data"), validation_alias=AliasChoices("IMAGEGEN_DATA_DIR", "JOB_DATA_DIR"))
+    db_pool_min: int = 2
+    db_pool_max: int = 10
+    # 0 for PgBouncer / Supabase's transaction-mode pooler, which cannot keep prepared statements.
+    db_statement_cache_size: int = 100
+    migrate_on_start: bool = True
+
+    # Auth (Supabase JWTs). The default secret is the local development one (see dev_tokens); set a
+    # real secret, or SUPABASE_URL for JWKS, anywhere else. The service warns when it runs with it.
+    jwt_secret: SecretStr | None = Field(
+        default=SecretStr(DEV_JWT_SECRET),
+        validation_alias=AliasChoices("SUPABASE_JWT_SECRET", "JOB_JWT_SECRET"),
+    )
+    supabase_url: str | None = Field(default=None, validation_alias=AliasChoices("SUPABASE_URL", "JOB_SUPABASE_URL"))
+    jwt_audience: str = "authenticated"
+    # Default: {SUPABASE_URL}/auth/v1 when SUPABASE_URL is set, otherwise not checked.
+    jwt_issuer: str | None = None
+    jwt_leeway_seconds: int = 30
+    allow_anonymous_users: bool = True
+
+    # GeneratorService.
+    generator_target: str = "localhost:50052"
+    generator_token: SecretStr | None = None
+    generator_tls_ca: Path | None = None
+    generator_tls_cert: Path | None = None
+    generator_tls_key: Path | None = None
+
+    # Jobs.
+    default_model: str = "local"
+    max_prompt_chars: int = 2000
+    active_jobs_per_user: int = 4
+    max_attempts: int = 5
+    retry_base_seconds: float = 2.0
+    retry_max_seconds: float = 120.0
+
+    # Credits: price per delivered image, per model; models not listed cost default_price_per_image.
+    default_price_per_image: int = 1
+    model_prices: dict[str, int] = Field(default_factory=dict)
+    # Credits granted the first time a user is seen (a ledger grant row records it).
+    new_user_credits: int = 100
+
+    # Dispatcher.
+    max_in_flight: int = 256
+    poll_interval_seconds: float = 1.0
+    lease_seconds: float = 30.0
+    shutdown_grace_seconds: float = 60.0
+
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    metrics_port: int = 0
+    log_format: LogFormat = "console"
+    log_level: str = "INFO"

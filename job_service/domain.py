@@ -1,0 +1,185 @@
+"""JobService's domain: jobs, their states and events, credits, the caller. No gRPC, no SQL."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+
+class JobStatus(StrEnum):
+    # The seed's lower-case values, as stored in generation_jobs.status (Realtime clients read them).
+    PENDING = "pending"
+    GENERATING = "generating"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class EventType(StrEnum):
+    CREATED = "created"
+    ATTEMPT_STARTED = "attempt_started"
+    GENERATION_STARTED = "generation_started"
+    IMAGE_STORED = "image_stored"
+    COMPLETED = "completed"
+    RETRY_SCHEDULED = "retry_scheduled"
+    FAILED = "failed"
+    CANCEL_REQUESTED = "cancel_requested"
+    CANCELLED = "cancelled"
+    LEASE_EXPIRED = "lease_expired"
+    HANDED_BACK = "handed_back"
+
+
+@dataclass(frozen=True)
+class Params:
+    sample_count: int = 4
+    aspect_ratio: str = "1:1"
+    image_size: str = "1K"
+    person_generation: str = "allow_adult"
+    output_mime_type: str = "image/png"
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "sample_count": self.sample_count,
+            "aspect_ratio": self.aspect_ratio,
+            "image_size": self.image_size,
+            "person_generation": self.person_generation,
+            "output_mime_type": self.output_mime_type,
+        }
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    index: int
+    url: str
+    storage_path: str
+    mime_type: str
+    width: int
+    height: int
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    user_id: str
+    status: JobStatus
+    prompt: str
+    model: str
+    params: Params
+    template_id: str | None
+    request_id: str | None
+    images: list[StoredImage]
+    filtered_count: int
+    filtered_reasons: list[str]
+    error_code: str | None
+    error_message: str | None
+    attempt: int
+    failed_attempts: int
+    max_attempts: int
+    credits_reserved: int
+    credits_charged: int
+    cancel_requested: bool
+    lease_owner: str | None
+    created_at: datetime
+    started_at: datetime | None
+    updated_at: datetime
+    completed_at: datetime | None
+    next_attempt_at: datetime
+    last_event_seq: int
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    job_id: str
+    seq: int
+    type: EventType
+    status: JobStatus
+    attempt: int
+    at: datetime
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Template:
+    id: str
+    name: str
+    description: str
+    prompt_template: str
+    variables: list[str]
+    model: str
+    default_params: dict[str, object]
+    price_per_image: int | None
+    is_active: bool
+
+
+@dataclass(frozen=True)
+class CreditBalance:
+    user_id: str
+    balance: int
+    reserved: int
+    premium: bool
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a user (acting for themselves) or an internal service (acting for anyone)."""
+
+    subject: str
+    is_service: bool = False
+    is_anonymous: bool = False
+    claims: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model's capabilities, as GeneratorService lists them."""
+
+    id: str
+    aspect_ratios: list[str]
+    image_sizes: list[str]
+    max_sample_count: int
+    person_generation_options: list[str]
+
+
+# What GeneratorService reports about one attempt (see generator_client, which speaks the protocol).
+@dataclass(frozen=True)
+class GenerationStarted:
+    provider: str
+
+
+@dataclass(frozen=True)
+class ImageStored:
+    image: StoredImage
+
+
+@dataclass(frozen=True)
+class GenerationDone:
+    delivered_count: int
+    filtered_count: int
+    filtered_reasons: list[str]
+
+
+GenerationEvent = GenerationStarted | ImageStored | GenerationDone
+
+
+@dataclass
+class GenerationFailure(Exception):
+    """An attempt that did not complete.
+
+    `retryable`: another attempt may succeed. `counts`: it uses up one of the job's attempts (a
+    generator that could not be reached at all does not: the job waits for it instead of failing).
+    """
+
+    reason: str
+    message: str
+    retryable: bool
+    counts: bool = True
+    retry_after: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__init__(f"{self.reason}: {self.message}")

@@ -1,0 +1,359 @@
+"""JobService's use cases: create, read, list, watch and cancel jobs; templates; credits. No gRPC."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Protocol
+
+import structlog
+
+from imagegen_common.errors import ErrorKind, FieldViolation, ServiceError, invalid_argument
+from job_service.domain import (
+    CreditBalance,
+    EventType,
+    GenerationFailure,
+    Job,
+    JobEvent,
+    JobStatus,
+    ModelInfo,
+    Params,
+    Principal,
+    Template,
+)
+from job_service.notifications import JobNotifications
+from job_service.store import JobStore
+from job_service.templates import render
+
+log = structlog.get_logger(__name__)
+
+ASPECT_RATIOS = ("1:1", "3:4", "4:3", "9:16", "16:9")
+IMAGE_SIZES = ("1K", "2K")
+PERSON_GENERATION = ("dont_allow", "allow_adult", "allow_all")
+MIME_TYPES = ("image/png", "image/jpeg")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+DEFAULT_PAGE_SIZE = 20
+MAX_PAGE_SIZE = 100
+
+
+class ModelCatalog(Protocol):
+    async def list_models(self) -> dict[str, ModelInfo]: ...
+
+
+@dataclass(frozen=True)
+class JobPolicy:
+    """The rules CreateJob applies, from settings."""
+
+    default_model: str
+    max_prompt_chars: int
+    active_jobs_per_user: int
+    max_attempts: int
+    default_price_per_image: int
+    model_prices: Mapping[str, int]
+    new_user_credits: int
+
+
+@dataclass(frozen=True)
+class CreateJobInput:
+    prompt: str = ""
+    model: str = ""
+    params: Params | None = None
+    # Fields the caller set explicitly (the rest come from the template, then the defaults).
+    params_set: frozenset[str] = frozenset()
+    template_id: str = ""
+    template_variables: Mapping[str, str] | None = None
+    request_id: str = ""
+    user_id: str = ""
+
+
+def not_found(job_id: str) -> ServiceError:
+    # The same answer whether the job does not exist or belongs to someone else.
+    return ServiceError(ErrorKind.NOT_FOUND, "JOB_NOT_FOUND", f"job {job_id} not found")
+
+
+def parse_uuid(value: str, field: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise invalid_argument([FieldViolation(field, "must be a UUID")]) from None
+
+
+class JobManager:
+    def __init__(
+        self, store: JobStore, models: ModelCatalog, notifications: JobNotifications, policy: JobPolicy
+    ) -> None:
+        self._store = store
+        self._models = models
+        self._notifications = notifications
+        self._policy = policy
+
+    # -- who acts for whom ----------------------------------------------------------------------
+
+    def _acting_user(self, principal: Principal, user_id: str, field: str = "user_id") -> str:
+        if principal.is_service:
+            if not user_id:
+                raise invalid_argument([FieldViolation(field, "required for service-role callers")])
+            return parse_uuid(user_id, field)
+        if user_id and user_id != principal.subject:
+            raise ServiceError(
+                ErrorKind.PERMISSION_DENIED,
+                "SERVICE_ROLE_REQUIRED",
+                f"only service-role callers may set {field}",
+            )
+        return principal.subject
+
+    async def _owned_job(self, principal: Principal, job_id: str) -> Job:
+        job_uuid = parse_uuid(job_id, "job_id")
+        job = await self._store.get_job(job_uuid)
+        if job is None or (not principal.is_service and job.user_id != principal.subject):
+            raise not_found(job_id)
+        return job
+
+    # -- CreateJob --------------------------------------------------------------------------------
+
+    async def create_job(self, principal: Principal, request: CreateJobInput) -> Job:
+        user_id = self._acting_user(principal, request.user_id)
+        violations: list[FieldViolation] = []
+        template: Template | None = None
+        prompt = request.prompt
+        if request.template_id:
+            template = await self._store.get_template(request.template_id)
+            if template is None:
+                raise ServiceError(
+                    ErrorKind.NOT_FOUND,
+                    "TEMPLATE_NOT_FOUND",
+                    f"template {request.template_id!r} not found; ListTemplates lists them",
+                )
+            if not template.is_active:
+                raise ServiceError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    "TEMPLATE_INACTIVE",
+                    f"template {template.id!r} is not active",
+                )
+            if request.prompt:
+                violations.append(FieldViolation("prompt", "must be empty when template_id is set"))
+            prompt, template_violations = render(template.prompt_template, request.template_variables or {})
+            violations += template_violations
+        elif request.template_variables:
+            violations.append(FieldViolation("template_variables", "only allowed with template_id"))
+
+        if not prompt.strip():
+            violations.append(FieldViolation("prompt", "required (or set template_id)"))
+        elif len(prompt) > self._policy.max_prompt_chars:
+            violations.append(FieldViolation("prompt", f"at most {self._policy.max_prompt_chars} characters"))
+        if request.request_id and not _REQUEST_ID.match(request.request_id):
+            violations.append(FieldViolation("request_id", "1-64 characters of A-Z a-z 0-9 _ . : -"))
+
+        model = request.model or (template.model if template and template.model else self._policy.default_model)
+        params = self._merge_params(request, template)
+        violations += await self._check_model(model, params)
+        if violations:
+            raise invalid_argument(violations)
+
+        price = (
+            template.price_per_image
+            if template and template.price_per_image is not None
+            else self._policy.model_prices.get(model, self._policy.default_price_per_image)
+        )
+        request_hash = hashlib.sha256(
+            json.dumps([prompt, model, params.as_dict(), request.template_id], sort_keys=True).encode()
+        ).hexdigest()
+        job = await self._store.create_job(
+            user_id=user_id,
+            prompt=prompt,
+            model=model,
+            params=params,
+            template_id=template.id if template else None,
+            request_id=request.request_id or None,
+            request_hash=request_hash,
+            price_per_image=price,
+            max_attempts=self._policy.max_attempts,
+            active_limit=self._policy.active_jobs_per_user,
+            new_user_credits=self._policy.new_user_credits,
+        )
+        log.info(
+            "job created",
+            job_id=job.id,
+            user_id=user_id,
+            request_id=request.request_id or None,
+            model=model,
+            images=params.sample_count,
+            reserved=job.credits_reserved,
+        )
+        return job
+
+    def _merge_params(self, request: CreateJobInput, template: Template | None) -> Params:
+        """Request over template defaults over the documented defaults."""
+        merged = Params()
+        if template:
+            known = {k: v for k, v in template.default_params.items() if k in Params.__dataclass_fields__}
+            merged = replace(merged, **known)  # type: ignore[arg-type]
+        if request.params is not None:
+            explicit = {name: getattr(request.params, name) for name in request.params_set}
+            merged = replace(merged, **explicit)
+        return merged
+
+    async def _check_model(self, model: str, params: Params) -> list[FieldViolation]:
+        violations: list[FieldViolation] = []
+        try:
+            catalog = await self._models.list_models()
+        except GenerationFailure as failure:
+            # Cannot ask the generator now: check the static limits; it re-validates each attempt.
+            log.warning("model catalogue unavailable; static validation only", error=failure.message)
+            catalog = None
+        info = catalog.get(model) if catalog is not None else None
+        if catalog is not None and info is None:
+            return [FieldViolation("model", f"unknown model {model!r}; one of: {', '.join(sorted(catalog))}")]
+        max_samples = info.max_sample_count if info else 4
+        ratios = info.aspect_ratios if info else list(ASPECT_RATIOS)
+        sizes = info.image_sizes if info else list(IMAGE_SIZES)
+        people = info.person_generation_options if info else list(PERSON_GENERATION)
+        if not 1 <= params.sample_count <= max_samples:
+            violations.append(FieldViolation("params.sample_count", f"must be 1-{max_samples}"))
+        if params.aspect_ratio not in ratios:
+            violations.append(FieldViolation("params.aspect_ratio", f"must be one of {', '.join(ratios)}"))
+        if params.image_size not in sizes:
+            violations.append(FieldViolation("params.image_size", f"{model} supports {', '.join(sizes)}"))
+        if params.person_generation not in people:
+            violations.append(FieldViolation("params.person_generation", f"must be one of {', '.join(people)}"))
+        if params.output_mime_type not in MIME_TYPES:
+            violations.append(FieldViolation("params.output_mime_type", f"must be one of {', '.join(MIME_TYPES)}"))
+        return violations
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    async def get_job(self, principal: Principal, job_id: str) -> Job:
+        return await self._owned_job(principal, job_id)
+
+    async def list_jobs(
+        self, principal: Principal, *, page_size: int, page_token: str, status: JobStatus | None, user_id: str
+    ) -> tuple[list[Job], str]:
+        owner = self._acting_user(principal, user_id)
+        if page_size < 0:
+            raise invalid_argument([FieldViolation("page_size", "must not be negative")])
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = _decode_page_token(page_token, owner, status) if page_token else None
+        jobs = await self._store.list_jobs(owner, status=status, after=after, limit=size + 1)
+        next_token = _encode_page_token(jobs[size - 1], owner, status) if len(jobs) > size else ""
+        return jobs[:size], next_token
+
+    async def watch(self, principal: Principal, job_id: str) -> AsyncIterator[tuple[Job, JobEvent | None]]:
+        """The job now, then (job, event) for each event after it, ending after a terminal state."""
+        job_uuid = parse_uuid(job_id, "job_id")
+        # Subscribe before reading the snapshot: nothing committed after the snapshot can be missed.
+        subscription = self._notifications.subscribe(job_uuid)
+        try:
+            job = await self._owned_job(principal, job_id)
+            yield job, None
+            if job.status.terminal:
+                return
+            last = job.last_event_seq
+            subscription.start_from(last)
+            while True:
+                current, event = await subscription.queue.get()
+                if event.seq <= last:
+                    continue
+                last = event.seq
+                yield current, event
+                if event.status.terminal:
+                    return
+        finally:
+            subscription.close()
+
+    # -- CancelJob --------------------------------------------------------------------------------
+
+    async def cancel_job(self, principal: Principal, job_id: str) -> Job:
+        for _ in range(5):  # the job can move between our read and our write; a few rounds settle it
+            job = await self._owned_job(principal, job_id)
+            if job.status.terminal:
+                raise ServiceError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    "JOB_ALREADY_FINISHED",
+                    f"job {job.id} is already {job.status.value}",
+                )
+            if job.status is JobStatus.PENDING:
+                updated = await self._store.advance(
+                    job.id,
+                    attempt=None,
+                    from_statuses=(JobStatus.PENDING,),
+                    event=EventType.CANCELLED,
+                    to=JobStatus.CANCELLED,
+                    message="cancelled by the user",
+                )
+            elif job.cancel_requested:
+                return job
+            else:
+                updated = await self._store.advance(
+                    job.id,
+                    attempt=job.attempt,
+                    from_statuses=(JobStatus.GENERATING,),
+                    event=EventType.CANCEL_REQUESTED,
+                    cancel_requested=True,
+                    message="cancel requested",
+                )
+            if updated is not None:
+                log.info("cancel", job_id=job.id, status=updated.status.value)
+                return updated
+        raise ServiceError(ErrorKind.UNAVAILABLE, "JOB_BUSY", "the job kept changing; try again")
+
+    # -- templates and credits ------------------------------------------------------------------------
+
+    async def list_templates(self) -> list[Template]:
+        return await self._store.list_templates()
+
+    async def credit_balance(self, principal: Principal, user_id: str) -> CreditBalance:
+        owner = self._acting_user(principal, user_id)
+        return await self._store.credit_balance(owner, self._policy.new_user_credits)
+
+    async def grant_credits(
+        self, principal: Principal, user_id: str, amount: int, reason: str, premium: bool | None
+    ) -> tuple[int, bool]:
+        if not principal.is_service:
+            raise ServiceError(
+                ErrorKind.PERMISSION_DENIED,
+                "SERVICE_ROLE_REQUIRED",
+                "only service-role callers may grant credits",
+            )
+        violations = []
+        if not user_id:
+            violations.append(FieldViolation("user_id", "required"))
+        if amount < 1:
+            violations.append(FieldViolation("amount", "must be at least 1"))
+        if violations:
+            raise invalid_argument(violations)
+        owner = parse_uuid(user_id, "user_id")
+        balance, is_premium = await self._store.grant_credits(
+            owner, amount, reason or "grant", premium, self._policy.new_user_credits
+        )
+        log.info("credits granted", user_id=owner, amount=amount, balance=balance)
+        return balance, is_premium
+
+
+def _encode_page_token(last: Job, owner: str, status: JobStatus | None) -> str:
+    body = {"t": last.created_at.isoformat(), "id": last.id, "u": owner, "s": status.value if status else ""}
+    return base64.urlsafe_b64encode(json.dumps(body).encode()).decode().rstrip("=")
+
+
+def _decode_page_token(token: str, owner: str, status: JobStatus | None) -> tuple[datetime, str]:
+    bad = invalid_argument(
+        [FieldViolation("page_token", "not a token from a previous ListJobs call")],
+        reason="INVALID_PAGE_TOKEN",
+    )
+    try:
+        body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        created_at, job_id = datetime.fromisoformat(body["t"]), str(uuid.UUID(body["id"]))
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise bad from None
+    if body.get("u") != owner or body.get("s") != (status.value if status else ""):
+        raise invalid_argument(
+            [FieldViolation("page_token", "was made for a different filter; start without it")],
+            reason="INVALID_PAGE_TOKEN",
+        )
+    return created_at, job_id

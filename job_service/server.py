@@ -1,0 +1,170 @@
+"""JobService wiring: settings in, running service out. The one place its parts are built."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import uuid
+from dataclasses import dataclass
+
+import asyncpg
+import httpx
+import structlog
+from imagegen.job.v1 import job_service_pb2 as pb
+from imagegen.job.v1 import job_service_pb2_grpc as pb_grpc
+
+from imagegen_common.embedded_postgres import EmbeddedPostgres
+from imagegen_common.grpc_server import RunningServer, TlsFiles, start_server
+from imagegen_common.migrate import migrate
+from job_service.auth import JwksKeys, TokenVerifier
+from job_service.config import DEV_JWT_SECRET, JobSettings
+from job_service.dispatcher import Dispatcher, DispatcherConfig
+from job_service.generator_client import GeneratorClient
+from job_service.jobs import JobManager, JobPolicy
+from job_service.notifications import JobNotifications
+from job_service.servicer import JobServicer
+from job_service.store import JobStore, create_pool
+
+log = structlog.get_logger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
+
+
+def resolve_database_url(settings: JobSettings) -> tuple[str, EmbeddedPostgres | None]:
+    """DATABASE_URL when set; otherwise the embedded server under data_dir (started if needed)."""
+    if settings.database_url:
+        return settings.database_url, None
+    embedded = EmbeddedPostgres(settings.data_dir / "postgres")
+    return embedded.url(), embedded
+
+
+def build_verifier(settings: JobSettings, http: httpx.AsyncClient) -> TokenVerifier:
+    jwks = None
+    issuer = settings.jwt_issuer
+    if settings.supabase_url:
+        base = settings.supabase_url.rstrip("/")
+        jwks = JwksKeys(f"{base}/auth/v1/.well-known/jwks.json", http)
+        issuer = issuer or f"{base}/auth/v1"
+    secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
+    if secret == DEV_JWT_SECRET:
+        log.warning(
+            "accepting tokens signed with the local development secret; set SUPABASE_JWT_SECRET or "
+            "SUPABASE_URL outside local development"
+        )
+    return TokenVerifier(
+        hs256_secret=secret or None,
+        jwks=jwks,
+        audience=settings.jwt_audience,
+        issuer=issuer,
+        leeway_seconds=settings.jwt_leeway_seconds,
+        allow_anonymous=settings.allow_anonymous_users,
+    )
+
+
+@dataclass
+class JobApp:
+    settings: JobSettings
+    running: RunningServer
+    dispatcher: Dispatcher
+    notifications: JobNotifications
+    pool: asyncpg.Pool
+    generator: GeneratorClient
+    http: httpx.AsyncClient
+    embedded: EmbeddedPostgres | None
+    owner: str
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    async def stop(self) -> None:
+        """The system's `beforeunload`: NOT_SERVING, stop claiming, finish or hand back, close."""
+        grace = self.settings.shutdown_grace_seconds
+        log.info("shutting down", grace_seconds=grace, in_flight=self.dispatcher.in_flight)
+        await self.running.set_serving(False)
+        await asyncio.gather(self.dispatcher.drain(grace), self.running.stop(min(grace, 5.0)))
+        await self.notifications.stop()
+        await self.generator.close()
+        await self.http.aclose()
+        await self.pool.close()
+
+
+async def start(settings: JobSettings) -> JobApp:
+    dsn, embedded = resolve_database_url(settings)
+    if settings.migrate_on_start:
+        applied = await migrate(dsn)
+        if applied:
+            log.info("migrations applied", names=applied)
+    pool = await create_pool(
+        dsn,
+        min_size=settings.db_pool_min,
+        max_size=settings.db_pool_max,
+        statement_cache_size=settings.db_statement_cache_size,
+    )
+    store = JobStore(pool)
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    generator = GeneratorClient(
+        settings.generator_target,
+        token=settings.generator_token.get_secret_value() if settings.generator_token else None,
+        tls_ca=settings.generator_tls_ca,
+        tls_cert=settings.generator_tls_cert,
+        tls_key=settings.generator_tls_key,
+    )
+    dispatcher = Dispatcher(
+        store,
+        generator,
+        DispatcherConfig(
+            owner=owner,
+            max_in_flight=settings.max_in_flight,
+            poll_interval=settings.poll_interval_seconds,
+            lease_seconds=settings.lease_seconds,
+            retry_base_seconds=settings.retry_base_seconds,
+            retry_max_seconds=settings.retry_max_seconds,
+        ),
+    )
+    notifications = JobNotifications(dsn, store, on_event=dispatcher.on_notification)
+    await notifications.start()
+    http = httpx.AsyncClient()
+    jobs = JobManager(
+        store,
+        generator,
+        notifications,
+        JobPolicy(
+            default_model=settings.default_model,
+            max_prompt_chars=settings.max_prompt_chars,
+            active_jobs_per_user=settings.active_jobs_per_user,
+            max_attempts=settings.max_attempts,
+            default_price_per_image=settings.default_price_per_image,
+            model_prices=settings.model_prices,
+            new_user_credits=settings.new_user_credits,
+        ),
+    )
+    servicer = JobServicer(jobs, build_verifier(settings, http))
+    tls = TlsFiles(settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
+    running = await start_server(
+        add_servicers=[lambda server: pb_grpc.add_JobServiceServicer_to_server(servicer, server)],
+        service_names=[SERVICE_NAME],
+        host=settings.host,
+        port=settings.port,
+        tls=tls,
+    )
+    dispatcher.start()
+    log.info(
+        "job service serving",
+        port=running.port,
+        worker=owner,
+        generator=settings.generator_target,
+        database="embedded" if embedded else "DATABASE_URL",
+    )
+    return JobApp(settings, running, dispatcher, notifications, pool, generator, http, embedded, owner)
+
+
+async def serve(settings: JobSettings) -> None:
+    app = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await app.stop()

@@ -1,0 +1,200 @@
+"""JobService over gRPC: authenticate, convert protobuf <-> domain, call JobManager. Nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+from imagegen.job.v1 import job_service_pb2 as pb
+from imagegen.job.v1 import job_service_pb2_grpc as pb_grpc
+
+from imagegen_common.grpc_errors import stream_errors, unary_errors
+from job_service.auth import TokenVerifier
+from job_service.domain import EventType, Job, JobEvent, JobStatus, Params, Principal, Template
+from job_service.jobs import CreateJobInput, JobManager
+
+DOMAIN = "imagegen.job.v1"
+
+_STATE_TO_PB = {
+    JobStatus.PENDING: pb.JOB_STATE_PENDING,
+    JobStatus.GENERATING: pb.JOB_STATE_GENERATING,
+    JobStatus.COMPLETED: pb.JOB_STATE_COMPLETED,
+    JobStatus.FAILED: pb.JOB_STATE_FAILED,
+    JobStatus.CANCELLED: pb.JOB_STATE_CANCELLED,
+}
+_STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
+_EVENT_TO_PB = {
+    EventType.CREATED: pb.JOB_EVENT_TYPE_CREATED,
+    EventType.ATTEMPT_STARTED: pb.JOB_EVENT_TYPE_ATTEMPT_STARTED,
+    EventType.GENERATION_STARTED: pb.JOB_EVENT_TYPE_GENERATION_STARTED,
+    EventType.IMAGE_STORED: pb.JOB_EVENT_TYPE_IMAGE_STORED,
+    EventType.COMPLETED: pb.JOB_EVENT_TYPE_COMPLETED,
+    EventType.RETRY_SCHEDULED: pb.JOB_EVENT_TYPE_RETRY_SCHEDULED,
+    EventType.FAILED: pb.JOB_EVENT_TYPE_FAILED,
+    EventType.CANCEL_REQUESTED: pb.JOB_EVENT_TYPE_CANCEL_REQUESTED,
+    EventType.CANCELLED: pb.JOB_EVENT_TYPE_CANCELLED,
+    EventType.LEASE_EXPIRED: pb.JOB_EVENT_TYPE_LEASE_EXPIRED,
+    EventType.HANDED_BACK: pb.JOB_EVENT_TYPE_HANDED_BACK,
+}
+_PARAM_FIELDS = ("sample_count", "aspect_ratio", "image_size", "person_generation", "output_mime_type")
+
+
+def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def params_to_pb(params: Params | dict[str, Any]) -> pb.GenerationParams:
+    values = params.as_dict() if isinstance(params, Params) else params
+    return pb.GenerationParams(**{k: v for k, v in values.items() if k in _PARAM_FIELDS})
+
+
+def job_to_pb(job: Job) -> pb.Job:
+    message = pb.Job(
+        id=job.id,
+        user_id=job.user_id,
+        state=_STATE_TO_PB[job.status],
+        prompt=job.prompt,
+        model=job.model,
+        params=params_to_pb(job.params),
+        template_id=job.template_id or "",
+        request_id=job.request_id or "",
+        images=[pb.Image(**image.__dict__) for image in job.images],
+        filtered_count=job.filtered_count,
+        filtered_reasons=job.filtered_reasons,
+        attempt=job.attempt,
+        max_attempts=job.max_attempts,
+        credits_reserved=job.credits_reserved,
+        credits_charged=job.credits_charged,
+        cancel_requested=job.cancel_requested,
+        create_time=_timestamp(job.created_at),
+        start_time=_timestamp(job.started_at),
+        update_time=_timestamp(job.updated_at),
+        end_time=_timestamp(job.completed_at),
+    )
+    if job.error_code and job.status in (JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PENDING):
+        # On a pending job it is the error of the last attempt, which will be retried.
+        message.error.CopyFrom(pb.JobError(reason=job.error_code, message=job.error_message or ""))
+    if job.status is JobStatus.PENDING:
+        message.next_attempt_time.CopyFrom(_timestamp(job.next_attempt_at))
+    return message
+
+
+def event_to_pb(event: JobEvent) -> pb.JobEvent:
+    return pb.JobEvent(
+        seq=event.seq,
+        type=_EVENT_TO_PB[event.type],
+        state=_STATE_TO_PB[event.status],
+        time=_timestamp(event.at),
+        message=event.message,
+        attempt=event.attempt,
+    )
+
+
+def template_to_pb(template: Template) -> pb.Template:
+    return pb.Template(
+        id=template.id,
+        name=template.name,
+        description=template.description,
+        prompt_template=template.prompt_template,
+        variables=template.variables,
+        model=template.model,
+        default_params=params_to_pb(template.default_params),
+        price_per_image=template.price_per_image or 0,
+    )
+
+
+class JobServicer(pb_grpc.JobServiceServicer):
+    def __init__(self, jobs: JobManager, verifier: TokenVerifier) -> None:
+        self._jobs = jobs
+        self._verifier = verifier
+
+    async def _principal(self, context: Any) -> Principal:
+        metadata = dict(context.invocation_metadata() or ())
+        return await self._verifier.verify_header(metadata.get("authorization"))
+
+    @unary_errors(DOMAIN)
+    async def CreateJob(self, request: pb.CreateJobRequest, context: Any) -> pb.CreateJobResponse:
+        principal = await self._principal(context)
+        params_set = frozenset(
+            name for name in _PARAM_FIELDS if request.HasField("params") and getattr(request.params, name)
+        )
+        params = Params(**{name: getattr(request.params, name) for name in params_set}) if params_set else None
+        job = await self._jobs.create_job(
+            principal,
+            CreateJobInput(
+                prompt=request.prompt,
+                model=request.model,
+                params=params,
+                params_set=params_set,
+                template_id=request.template_id,
+                template_variables=dict(request.template_variables),
+                request_id=request.request_id,
+                user_id=request.user_id,
+            ),
+        )
+        return pb.CreateJobResponse(job=job_to_pb(job))
+
+    @unary_errors(DOMAIN)
+    async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.GetJobResponse:
+        principal = await self._principal(context)
+        return pb.GetJobResponse(job=job_to_pb(await self._jobs.get_job(principal, request.job_id)))
+
+    @unary_errors(DOMAIN)
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
+        principal = await self._principal(context)
+        jobs, token = await self._jobs.list_jobs(
+            principal,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            status=_STATE_FROM_PB.get(request.state),
+            user_id=request.user_id,
+        )
+        return pb.ListJobsResponse(jobs=[job_to_pb(j) for j in jobs], next_page_token=token)
+
+    @stream_errors(DOMAIN)
+    async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[pb.WatchJobResponse]:
+        principal = await self._principal(context)
+        async for job, event in self._jobs.watch(principal, request.job_id):
+            response = pb.WatchJobResponse(job=job_to_pb(job))
+            if event is not None:
+                response.event.CopyFrom(event_to_pb(event))
+            yield response
+
+    @unary_errors(DOMAIN)
+    async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.CancelJobResponse:
+        principal = await self._principal(context)
+        return pb.CancelJobResponse(job=job_to_pb(await self._jobs.cancel_job(principal, request.job_id)))
+
+    @unary_errors(DOMAIN)
+    async def ListTemplates(self, request: pb.ListTemplatesRequest, context: Any) -> pb.ListTemplatesResponse:
+        await self._principal(context)
+        return pb.ListTemplatesResponse(templates=[template_to_pb(t) for t in await self._jobs.list_templates()])
+
+    @unary_errors(DOMAIN)
+    async def GetCreditBalance(self, request: pb.GetCreditBalanceRequest, context: Any) -> pb.GetCreditBalanceResponse:
+        principal = await self._principal(context)
+        balance = await self._jobs.credit_balance(principal, request.user_id)
+        return pb.GetCreditBalanceResponse(
+            user_id=balance.user_id,
+            balance=balance.balance,
+            reserved=balance.reserved,
+            premium=balance.premium,
+        )
+
+    @unary_errors(DOMAIN)
+    async def GrantCredits(self, request: pb.GrantCreditsRequest, context: Any) -> pb.GrantCreditsResponse:
+        principal = await self._principal(context)
+        balance, premium = await self._jobs.grant_credits(
+            principal,
+            request.user_id,
+            request.amount,
+            request.reason,
+            request.premium if request.HasField("premium") else None,
+        )
+        return pb.GrantCreditsResponse(balance=balance, premium=premium)

@@ -1,0 +1,317 @@
+"""PostgreSQL access for jobs, events, templates and credits (asyncpg; no gRPC).
+
+Every state change is one call of a SQL function from the migrations (one round trip, one
+transaction); this module turns rows into domain objects and SQLSTATEs into ServiceErrors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from imagegen_common.errors import ErrorKind, ServiceError
+from job_service.domain import (
+    CreditBalance,
+    EventType,
+    Job,
+    JobEvent,
+    JobStatus,
+    Params,
+    StoredImage,
+    Template,
+)
+
+NOTIFY_CHANNEL = "imagegen_jobs"
+
+_CREATE_ERRORS = {
+    "IG001": (ErrorKind.RESOURCE_EXHAUSTED, "INSUFFICIENT_CREDITS"),
+    "IG002": (ErrorKind.RESOURCE_EXHAUSTED, "TOO_MANY_ACTIVE_JOBS"),
+    "IG003": (ErrorKind.ALREADY_EXISTS, "REQUEST_ID_REUSED"),
+}
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, *, min_size: int, max_size: int, statement_cache_size: int) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        statement_cache_size=statement_cache_size,
+        init=_init_connection,
+    )
+    assert pool is not None
+    return pool
+
+
+def job_from_row(row: asyncpg.Record | dict[str, Any]) -> Job:
+    params = row["params"] or {}
+    return Job(
+        id=str(row["id"]),
+        user_id=str(row["user_id"]),
+        status=JobStatus(row["status"]),
+        prompt=row["prompt"],
+        model=row["model"],
+        params=Params(**{k: v for k, v in params.items() if k in Params.__dataclass_fields__}),
+        template_id=row["template_id"],
+        request_id=row["request_id"],
+        images=[StoredImage(**image) for image in row["images"] or []],
+        filtered_count=row["filtered_count"],
+        filtered_reasons=list(row["filtered_reasons"] or []),
+        error_code=row["error_code"],
+        error_message=row["error_message"],
+        attempt=row["attempt"],
+        failed_attempts=row["failed_attempts"],
+        max_attempts=row["max_attempts"],
+        credits_reserved=row["credits_reserved"],
+        credits_charged=row["credits_charged"],
+        cancel_requested=row["cancel_requested"],
+        lease_owner=row["lease_owner"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        updated_at=row["updated_at"],
+        completed_at=row["completed_at"],
+        next_attempt_at=row["next_attempt_at"],
+        last_event_seq=row["last_event_seq"],
+    )
+
+
+def _event_from_row(row: asyncpg.Record) -> JobEvent:
+    detail = row["detail"] or {}
+    return JobEvent(
+        job_id=str(row["job_id"]),
+        seq=row["seq"],
+        type=EventType(row["type"]),
+        status=JobStatus(row["status"]),
+        attempt=row["attempt"],
+        at=row["at"],
+        message=str(detail.get("message") or ""),
+    )
+
+
+def _template_from_row(row: asyncpg.Record) -> Template:
+    from job_service.templates import placeholders  # the template syntax lives with its renderer
+
+    return Template(
+        id=row["id"],
+        name=row["name"],
+        description=row["description"],
+        prompt_template=row["prompt_template"],
+        variables=placeholders(row["prompt_template"]),
+        model=row["model"],
+        default_params=dict(row["default_params"] or {}),
+        price_per_image=row["price_per_image"],
+        is_active=row["is_active"],
+    )
+
+
+class JobStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def create_job(
+        self,
+        *,
+        user_id: str,
+        prompt: str,
+        model: str,
+        params: Params,
+        template_id: str | None,
+        request_id: str | None,
+        request_hash: str,
+        price_per_image: int,
+        max_attempts: int,
+        active_limit: int,
+        new_user_credits: int,
+    ) -> Job:
+        try:
+            row = await self._pool.fetchrow(
+                "SELECT * FROM imagegen_create_job($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                user_id,
+                prompt,
+                model,
+                params.as_dict(),
+                template_id,
+                request_id,
+                request_hash,
+                price_per_image,
+                params.sample_count,
+                max_attempts,
+                active_limit,
+                new_user_credits,
+            )
+        except asyncpg.PostgresError as exc:
+            mapped = _CREATE_ERRORS.get(exc.sqlstate or "")
+            if mapped is None:
+                raise
+            raise ServiceError(mapped[0], mapped[1], exc.args[0] if exc.args else str(exc)) from exc
+        assert row is not None
+        return job_from_row(row)
+
+    async def get_job(self, job_id: str) -> Job | None:
+        row = await self._pool.fetchrow("SELECT * FROM generation_jobs WHERE id = $1", job_id)
+        return job_from_row(row) if row else None
+
+    async def list_jobs(
+        self,
+        user_id: str,
+        *,
+        status: JobStatus | None,
+        after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[Job]:
+        """A user's jobs newest first, keyset-paginated on (created_at, id)."""
+        rows = await self._pool.fetch(
+            """SELECT * FROM generation_jobs
+               WHERE user_id = $1
+                 AND ($2::text IS NULL OR status = $2)
+                 AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4::uuid))
+               ORDER BY created_at DESC, id DESC
+               LIMIT $5""",
+            user_id,
+            status.value if status else None,
+            after[0] if after else None,
+            after[1] if after else None,
+            limit,
+        )
+        return [job_from_row(r) for r in rows]
+
+    async def events_after(self, job_id: str, seq: int) -> list[JobEvent]:
+        rows = await self._pool.fetch(
+            "SELECT * FROM job_events WHERE job_id = $1 AND seq > $2 ORDER BY seq", job_id, seq
+        )
+        return [_event_from_row(r) for r in rows]
+
+    async def job_and_events_after(self, job_id: str, seq: int) -> tuple[Job | None, list[JobEvent]]:
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            # One snapshot for both, so the job is never older than the newest event returned.
+            row = await conn.fetchrow("SELECT * FROM generation_jobs WHERE id = $1", job_id)
+            events = await conn.fetch(
+                "SELECT * FROM job_events WHERE job_id = $1 AND seq > $2 ORDER BY seq", job_id, seq
+            )
+        return (job_from_row(row) if row else None), [_event_from_row(r) for r in events]
+
+    async def advance(
+        self,
+        job_id: str,
+        *,
+        attempt: int | None,
+        from_statuses: Sequence[JobStatus],
+        event: EventType,
+        to: JobStatus | None = None,
+        message: str | None = None,
+        error_code: str | None = None,
+        image: StoredImage | None = None,
+        filtered_count: int | None = None,
+        filtered_reasons: Sequence[str] | None = None,
+        retry_delay: float | None = None,
+        cancel_requested: bool | None = None,
+        count_failure: bool = False,
+        only_if_lease_expired: bool = False,
+    ) -> Job | None:
+        """Applies one event; None when the fence refused it (the caller no longer holds the job)."""
+        row = await self._pool.fetchrow(
+            """SELECT * FROM imagegen_advance(
+                   p_id => $1, p_attempt => $2, p_from => $3, p_event => $4, p_to => $5, p_message => $6,
+                   p_error_code => $7, p_image => $8, p_filtered => $9, p_filtered_reasons => $10,
+                   p_retry_delay => $11, p_cancel_requested => $12, p_count_failure => $13,
+                   p_only_if_lease_expired => $14)""",
+            job_id,
+            attempt,
+            [s.value for s in from_statuses],
+            event.value,
+            to.value if to else None,
+            message,
+            error_code,
+            image.__dict__ if image else None,
+            filtered_count,
+            list(filtered_reasons) if filtered_reasons is not None else None,
+            retry_delay,
+            cancel_requested,
+            count_failure,
+            only_if_lease_expired,
+        )
+        # A composite NULL comes back as a row of NULLs.
+        if row is None or row["id"] is None:
+            return None
+        return job_from_row(row)
+
+    async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
+        rows = await self._pool.fetch("SELECT * FROM imagegen_claim_jobs($1, $2, $3)", owner, limit, lease_seconds)
+        return [job_from_row(r) for r in rows]
+
+    async def renew_leases(self, owner: str, held: Sequence[tuple[str, int]], lease_seconds: float) -> dict[str, bool]:
+        """Extends the leases this owner still holds: {job id: cancel_requested} for each one still held.
+
+        Reporting cancel_requested here too means a cancel is acted on even if its NOTIFY was missed.
+        """
+        if not held:
+            return {}
+        rows = await self._pool.fetch(
+            """UPDATE generation_jobs g SET lease_expires_at = now() + make_interval(secs => $4)
+               FROM unnest($2::uuid[], $3::int[]) AS h(id, attempt)
+               WHERE g.id = h.id AND g.attempt = h.attempt AND g.status = 'generating' AND g.lease_owner = $1
+               RETURNING g.id, g.cancel_requested""",
+            owner,
+            [job_id for job_id, _ in held],
+            [attempt for _, attempt in held],
+            lease_seconds,
+        )
+        return {str(r["id"]): r["cancel_requested"] for r in rows}
+
+    async def expired_leases(self, limit: int) -> list[Job]:
+        rows = await self._pool.fetch(
+            """SELECT * FROM generation_jobs WHERE status = 'generating' AND lease_expires_at < now()
+               ORDER BY lease_expires_at LIMIT $1""",
+            limit,
+        )
+        return [job_from_row(r) for r in rows]
+
+    async def next_due_in(self) -> float | None:
+        """Seconds until the earliest pending job is due (<= 0: due now); None when nothing is pending."""
+        value = await self._pool.fetchval(
+            "SELECT extract(epoch FROM min(next_attempt_at) - now()) FROM generation_jobs WHERE status = 'pending'"
+        )
+        return float(value) if value is not None else None
+
+    async def list_templates(self, *, active_only: bool = True) -> list[Template]:
+        rows = await self._pool.fetch("SELECT * FROM templates WHERE $1 = false OR is_active ORDER BY id", active_only)
+        return [_template_from_row(r) for r in rows]
+
+    async def get_template(self, template_id: str) -> Template | None:
+        row = await self._pool.fetchrow("SELECT * FROM templates WHERE id = $1", template_id)
+        return _template_from_row(row) if row else None
+
+    async def credit_balance(self, user_id: str, new_user_credits: int) -> CreditBalance:
+        async with self._pool.acquire() as conn:
+            await conn.execute("SELECT imagegen_ensure_account($1, $2)", user_id, new_user_credits)
+            row = await conn.fetchrow(
+                """SELECT a.balance, a.is_premium,
+                          coalesce((SELECT sum(credits_reserved) FROM generation_jobs
+                                    WHERE user_id = a.user_id AND status IN ('pending', 'generating')), 0)
+                              AS reserved
+                   FROM credit_accounts a WHERE a.user_id = $1""",
+                user_id,
+            )
+        assert row is not None
+        return CreditBalance(user_id, row["balance"], int(row["reserved"]), row["is_premium"])
+
+    async def grant_credits(
+        self, user_id: str, amount: int, reason: str, premium: bool | None, new_user_credits: int
+    ) -> tuple[int, bool]:
+        row = await self._pool.fetchrow(
+            "SELECT balance, is_premium FROM imagegen_grant_credits($1, $2, $3, $4, $5)",
+            user_id,
+            amount,
+            reason,
+            premium,
+            new_user_credits,
+        )
+        assert row is not None
+        return row["balance"], row["is_premium"]
