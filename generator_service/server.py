@@ -41,9 +41,7 @@ def provider_retry_policy(settings: GeneratorSettings) -> RetryPolicy:
     )
 
 
-def build_providers(
-    settings: GeneratorSettings, *, vertex_tokens: TokenSource | None = None
-) -> dict[str, Provider]:
+def build_providers(settings: GeneratorSettings, *, vertex_tokens: TokenSource | None = None) -> dict[str, Provider]:
     """The providers that are configured; a model whose provider is missing is not served.
 
     Each cloud provider gets its own HTTP client (own pool, own limiters). `vertex_tokens` replaces
@@ -70,8 +68,8 @@ def build_providers(
             base_url=settings.vertex_base_url,
             jpeg_quality=settings.jpeg_quality,
         )
-    if settings.gemini_api_key is not None:
-        key = settings.gemini_api_key.get_secret_value()
+    key = settings.gemini_api_key.get_secret_value() if settings.gemini_api_key else ""
+    if key:  # an empty GEN_GEMINI_API_KEY= line in .env means "not configured"
         providers["gemini-imagen"] = GeminiImagenProvider(
             http("gemini-imagen"), key, base_url=settings.gemini_base_url, jpeg_quality=settings.jpeg_quality
         )
@@ -82,11 +80,12 @@ def build_providers(
 
 
 def build_supabase_storage(settings: GeneratorSettings) -> SupabaseStorage:
-    if not settings.supabase_url or settings.supabase_service_key is None:
+    key = settings.supabase_service_key.get_secret_value() if settings.supabase_service_key else ""
+    if not settings.supabase_url or not key:
         raise ValueError("GEN_STORAGE_BACKEND=supabase needs GEN_SUPABASE_URL and GEN_SUPABASE_SERVICE_KEY")
     return SupabaseStorage.create(
         settings.supabase_url,
-        settings.supabase_service_key.get_secret_value(),
+        key,
         settings.storage_bucket,
         policy=RetryPolicy(
             max_retries=settings.storage_max_retries,
@@ -124,9 +123,7 @@ async def start(settings: GeneratorSettings) -> GeneratorApp:
     closers: list[Any] = []
     storage: Storage
     if settings.storage_backend == "local":
-        http = LocalStorageServer(
-            settings.storage_dir, settings.storage_http_host, settings.storage_http_port
-        )
+        http = LocalStorageServer(settings.storage_dir, settings.storage_http_host, settings.storage_http_port)
         http.start()
         closers.append(http.stop)
         base = settings.storage_public_base_url or f"http://{settings.storage_http_host}:{http.port}"
@@ -146,14 +143,10 @@ async def start(settings: GeneratorSettings) -> GeneratorApp:
         if settings.tls_cert and settings.tls_key
         else None
     )
-    interceptors = (
-        [SharedTokenInterceptor(settings.auth_token.get_secret_value())] if settings.auth_token else []
-    )
+    interceptors = [SharedTokenInterceptor(settings.auth_token.get_secret_value())] if settings.auth_token else []
     running = await start_server(
         add_servicers=[
-            lambda server: pb_grpc.add_GeneratorServiceServicer_to_server(
-                GeneratorServicer(generator), server
-            )
+            lambda server: pb_grpc.add_GeneratorServiceServicer_to_server(GeneratorServicer(generator), server)
         ],
         service_names=[SERVICE_NAME],
         host=settings.host,
