@@ -103,9 +103,7 @@ def _default_models() -> list[ModelSpec]:
 
 
 class GeneratorSettings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="GEN_", env_file=".env", extra="ignore", env_nested_delimiter="__"
-    )
+    model_config = SettingsConfigDict(env_prefix="GEN_", env_file=".env", extra="ignore", env_nested_delimiter="__")
 
     host: str = "0.0.0.0"
     port: int = 50052

@@ -54,9 +54,7 @@ def _refusal(document: dict[str, Any], index: int) -> FilteredImage | None:
     feedback = document.get("promptFeedback") or {}
     if isinstance(feedback, dict) and feedback.get("blockReason"):
         said = feedback.get("blockReasonMessage")
-        return FilteredImage(
-            index, f"prompt blocked ({feedback['blockReason']})" + (f": {said}" if said else "")
-        )
+        return FilteredImage(index, f"prompt blocked ({feedback['blockReason']})" + (f": {said}" if said else ""))
     candidates = document.get("candidates")
     if not isinstance(candidates, list) or not candidates or not isinstance(candidates[0], dict):
         return None
@@ -126,13 +124,9 @@ class GeminiImageProvider:
     def generate_url(self, model: ModelSpec) -> str:
         return f"{self._base}/v1beta/models/{model.api_model}:generateContent"
 
-    async def _one(
-        self, request: GenerationRequest, model: ModelSpec, index: int
-    ) -> GeneratedImage | FilteredImage:
+    async def _one(self, request: GenerationRequest, model: ModelSpec, index: int) -> GeneratedImage | FilteredImage:
         try:
-            content = await self._http.post_json(
-                model, self.generate_url(model), request_body(request), self._auth
-            )
+            content = await self._http.post_json(model, self.generate_url(model), request_body(request), self._auth)
         except HttpFailure as failure:
             raise error_for_failure(failure, self.name, model.id) from None
         return await asyncio.to_thread(

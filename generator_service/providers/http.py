@@ -113,16 +113,12 @@ class ProviderHttp:
         self._sleep = sleep
 
     @classmethod
-    def create(
-        cls, provider: str, *, connect_timeout: float, read_timeout: float, policy: RetryPolicy
-    ) -> ProviderHttp:
+    def create(cls, provider: str, *, connect_timeout: float, read_timeout: float, policy: RetryPolicy) -> ProviderHttp:
         # No pool timeout: the per-model limiters already bound how many requests wait for a connection.
         timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=None)
         return cls(provider, httpx.AsyncClient(timeout=timeout), policy)
 
-    async def post_json(
-        self, model: ModelSpec, url: str, body: Mapping[str, Any], auth: RequestAuth
-    ) -> bytes:
+    async def post_json(self, model: ModelSpec, url: str, body: Mapping[str, Any], auth: RequestAuth) -> bytes:
         """POSTs `body` with retries; returns the 2xx body or raises HttpFailure.
 
         Cancellation is never caught here: it aborts the request in flight, which closes its

@@ -38,9 +38,7 @@ def decode_base64(encoded: object) -> bytes:
         raise BadImage(f"image data is not valid base64 ({exc})") from None
 
 
-def check_image(
-    data: bytes, declared_mime: str | None, expected_size: tuple[int, int] | None = None
-) -> CheckedImage:
+def check_image(data: bytes, declared_mime: str | None, expected_size: tuple[int, int] | None = None) -> CheckedImage:
     """Confirms `data` is a well-formed image of the declared type (and size, when one is expected)."""
     try:
         with Image.open(io.BytesIO(data)) as image:

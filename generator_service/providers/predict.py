@@ -103,16 +103,12 @@ async def images_from_response(
         if encoded is None:
             reason = prediction.get("raiFilteredReason")
             if not reason:
-                raise bad_response(
-                    provider, f"prediction {index} has neither image bytes nor a filter reason"
-                )
+                raise bad_response(provider, f"prediction {index} has neither image bytes nor a filter reason")
             yield FilteredImage(index, str(reason))
             index += 1
             continue
         try:
-            checked = await asyncio.to_thread(
-                decode_and_check, encoded, prediction.get("mimeType"), expected_size
-            )
+            checked = await asyncio.to_thread(decode_and_check, encoded, prediction.get("mimeType"), expected_size)
         except BadImage as exc:
             raise bad_response(provider, f"prediction {index}: {exc}") from None
         del encoded, prediction

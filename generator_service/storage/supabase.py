@@ -53,9 +53,7 @@ def _is_retryable(exc: Exception) -> bool:
 def _service_error(exc: Exception, action: str, key: str) -> ServiceError:
     what = f"storage {action} of {key} failed"
     if not isinstance(exc, StorageApiError):
-        return generation_error(
-            ErrorKind.UNAVAILABLE, "STORAGE_UNAVAILABLE", f"{what}: {exc!r}", retryable=True
-        )
+        return generation_error(ErrorKind.UNAVAILABLE, "STORAGE_UNAVAILABLE", f"{what}: {exc!r}", retryable=True)
     said = f"{exc.message} (statusCode {exc.status}, {exc.code})"
     status = _status(exc)
     if _is_conflict(exc):
@@ -68,9 +66,7 @@ def _service_error(exc: Exception, action: str, key: str) -> ServiceError:
             retryable=False,
         )
     if _is_retryable(exc):
-        return generation_error(
-            ErrorKind.UNAVAILABLE, "STORAGE_UNAVAILABLE", f"{what}: {said}", retryable=True
-        )
+        return generation_error(ErrorKind.UNAVAILABLE, "STORAGE_UNAVAILABLE", f"{what}: {said}", retryable=True)
     if status in (401, 403):
         return generation_error(
             ErrorKind.PERMISSION_DENIED,
@@ -85,9 +81,7 @@ def _service_error(exc: Exception, action: str, key: str) -> ServiceError:
             f"{what}: check GEN_STORAGE_BUCKET: {said}",
             retryable=False,
         )
-    return generation_error(
-        ErrorKind.FAILED_PRECONDITION, "STORAGE_REJECTED", f"{what}: {said}", retryable=False
-    )
+    return generation_error(ErrorKind.FAILED_PRECONDITION, "STORAGE_REJECTED", f"{what}: {said}", retryable=False)
 
 
 class SupabaseStorage:
@@ -173,9 +167,7 @@ class SupabaseStorage:
             try:
                 return await call()
             except (StorageApiError, httpx.TransportError) as exc:
-                delay = (
-                    self._policy.next_delay(retries, self._clock() - started) if _is_retryable(exc) else None
-                )
+                delay = self._policy.next_delay(retries, self._clock() - started) if _is_retryable(exc) else None
                 if delay is None:
                     raise _service_error(exc, action, key) from exc
                 retries += 1

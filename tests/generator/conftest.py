@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from gen_fake_google import FakeGeminiImage, FakeGeminiImagen, FakeVertexImagen
-from gen_fake_supabase import FakeSupabaseStorage
+
+from tests.generator.fake_google import FakeGeminiImage, FakeGeminiImagen, FakeVertexImagen
+from tests.generator.fake_supabase import FakeSupabaseStorage
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from gen_fake_http import Exchange, FakeHttpServer, RecordedRequest, Reply
 from PIL import Image
 
 from generator_service.domain import image_dimensions
+from tests.generator.fake_http import Exchange, FakeHttpServer, RecordedRequest, Reply
 
 Fault = Callable[[Exchange], Awaitable[Reply]]
 
@@ -41,9 +41,7 @@ ALL_FILTERED_REASON = (
 
 
 @functools.lru_cache(maxsize=32)
-def image_bytes(
-    width: int, height: int, mime_type: str, colour: tuple[int, int, int] = (40, 120, 200)
-) -> bytes:
+def image_bytes(width: int, height: int, mime_type: str, colour: tuple[int, int, int] = (40, 120, 200)) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (width, height), colour).save(out, format="JPEG" if mime_type == "image/jpeg" else "PNG")
     return out.getvalue()

@@ -3,7 +3,7 @@
 It exists so the code under test talks to a real socket through its real httpx client (timeouts,
 keep-alive, connection closing on cancel), and so a test can see what a real server would see: the
 exact request, how many requests were in flight at once, and a client that hangs up mid-request.
-The fake services (gen_fake_google, gen_fake_supabase) are handlers on top of it.
+The fake services (fake_google, fake_supabase) are handlers on top of it.
 """
 
 from __future__ import annotations
@@ -40,9 +40,7 @@ class Reply:
 
     @classmethod
     def json(cls, payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Reply:
-        return cls(
-            status, json.dumps(payload).encode(), {"content-type": "application/json", **(headers or {})}
-        )
+        return cls(status, json.dumps(payload).encode(), {"content-type": "application/json", **(headers or {})})
 
 
 class Exchange:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from email.parser import BytesParser
 from email.policy import HTTP
 
-from gen_fake_google import Fault
-from gen_fake_http import Exchange, FakeHttpServer, RecordedRequest, Reply
+from tests.generator.fake_google import Fault
+from tests.generator.fake_http import Exchange, FakeHttpServer, RecordedRequest, Reply
 
 
 @dataclass
@@ -28,9 +28,7 @@ class StoredObject:
 
 
 def storage_error(status_code: str, error: str, message: str, code: str, http_status: int = 400) -> Reply:
-    return Reply.json(
-        {"statusCode": status_code, "error": error, "message": message, "code": code}, http_status
-    )
+    return Reply.json({"statusCode": status_code, "error": error, "message": message, "code": code}, http_status)
 
 
 def storage_fault(reply: Reply) -> Fault:
@@ -44,9 +42,7 @@ def _file_part(request: RecordedRequest) -> StoredObject:
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         return StoredObject(request.body, content_type)
-    message = BytesParser(policy=HTTP).parsebytes(
-        f"content-type: {content_type}\r\n\r\n".encode() + request.body
-    )
+    message = BytesParser(policy=HTTP).parsebytes(f"content-type: {content_type}\r\n\r\n".encode() + request.body)
     for part in message.iter_parts():
         if part.get_param("name", header="content-disposition") == "file":
             payload = part.get_payload(decode=True)
@@ -56,9 +52,7 @@ def _file_part(request: RecordedRequest) -> StoredObject:
 
 
 class FakeSupabaseStorage:
-    def __init__(
-        self, service_key: str = "test-service-key", bucket: str = "images", public: bool = True
-    ) -> None:
+    def __init__(self, service_key: str = "test-service-key", bucket: str = "images", public: bool = True) -> None:
         self.service_key = service_key
         self.buckets = {bucket: public}
         self.objects: dict[tuple[str, str], StoredObject] = {}

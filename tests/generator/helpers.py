@@ -40,9 +40,7 @@ def make_model(model_id: str, provider: str, **overrides: Any) -> ModelSpec:
 def provider_http(
     name: str, policy: RetryPolicy = FAST_RETRIES, *, read_timeout: float = 10.0, connect_timeout: float = 2.0
 ) -> ProviderHttp:
-    return ProviderHttp.create(
-        name, connect_timeout=connect_timeout, read_timeout=read_timeout, policy=policy
-    )
+    return ProviderHttp.create(name, connect_timeout=connect_timeout, read_timeout=read_timeout, policy=policy)
 
 
 async def collect(

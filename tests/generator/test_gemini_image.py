@@ -6,13 +6,13 @@ import asyncio
 import io
 
 import pytest
-from gen_fake_google import FakeGeminiImage, answer_json, b64, fail, hang, image_bytes
-from gen_helpers import FAST_RETRIES, collect, eventually, make_model, make_request, provider_http
 from PIL import Image
 
 from generator_service.domain import FilteredImage, GeneratedImage
 from generator_service.providers.gemini_image import GeminiImageProvider
 from imagegen_common.errors import ErrorKind, ServiceError
+from tests.generator.fake_google import FakeGeminiImage, answer_json, b64, fail, hang, image_bytes
+from tests.generator.helpers import FAST_RETRIES, collect, eventually, make_model, make_request, provider_http
 
 FLASH_IMAGE = make_model("gemini-2.5-flash-image", "gemini-image")
 
@@ -32,9 +32,7 @@ async def generate(api: FakeGeminiImage, **overrides: object) -> list[GeneratedI
 async def test_one_generate_content_call_per_image_with_the_documented_body(
     gemini_image_api: FakeGeminiImage,
 ) -> None:
-    items = await generate(
-        gemini_image_api, sample_count=3, aspect_ratio="16:9", person_generation="dont_allow"
-    )
+    items = await generate(gemini_image_api, sample_count=3, aspect_ratio="16:9", person_generation="dont_allow")
 
     assert len(gemini_image_api.requests) == 3
     for sent in gemini_image_api.requests:
@@ -119,9 +117,7 @@ async def test_a_text_only_answer_counts_as_filtered_and_says_what_the_model_sai
 
 
 async def test_a_transient_failure_of_one_call_is_retried(gemini_image_api: FakeGeminiImage) -> None:
-    gemini_image_api.faults.append(
-        fail(503, "UNAVAILABLE", "The model is overloaded. Please try again later.")
-    )
+    gemini_image_api.faults.append(fail(503, "UNAVAILABLE", "The model is overloaded. Please try again later."))
     items = await generate(gemini_image_api, sample_count=2)
     assert sorted(i.index for i in items if isinstance(i, GeneratedImage)) == [0, 1]
     assert len(gemini_image_api.requests) == 3
@@ -151,19 +147,11 @@ async def test_a_permanent_failure_of_one_call_fails_the_attempt_and_stops_the_o
     ("answer", "detail"),
     [
         (
-            {
-                "candidates": [
-                    {"content": {"parts": [{"inlineData": {"mimeType": "image/png", "data": "@@"}}]}}
-                ]
-            },
+            {"candidates": [{"content": {"parts": [{"inlineData": {"mimeType": "image/png", "data": "@@"}}]}}]},
             "base64",
         ),
         (
-            {
-                "candidates": [
-                    {"content": {"parts": [{"inlineData": {"mimeType": "image/png", "data": b64(b"x")}}]}}
-                ]
-            },
+            {"candidates": [{"content": {"parts": [{"inlineData": {"mimeType": "image/png", "data": b64(b"x")}}]}}]},
             "not a readable image",
         ),
         ({"usageMetadata": {}}, "no candidates"),

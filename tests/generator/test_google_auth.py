@@ -8,10 +8,10 @@ from typing import Any
 
 import google.auth.exceptions
 import pytest
-from gen_fake_http import Exchange, FakeHttpServer, Reply
 
 from generator_service.providers.google_auth import AdcTokenSource
 from imagegen_common.errors import ErrorKind, ServiceError
+from tests.generator.fake_http import Exchange, FakeHttpServer, Reply
 
 
 def utc_now() -> datetime:

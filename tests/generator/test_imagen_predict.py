@@ -7,7 +7,14 @@ import json
 import time
 
 import pytest
-from gen_fake_google import (
+
+from generator_service.domain import FilteredImage, GeneratedImage
+from generator_service.providers.gemini_imagen import GeminiImagenProvider
+from generator_service.providers.google_auth import StaticTokenSource
+from generator_service.providers.vertex_imagen import VertexImagenProvider
+from generator_service.retry import RetryPolicy
+from imagegen_common.errors import ErrorKind, ServiceError
+from tests.generator.fake_google import (
     ALL_FILTERED_REASON,
     BLOCKED_PROMPT_MESSAGE,
     FakeGeminiImagen,
@@ -19,14 +26,7 @@ from gen_fake_google import (
     image_bytes,
     raw,
 )
-from gen_helpers import FAST_RETRIES, collect, eventually, make_model, make_request, provider_http
-
-from generator_service.domain import FilteredImage, GeneratedImage
-from generator_service.providers.gemini_imagen import GeminiImagenProvider
-from generator_service.providers.google_auth import StaticTokenSource
-from generator_service.providers.vertex_imagen import VertexImagenProvider
-from generator_service.retry import RetryPolicy
-from imagegen_common.errors import ErrorKind, ServiceError
+from tests.generator.helpers import FAST_RETRIES, collect, eventually, make_model, make_request, provider_http
 
 STANDARD = make_model("imagen-4.0-generate-001", "vertex-imagen", image_sizes=["1K", "2K"])
 GEMINI_FAST = make_model(
@@ -34,9 +34,7 @@ GEMINI_FAST = make_model(
 )
 
 
-def vertex(
-    api: FakeVertexImagen, policy: RetryPolicy = FAST_RETRIES, **http_options: float
-) -> VertexImagenProvider:
+def vertex(api: FakeVertexImagen, policy: RetryPolicy = FAST_RETRIES, **http_options: float) -> VertexImagenProvider:
     return VertexImagenProvider(
         provider_http("vertex-imagen", policy, **http_options),
         StaticTokenSource("test-access-token"),
@@ -50,9 +48,7 @@ def gemini(api: FakeGeminiImagen, policy: RetryPolicy = FAST_RETRIES) -> GeminiI
     return GeminiImagenProvider(provider_http("gemini-imagen", policy), "test-api-key", base_url=api.url)
 
 
-async def failure_of(
-    provider: VertexImagenProvider | GeminiImagenProvider, **request: object
-) -> ServiceError:
+async def failure_of(provider: VertexImagenProvider | GeminiImagenProvider, **request: object) -> ServiceError:
     model = GEMINI_FAST if isinstance(provider, GeminiImagenProvider) else STANDARD
     with pytest.raises(ServiceError) as caught:
         await collect(provider, make_request(**request), model)
@@ -119,9 +115,7 @@ async def test_gemini_api_uses_its_path_key_header_and_the_wire_model_name(
     gemini_imagen_api: FakeGeminiImagen,
 ) -> None:
     provider = gemini(gemini_imagen_api)
-    items = await collect(
-        provider, make_request(model=GEMINI_FAST.id, sample_count=3, aspect_ratio="3:4"), GEMINI_FAST
-    )
+    items = await collect(provider, make_request(model=GEMINI_FAST.id, sample_count=3, aspect_ratio="3:4"), GEMINI_FAST)
     await provider.aclose()
 
     sent = gemini_imagen_api.requests[0]
@@ -137,9 +131,7 @@ async def test_gemini_api_uses_its_path_key_header_and_the_wire_model_name(
 
 
 async def test_429_with_retry_after_is_waited_out_then_succeeds(vertex_api: FakeVertexImagen) -> None:
-    vertex_api.faults.append(
-        fail(429, "RESOURCE_EXHAUSTED", "Quota exceeded for aiplatform.googleapis.com", "1")
-    )
+    vertex_api.faults.append(fail(429, "RESOURCE_EXHAUSTED", "Quota exceeded for aiplatform.googleapis.com", "1"))
     provider = vertex(vertex_api)
     items = await collect(provider, make_request(), STANDARD)
     await provider.aclose()
@@ -166,12 +158,8 @@ async def test_429_asking_for_longer_than_the_retry_budget_fails_at_once_with_re
     assert len(vertex_api.requests) == 1
 
 
-@pytest.mark.parametrize(
-    ("code", "status"), [(500, "INTERNAL"), (503, "UNAVAILABLE"), (504, "DEADLINE_EXCEEDED")]
-)
-async def test_server_errors_are_retried_then_succeed(
-    vertex_api: FakeVertexImagen, code: int, status: str
-) -> None:
+@pytest.mark.parametrize(("code", "status"), [(500, "INTERNAL"), (503, "UNAVAILABLE"), (504, "DEADLINE_EXCEEDED")])
+async def test_server_errors_are_retried_then_succeed(vertex_api: FakeVertexImagen, code: int, status: str) -> None:
     vertex_api.faults.append(fail(code, status, "transient"))
     provider = vertex(vertex_api)
     items = await collect(provider, make_request(), STANDARD)
@@ -184,9 +172,7 @@ async def test_server_errors_are_retried_then_succeed(
 async def test_503_that_persists_fails_retryable_after_the_configured_retries(
     vertex_api: FakeVertexImagen,
 ) -> None:
-    vertex_api.faults.extend(
-        fail(503, "UNAVAILABLE", "The service is currently unavailable.") for _ in range(10)
-    )
+    vertex_api.faults.extend(fail(503, "UNAVAILABLE", "The service is currently unavailable.") for _ in range(10))
     error = await failure_of(vertex(vertex_api, RetryPolicy(2, 10.0, 0.01, 0.05)))
 
     assert (error.kind, error.reason, retryable(error)) == (
@@ -246,9 +232,7 @@ async def test_an_unreachable_provider_is_retryable(vertex_api: FakeVertexImagen
             "base64",
         ),
         (
-            answer_json(
-                {"predictions": [{"mimeType": "image/png", "bytesBase64Encoded": b64(b"GIF? no, text")}]}
-            ),
+            answer_json({"predictions": [{"mimeType": "image/png", "bytesBase64Encoded": b64(b"GIF? no, text")}]}),
             "not a readable image",
         ),
         (
@@ -333,9 +317,7 @@ async def test_images_are_yielded_one_at_a_time_before_later_ones_are_decoded(
 
 
 @pytest.mark.parametrize("body", [{}, {"predictions": []}], ids=["absent", "empty"])
-async def test_no_predictions_is_a_permanent_no_images(
-    vertex_api: FakeVertexImagen, body: dict[str, object]
-) -> None:
+async def test_no_predictions_is_a_permanent_no_images(vertex_api: FakeVertexImagen, body: dict[str, object]) -> None:
     vertex_api.faults.append(answer_json(body))
     error = await failure_of(vertex(vertex_api))
     assert (error.reason, retryable(error)) == ("NO_IMAGES", False)
@@ -397,9 +379,7 @@ async def test_any_other_400_is_a_permanent_rejection(vertex_api: FakeVertexImag
 
 
 async def test_403_is_a_permanent_configuration_error(vertex_api: FakeVertexImagen) -> None:
-    vertex_api.faults.append(
-        fail(403, "PERMISSION_DENIED", "Vertex AI API has not been used in project proj-1")
-    )
+    vertex_api.faults.append(fail(403, "PERMISSION_DENIED", "Vertex AI API has not been used in project proj-1"))
     error = await failure_of(vertex(vertex_api))
     assert (error.kind, error.reason, retryable(error)) == (
         ErrorKind.PERMISSION_DENIED,

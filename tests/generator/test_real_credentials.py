@@ -41,9 +41,7 @@ CASES = [
         marks=pytest.mark.skipif(not HAS_VERTEX, reason=SKIP_REASON),
         id="vertex",
     ),
-    pytest.param(
-        "gemini-2.5-flash-image", marks=pytest.mark.skipif(not HAS_GEMINI, reason=SKIP_REASON), id="gemini"
-    ),
+    pytest.param("gemini-2.5-flash-image", marks=pytest.mark.skipif(not HAS_GEMINI, reason=SKIP_REASON), id="gemini"),
 ]
 
 

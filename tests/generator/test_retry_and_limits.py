@@ -6,10 +6,9 @@ import asyncio
 import random
 from datetime import UTC, datetime, timedelta
 
-from gen_helpers import make_model
-
 from generator_service.providers.limits import ModelLimits, RequestPacer
 from generator_service.retry import RetryPolicy, parse_retry_after
+from tests.generator.helpers import make_model
 
 
 class FakeTime:

@@ -12,10 +12,6 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from gen_fake_google import FakeGeminiImagen, fail, hang, image_bytes
-from gen_fake_http import Reply
-from gen_fake_supabase import FakeSupabaseStorage, storage_fault
-from gen_helpers import eventually, make_model, make_request, settings_for
 from imagegen.generator.v1 import generator_service_pb2 as pb
 from imagegen.generator.v1 import generator_service_pb2_grpc as pb_grpc
 
@@ -26,6 +22,10 @@ from generator_service.retry import RetryPolicy
 from generator_service.server import GeneratorApp, start
 from imagegen_common.errors import ErrorKind, ServiceError
 from imagegen_common.grpc_errors import from_grpc_error
+from tests.generator.fake_google import FakeGeminiImagen, fail, hang, image_bytes
+from tests.generator.fake_http import Reply
+from tests.generator.fake_supabase import FakeSupabaseStorage, storage_fault
+from tests.generator.helpers import eventually, make_model, make_request, settings_for
 
 FAST_MODEL_ID = "gemini-api/imagen-4.0-fast-generate-001"
 
@@ -129,8 +129,7 @@ async def test_generate_stores_in_supabase_and_rides_out_a_storage_500(
     assert events[-1].completed.delivered_count == 2
     urls = sorted(e.image_stored.url for e in events if e.HasField("image_stored"))
     assert urls == [
-        f"{supabase_storage_api.url}/storage/v1/object/public/images/generated/user-1/job-1/1-{i}.png"
-        for i in (0, 1)
+        f"{supabase_storage_api.url}/storage/v1/object/public/images/generated/user-1/job-1/1-{i}.png" for i in (0, 1)
     ]
     async with httpx.AsyncClient() as client:
         for url in urls:
@@ -143,9 +142,7 @@ async def test_supabase_storage_without_its_settings_refuses_to_start(tmp_path: 
         await start(settings_for(tmp_path, storage_backend="supabase"))
 
 
-async def test_filtered_images_are_counted_and_explained(
-    tmp_path: Path, gemini_imagen_api: FakeGeminiImagen
-) -> None:
+async def test_filtered_images_are_counted_and_explained(tmp_path: Path, gemini_imagen_api: FakeGeminiImagen) -> None:
     gemini_imagen_api.filtered = {1}
     async with running(gemini_settings(tmp_path, gemini_imagen_api)) as (_app, stub):
         events = await generate(stub, sample_count=3)
@@ -155,9 +152,7 @@ async def test_filtered_images_are_counted_and_explained(
     assert sorted(e.image_stored.index for e in events if e.HasField("image_stored")) == [0, 2]
 
 
-async def test_all_images_filtered_is_a_permanent_failure(
-    tmp_path: Path, gemini_imagen_api: FakeGeminiImagen
-) -> None:
+async def test_all_images_filtered_is_a_permanent_failure(tmp_path: Path, gemini_imagen_api: FakeGeminiImagen) -> None:
     gemini_imagen_api.filtered = {0, 1}
     async with running(gemini_settings(tmp_path, gemini_imagen_api)) as (_app, stub):
         error = await generate_error(stub, sample_count=2)
@@ -225,9 +220,7 @@ async def test_a_burst_of_50_queues_behind_the_concurrency_cap_and_all_succeed(
 
     gemini_imagen_api.delay = busy
     gemini_imagen_api.concurrency_quota = 5  # the provider answers 429 to a sixth concurrent request
-    model = make_model(
-        FAST_MODEL_ID, "gemini-imagen", provider_model="imagen-4.0-fast-generate-001", max_concurrency=5
-    )
+    model = make_model(FAST_MODEL_ID, "gemini-imagen", provider_model="imagen-4.0-fast-generate-001", max_concurrency=5)
     settings = gemini_settings(tmp_path, gemini_imagen_api, models=[model])
     async with running(settings) as (_app, stub):
         results = await asyncio.gather(
@@ -273,9 +266,7 @@ async def test_the_same_burst_without_the_limit_does_trip_the_quota(
         FAST_MODEL_ID, "gemini-imagen", provider_model="imagen-4.0-fast-generate-001", max_concurrency=30
     )
     provider = GeminiImagenProvider(
-        ProviderHttp.create(
-            "gemini-imagen", connect_timeout=2, read_timeout=10, policy=RetryPolicy(max_retries=0)
-        ),
+        ProviderHttp.create("gemini-imagen", connect_timeout=2, read_timeout=10, policy=RetryPolicy(max_retries=0)),
         "test-api-key",
         base_url=gemini_imagen_api.url,
     )

@@ -6,13 +6,13 @@ from typing import Any
 
 import httpx
 import pytest
-from gen_fake_google import image_bytes
-from gen_fake_http import Reply
-from gen_fake_supabase import FakeSupabaseStorage, StoredObject, storage_error, storage_fault
 
 from generator_service.retry import RetryPolicy
 from generator_service.storage.supabase import SupabaseStorage
 from imagegen_common.errors import ErrorKind, ServiceError
+from tests.generator.fake_google import image_bytes
+from tests.generator.fake_http import Reply
+from tests.generator.fake_supabase import FakeSupabaseStorage, StoredObject, storage_error, storage_fault
 
 PNG = image_bytes(1024, 1024, "image/png")
 PATH = "user-1/job-1/1-0.png"
@@ -96,9 +96,7 @@ async def test_a_private_bucket_gets_a_signed_url_with_the_configured_ttl(
     [
         Reply(500, b"Internal Server Error", {"content-type": "text/plain"}),
         Reply(503, b"<html>Service Unavailable</html>", {"content-type": "text/html"}),
-        storage_error(
-            "500", "Internal", "Internal Server Error", "InternalError"
-        ),  # HTTP 400, statusCode "500"
+        storage_error("500", "Internal", "Internal Server Error", "InternalError"),  # HTTP 400, statusCode "500"
     ],
     ids=["http-500", "http-503", "statusCode-500-in-a-400"],
 )

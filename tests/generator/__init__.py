@@ -1,0 +1,1 @@
+"""GeneratorService tests: providers, storage and the gRPC server against local fake HTTP services."""
