@@ -52,7 +52,7 @@ class ImageGenClient:
         else:
             self._channel = grpc.aio.insecure_channel(target)
         self._stub = pb_grpc.JobServiceStub(self._channel)
-        self._token: TokenSource = token if callable(token) else (lambda: token)  # type: ignore[assignment,return-value]
+        self._token: TokenSource = token if callable(token) else (lambda: token)
         self._timeout = timeout
         self._retry = retry or RetryPolicy()
 

@@ -44,7 +44,8 @@ def to_grpc_status(err: ServiceError, domain: str) -> grpc.Status:
         wrapped.Pack(message)
         anys.append(wrapped)
     status = status_pb2.Status(code=getattr(code_pb2, err.kind.value), message=err.message, details=anys)
-    return rpc_status.to_status(status)
+    result: grpc.Status = rpc_status.to_status(status)
+    return result
 
 
 def from_grpc_error(error: grpc.aio.AioRpcError, default_reason: str = "UNKNOWN") -> ServiceError:

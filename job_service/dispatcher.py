@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -146,10 +147,10 @@ class Dispatcher:
             log.info("job claimed", job_id=job.id, user_id=job.user_id, attempt=job.attempt)
             task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
             self._running[job.id] = (job, task)
-            task.add_done_callback(lambda _t, job_id=job.id: self._forget(job_id))
+            task.add_done_callback(functools.partial(self._forget, job.id))
         return len(jobs)
 
-    def _forget(self, job_id: str) -> None:
+    def _forget(self, job_id: str, _task: asyncio.Task[None]) -> None:
         self._running.pop(job_id, None)
         self._cancel_reasons.pop(job_id, None)
         self._wake.set()  # room for one more

@@ -38,7 +38,7 @@ _RETRYABLE_CODES = {
 def channel_options() -> list[tuple[str, object]]:
     # round_robin over every address the target resolves to (dns:///generator:50052 in compose/k8s);
     # keepalives notice a dead replica within seconds instead of waiting for TCP.
-    service_config = {"loadBalancingConfig": [{"round_robin": {}}]}
+    service_config: dict[str, object] = {"loadBalancingConfig": [{"round_robin": {}}]}
     return [
         ("grpc.service_config", json.dumps(service_config)),
         ("grpc.keepalive_time_ms", 10_000),

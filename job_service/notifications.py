@@ -152,7 +152,7 @@ class JobNotifications:
             try:
                 conn = await asyncpg.connect(self._dsn, statement_cache_size=0)
                 lost = asyncio.Event()
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())  # type: ignore[misc]
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(NOTIFY_CHANNEL, self._notified)
                 self.connected.set()
                 if self._on_connection_change:

@@ -19,7 +19,8 @@ from imagegen_common.embedded_postgres import EmbeddedPostgres
 from imagegen_common.grpc_server import RunningServer, TlsFiles, start_server
 from imagegen_common.migrate import migrate
 from job_service.auth import JwksKeys, TokenVerifier
-from job_service.config import DEV_JWT_SECRET, JobSettings
+from imagegen_common.dev_tokens import DEV_JWT_SECRET
+from job_service.config import JobSettings
 from job_service.dispatcher import Dispatcher, DispatcherConfig
 from job_service.generator_client import GeneratorClient
 from job_service.jobs import JobManager, JobPolicy

@@ -50,7 +50,7 @@ def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
 
 
 def params_to_pb(params: Params | dict[str, Any]) -> pb.GenerationParams:
-    values = params.as_dict() if isinstance(params, Params) else params
+    values: dict[str, Any] = params.as_dict() if isinstance(params, Params) else params
     return pb.GenerationParams(**{k: v for k, v in values.items() if k in _PARAM_FIELDS})
 
 
@@ -81,7 +81,7 @@ def job_to_pb(job: Job) -> pb.Job:
         # On a pending job it is the error of the last attempt, which will be retried.
         message.error.CopyFrom(pb.JobError(reason=job.error_code, message=job.error_message or ""))
     if job.status is JobStatus.PENDING:
-        message.next_attempt_time.CopyFrom(_timestamp(job.next_attempt_at))
+        message.next_attempt_time.FromDatetime(job.next_attempt_at)
     return message
 
 
