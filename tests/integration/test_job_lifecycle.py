@@ -65,8 +65,8 @@ async def test_get_job_after_completion_and_list_newest_first(database_url: str,
     async with running_services(database_url, tmp_path) as services, services.client() as client:
         first = await client.create_job("first", sample_count=1)
         second = await client.create_job("second", sample_count=1)
-        done = await client.wait(second.id, timeout=30)
-        await client.wait(first.id, timeout=30)
+        done = await client.wait(second.id, timeout=120)
+        await client.wait(first.id, timeout=120)
         fetched = await client.get_job(second.id)
         listing = await client.list_jobs()
 
