@@ -38,6 +38,12 @@ class JobSettings(BaseSettings):
     jwt_issuer: str | None = None
     jwt_leeway_seconds: int = 30
     allow_anonymous_users: bool = True
+    # The JWKS ({SUPABASE_URL}/auth/v1/.well-known/jwks.json) is refetched after this long, so a revoked
+    # key stops working within it (Supabase's own edge cache holds the document 10 minutes) ...
+    jwks_max_age_seconds: float = 600.0
+    # ... and at once for a token naming an unknown kid (a rotation), but at most once per this interval,
+    # so tokens with made-up kids cannot turn the service into a JWKS request flood.
+    jwks_min_refetch_seconds: float = 30.0
 
     # GeneratorService.
     generator_target: str = "localhost:50052"

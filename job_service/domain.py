@@ -132,6 +132,8 @@ class Principal:
     subject: str
     is_service: bool = False
     is_anonymous: bool = False
+    # The JWKS key (kid) that signed the caller's token; None for HS256 tokens.
+    key_id: str | None = None
     claims: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
 
 

@@ -45,7 +45,12 @@ def build_verifier(settings: JobSettings, http: httpx.AsyncClient) -> TokenVerif
     issuer = settings.jwt_issuer
     if settings.supabase_url:
         base = settings.supabase_url.rstrip("/")
-        jwks = JwksKeys(f"{base}/auth/v1/.well-known/jwks.json", http)
+        jwks = JwksKeys(
+            f"{base}/auth/v1/.well-known/jwks.json",
+            http,
+            max_age_seconds=settings.jwks_max_age_seconds,
+            min_refetch_seconds=settings.jwks_min_refetch_seconds,
+        )
         issuer = issuer or f"{base}/auth/v1"
     secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
     if secret == DEV_JWT_SECRET:
