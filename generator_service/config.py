@@ -116,6 +116,8 @@ class GeneratorSettings(BaseSettings):
     # With TLS: require client certificates signed by this CA (mutual TLS).
     tls_client_ca: Path | None = None
     metrics_port: int = 0  # 0: no metrics endpoint
+    # When set, event-loop lag (a histogram, see imagegen_common.loop_lag) is written to this file every second.
+    loop_lag_file: Path | None = None
     log_format: LogFormat = "console"
     log_level: str = "INFO"
 

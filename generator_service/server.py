@@ -27,6 +27,7 @@ from generator_service.storage.base import Storage
 from generator_service.storage.local import LocalStorage, LocalStorageServer
 from generator_service.storage.supabase import SupabaseStorage
 from imagegen_common.grpc_server import RunningServer, TlsFiles, start_server
+from imagegen_common.loop_lag import LoopLagMonitor
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GeneratorService"].full_name
@@ -161,9 +162,12 @@ async def start(settings: GeneratorSettings) -> GeneratorApp:
 async def serve(settings: GeneratorSettings) -> None:
     """Runs until SIGTERM or SIGINT, then drains in-flight streams within the grace period."""
     app = await start(settings)
+    lag = LoopLagMonitor(settings.loop_lag_file).start() if settings.loop_lag_file else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await app.stop()
+    if lag is not None:
+        await lag.stop()

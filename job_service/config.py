@@ -75,5 +75,7 @@ class JobSettings(BaseSettings):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     metrics_port: int = 0
+    # When set, event-loop lag (a histogram, see imagegen_common.loop_lag) is written to this file every second.
+    loop_lag_file: Path | None = None
     log_format: LogFormat = "console"
     log_level: str = "INFO"

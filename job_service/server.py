@@ -17,6 +17,7 @@ from imagegen.job.v1 import job_service_pb2_grpc as pb_grpc
 
 from imagegen_common.embedded_postgres import EmbeddedPostgres
 from imagegen_common.grpc_server import RunningServer, TlsFiles, start_server
+from imagegen_common.loop_lag import LoopLagMonitor
 from imagegen_common.migrate import migrate
 from job_service.auth import JwksKeys, TokenVerifier
 from imagegen_common.dev_tokens import DEV_JWT_SECRET
@@ -168,9 +169,12 @@ async def start(settings: JobSettings) -> JobApp:
 
 async def serve(settings: JobSettings) -> None:
     app = await start(settings)
+    lag = LoopLagMonitor(settings.loop_lag_file).start() if settings.loop_lag_file else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await app.stop()
+    if lag is not None:
+        await lag.stop()
