@@ -109,7 +109,11 @@ def generate(
 
 
 def _job_table(jobs: list[pb.Job]) -> Table:
-    table = Table("id", "state", "images", "credits", "created", "prompt")
+    table = Table()
+    # Full ids, never wrapped or cut: they are what people copy into the next command.
+    table.add_column("id", no_wrap=True, min_width=36)
+    for column in ("state", "images", "credits", "created", "prompt"):
+        table.add_column(column)
     for job in jobs:
         table.add_row(
             job.id,
