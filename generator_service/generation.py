@@ -51,7 +51,10 @@ def validate(request: GenerationRequest, model: ModelSpec) -> None:
     if problems:
         summary = "; ".join(f"{p.field}: {p.description}" for p in problems)
         raise ServiceError(
-            ErrorKind.INVALID_ARGUMENT, "INVALID_ARGUMENT", f"invalid request: {summary}", problems,
+            ErrorKind.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+            f"invalid request: {summary}",
+            problems,
             metadata={"retryable": "false"},
         )
 
@@ -76,9 +79,11 @@ class Generator:
         model = self._models.get(request.model)
         if model is None:
             raise ServiceError(
-                ErrorKind.INVALID_ARGUMENT, "UNKNOWN_MODEL",
+                ErrorKind.INVALID_ARGUMENT,
+                "UNKNOWN_MODEL",
                 f"model {request.model!r} is not served here; ListModels lists the models",
-                [FieldViolation("model", "unknown model")], metadata={"retryable": "false"},
+                [FieldViolation("model", "unknown model")],
+                metadata={"retryable": "false"},
             )
         validate(request, model)
         provider = self._providers[model.provider]
@@ -125,13 +130,19 @@ class Generator:
         if delivered == 0:
             if filtered:
                 raise generation_error(
-                    ErrorKind.FAILED_PRECONDITION, "ALL_IMAGES_FILTERED",
+                    ErrorKind.FAILED_PRECONDITION,
+                    "ALL_IMAGES_FILTERED",
                     "every image was withheld by the provider's safety filters: " + "; ".join(reasons),
                     retryable=False,
                 )
             raise generation_error(
                 ErrorKind.UNAVAILABLE, "NO_IMAGES", "the provider returned no images", retryable=False
             )
-        log.info("generation completed", job_id=request.job_id, attempt=request.attempt,
-                 delivered=delivered, filtered=len(filtered))
+        log.info(
+            "generation completed",
+            job_id=request.job_id,
+            attempt=request.attempt,
+            delivered=delivered,
+            filtered=len(filtered),
+        )
         yield Completed(delivered, len(filtered), reasons)

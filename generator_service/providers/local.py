@@ -34,11 +34,23 @@ def render_placeholder(prompt: str, index: int, width: int, height: int, mime_ty
     font = ImageFont.load_default(size=max(16, width // 24))
     small = ImageFont.load_default(size=max(12, width // 48))
     margin = width // 16
-    draw.text((margin, margin), "LOCAL PLACEHOLDER - NOT AI OUTPUT", font=font, fill="white",
-              stroke_width=2, stroke_fill="black")
+    draw.text(
+        (margin, margin),
+        "LOCAL PLACEHOLDER - NOT AI OUTPUT",
+        font=font,
+        fill="white",
+        stroke_width=2,
+        stroke_fill="black",
+    )
     body = "\n".join(textwrap.wrap(prompt, width=48)[:8])
-    draw.multiline_text((margin, margin + height // 6), f"#{index + 1}  {width}x{height}\n\n{body}",
-                        font=small, fill="white", stroke_width=1, stroke_fill="black")
+    draw.multiline_text(
+        (margin, margin + height // 6),
+        f"#{index + 1}  {width}x{height}\n\n{body}",
+        font=small,
+        fill="white",
+        stroke_width=1,
+        stroke_fill="black",
+    )
     out = io.BytesIO()
     if mime_type == "image/jpeg":
         image.save(out, format="JPEG", quality=85)

@@ -49,13 +49,13 @@ class _PublicObjectHandler(SimpleHTTPRequestHandler):
         clean = path.split("?", 1)[0].split("#", 1)[0]
         if not clean.startswith(PUBLIC_PREFIX):
             return "/nonexistent"
-        return super().translate_path("/" + clean[len(PUBLIC_PREFIX):])
+        return super().translate_path("/" + clean[len(PUBLIC_PREFIX) :])
 
     def list_directory(self, path: str | os.PathLike[str]) -> Any:
         self.send_error(404, "Object not found")
         return None
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+    def log_message(self, format: str, *args: Any) -> None:
         return None
 
 
