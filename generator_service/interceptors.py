@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 # Health checks and reflection stay open, so orchestrators and grpcurl work without the token.
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+# grpc.aio.ServerInterceptor.intercept_service is generic over the handler's request and response types.
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
 
 
 class SharedTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -18,9 +22,9 @@ class SharedTokenInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[RequestT, ResponseT] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[RequestT, ResponseT] | None:
         method = handler_call_details.method or ""
         if method.startswith(_OPEN_PREFIXES):
             return await continuation(handler_call_details)
@@ -31,8 +35,14 @@ class SharedTokenInterceptor(grpc.aio.ServerInterceptor):
         return _refusing(handler)
 
 
-def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming shape as `handler` that answers UNAUTHENTICATED."""
+def _refusing(
+    handler: grpc.RpcMethodHandler[RequestT, ResponseT] | None,
+) -> grpc.RpcMethodHandler[RequestT, ResponseT]:
+    """A handler of the same streaming shape as `handler` that answers UNAUTHENTICATED.
+
+    `handler` is None for a method this server does not have: a caller without the token is refused all
+    the same (UNAUTHENTICATED, not UNIMPLEMENTED), so it learns nothing about the methods served here.
+    """
 
     async def deny(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong internal token")
@@ -41,6 +51,8 @@ def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong internal token")
         yield  # pragma: no cover - makes this an async generator like the handler it replaces
 
+    if handler is None:
+        return grpc.unary_unary_rpc_method_handler(deny)
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(
             deny_stream, handler.request_deserializer, handler.response_serializer
