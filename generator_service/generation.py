@@ -136,7 +136,7 @@ class Generator:
                     retryable=False,
                 )
             raise generation_error(
-                ErrorKind.UNAVAILABLE, "NO_IMAGES", "the provider returned no images", retryable=False
+                ErrorKind.FAILED_PRECONDITION, "NO_IMAGES", "the provider returned no images", retryable=False
             )
         log.info(
             "generation completed",

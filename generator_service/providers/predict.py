@@ -82,8 +82,9 @@ async def images_from_response(
         raise bad_response(provider, "the body is not a JSON object")
     predictions = document.pop("predictions", None)
     if not predictions:
+        # FAILED_PRECONDITION, not UNAVAILABLE: generic gRPC clients retry UNAVAILABLE, and this is not transient.
         raise generation_error(
-            ErrorKind.UNAVAILABLE,
+            ErrorKind.FAILED_PRECONDITION,
             "NO_IMAGES",
             f"{provider} returned no predictions (no images and no filter reason)",
             retryable=False,

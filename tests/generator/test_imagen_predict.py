@@ -320,7 +320,7 @@ async def test_images_are_yielded_one_at_a_time_before_later_ones_are_decoded(
 async def test_no_predictions_is_a_permanent_no_images(vertex_api: FakeVertexImagen, body: dict[str, object]) -> None:
     vertex_api.faults.append(answer_json(body))
     error = await failure_of(vertex(vertex_api))
-    assert (error.reason, retryable(error)) == ("NO_IMAGES", False)
+    assert (error.kind, error.reason, retryable(error)) == (ErrorKind.FAILED_PRECONDITION, "NO_IMAGES", False)
 
 
 async def test_some_filtered_images_come_back_as_filtered_items_with_the_reason(

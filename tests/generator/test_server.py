@@ -22,7 +22,7 @@ from generator_service.retry import RetryPolicy
 from generator_service.server import GeneratorApp, start
 from imagegen_common.errors import ErrorKind, ServiceError
 from imagegen_common.grpc_errors import from_grpc_error
-from tests.generator.fake_google import FakeGeminiImagen, fail, hang, image_bytes
+from tests.generator.fake_google import FakeGeminiImagen, answer_json, fail, hang, image_bytes
 from tests.generator.fake_http import Reply
 from tests.generator.fake_supabase import FakeSupabaseStorage, storage_fault
 from tests.generator.helpers import eventually, make_model, make_request, settings_for
@@ -278,3 +278,16 @@ async def test_the_same_burst_without_the_limit_does_trip_the_quota(
     await provider.aclose()
     assert gemini_imagen_api.rate_limited > 0
     assert any(isinstance(r, ServiceError) and r.reason == "PROVIDER_RATE_LIMITED" for r in results)
+
+
+async def test_no_predictions_reaches_the_caller_as_failed_precondition_not_unavailable(
+    tmp_path: Path, gemini_imagen_api: FakeGeminiImagen
+) -> None:
+    gemini_imagen_api.faults.append(answer_json({"predictions": []}))
+    async with running(gemini_settings(tmp_path, gemini_imagen_api)) as (_app, stub):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await generate(stub)
+    # The status code itself, which is all a generic gRPC client (or a retry policy) looks at.
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    error = from_grpc_error(caught.value)
+    assert (error.reason, error.metadata["retryable"]) == ("NO_IMAGES", "false")
