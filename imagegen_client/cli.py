@@ -112,7 +112,8 @@ def _job_table(jobs: list[pb.Job]) -> Table:
     table = Table()
     # Full ids, never wrapped or cut: they are what people copy into the next command.
     table.add_column("id", no_wrap=True, min_width=36)
-    for column in ("state", "images", "credits", "created", "prompt"):
+    table.add_column("state", no_wrap=True, min_width=10)  # CANCELLED, whole, even on an 80-column pipe
+    for column in ("images", "credits", "created", "prompt"):
         table.add_column(column)
     for job in jobs:
         table.add_row(
