@@ -24,29 +24,34 @@ log = structlog.get_logger(__name__)
 Update = tuple[Job, JobEvent]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Feed:
     job_id: str
-    queues: set[asyncio.Queue[Update]] = field(default_factory=set)
-    last_seq: int | None = None  # None until the first watcher has read its snapshot
-    wanted_seq: int = 0
+    subscriptions: set[Subscription] = field(default_factory=set)
+    # Set by every NOTIFY for the job (and after a reconnect): something newer may be committed.
+    stale: bool = False
     task: asyncio.Task[None] | None = None
 
 
 class Subscription:
-    """One watcher's view of a feed: updates arrive on `queue`, in seq order."""
+    """One watcher's view of a feed: updates arrive on `queue`, contiguous in seq from its snapshot."""
 
     def __init__(self, hub: JobNotifications, feed: _Feed) -> None:
         self._hub = hub
         self._feed = feed
         self.queue: asyncio.Queue[Update] = asyncio.Queue()
+        # The seq of the last event this watcher has (its snapshot's, at first); None until started.
+        self.last_seq: int | None = None
 
     def start_from(self, seq: int) -> None:
         """Called with the seq of the snapshot the watcher read after subscribing."""
-        self._hub._start_feed(self._feed, seq)
+        self.last_seq = seq
+        # Events committed between subscribing and this snapshot may already have been notified and
+        # read for other watchers of the job: one read from this watcher's seq settles it.
+        self._hub._mark_stale(self._feed)
 
     def close(self) -> None:
-        self._hub._unsubscribe(self._feed, self.queue)
+        self._hub._unsubscribe(self._feed, self)
 
 
 class JobNotifications:
@@ -84,45 +89,55 @@ class JobNotifications:
         if feed is None:
             feed = self._feeds[job_id] = _Feed(job_id)
         subscription = Subscription(self, feed)
-        feed.queues.add(subscription.queue)
+        feed.subscriptions.add(subscription)
         return subscription
 
-    def _unsubscribe(self, feed: _Feed, queue: asyncio.Queue[Update]) -> None:
-        feed.queues.discard(queue)
-        if not feed.queues:
+    def _unsubscribe(self, feed: _Feed, subscription: Subscription) -> None:
+        feed.subscriptions.discard(subscription)
+        if not feed.subscriptions:
             if feed.task:
                 feed.task.cancel()
             if self._feeds.get(feed.job_id) is feed:
                 del self._feeds[feed.job_id]
 
-    def _start_feed(self, feed: _Feed, seq: int) -> None:
-        if feed.last_seq is None:
-            feed.last_seq = seq
-        self._poke(feed)
-
-    def _poke(self, feed: _Feed) -> None:
-        if feed.last_seq is not None and (feed.task is None or feed.task.done()):
+    def _mark_stale(self, feed: _Feed) -> None:
+        feed.stale = True
+        if feed.task is None or feed.task.done():
             feed.task = asyncio.create_task(self._pump(feed), name=f"feed-{feed.job_id}")
 
     async def _pump(self, feed: _Feed) -> None:
-        """Reads events past last_seq until it has caught up with every notified seq."""
+        """Reads what is new for the feed's watchers until no notification is left unread.
+
+        NOTIFY is delivered only after its transaction commits, so a notification that arrives while a
+        read is under way marks the feed stale again and causes one more read: none is lost, and none
+        makes the pump spin. Each read starts at the oldest seq any started watcher has, and one read
+        returns every event after it from one snapshot, so each watcher gets its events without a gap.
+        """
         backoff = 0.05
-        while feed.queues and feed.last_seq is not None and feed.last_seq < feed.wanted_seq:
+        while feed.stale and feed.subscriptions:
+            started = [s for s in feed.subscriptions if s.last_seq is not None]
+            if not started:
+                return  # start_from marks the feed stale again
+            feed.stale = False
+            since = min(s.last_seq for s in started if s.last_seq is not None)
             try:
-                job, events = await self._store.job_and_events_after(feed.job_id, feed.last_seq)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("feed read failed; retrying", job_id=feed.job_id, error=str(exc))
+                job, events = await self._store.job_and_events_after(feed.job_id, since)
+            except Exception as exc:  # the database is away: read again once it is back
+                feed.stale = True
+                log.warning("feed read failed; retrying", job_id=feed.job_id, error=str(exc) or type(exc).__name__)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
+            backoff = 0.05
             if job is None:
                 return
-            for event in events:
-                for queue in feed.queues:
-                    queue.put_nowait((job, event))
-                feed.last_seq = event.seq
-            # A notification can be for a seq not committed yet when it arrives: never spin on it.
-            feed.wanted_seq = max(feed.last_seq, min(feed.wanted_seq, job.last_event_seq))
+            for subscription in started:
+                if subscription not in feed.subscriptions or subscription.last_seq is None:
+                    continue
+                for event in events:
+                    if event.seq > subscription.last_seq:
+                        subscription.queue.put_nowait((job, event))
+                        subscription.last_seq = event.seq
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         job_id, _, rest = payload.partition(":")
@@ -136,21 +151,19 @@ class JobNotifications:
             self._on_event(job_id, seq, event)
         feed = self._feeds.get(job_id)
         if feed is not None:
-            feed.wanted_seq = max(feed.wanted_seq, seq)
-            self._poke(feed)
+            self._mark_stale(feed)
 
     def _resync_all(self) -> None:
-        for feed in self._feeds.values():
-            # Unknown what was missed while disconnected: read whatever is newer than last_seq.
-            feed.wanted_seq = max(feed.wanted_seq, (feed.last_seq or 0) + 1)
-            self._poke(feed)
+        # Unknown what was missed while disconnected: every feed reads whatever is newer.
+        for feed in list(self._feeds.values()):
+            self._mark_stale(feed)
 
     async def _run(self) -> None:
         backoff = 0.2
         while not self._stopping.is_set():
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(self._dsn, statement_cache_size=0)
+                conn = await asyncpg.connect(self._dsn, statement_cache_size=0, timeout=10.0)
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(NOTIFY_CHANNEL, self._notified)
@@ -168,10 +181,11 @@ class JobNotifications:
                         await asyncio.wait_for(lost.wait(), timeout=5.0)
                     except TimeoutError:
                         await asyncio.wait_for(conn.execute("SELECT 1"), timeout=5.0)
+                log.warning("job notifications connection lost; reconnecting")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure of the connection: reconnect with backoff
-                log.warning("job notifications connection lost", error=str(exc) or type(exc).__name__)
+                log.warning("job notifications connection failed", error=str(exc) or type(exc).__name__)
             finally:
                 self.connected.clear()
                 if self._on_connection_change:
@@ -180,4 +194,4 @@ class JobNotifications:
                     conn.terminate()
             if not self._stopping.is_set():
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-                backoff = min(backoff * 2, 10.0)
+                backoff = min(backoff * 2, 5.0)
