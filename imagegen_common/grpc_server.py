@@ -11,6 +11,19 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+# Keepalive policy. Clients (JobService -> generator in particular) ping every ~10 s so a dead peer is
+# noticed in seconds; gRPC's default policy answers pings more often than every 5 minutes with a
+# GOAWAY "too_many_pings", which kills every stream on the connection, including a 30 s Generate.
+# The server pings idle clients too, to drop connections whose peer vanished without closing them.
+KEEPALIVE_SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+)
+
 
 @dataclass(frozen=True)
 class TlsFiles:
@@ -57,7 +70,7 @@ async def start_server(
     options: Sequence[tuple[str, Any]] = (),
 ) -> RunningServer:
     """Starts a grpc.aio server with health and reflection; port 0 picks a free port (tests)."""
-    server = grpc.aio.server(interceptors=list(interceptors), options=list(options))
+    server = grpc.aio.server(interceptors=list(interceptors), options=[*KEEPALIVE_SERVER_OPTIONS, *options])
     for add in add_servicers:
         add(server)
     health_servicer = health.aio.HealthServicer()

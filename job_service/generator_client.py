@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import grpc
@@ -32,12 +32,15 @@ _RETRYABLE_CODES = {
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.ABORTED,
+    grpc.StatusCode.CANCELLED,
 }
 
 
 def channel_options() -> list[tuple[str, object]]:
-    # round_robin over every address the target resolves to (dns:///generator:50052 in compose/k8s);
-    # keepalives notice a dead replica within seconds instead of waiting for TCP.
+    # round_robin over every address the target resolves to (dns:///generator:50052 in compose/k8s, or
+    # a list: ipv4:10.0.0.1:50052,10.0.0.2:50052); keepalives notice a dead replica within seconds
+    # instead of waiting for TCP (the servers accept them: imagegen_common.grpc_server); a replica that
+    # comes back is reconnected within seconds rather than after gRPC's default 2-minute backoff.
     service_config: dict[str, object] = {"loadBalancingConfig": [{"round_robin": {}}]}
     return [
         ("grpc.service_config", json.dumps(service_config)),
@@ -45,6 +48,10 @@ def channel_options() -> list[tuple[str, object]]:
         ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.initial_reconnect_backoff_ms", 500),
+        ("grpc.min_reconnect_backoff_ms", 500),
+        ("grpc.max_reconnect_backoff_ms", 5_000),
+        ("grpc.dns_min_time_between_resolutions_ms", 5_000),
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ]
 
@@ -81,7 +88,7 @@ class GeneratorClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def generate(self, job: Job) -> AsyncIterator[GenerationEvent]:
+    async def generate(self, job: Job) -> AsyncGenerator[GenerationEvent, None]:
         """Runs one attempt; leaving the iteration early (or cancelling) cancels the stream."""
         request = pb.GenerateRequest(
             job_id=job.id,
@@ -143,9 +150,11 @@ def _failure(error: grpc.aio.AioRpcError) -> GenerationFailure:
     stated = detail.metadata.get("retryable")
     if stated is not None:
         return GenerationFailure(detail.reason, detail.message, stated == "true", True, detail.retry_after)
-    # No ErrorInfo: the generator never answered (down, unreachable, overloaded). Wait for it.
+    # No ErrorInfo: the generator never answered (down, unreachable, overloaded) or went away mid-call
+    # (killed: UNAVAILABLE; shut down past its grace: UNAVAILABLE or CANCELLED, as our own cancels
+    # never get here). Wait for it.
     retryable = error.code() in _RETRYABLE_CODES
-    unreachable = error.code() == grpc.StatusCode.UNAVAILABLE
+    unreachable = error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
     return GenerationFailure(
         "GENERATOR_UNAVAILABLE" if unreachable else detail.reason,
         detail.message or error.code().name,
