@@ -39,6 +39,12 @@ IMAGE_SIZES = ("1K", "2K")
 PERSON_GENERATION = ("dont_allow", "allow_adult", "allow_all")
 MIME_TYPES = ("image/png", "image/jpeg")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# C0 control characters other than tab, newline and carriage return. NUL in particular cannot be stored
+# in a PostgreSQL text column at all, so it must be refused here rather than fail in the database.
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+MAX_NAME_CHARS = 128  # model and template ids
+MAX_GRANT = 1_000_000_000
+MAX_REASON_CHARS = 200
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
 
@@ -76,6 +82,15 @@ class CreateJobInput:
 def not_found(job_id: str) -> ServiceError:
     # The same answer whether the job does not exist or belongs to someone else.
     return ServiceError(ErrorKind.NOT_FOUND, "JOB_NOT_FOUND", f"job {job_id} not found")
+
+
+def _bad_text(value: str, max_chars: int | None = None) -> str | None:
+    """Why a free-text field is unacceptable, or None."""
+    if _CONTROL_CHARS.search(value):
+        return "must not contain control characters"
+    if max_chars is not None and len(value) > max_chars:
+        return f"at most {max_chars} characters"
+    return None
 
 
 def parse_uuid(value: str, field: str) -> str:
@@ -123,6 +138,10 @@ class JobManager:
         violations: list[FieldViolation] = []
         template: Template | None = None
         prompt = request.prompt
+        for name, value in (("template_id", request.template_id), ("model", request.model)):
+            problem = _bad_text(value, MAX_NAME_CHARS)
+            if problem:
+                raise invalid_argument([FieldViolation(name, problem)])
         if request.template_id:
             template = await self._store.get_template(request.template_id)
             if template is None:
@@ -139,21 +158,36 @@ class JobManager:
                 )
             if request.prompt:
                 violations.append(FieldViolation("prompt", "must be empty when template_id is set"))
-            prompt, template_violations = render(template.prompt_template, request.template_variables or {})
+            variables = request.template_variables or {}
+            prompt, template_violations = render(template.prompt_template, variables)
             violations += template_violations
+            violations += [
+                FieldViolation(f"template_variables[{name}]", problem)
+                for name, value in variables.items()
+                if name in template.variables and (problem := _bad_text(value))
+            ]
         elif request.template_variables:
             violations.append(FieldViolation("template_variables", "only allowed with template_id"))
 
         if not prompt.strip():
             violations.append(FieldViolation("prompt", "required (or set template_id)"))
         elif len(prompt) > self._policy.max_prompt_chars:
-            violations.append(FieldViolation("prompt", f"at most {self._policy.max_prompt_chars} characters"))
+            field = "prompt" if not template else "template_variables"
+            violations.append(
+                FieldViolation(field, f"the prompt may have at most {self._policy.max_prompt_chars} characters")
+            )
+        elif not template and _CONTROL_CHARS.search(prompt):
+            violations.append(FieldViolation("prompt", "must not contain control characters"))
         if request.request_id and not _REQUEST_ID.match(request.request_id):
             violations.append(FieldViolation("request_id", "1-64 characters of A-Z a-z 0-9 _ . : -"))
 
         model = request.model or (template.model if template and template.model else self._policy.default_model)
         params = self._merge_params(request, template)
-        violations += await self._check_model(model, params)
+        count_is_default = "sample_count" not in request.params_set and not (
+            template and "sample_count" in template.default_params
+        )
+        params, model_violations = await self._check_model(model, params, count_is_default)
+        violations += model_violations
         if violations:
             raise invalid_argument(violations)
 
@@ -200,7 +234,10 @@ class JobManager:
             merged = replace(merged, **explicit)
         return merged
 
-    async def _check_model(self, model: str, params: Params) -> list[FieldViolation]:
+    async def _check_model(
+        self, model: str, params: Params, count_is_default: bool
+    ) -> tuple[Params, list[FieldViolation]]:
+        """The params (the default image count fitted to the model) and what the model cannot do."""
         violations: list[FieldViolation] = []
         try:
             catalog = await self._models.list_models()
@@ -210,8 +247,11 @@ class JobManager:
             catalog = None
         info = catalog.get(model) if catalog is not None else None
         if catalog is not None and info is None:
-            return [FieldViolation("model", f"unknown model {model!r}; one of: {', '.join(sorted(catalog))}")]
-        max_samples = info.max_sample_count if info else 4
+            return params, [FieldViolation("model", f"unknown model {model!r}; one of: {', '.join(sorted(catalog))}")]
+        max_samples = min(info.max_sample_count, 4) if info else 4
+        if count_is_default and params.sample_count > max_samples:
+            # The caller left the count unset: "as many as the model makes", up to the default of 4.
+            params = replace(params, sample_count=max_samples)
         ratios = info.aspect_ratios if info else list(ASPECT_RATIOS)
         sizes = info.image_sizes if info else list(IMAGE_SIZES)
         people = info.person_generation_options if info else list(PERSON_GENERATION)
@@ -225,7 +265,7 @@ class JobManager:
             violations.append(FieldViolation("params.person_generation", f"must be one of {', '.join(people)}"))
         if params.output_mime_type not in MIME_TYPES:
             violations.append(FieldViolation("params.output_mime_type", f"must be one of {', '.join(MIME_TYPES)}"))
-        return violations
+        return params, violations
 
     # -- reading ------------------------------------------------------------------------------------
 
@@ -324,8 +364,10 @@ class JobManager:
         violations = []
         if not user_id:
             violations.append(FieldViolation("user_id", "required"))
-        if amount < 1:
-            violations.append(FieldViolation("amount", "must be at least 1"))
+        if not 1 <= amount <= MAX_GRANT:
+            violations.append(FieldViolation("amount", f"must be 1-{MAX_GRANT}"))
+        if problem := _bad_text(reason, MAX_REASON_CHARS):
+            violations.append(FieldViolation("reason", problem))
         if violations:
             raise invalid_argument(violations)
         owner = parse_uuid(user_id, "user_id")
@@ -347,9 +389,13 @@ def _decode_page_token(token: str, owner: str, status: JobStatus | None) -> tupl
         reason="INVALID_PAGE_TOKEN",
     )
     try:
-        body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        body = json.loads(base64.urlsafe_b64decode(token.encode("ascii") + b"=" * (-len(token) % 4)))
+        if not isinstance(body, dict) or not isinstance(body.get("t"), str) or not isinstance(body.get("id"), str):
+            raise ValueError("not a page token")
         created_at, job_id = datetime.fromisoformat(body["t"]), str(uuid.UUID(body["id"]))
-    except (ValueError, KeyError, TypeError, binascii.Error):
+        if created_at.tzinfo is None:
+            raise ValueError("not a page token")
+    except (ValueError, binascii.Error):  # UnicodeError is a ValueError
         raise bad from None
     if body.get("u") != owner or body.get("s") != (status.value if status else ""):
         raise invalid_argument(

@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2
 from imagegen.job.v1 import job_service_pb2 as pb
 from imagegen.job.v1 import job_service_pb2_grpc as pb_grpc
 
+from imagegen_common.errors import FieldViolation, invalid_argument
 from imagegen_common.grpc_errors import stream_errors, unary_errors
 from job_service.auth import TokenVerifier
 from job_service.domain import EventType, Job, JobEvent, JobStatus, Params, Principal, Template
@@ -148,6 +149,9 @@ class JobServicer(pb_grpc.JobServiceServicer):
     @unary_errors(DOMAIN)
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
         principal = await self._principal(context)
+        if request.state != pb.JOB_STATE_UNSPECIFIED and request.state not in _STATE_FROM_PB:
+            # proto3 enums are open: a newer or buggy client can send a number this server does not know.
+            raise invalid_argument([FieldViolation("state", f"unknown job state {request.state}")])
         jobs, token = await self._jobs.list_jobs(
             principal,
             page_size=request.page_size,

@@ -7,6 +7,9 @@ or revoke keys. Tokens are signed with PyJWT, shaped like Supabase's access toke
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import threading
 import time
@@ -61,6 +64,23 @@ class SigningKey:
 
     def sign(self, claims: dict[str, Any], *, kid: str | None = None) -> str:
         return jwt.encode(claims, self.private_key, algorithm=self.algorithm, headers={"kid": kid or self.kid})
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def hand_made(header: dict[str, Any], claims: dict[str, Any], signature: bytes = b"") -> str:
+    """A token built byte by byte, for shapes PyJWT refuses to produce (e.g. `alg: none`)."""
+    return f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}.{b64url(signature)}"
+
+
+def hs256_signed_with_public_key(key: SigningKey, claims: dict[str, Any]) -> str:
+    """The RS/HS confusion attack: an HS256 token whose HMAC secret is the (public) RSA key PEM."""
+    header = {"alg": "HS256", "typ": "JWT", "kid": key.kid}
+    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}"
+    signature = hmac.new(key.public_pem(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64url(signature)}"
 
 
 def user_claims(issuer: str, user_id: str | None = None, *, ttl: int = 3600, **overrides: Any) -> dict[str, Any]:

@@ -7,8 +7,6 @@ without waiting for real time to pass.
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import time
 import uuid
@@ -21,7 +19,15 @@ import pytest
 
 from imagegen_common.errors import ErrorKind, ServiceError
 from job_service.auth import JwksKeys, TokenVerifier
-from tests.support.jwks import JwksServer, SigningKey, jwks_server, user_claims
+from tests.support.jwks import (
+    JwksServer,
+    SigningKey,
+    b64url,
+    hand_made,
+    hs256_signed_with_public_key,
+    jwks_server,
+    user_claims,
+)
 
 SECRET = "legacy-hs256-secret-for-tests-0123456789"
 MAX_AGE = 600.0
@@ -80,16 +86,6 @@ async def refused(verifier: TokenVerifier, token: str) -> ServiceError:
     return caught.value
 
 
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def hand_made(header: dict[str, Any], claims: dict[str, Any], signature: bytes = b"") -> str:
-    """A token built byte by byte, for shapes PyJWT refuses to produce."""
-    head = b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(claims).encode())
-    return head + "." + b64url(signature)
-
-
 async def test_es256_and_rs256_tokens_from_the_jwks_are_accepted(
     server: JwksServer, http: httpx.AsyncClient, ec_key: SigningKey, rsa_key: SigningKey
 ) -> None:
@@ -136,16 +132,7 @@ def _rejection_cases(server: JwksServer, ec_key: SigningKey, rsa_key: SigningKey
     tampered_claims = json.loads(base64.urlsafe_b64decode(body + "=="))
     tampered_claims["sub"] = str(uuid.uuid4())
     stranger = SigningKey.es256(kid=ec_key.kid)  # same kid, a key the project never published
-    header_hs = {"alg": "HS256", "typ": "JWT"}
-    confused_claims = user_claims(iss)
-    confused_signing_input = (
-        b64url(json.dumps(header_hs).encode()) + "." + b64url(json.dumps(confused_claims).encode())
-    ).encode()
-    confused = (
-        confused_signing_input.decode()
-        + "."
-        + b64url(hmac.new(rsa_key.public_pem(), confused_signing_input, hashlib.sha256).digest())
-    )
+    confused = hs256_signed_with_public_key(rsa_key, user_claims(iss))
     return {
         "forged signature (claims changed after signing)": (
             f"{head}.{b64url(json.dumps(tampered_claims).encode())}.{signature}",
