@@ -105,7 +105,9 @@ def _default_models() -> list[ModelSpec]:
 class GeneratorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GEN_", env_file=".env", extra="ignore", env_nested_delimiter="__")
 
-    host: str = "0.0.0.0"
+    # Loopback by default: plaintext is then allowed (local development). Listening on other interfaces
+    # needs TLS (tls_cert/tls_key) or allow_plaintext=true; see docs/security.md.
+    host: str = "127.0.0.1"
     port: int = 50052
     # Seconds in-flight Generate streams get to finish after SIGTERM.
     shutdown_grace_seconds: float = 60.0
@@ -115,7 +117,11 @@ class GeneratorSettings(BaseSettings):
     tls_key: Path | None = None
     # With TLS: require client certificates signed by this CA (mutual TLS).
     tls_client_ca: Path | None = None
+    # Plaintext gRPC. Unset: allowed only on loopback; true: allowed anywhere (a private network, with
+    # auth_token); false: never.
+    allow_plaintext: bool | None = None
     metrics_port: int = 0  # 0: no metrics endpoint
+    metrics_host: str = "0.0.0.0"
     # When set, event-loop lag (a histogram, see imagegen_common.loop_lag) is written to this file every second.
     loop_lag_file: Path | None = None
     log_format: LogFormat = "console"

@@ -10,10 +10,12 @@ from typing import Any
 import structlog
 from imagegen.generator.v1 import generator_service_pb2 as pb
 from imagegen.generator.v1 import generator_service_pb2_grpc as pb_grpc
+from prometheus_client import CollectorRegistry
 
 from generator_service.config import GeneratorSettings, ModelSpec
 from generator_service.generation import Generator
 from generator_service.interceptors import SharedTokenInterceptor
+from generator_service.metrics import GeneratorMetrics, MeteredProvider, MeteredStorage
 from generator_service.providers.base import Provider
 from generator_service.providers.gemini_image import GeminiImageProvider
 from generator_service.providers.gemini_imagen import GeminiImagenProvider
@@ -28,6 +30,9 @@ from generator_service.storage.local import LocalStorage, LocalStorageServer
 from generator_service.storage.supabase import SupabaseStorage
 from imagegen_common.grpc_server import RunningServer, TlsFiles, start_server
 from imagegen_common.loop_lag import LoopLagMonitor
+from imagegen_common.metrics import MetricsServer, RpcMetrics
+from imagegen_common.rpc_observability import ServerObservability
+from imagegen_common.transport import check_listener
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GeneratorService"].full_name
@@ -106,6 +111,8 @@ class GeneratorApp:
     settings: GeneratorSettings
     running: RunningServer
     closers: list[Any] = field(default_factory=list)
+    registry: CollectorRegistry | None = None
+    metrics: MetricsServer | None = None
 
     @property
     def port(self) -> int:
@@ -121,6 +128,14 @@ class GeneratorApp:
 
 
 async def start(settings: GeneratorSettings) -> GeneratorApp:
+    tls_configured = bool(settings.tls_cert and settings.tls_key)
+    check_listener(settings.host, tls_configured, settings.allow_plaintext, "GEN_ALLOW_PLAINTEXT")
+    if not (settings.auth_token or (tls_configured and settings.tls_client_ca)):
+        log.warning("callers are not authenticated: set GEN_AUTH_TOKEN or GEN_TLS_CLIENT_CA (docs/security.md)")
+    # One registry per app: several apps (tests) can live in one process.
+    registry = CollectorRegistry()
+    rpc_metrics = RpcMetrics.create(registry)
+    metrics = GeneratorMetrics(registry)
     closers: list[Any] = []
     storage: Storage
     if settings.storage_backend == "local":
@@ -131,9 +146,12 @@ async def start(settings: GeneratorSettings) -> GeneratorApp:
         storage = LocalStorage(settings.storage_dir, settings.storage_bucket, base)
     else:
         storage = build_supabase_storage(settings)
+    storage = MeteredStorage(storage, settings.storage_backend, metrics)
     closers.append(storage.aclose)
 
-    providers = build_providers(settings)
+    providers: dict[str, Provider] = {
+        name: MeteredProvider(provider, metrics) for name, provider in build_providers(settings).items()
+    }
     for provider in providers.values():
         closers.append(provider.aclose)
     models: dict[str, ModelSpec] = {m.id: m for m in settings.models if m.provider in providers}
@@ -144,7 +162,9 @@ async def start(settings: GeneratorSettings) -> GeneratorApp:
         if settings.tls_cert and settings.tls_key
         else None
     )
-    interceptors = [SharedTokenInterceptor(settings.auth_token.get_secret_value())] if settings.auth_token else []
+    interceptors: list[Any] = [ServerObservability(rpc_metrics, trust_request_user_id=True)]
+    if settings.auth_token:
+        interceptors.append(SharedTokenInterceptor(settings.auth_token.get_secret_value()))
     running = await start_server(
         add_servicers=[
             lambda server: pb_grpc.add_GeneratorServiceServicer_to_server(GeneratorServicer(generator), server)
@@ -156,7 +176,13 @@ async def start(settings: GeneratorSettings) -> GeneratorApp:
         interceptors=interceptors,
     )
     log.info("generator serving", port=running.port, models=sorted(models), storage=settings.storage_backend)
-    return GeneratorApp(settings, running, closers)
+    metrics_server = None
+    if settings.metrics_port:
+        metrics_server = MetricsServer(registry, settings.metrics_host, settings.metrics_port)
+        await metrics_server.start()
+        closers.insert(0, metrics_server.stop)
+        log.info("metrics serving", url=f"http://{settings.metrics_host}:{metrics_server.port}/metrics")
+    return GeneratorApp(settings, running, closers, registry, metrics_server)
 
 
 async def serve(settings: GeneratorSettings) -> None:

@@ -14,7 +14,9 @@ from imagegen_common.logs import LogFormat
 class JobSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="JOB_", env_file=".env", extra="ignore")
 
-    host: str = "0.0.0.0"
+    # Loopback by default: plaintext is then allowed (local development). Listening on other interfaces
+    # needs TLS (tls_cert/tls_key) or allow_plaintext=true; see docs/security.md.
+    host: str = "127.0.0.1"
     port: int = 50051
 
     # PostgreSQL. Unset: an embedded server (pgserver) with its data under data_dir/postgres.
@@ -74,7 +76,15 @@ class JobSettings(BaseSettings):
 
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # With TLS: also require client certificates signed by this CA (mutual TLS).
+    tls_client_ca: Path | None = None
+    # Plaintext gRPC, for the listener and for the calls to the generator. Unset: allowed only on loopback
+    # (host 127.0.0.1 / a generator on this machine); true: allowed anywhere (a private network, a proxy
+    # that terminates TLS); false: never.
+    allow_plaintext: bool | None = None
+    # Prometheus /metrics on this port (0: off), on metrics_host.
     metrics_port: int = 0
+    metrics_host: str = "0.0.0.0"
     # When set, event-loop lag (a histogram, see imagegen_common.loop_lag) is written to this file every second.
     loop_lag_file: Path | None = None
     log_format: LogFormat = "console"

@@ -67,6 +67,7 @@ class GeneratorClient:
         tls_key: Path | None = None,
         call_timeout_seconds: float = 600.0,
         models_ttl_seconds: float = 60.0,
+        interceptors: list[grpc.aio.ClientInterceptor] | None = None,
     ) -> None:
         if tls_ca:
             credentials = grpc.ssl_channel_credentials(
@@ -74,9 +75,11 @@ class GeneratorClient:
                 private_key=tls_key.read_bytes() if tls_key else None,
                 certificate_chain=tls_cert.read_bytes() if tls_cert else None,
             )
-            self._channel = grpc.aio.secure_channel(target, credentials, options=channel_options())
+            self._channel = grpc.aio.secure_channel(
+                target, credentials, options=channel_options(), interceptors=interceptors
+            )
         else:
-            self._channel = grpc.aio.insecure_channel(target, options=channel_options())
+            self._channel = grpc.aio.insecure_channel(target, options=channel_options(), interceptors=interceptors)
         self._stub = pb_grpc.GeneratorServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = call_timeout_seconds

@@ -14,20 +14,25 @@ import httpx
 import structlog
 from imagegen.job.v1 import job_service_pb2 as pb
 from imagegen.job.v1 import job_service_pb2_grpc as pb_grpc
+from prometheus_client import CollectorRegistry
 
 from imagegen_common.embedded_postgres import EmbeddedPostgres
 from imagegen_common.grpc_server import RunningServer, TlsFiles, start_server
 from imagegen_common.loop_lag import LoopLagMonitor
+from imagegen_common.metrics import MetricsServer, RpcMetrics
 from imagegen_common.migrate import migrate
+from imagegen_common.rpc_observability import ServerObservability, trace_context_interceptors
+from imagegen_common.transport import check_client, check_listener
 from job_service.auth import JwksKeys, TokenVerifier
 from imagegen_common.dev_tokens import DEV_JWT_SECRET
 from job_service.config import JobSettings
 from job_service.dispatcher import Dispatcher, DispatcherConfig
 from job_service.generator_client import GeneratorClient
 from job_service.jobs import JobManager, JobPolicy
+from job_service.metrics import InstrumentedJobStore, JobMetrics
 from job_service.notifications import JobNotifications
 from job_service.servicer import JobServicer
-from job_service.store import JobStore, create_pool
+from job_service.store import create_pool
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
@@ -69,6 +74,18 @@ def build_verifier(settings: JobSettings, http: httpx.AsyncClient) -> TokenVerif
     )
 
 
+def check_transport(settings: JobSettings) -> None:
+    """Refuses, before anything starts, plaintext gRPC beyond this machine that was not asked for."""
+    if (settings.generator_tls_cert or settings.generator_tls_key) and not settings.generator_tls_ca:
+        raise ValueError("JOB_GENERATOR_TLS_CERT/KEY need JOB_GENERATOR_TLS_CA (else the hop would be plaintext)")
+    tls = bool(settings.tls_cert and settings.tls_key)
+    check_listener(settings.host, tls, settings.allow_plaintext, "JOB_ALLOW_PLAINTEXT")
+    generator_tls = settings.generator_tls_ca is not None
+    check_client(settings.generator_target, generator_tls, settings.allow_plaintext, "JOB_ALLOW_PLAINTEXT")
+    if not (settings.generator_token or settings.generator_tls_cert):
+        log.warning("calls to the generator carry no credentials (set JOB_GENERATOR_TOKEN or mutual TLS)")
+
+
 @dataclass
 class JobApp:
     settings: JobSettings
@@ -80,6 +97,8 @@ class JobApp:
     http: httpx.AsyncClient
     embedded: EmbeddedPostgres | None
     owner: str
+    registry: CollectorRegistry | None = None
+    metrics: MetricsServer | None = None
 
     @property
     def port(self) -> int:
@@ -95,9 +114,12 @@ class JobApp:
         await self.generator.close()
         await self.http.aclose()
         await self.pool.close()
+        if self.metrics is not None:
+            await self.metrics.stop()
 
 
 async def start(settings: JobSettings) -> JobApp:
+    check_transport(settings)
     dsn, embedded = resolve_database_url(settings)
     if settings.migrate_on_start:
         applied = await migrate(dsn)
@@ -109,7 +131,11 @@ async def start(settings: JobSettings) -> JobApp:
         max_size=settings.db_pool_max,
         statement_cache_size=settings.db_statement_cache_size,
     )
-    store = JobStore(pool)
+    # One registry per app: several apps (tests) can live in one process.
+    registry = CollectorRegistry()
+    rpc_metrics = RpcMetrics.create(registry)
+    job_metrics = JobMetrics(registry)
+    store = InstrumentedJobStore(pool, job_metrics)
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     generator = GeneratorClient(
         settings.generator_target,
@@ -117,6 +143,7 @@ async def start(settings: JobSettings) -> JobApp:
         tls_ca=settings.generator_tls_ca,
         tls_cert=settings.generator_tls_cert,
         tls_key=settings.generator_tls_key,
+        interceptors=trace_context_interceptors(rpc_metrics),
     )
     dispatcher = Dispatcher(
         store,
@@ -148,15 +175,31 @@ async def start(settings: JobSettings) -> JobApp:
         ),
     )
     servicer = JobServicer(jobs, build_verifier(settings, http))
-    tls = TlsFiles(settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
+    tls = (
+        TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        if settings.tls_cert and settings.tls_key
+        else None
+    )
     running = await start_server(
         add_servicers=[lambda server: pb_grpc.add_JobServiceServicer_to_server(servicer, server)],
         service_names=[SERVICE_NAME],
         host=settings.host,
         port=settings.port,
         tls=tls,
+        interceptors=[ServerObservability(rpc_metrics)],
     )
     dispatcher.start()
+    job_metrics.in_flight.set_function(lambda: dispatcher.in_flight)
+    metrics = None
+    if settings.metrics_port:
+        metrics = MetricsServer(
+            registry,
+            settings.metrics_host,
+            settings.metrics_port,
+            refreshers=[lambda: job_metrics.refresh_queue(pool)],
+        )
+        await metrics.start()
+        log.info("metrics serving", url=f"http://{settings.metrics_host}:{metrics.port}/metrics")
     log.info(
         "job service serving",
         port=running.port,
@@ -164,7 +207,9 @@ async def start(settings: JobSettings) -> JobApp:
         generator=settings.generator_target,
         database="embedded" if embedded else "DATABASE_URL",
     )
-    return JobApp(settings, running, dispatcher, notifications, pool, generator, http, embedded, owner)
+    app = JobApp(settings, running, dispatcher, notifications, pool, generator, http, embedded, owner)
+    app.registry, app.metrics = registry, metrics
+    return app
 
 
 async def serve(settings: JobSettings) -> None:

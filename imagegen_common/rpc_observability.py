@@ -1,0 +1,293 @@
+"""One log line and one histogram observation per RPC, and W3C trace context across the two services.
+
+`ServerObservability` is the outermost server interceptor of both services. For every call it binds a log
+context (request_id, trace_id, span_id, and job_id / user_id / attempt when the request carries them) that
+every log line written while handling the call inherits, then records method, status code, duration and
+peer. `trace_context_interceptors` send a `traceparent` with each call JobService makes to the
+generator: the current trace when there is one (a CreateJob that looks up models), otherwise a new trace
+for each call, which for Generate means one trace per job attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar, cast
+
+import grpc
+import structlog
+
+from imagegen_common.metrics import RpcMetrics
+
+log = structlog.get_logger("imagegen.rpc")
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
+
+TRACEPARENT = "traceparent"
+REQUEST_ID = "x-request-id"
+_TRACEPARENT_RE = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+# Answers to these are expected to be frequent and boring (orchestrators probe health every few seconds).
+_QUIET_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Codes that mean "the server has a problem" rather than "the caller asked for something it cannot have".
+_SERVER_FAULTS = {"UNKNOWN", "INTERNAL", "DATA_LOSS", "UNIMPLEMENTED"}
+
+
+def new_span_id() -> str:
+    return secrets.token_hex(8)
+
+
+def new_trace_id() -> str:
+    return secrets.token_hex(16)
+
+
+def parse_traceparent(value: str | None) -> tuple[str, str, str] | None:
+    """(trace_id, parent span id, flags) of a valid version-00 traceparent, else None."""
+    match = _TRACEPARENT_RE.match((value or "").strip().lower())
+    if match is None or match.group(1) == "0" * 32 or match.group(2) == "0" * 16:
+        return None
+    return match.group(1), match.group(2), match.group(3)
+
+
+def format_traceparent(trace_id: str, span_id: str, flags: str = "01") -> str:
+    return f"00-{trace_id}-{span_id}-{flags}"
+
+
+def _split_method(full_method: str) -> tuple[str, str]:
+    service, _, method = full_method.lstrip("/").partition("/")
+    return service, method
+
+
+def _code_name(code: object, default: str) -> str:
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        for status in grpc.StatusCode:
+            if status.value[0] == code:
+                return status.name
+    return default
+
+
+def _request_fields(request: object, trust_user_id: bool) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name in ("job_id", "attempt", *(("user_id",) if trust_user_id else ())):
+        value = getattr(request, name, None)
+        if value:
+            fields[name] = value
+    return fields
+
+
+def _response_fields(response: object) -> dict[str, Any]:
+    """job_id / user_id from an answer that holds a job: known to be right, unlike a request's claim."""
+    job: Any = getattr(response, "job", None)
+    job_id: object = getattr(job, "id", None)
+    if isinstance(job_id, str) and job_id:
+        return {"job_id": job_id, "user_id": job.user_id}
+    user_id = getattr(response, "user_id", "")
+    return {"user_id": user_id} if isinstance(user_id, str) and user_id else {}
+
+
+class ServerObservability(grpc.aio.ServerInterceptor):
+    """Metrics, a log line and a bound log context for every unary and server-streaming RPC.
+
+    `trust_request_user_id`: log the request's user_id field as the user (the generator, whose only caller
+    is JobService). JobService leaves it off: its callers' user_id field is a request, not a fact, so the
+    user is taken from the answer instead.
+    """
+
+    def __init__(self, metrics: RpcMetrics, *, trust_request_user_id: bool = False) -> None:
+        self._metrics = metrics
+        self._trust_user_id = trust_request_user_id
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[RequestT, ResponseT] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[RequestT, ResponseT] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler  # unknown method, or reflection's bidirectional stream: nothing of ours
+        full_method = handler_call_details.method or ""
+        metadata: Mapping[str, Any] = dict(handler_call_details.invocation_metadata or ())
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(cast(Any, handler.unary_stream), full_method, metadata),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return grpc.unary_unary_rpc_method_handler(
+            self._unary(cast(Any, handler.unary_unary), full_method, metadata),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+
+    def _context_fields(self, request: object, metadata: Mapping[str, Any]) -> dict[str, Any]:
+        incoming = parse_traceparent(metadata.get(TRACEPARENT))
+        trace_id, parent = (incoming[0], incoming[1]) if incoming else (new_trace_id(), None)
+        request_id = metadata.get(REQUEST_ID) or getattr(request, "request_id", None) or uuid.uuid4().hex[:16]
+        fields: dict[str, Any] = {"request_id": str(request_id)[:64], "trace_id": trace_id, "span_id": new_span_id()}
+        if parent:
+            fields["parent_span_id"] = parent
+        fields.update(_request_fields(request, self._trust_user_id))
+        return fields
+
+    def _unary(
+        self, inner: Callable[[Any, Any], Awaitable[Any]], full_method: str, metadata: Mapping[str, Any]
+    ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+        async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = self._started(full_method)
+            code, extra = "UNKNOWN", cast(dict[str, Any], {})
+            with structlog.contextvars.bound_contextvars(**self._context_fields(request, metadata)):
+                try:
+                    response = await inner(request, context)
+                    code, extra = _code_name(context.code(), "OK"), _response_fields(response)
+                    return response
+                except asyncio.CancelledError:
+                    code = "CANCELLED"
+                    raise
+                except BaseException:
+                    code = _code_name(context.code(), "UNKNOWN")
+                    if code == "OK":  # raised without aborting: the caller sees UNKNOWN
+                        code = "UNKNOWN"
+                    raise
+                finally:
+                    self._finished(full_method, "unary", started, code, context, extra)
+
+        return behavior
+
+    def _streaming(
+        self, inner: Callable[[Any, Any], AsyncIterator[Any]], full_method: str, metadata: Mapping[str, Any]
+    ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
+        async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            started = self._started(full_method)
+            code, extra = "UNKNOWN", cast(dict[str, Any], {})
+            with structlog.contextvars.bound_contextvars(**self._context_fields(request, metadata)):
+                try:
+                    async for response in inner(request, context):
+                        if not extra:
+                            extra = _response_fields(response)
+                        yield response
+                    code = _code_name(context.code(), "OK")
+                except (asyncio.CancelledError, GeneratorExit):
+                    code = "CANCELLED"
+                    raise
+                except BaseException:
+                    code = _code_name(context.code(), "UNKNOWN")
+                    if code == "OK":
+                        code = "UNKNOWN"
+                    raise
+                finally:
+                    self._finished(full_method, "server_stream", started, code, context, extra)
+
+        return behavior
+
+    def _started(self, full_method: str) -> float:
+        self._metrics.server_in_flight.labels(*_split_method(full_method)).inc()
+        return time.perf_counter()
+
+    def _finished(
+        self,
+        full_method: str,
+        kind: str,
+        started: float,
+        code: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        extra: Mapping[str, Any],
+    ) -> None:
+        seconds = time.perf_counter() - started
+        service, method = _split_method(full_method)
+        self._metrics.server_in_flight.labels(service, method).dec()
+        self._metrics.server_seconds.labels(service, method, kind, code).observe(seconds)
+        line = log.warning if code in _SERVER_FAULTS else log.info
+        if full_method.startswith(_QUIET_PREFIXES):
+            line = log.debug
+        try:
+            peer = context.peer()
+        except Exception:  # the call is already torn down
+            peer = ""
+        line("rpc", method=full_method, code=code, duration_ms=round(seconds * 1000, 2), peer=peer, **extra)
+
+
+class _TraceContext:
+    """Adds a `traceparent` to every outgoing call; times the call and logs one line when it ends."""
+
+    def __init__(self, metrics: RpcMetrics | None) -> None:
+        self._metrics = metrics
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    def _details(self, details: grpc.aio.ClientCallDetails, request: object) -> tuple[Any, dict[str, Any]]:
+        bound = structlog.contextvars.get_contextvars()
+        trace_id = bound.get("trace_id") or new_trace_id()
+        span_id = new_span_id()
+        pairs = [(k, v) for k, v in (details.metadata or ()) if k != TRACEPARENT]
+        pairs.append((TRACEPARENT, format_traceparent(trace_id, span_id)))
+        new = grpc.aio.ClientCallDetails(
+            details.method,
+            details.timeout,
+            grpc.aio.Metadata(*pairs),
+            details.credentials,
+            details.wait_for_ready,
+        )
+        fields = {"trace_id": trace_id, "span_id": span_id, **_request_fields(request, trust_user_id=True)}
+        return new, fields
+
+    def _watch(self, call: Any, method: str, kind: str, fields: dict[str, Any]) -> None:
+        started = time.perf_counter()
+
+        async def finished() -> None:
+            try:
+                code = _code_name(await call.code(), "UNKNOWN")
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+            except Exception:
+                code = "UNKNOWN"
+            seconds = time.perf_counter() - started
+            service, name = _split_method(method)
+            if self._metrics is not None:
+                self._metrics.client_seconds.labels(service, name, kind, code).observe(seconds)
+            log.info("rpc call", method=method, code=code, duration_ms=round(seconds * 1000, 2), **fields)
+
+        task = asyncio.get_running_loop().create_task(finished())
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+
+class _UnaryTraceContext(_TraceContext, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        details, fields = self._details(client_call_details, request)
+        call = await continuation(details, request)
+        self._watch(call, _method_name(details.method), "unary", fields)
+        return call
+
+
+class _StreamTraceContext(_TraceContext, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        details, fields = self._details(client_call_details, request)
+        call = await continuation(details, request)
+        self._watch(call, _method_name(details.method), "server_stream", fields)
+        return call
+
+
+def trace_context_interceptors(metrics: RpcMetrics | None = None) -> list[grpc.aio.ClientInterceptor]:
+    """Client interceptors for a channel: W3C trace context, timing and a log line for unary and streaming calls.
+
+    Two objects, because a grpc.aio channel files an interceptor under the first kind it implements only.
+    """
+    return [_UnaryTraceContext(metrics), _StreamTraceContext(metrics)]
+
+
+def _method_name(method: str | bytes) -> str:
+    return method.decode() if isinstance(method, bytes) else method

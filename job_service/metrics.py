@@ -1,0 +1,144 @@
+"""JobService's metrics: job transitions and credits counted where they happen, the queue read on scrape.
+
+Counters are per replica (sum them across replicas): every transition and every credit movement goes through
+a JobStore write that this replica made, so `InstrumentedJobStore` counts it (and logs it, one line per
+transition) right after the write succeeds. Queue gauges describe the shared database, so every replica
+reports the same values (take max, not sum); they are read with one small query when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from job_service.domain import EventType, Job, JobStatus
+from job_service.store import JobStore
+
+log = structlog.get_logger("job_service.transitions")
+
+ACTIVE_STATES = (JobStatus.PENDING, JobStatus.GENERATING)
+CREDIT_KINDS = ("reserved", "captured", "released")
+
+
+class JobMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.transitions = Counter(
+            "imagegen_job_transitions",
+            "Job events written by this replica, by event and the state the job is in after it.",
+            ["event", "state"],
+            registry=registry,
+        )
+        self.credits = Counter(
+            "imagegen_credits",
+            "Credits moved by this replica: reserved at CreateJob, released (all of the reservation) and "
+            "captured (what was delivered) when the job ends.",
+            ["kind"],
+            registry=registry,
+        )
+        for kind in CREDIT_KINDS:
+            self.credits.labels(kind)
+        self.jobs = Gauge(
+            "imagegen_jobs",
+            "Active jobs in the database (all replicas) by state.",
+            ["state"],
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "imagegen_queue_depth",
+            "Pending jobs that are due now, waiting for a worker (all replicas).",
+            registry=registry,
+        )
+        self.queue_oldest_age = Gauge(
+            "imagegen_queue_oldest_age_seconds",
+            "Age of the oldest pending job (since it was created); 0 when none is pending.",
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "imagegen_dispatcher_in_flight", "Attempts this replica is running right now.", registry=registry
+        )
+
+    def transition(self, job: Job, event: EventType | str) -> None:
+        name = event.value if isinstance(event, EventType) else event
+        self.transitions.labels(name, job.status.value).inc()
+        log.info(
+            "job transition",
+            job_id=job.id,
+            user_id=job.user_id,
+            job_event=name,
+            state=job.status.value,
+            attempt=job.attempt,
+        )
+
+    async def refresh_queue(self, pool: asyncpg.Pool) -> None:
+        """One query over the active jobs (indexed: generation_jobs_user_active covers pending and generating)."""
+        rows = await pool.fetch(
+            """SELECT status, count(*) AS jobs,
+                      count(*) FILTER (WHERE next_attempt_at <= now()) AS due,
+                      coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest
+               FROM generation_jobs WHERE status IN ('pending', 'generating') GROUP BY status"""
+        )
+        by_state = {row["status"]: row for row in rows}
+        for state in ACTIVE_STATES:
+            row = by_state.get(state.value)
+            self.jobs.labels(state.value).set(row["jobs"] if row else 0)
+        pending = by_state.get(JobStatus.PENDING.value)
+        self.queue_depth.set(pending["due"] if pending else 0)
+        self.queue_oldest_age.set(max(0.0, pending["oldest"]) if pending else 0.0)
+
+
+class InstrumentedJobStore(JobStore):
+    """A JobStore that counts and logs every transition it writes, and the credits each one moves."""
+
+    def __init__(self, pool: asyncpg.Pool, metrics: JobMetrics) -> None:
+        super().__init__(pool)
+        self._db = pool
+        self._metrics = metrics
+
+    async def create_job(self, **kwargs: Any) -> Job:
+        # An idempotent retry returns the job made earlier; only the call that made it counts it.
+        user_id, request_id = kwargs.get("user_id"), kwargs.get("request_id")
+        existed = request_id is not None and bool(
+            await self._db.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM generation_jobs WHERE user_id = $1 AND request_id = $2)",
+                user_id,
+                request_id,
+            )
+        )
+        job = await super().create_job(**kwargs)
+        if not existed:
+            self._metrics.transition(job, EventType.CREATED)
+            self._metrics.credits.labels("reserved").inc(job.credits_reserved)
+        return job
+
+    async def advance(self, job_id: str, **kwargs: Any) -> Job | None:
+        job = await super().advance(job_id, **kwargs)
+        if job is None:
+            return None
+        self._metrics.transition(job, kwargs["event"])
+        if kwargs.get("to") is not None and job.status.terminal:
+            await self._count_settlement(job)
+        return job
+
+    async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
+        jobs = await super().claim(owner, limit, lease_seconds)
+        for job in jobs:
+            self._metrics.transition(job, EventType.ATTEMPT_STARTED)
+        return jobs
+
+    async def _count_settlement(self, job: Job) -> None:
+        """The job was settled by the write just made: read what it released and captured."""
+        try:
+            rows = await self._db.fetch(
+                "SELECT kind, amount FROM credit_ledger WHERE job_id = $1 AND kind IN ('release', 'capture')", job.id
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("could not read the settlement for metrics", job_id=job.id, error=repr(exc))
+            return
+        for row in rows:
+            if row["kind"] == "release":
+                self._metrics.credits.labels("released").inc(row["amount"])
+            else:
+                self._metrics.credits.labels("captured").inc(-row["amount"])
