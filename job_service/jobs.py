@@ -227,8 +227,7 @@ class JobManager:
         """Request over template defaults over the documented defaults."""
         merged = Params()
         if template:
-            known = {k: v for k, v in template.default_params.items() if k in Params.__dataclass_fields__}
-            merged = replace(merged, **known)  # type: ignore[arg-type]
+            merged = replace(merged, **template.default_params)  # type: ignore[arg-type]
         if request.params is not None:
             explicit = {name: getattr(request.params, name) for name in request.params_set}
             merged = replace(merged, **explicit)

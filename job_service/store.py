@@ -96,7 +96,7 @@ def _event_from_row(row: asyncpg.Record) -> JobEvent:
 
 
 def _template_from_row(row: asyncpg.Record) -> Template:
-    from job_service.templates import placeholders  # the template syntax lives with its renderer
+    from job_service.templates import placeholders, usable_defaults  # the template rules live together
 
     return Template(
         id=row["id"],
@@ -105,7 +105,7 @@ def _template_from_row(row: asyncpg.Record) -> Template:
         prompt_template=row["prompt_template"],
         variables=placeholders(row["prompt_template"]),
         model=row["model"],
-        default_params=dict(row["default_params"] or {}),
+        default_params=usable_defaults(row["id"], row["default_params"] or {}),
         price_per_image=row["price_per_image"],
         is_active=row["is_active"],
     )
