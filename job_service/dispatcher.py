@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import functools
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -35,12 +35,18 @@ log = structlog.get_logger(__name__)
 
 GENERATING = (JobStatus.GENERATING,)
 CancelReason = Literal["user", "shutdown", "lost"]
-# Database trouble that a retry later can get past.
-DB_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
+# Database trouble that a retry later can get past: no connection, a connection that broke, a server
+# shutting down or starting up (57P01-57P03).
+DB_ERRORS = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
 
 
 class Generator(Protocol):
-    def generate(self, job: Job) -> AsyncIterator[GenerationEvent]: ...
+    def generate(self, job: Job) -> AsyncGenerator[GenerationEvent, None]: ...
 
 
 @dataclass(frozen=True)
@@ -52,13 +58,44 @@ class DispatcherConfig:
     retry_base_seconds: float
     retry_max_seconds: float
     claim_batch: int = 32
+    # How long an attempt keeps retrying a write while the database is away before it leaves the job
+    # to its lease (the write is fenced, so retrying late is safe).
+    write_patience_seconds: float = 60.0
 
 
-def retry_delay(failed_attempts: int, base: float, cap: float, retry_after: float | None) -> float:
-    """Exponential backoff with full jitter; a provider's Retry-After is a floor."""
-    ceiling = min(cap, base * 2 ** max(0, failed_attempts - 1))
+def retry_delay(attempt: int, base: float, cap: float, retry_after: float | None) -> float:
+    """Seconds before the attempt after `attempt` (1 = the first): exponential, capped, jittered.
+
+    Equal jitter (a uniform pick in the upper half) spreads a burst of retries without ever retrying
+    almost at once; a Retry-After the provider sent (RetryInfo from the generator) is a floor.
+    """
+    ceiling = min(cap, base * 2 ** max(0, attempt - 1))
     delay = random.uniform(ceiling / 2, ceiling)
     return max(delay, retry_after or 0.0)
+
+
+@dataclass(frozen=True)
+class AfterFailure:
+    """What becomes of a job whose attempt failed: retried after `delay` seconds, or failed (delay None)."""
+
+    delay: float | None
+    count_failure: bool
+
+    @property
+    def retry(self) -> bool:
+        return self.delay is not None
+
+
+def after_failure(job: Job, failure: GenerationFailure, base: float, cap: float) -> AfterFailure:
+    """Permanent failures fail at once; retryable ones retry until max_attempts counted failures.
+
+    A failure that does not count (the generator could not be reached at all) never uses up the
+    job's attempts: the job waits for the generator instead of failing.
+    """
+    failed_attempts = job.failed_attempts + (1 if failure.counts else 0)
+    if failure.retryable and failed_attempts < job.max_attempts:
+        return AfterFailure(retry_delay(max(job.attempt, 1), base, cap, failure.retry_after), failure.counts)
+    return AfterFailure(None, failure.counts)
 
 
 class Dispatcher:
@@ -68,6 +105,9 @@ class Dispatcher:
         self._config = config
         self._running: dict[str, tuple[Job, asyncio.Task[None]]] = {}
         self._cancel_reasons: dict[str, CancelReason] = {}
+        # Jobs whose Generate stream is open: only then does a cancel interrupt the attempt's task.
+        # Afterwards the task is writing the attempt's outcome, which must not be cut in half.
+        self._streaming: set[str] = set()
         self._wake = asyncio.Event()
         self._claiming = True
         self._loops: list[asyncio.Task[None]] = []
@@ -100,21 +140,27 @@ class Dispatcher:
 
     def cancel(self, job_id: str, reason: CancelReason) -> None:
         entry = self._running.get(job_id)
-        if entry is not None and job_id not in self._cancel_reasons:
-            self._cancel_reasons[job_id] = reason
+        if entry is None or job_id in self._cancel_reasons:
+            return
+        self._cancel_reasons[job_id] = reason
+        if job_id in self._streaming:
             entry[1].cancel()
 
     async def drain(self, grace: float) -> None:
         """Stops claiming, lets running attempts finish within `grace`, hands the rest back."""
         self._claiming = False
         self._wake.set()
+        if self._loops:
+            # A claim under way finishes first, so no job it takes is left behind unseen.
+            await asyncio.wait(self._loops[:1], timeout=10.0)
         tasks = [task for _, task in self._running.values()]
         if tasks:
             log.info("draining", in_flight=len(tasks), grace_seconds=grace)
             _, still_running = await asyncio.wait(tasks, timeout=grace)
-            for job_id in list(self._running):
-                self.cancel(job_id, "shutdown")
             if still_running:
+                log.info("grace period over; handing back what still runs", jobs=len(still_running))
+                for job_id in list(self._running):
+                    self.cancel(job_id, "shutdown")
                 await asyncio.wait(still_running, timeout=10.0)
         for loop in self._loops:
             loop.cancel()
@@ -128,6 +174,10 @@ class Dispatcher:
                 backoff = self._config.poll_interval
             except DB_ERRORS as exc:
                 log.warning("claim failed; will retry", error=str(exc) or type(exc).__name__)
+                claimed = 0
+                backoff = min(backoff * 2, 10.0)
+            except Exception:
+                log.exception("claim failed unexpectedly; will retry")
                 claimed = 0
                 backoff = min(backoff * 2, 10.0)
             if claimed and len(self._running) < self._config.max_in_flight:
@@ -153,6 +203,7 @@ class Dispatcher:
     def _forget(self, job_id: str, _task: asyncio.Task[None]) -> None:
         self._running.pop(job_id, None)
         self._cancel_reasons.pop(job_id, None)
+        self._streaming.discard(job_id)
         self._wake.set()  # room for one more
 
     async def _lease_loop(self) -> None:
@@ -164,13 +215,16 @@ class Dispatcher:
                 await self._reap()
             except DB_ERRORS as exc:
                 log.warning("lease upkeep failed; will retry", error=str(exc) or type(exc).__name__)
+            except Exception:
+                log.exception("lease upkeep failed unexpectedly; will retry")
 
     async def _renew(self) -> None:
         held = [(job.id, job.attempt) for job, _ in self._running.values()]
         still = await self._store.renew_leases(self._config.owner, held, self._config.lease_seconds)
         for job_id, _ in held:
             if job_id not in still:
-                log.warning("lease lost; abandoning the attempt", job_id=job_id)
+                if job_id in self._running:
+                    log.warning("lease lost; abandoning the attempt", job_id=job_id)
                 self.cancel(job_id, "lost")
             elif still[job_id]:
                 self.cancel(job_id, "user")  # a cancel whose NOTIFY we missed
@@ -179,9 +233,9 @@ class Dispatcher:
         """Returns jobs whose worker vanished (lease ran out) to pending, or ends them."""
         for job in await self._store.expired_leases(limit=100):
             if job.id in self._running:
-                continue
+                continue  # ours: the renewal that failed will succeed again or lose it
             if job.cancel_requested:
-                await self._advance(
+                updated = await self._advance(
                     job,
                     event=EventType.CANCELLED,
                     to=JobStatus.CANCELLED,
@@ -189,7 +243,7 @@ class Dispatcher:
                     only_if_lease_expired=True,
                 )
             elif job.failed_attempts + 1 >= job.max_attempts:
-                await self._advance(
+                updated = await self._advance(
                     job,
                     event=EventType.FAILED,
                     to=JobStatus.FAILED,
@@ -199,7 +253,7 @@ class Dispatcher:
                     only_if_lease_expired=True,
                 )
             else:
-                await self._advance(
+                updated = await self._advance(
                     job,
                     event=EventType.LEASE_EXPIRED,
                     to=JobStatus.PENDING,
@@ -207,22 +261,91 @@ class Dispatcher:
                     message=f"worker {job.lease_owner} stopped responding",
                     only_if_lease_expired=True,
                 )
-            log.warning("lease expired", job_id=job.id, attempt=job.attempt, owner=job.lease_owner)
+                await self._cancel_if_requested(updated)
+            if updated is not None:
+                log.warning(
+                    "lease expired", job_id=job.id, attempt=job.attempt, owner=job.lease_owner, now=updated.status
+                )
 
     async def _advance(self, job: Job, **changes: Any) -> Job | None:
         """A write for `job`'s attempt, fenced: it lands only while this attempt still holds the job."""
         return await self._store.advance(job.id, attempt=job.attempt, from_statuses=GENERATING, **changes)
 
+    async def _write(self, job: Job, **changes: Any) -> Job | None:
+        """A fenced write of the attempt that rides out a database outage.
+
+        Retried until it lands or is fenced out; after write_patience_seconds the error propagates and
+        the lease decides. A write whose connection broke may have committed all the same: an image
+        is looked for before it is written again, so it is never appended (and charged) twice; every
+        other write of an attempt is refused by the fence the second time.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.write_patience_seconds
+        delay = 0.1
+        retrying = False
+        while True:
+            try:
+                image = changes.get("image")
+                if retrying and image is not None:
+                    current = await self._store.get_job(job.id)
+                    if current is None or current.attempt != job.attempt or current.status is not JobStatus.GENERATING:
+                        return None
+                    if any(stored.storage_path == image.storage_path for stored in current.images):
+                        return current
+                return await self._advance(job, **changes)
+            except DB_ERRORS as exc:
+                if loop.time() + delay > deadline:
+                    raise
+                log.warning(
+                    "database write failed; retrying",
+                    job_id=job.id,
+                    event=str(changes.get("event")),
+                    error=str(exc) or type(exc).__name__,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                retrying = True
+
+    async def _cancel_if_requested(self, job: Job | None) -> None:
+        """A job sent back to pending while a cancel was requested ends cancelled instead of running again."""
+        if job is not None and job.status is JobStatus.PENDING and job.cancel_requested:
+            await self._store.advance(
+                job.id,
+                attempt=job.attempt,
+                from_statuses=(JobStatus.PENDING,),
+                event=EventType.CANCELLED,
+                to=JobStatus.CANCELLED,
+                message="cancelled by the user",
+            )
+            log.info("job cancelled", job_id=job.id)
+
     async def _run(self, job: Job) -> None:
+        failure: GenerationFailure | None = None
         try:
-            await self._attempt(job)
-        except asyncio.CancelledError:
+            try:
+                await self._attempt(job)
+                return
+            except asyncio.CancelledError:
+                if job.id not in self._cancel_reasons:
+                    raise  # not ours: the process is going down
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+            except GenerationFailure as exc:
+                failure = exc
+            except DB_ERRORS:
+                raise
+            except Exception:
+                log.exception("attempt crashed", job_id=job.id)
+                failure = GenerationFailure("INTERNAL", "internal error in JobService", True)
+            finally:
+                self._streaming.discard(job.id)
+            # A cancel beats a retry: the user asked for the job to end.
             reason = self._cancel_reasons.get(job.id)
-            if reason is None:
-                raise  # not ours: the process is going down
-            await self._after_cancel(job, reason)
-        except GenerationFailure as failure:
-            await self._after_failure(job, failure)
+            if reason is not None:
+                await self._after_cancel(job, reason)
+            elif failure is not None:
+                await self._after_failure(job, failure)
         except DB_ERRORS as exc:
             # The lease runs out and another attempt starts; nothing here can be trusted to land.
             log.warning(
@@ -230,87 +353,91 @@ class Dispatcher:
                 job_id=job.id,
                 error=str(exc) or type(exc).__name__,
             )
-        except Exception:
-            log.exception("attempt crashed", job_id=job.id)
-            await self._after_failure(job, GenerationFailure("INTERNAL", "internal error in JobService", True))
 
     async def _attempt(self, job: Job) -> None:
-        async for event in self._generator.generate(job):
-            if isinstance(event, GenerationStarted):
-                updated = await self._advance(
-                    job, event=EventType.GENERATION_STARTED, message=f"provider {event.provider}"
-                )
-            elif isinstance(event, ImageStored):
-                updated = await self._advance(job, event=EventType.IMAGE_STORED, image=event.image)
-            else:
-                assert isinstance(event, GenerationDone)
-                updated = await self._advance(
-                    job,
-                    event=EventType.COMPLETED,
-                    to=JobStatus.COMPLETED,
-                    filtered_count=event.filtered_count,
-                    filtered_reasons=event.filtered_reasons,
-                    message=f"{event.delivered_count} delivered, {event.filtered_count} filtered",
-                )
-                if updated is not None:
-                    log.info(
-                        "job completed",
-                        job_id=job.id,
-                        user_id=job.user_id,
-                        delivered=event.delivered_count,
-                        filtered=event.filtered_count,
-                        charged=updated.credits_charged,
+        self._streaming.add(job.id)
+        if job.id in self._cancel_reasons:
+            raise asyncio.CancelledError  # cancelled before the stream opened
+        # aclosing: leaving early (a cancel, a fenced write) closes the stream at once, which cancels
+        # the Generate call and with it the provider request, instead of whenever it is collected.
+        async with contextlib.aclosing(self._generator.generate(job)) as events:
+            async for event in events:
+                if isinstance(event, GenerationStarted):
+                    updated = await self._write(
+                        job, event=EventType.GENERATION_STARTED, message=f"provider {event.provider}"
                     )
-                return
-            if updated is None:
-                log.warning("attempt fenced out; stopping it", job_id=job.id, attempt=job.attempt)
-                return
+                elif isinstance(event, ImageStored):
+                    updated = await self._write(job, event=EventType.IMAGE_STORED, image=event.image)
+                else:
+                    assert isinstance(event, GenerationDone)
+                    self._streaming.discard(job.id)  # from here on, the outcome is being written
+                    updated = await self._write(
+                        job,
+                        event=EventType.COMPLETED,
+                        to=JobStatus.COMPLETED,
+                        filtered_count=event.filtered_count,
+                        filtered_reasons=event.filtered_reasons,
+                        message=f"{event.delivered_count} delivered, {event.filtered_count} filtered",
+                    )
+                    if updated is not None:
+                        log.info(
+                            "job completed",
+                            job_id=job.id,
+                            user_id=job.user_id,
+                            attempt=job.attempt,
+                            delivered=event.delivered_count,
+                            filtered=event.filtered_count,
+                            charged=updated.credits_charged,
+                        )
+                    else:
+                        log.warning("completion fenced out", job_id=job.id, attempt=job.attempt)
+                    return
+                if updated is None:
+                    log.warning("attempt fenced out; stopping it", job_id=job.id, attempt=job.attempt)
+                    return
         raise GenerationFailure("STREAM_ENDED", "the generator ended the stream without completing", True)
 
     async def _after_failure(self, job: Job, failure: GenerationFailure) -> None:
-        failed_attempts = job.failed_attempts + (1 if failure.counts else 0)
-        if failure.retryable and failed_attempts < job.max_attempts:
-            delay = retry_delay(
-                failed_attempts or 1,
-                self._config.retry_base_seconds,
-                self._config.retry_max_seconds,
-                failure.retry_after,
-            )
-            await self._advance(
+        decision = after_failure(job, failure, self._config.retry_base_seconds, self._config.retry_max_seconds)
+        if decision.delay is not None:
+            updated = await self._write(
                 job,
                 event=EventType.RETRY_SCHEDULED,
                 to=JobStatus.PENDING,
                 error_code=failure.reason,
                 message=failure.message,
-                retry_delay=delay,
-                count_failure=failure.counts,
+                retry_delay=decision.delay,
+                count_failure=decision.count_failure,
             )
             log.info(
                 "attempt failed; retry scheduled",
                 job_id=job.id,
+                attempt=job.attempt,
                 reason=failure.reason,
-                retry_in_seconds=round(delay, 2),
+                retry_in_seconds=round(decision.delay, 2),
             )
+            await self._cancel_if_requested(updated)
         else:
-            await self._advance(
+            await self._write(
                 job,
                 event=EventType.FAILED,
                 to=JobStatus.FAILED,
                 error_code=failure.reason,
                 message=failure.message,
-                count_failure=failure.counts,
+                count_failure=decision.count_failure,
             )
-            log.info("job failed", job_id=job.id, user_id=job.user_id, reason=failure.reason)
+            log.info("job failed", job_id=job.id, user_id=job.user_id, attempt=job.attempt, reason=failure.reason)
 
     async def _after_cancel(self, job: Job, reason: CancelReason) -> None:
         if reason == "user":
-            await self._advance(job, event=EventType.CANCELLED, to=JobStatus.CANCELLED, message="cancelled by the user")
+            await self._write(job, event=EventType.CANCELLED, to=JobStatus.CANCELLED, message="cancelled by the user")
             log.info("job cancelled", job_id=job.id)
         elif reason == "shutdown":
-            await self._advance(
+            updated = await self._write(
                 job,
                 event=EventType.HANDED_BACK,
                 to=JobStatus.PENDING,
-                message=f"worker {self._config.owner} shut down (shutdown)",
+                message=f"handed back: worker {self._config.owner} is shutting down (shutdown)",
             )
-            log.info("job handed back", job_id=job.id)
+            log.info("job handed back", job_id=job.id, attempt=job.attempt)
+            await self._cancel_if_requested(updated)

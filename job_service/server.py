@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ from imagegen.job.v1 import job_service_pb2 as pb
 from imagegen.job.v1 import job_service_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry
 
+from imagegen_common.dev_tokens import DEV_JWT_SECRET
 from imagegen_common.embedded_postgres import EmbeddedPostgres
 from imagegen_common.grpc_server import RunningServer, TlsFiles, start_server
 from imagegen_common.loop_lag import LoopLagMonitor
@@ -24,7 +26,6 @@ from imagegen_common.migrate import migrate
 from imagegen_common.rpc_observability import ServerObservability, trace_context_interceptors
 from imagegen_common.transport import check_client, check_listener
 from job_service.auth import JwksKeys, TokenVerifier
-from imagegen_common.dev_tokens import DEV_JWT_SECRET
 from job_service.config import JobSettings
 from job_service.dispatcher import Dispatcher, DispatcherConfig
 from job_service.generator_client import GeneratorClient
@@ -74,6 +75,49 @@ def build_verifier(settings: JobSettings, http: httpx.AsyncClient) -> TokenVerif
     )
 
 
+class HealthReporter:
+    """grpc.health.v1 for JobService: SERVING while its database is reachable and it is not shutting down.
+
+    The LISTEN connection stands for the database: it is always open, probed every few seconds and
+    reconnected with backoff, so its state is known without extra queries.
+    """
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Event()
+        self._database_up = False
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    def database_reachable(self, up: bool) -> None:
+        self._database_up = up
+        self._changed.set()
+
+    def start(self, running: RunningServer) -> None:
+        self._changed.set()
+        self._task = asyncio.create_task(self._report(running), name="health")
+
+    async def stop(self, running: RunningServer) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await running.set_serving(False)
+
+    async def _report(self, running: RunningServer) -> None:
+        reported: bool | None = None
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            serving = self._database_up and not self._stopping
+            if serving != reported:
+                await running.set_serving(serving)
+                reported = serving
+                if serving:
+                    log.info("health: SERVING")
+                else:
+                    log.warning("health: NOT_SERVING (database unreachable)")
+
+
 def check_transport(settings: JobSettings) -> None:
     """Refuses, before anything starts, plaintext gRPC beyond this machine that was not asked for."""
     if (settings.generator_tls_cert or settings.generator_tls_key) and not settings.generator_tls_ca:
@@ -97,6 +141,7 @@ class JobApp:
     http: httpx.AsyncClient
     embedded: EmbeddedPostgres | None
     owner: str
+    health: HealthReporter | None = None
     registry: CollectorRegistry | None = None
     metrics: MetricsServer | None = None
 
@@ -108,7 +153,10 @@ class JobApp:
         """The system's `beforeunload`: NOT_SERVING, stop claiming, finish or hand back, close."""
         grace = self.settings.shutdown_grace_seconds
         log.info("shutting down", grace_seconds=grace, in_flight=self.dispatcher.in_flight)
-        await self.running.set_serving(False)
+        if self.health is not None:
+            await self.health.stop(self.running)
+        else:
+            await self.running.set_serving(False)
         await asyncio.gather(self.dispatcher.drain(grace), self.running.stop(min(grace, 5.0)))
         await self.notifications.stop()
         await self.generator.close()
@@ -157,8 +205,13 @@ async def start(settings: JobSettings) -> JobApp:
             retry_max_seconds=settings.retry_max_seconds,
         ),
     )
-    notifications = JobNotifications(dsn, store, on_event=dispatcher.on_notification)
+    health = HealthReporter()
+    notifications = JobNotifications(
+        dsn, store, on_event=dispatcher.on_notification, on_connection_change=health.database_reachable
+    )
     await notifications.start()
+    with contextlib.suppress(TimeoutError):  # if not yet, health says NOT_SERVING until it is
+        await asyncio.wait_for(notifications.connected.wait(), timeout=10.0)
     http = httpx.AsyncClient()
     jobs = JobManager(
         store,
@@ -188,6 +241,7 @@ async def start(settings: JobSettings) -> JobApp:
         tls=tls,
         interceptors=[ServerObservability(rpc_metrics)],
     )
+    health.start(running)
     dispatcher.start()
     job_metrics.in_flight.set_function(lambda: dispatcher.in_flight)
     metrics = None
@@ -207,7 +261,7 @@ async def start(settings: JobSettings) -> JobApp:
         generator=settings.generator_target,
         database="embedded" if embedded else "DATABASE_URL",
     )
-    app = JobApp(settings, running, dispatcher, notifications, pool, generator, http, embedded, owner)
+    app = JobApp(settings, running, dispatcher, notifications, pool, generator, http, embedded, owner, health)
     app.registry, app.metrics = registry, metrics
     return app
 

@@ -1,0 +1,334 @@
+"""The dispatcher against real PostgreSQL with a scripted generator: retries, fencing, leases, hand-back."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+
+import asyncpg
+import pytest
+
+from job_service.dispatcher import Dispatcher, DispatcherConfig
+from job_service.domain import (
+    EventType,
+    GenerationDone,
+    GenerationEvent,
+    GenerationFailure,
+    GenerationStarted,
+    ImageStored,
+    Job,
+    JobStatus,
+    Params,
+    StoredImage,
+)
+from job_service.store import JobStore, create_pool
+from tests.support.cluster import events_of, eventually, fresh_database
+from tests.support.ledger import assert_credits_consistent
+
+
+@dataclass
+class ScriptedGenerator:
+    """One step per attempt: a GenerationFailure to raise, "block" to hang until cancelled, or "complete"."""
+
+    script: deque[GenerationFailure | str] = field(default_factory=deque)
+    opened: list[int] = field(default_factory=list)
+    closed_early: list[int] = field(default_factory=list)
+
+    async def generate(self, job: Job) -> AsyncGenerator[GenerationEvent, None]:
+        self.opened.append(job.attempt)
+        step = self.script.popleft() if self.script else "complete"
+        finished = False
+        try:
+            yield GenerationStarted("scripted")
+            if isinstance(step, GenerationFailure):
+                raise step
+            if step == "block":
+                await asyncio.Event().wait()
+            for index in range(job.params.sample_count):
+                path = f"{job.user_id}/{job.id}/{job.attempt}-{index}.png"
+                yield ImageStored(StoredImage(index, f"http://storage/{path}", path, "image/png", 8, 8, 100))
+            finished = True
+            yield GenerationDone(job.params.sample_count, 0, [])
+        finally:
+            if not finished and not isinstance(step, GenerationFailure):
+                self.closed_early.append(job.attempt)
+
+
+@pytest.fixture(scope="module")
+async def dispatcher_db(pg_server: str) -> AsyncIterator[str]:
+    async with fresh_database(pg_server) as url:
+        yield url
+
+
+@pytest.fixture
+async def store(dispatcher_db: str) -> AsyncIterator[JobStore]:
+    pool = await create_pool(dispatcher_db, min_size=1, max_size=5, statement_cache_size=100)
+    yield JobStore(pool)
+    # Nothing may stay active for the next test's dispatcher (cancelled properly: credits released).
+    for row in await pool.fetch("SELECT id FROM generation_jobs WHERE status IN ('pending', 'generating')"):
+        await JobStore(pool).advance(
+            str(row["id"]),
+            attempt=None,
+            from_statuses=(JobStatus.PENDING, JobStatus.GENERATING),
+            event=EventType.CANCELLED,
+            to=JobStatus.CANCELLED,
+        )
+    await pool.close()
+
+
+@pytest.fixture
+async def conn(dispatcher_db: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(dispatcher_db)
+    yield connection
+    await connection.close()
+
+
+def config(owner: str = "w1", **overrides: float) -> DispatcherConfig:
+    values: dict[str, float] = {
+        "max_in_flight": 8,
+        "poll_interval": 0.05,
+        "lease_seconds": 2.0,
+        "retry_base_seconds": 0.05,
+        "retry_max_seconds": 0.2,
+    }
+    values.update(overrides)
+    return DispatcherConfig(owner=owner, **values)  # type: ignore[arg-type]
+
+
+async def new_job(store: JobStore, *, sample_count: int = 2, max_attempts: int = 5) -> Job:
+    return await store.create_job(
+        user_id=str(uuid.uuid4()),
+        prompt="a lighthouse at dusk",
+        model="local",
+        params=Params(sample_count=sample_count),
+        template_id=None,
+        request_id=None,
+        request_hash="test",
+        price_per_image=1,
+        max_attempts=max_attempts,
+        active_limit=10,
+        new_user_credits=100,
+    )
+
+
+async def run_until(store: JobStore, job_id: str, statuses: tuple[JobStatus, ...], dispatcher: Dispatcher) -> Job:
+    dispatcher.start()
+    try:
+        job = await eventually(
+            lambda: store.get_job(job_id), lambda j: j is not None and j.status in statuses, within=30
+        )
+    finally:
+        await dispatcher.drain(1.0)
+    assert job is not None and job.status in statuses, job
+    return job
+
+
+async def balance(conn: asyncpg.Connection, user_id: str) -> int:
+    value = await conn.fetchval("SELECT balance FROM credit_accounts WHERE user_id = $1", user_id)
+    return int(value)
+
+
+async def test_permanent_failure_fails_at_once_and_releases_the_reservation(
+    store: JobStore, conn: asyncpg.Connection
+) -> None:
+    generator = ScriptedGenerator(deque([GenerationFailure("PROMPT_BLOCKED", "the prompt was blocked", False)]))
+    job = await new_job(store)
+    done = await run_until(store, job.id, (JobStatus.FAILED,), Dispatcher(store, generator, config()))
+
+    assert generator.opened == [1]
+    assert (done.error_code, done.error_message) == ("PROMPT_BLOCKED", "the prompt was blocked")
+    assert (done.attempt, done.failed_attempts, done.credits_charged, done.credits_reserved) == (1, 1, 0, 0)
+    types = [e["type"] for e in await events_of(conn, job.id)]
+    assert types == ["created", "attempt_started", "generation_started", "failed"]
+    assert await balance(conn, job.user_id) == 100
+    await assert_credits_consistent(conn)
+
+
+async def test_retryable_failures_retry_until_max_attempts_then_fail_with_the_last_error(
+    store: JobStore, conn: asyncpg.Connection
+) -> None:
+    generator = ScriptedGenerator(
+        deque(
+            [
+                GenerationFailure("PROVIDER_UNAVAILABLE", "503 from the provider", True),
+                GenerationFailure("STORAGE_FAILED", "storage answered 502", True),
+                GenerationFailure("RESOURCE_EXHAUSTED", "quota exceeded", True),
+            ]
+        )
+    )
+    job = await new_job(store, max_attempts=3)
+    done = await run_until(store, job.id, (JobStatus.FAILED,), Dispatcher(store, generator, config()))
+
+    assert generator.opened == [1, 2, 3]
+    assert (done.error_code, done.error_message) == ("RESOURCE_EXHAUSTED", "quota exceeded")
+    assert (done.failed_attempts, done.credits_charged) == (3, 0)
+    events = await events_of(conn, job.id)
+    retries = [e for e in events if e["type"] == "retry_scheduled"]
+    assert [(e["attempt"], e["detail"]["error_code"]) for e in retries] == [
+        (1, "PROVIDER_UNAVAILABLE"),
+        (2, "STORAGE_FAILED"),
+    ]
+    assert all(e["status"] == "pending" for e in retries), "each retry returns the job to PENDING"
+    assert [e["type"] for e in events].count("attempt_started") == 3
+    assert events[-1]["type"] == "failed"
+    await assert_credits_consistent(conn)
+
+
+async def test_a_retry_is_scheduled_no_earlier_than_the_providers_retry_after(
+    store: JobStore, conn: asyncpg.Connection
+) -> None:
+    generator = ScriptedGenerator(deque([GenerationFailure("RESOURCE_EXHAUSTED", "slow down", True, True, 30.0)]))
+    job = await new_job(store)
+    dispatcher = Dispatcher(store, generator, config())
+    dispatcher.start()
+    try:
+        waiting = await eventually(
+            lambda: store.get_job(job.id), lambda j: j is not None and j.error_code is not None, within=30
+        )
+    finally:
+        await dispatcher.drain(1.0)
+    assert waiting is not None and waiting.status is JobStatus.PENDING
+    retry_at = await conn.fetchval("SELECT at FROM job_events WHERE job_id = $1 AND type = 'retry_scheduled'", job.id)
+    assert (waiting.next_attempt_at - retry_at).total_seconds() >= 30.0 - 0.01
+    assert waiting.error_code == "RESOURCE_EXHAUSTED"
+
+
+async def test_transient_failures_then_success_charges_once_for_the_images_of_the_last_attempt(
+    store: JobStore, conn: asyncpg.Connection
+) -> None:
+    generator = ScriptedGenerator(
+        deque(
+            [
+                GenerationFailure("GENERATOR_UNAVAILABLE", "connection refused", True, counts=False),
+                GenerationFailure("PROVIDER_UNAVAILABLE", "503", True),
+            ]
+        )
+    )
+    job = await new_job(store, sample_count=3)
+    done = await run_until(store, job.id, (JobStatus.COMPLETED,), Dispatcher(store, generator, config()))
+
+    assert (done.attempt, done.failed_attempts) == (3, 1), "an unreachable generator does not use up an attempt"
+    assert [image.storage_path.split("/")[-1] for image in done.images] == ["3-0.png", "3-1.png", "3-2.png"]
+    assert done.credits_charged == 3
+    assert await balance(conn, job.user_id) == 97
+    await assert_credits_consistent(conn)
+
+
+async def test_a_stale_attempt_can_neither_complete_nor_charge(store: JobStore, conn: asyncpg.Connection) -> None:
+    job = await new_job(store, sample_count=1)
+    [first] = await store.claim("w1", 1, 30.0)
+    # w1 goes quiet; its lease runs out and the job is reaped and claimed again by w2.
+    await conn.execute("UPDATE generation_jobs SET lease_expires_at = now() - interval '1 s' WHERE id = $1", job.id)
+    reaped = await store.advance(
+        job.id,
+        attempt=first.attempt,
+        from_statuses=(JobStatus.GENERATING,),
+        event=EventType.LEASE_EXPIRED,
+        to=JobStatus.PENDING,
+        count_failure=True,
+        only_if_lease_expired=True,
+    )
+    assert reaped is not None and reaped.status is JobStatus.PENDING
+    [second] = await store.claim("w2", 1, 30.0)
+    assert second.attempt == first.attempt + 1
+
+    path = f"{job.user_id}/{job.id}/1-0.png"
+    image = StoredImage(0, f"http://storage/{path}", path, "image/png", 8, 8, 100)
+    for event, to, extra in (
+        (EventType.IMAGE_STORED, None, {"image": image}),
+        (EventType.COMPLETED, JobStatus.COMPLETED, {}),
+        (EventType.FAILED, JobStatus.FAILED, {}),
+    ):
+        stale = await store.advance(
+            job.id, attempt=first.attempt, from_statuses=(JobStatus.GENERATING,), event=event, to=to, **extra
+        )
+        assert stale is None, f"{event} of the stale attempt landed"
+    # Nor can the old owner renew a lease it no longer holds.
+    assert await store.renew_leases("w1", [(job.id, first.attempt)], 30.0) == {}
+
+    current = await store.get_job(job.id)
+    assert current is not None and (current.status, current.attempt, current.images) == (
+        JobStatus.GENERATING,
+        second.attempt,
+        [],
+    )
+    assert await conn.fetchval("SELECT count(*) FROM credit_ledger WHERE job_id = $1 AND kind = 'capture'", job.id) == 0
+    await assert_credits_consistent(conn)
+
+
+async def test_a_replica_that_loses_its_lease_abandons_the_stream(store: JobStore, conn: asyncpg.Connection) -> None:
+    generator = ScriptedGenerator(deque(["block"]))
+    dispatcher = Dispatcher(store, generator, config(lease_seconds=0.6))
+    job = await new_job(store)
+    dispatcher.start()
+    try:
+        await eventually(lambda: asyncio.sleep(0, generator.opened), lambda opened: opened == [1], within=10)
+        # Another replica took the job over (as if this one had been unreachable past its lease).
+        await conn.execute("UPDATE generation_jobs SET attempt = attempt + 1, lease_owner = 'w2' WHERE id = $1", job.id)
+        closed = await eventually(
+            lambda: asyncio.sleep(0, generator.closed_early), lambda closed: closed == [1], within=10
+        )
+        assert closed == [1], "the stream of the lost attempt was closed"
+        assert dispatcher.in_flight == 0
+    finally:
+        await dispatcher.drain(0.5)
+    current = await store.get_job(job.id)
+    assert current is not None and (current.status, current.lease_owner) == (JobStatus.GENERATING, "w2")
+
+
+async def test_drain_hands_back_what_outlives_the_grace_period(store: JobStore, conn: asyncpg.Connection) -> None:
+    generator = ScriptedGenerator(deque(["block", "block"]))
+    dispatcher = Dispatcher(store, generator, config(lease_seconds=30.0))
+    jobs = [await new_job(store), await new_job(store)]
+    dispatcher.start()
+    await eventually(lambda: asyncio.sleep(0, len(generator.opened)), lambda n: n == 2, within=10)
+    await dispatcher.drain(0.2)
+
+    assert sorted(generator.closed_early) == [1, 1]
+    for job in jobs:
+        current = await store.get_job(job.id)
+        assert current is not None
+        assert (current.status, current.lease_owner, current.failed_attempts) == (JobStatus.PENDING, None, 0)
+        last = (await events_of(conn, job.id))[-1]
+        assert last["type"] == "handed_back" and "shutdown" in last["detail"]["message"]
+    # Handed back jobs are due at once: another replica picks them up without waiting.
+    assert sorted(j.id for j in await store.claim("w2", 10, 30.0)) == sorted(j.id for j in jobs)
+
+
+async def test_a_cancel_requested_before_a_failed_attempt_ends_the_job_instead_of_retrying(
+    store: JobStore, conn: asyncpg.Connection
+) -> None:
+    gate = asyncio.Event()
+
+    class GatedFailure(ScriptedGenerator):
+        async def generate(self, job: Job) -> AsyncGenerator[GenerationEvent, None]:
+            yield GenerationStarted("scripted")
+            await gate.wait()
+            raise GenerationFailure("PROVIDER_UNAVAILABLE", "503", True)
+
+    job = await new_job(store)
+    # No NOTIFY reaches this dispatcher, so the cancel meets the attempt only when it has failed.
+    dispatcher = Dispatcher(store, GatedFailure(), config(lease_seconds=30.0))
+    dispatcher.start()
+    try:
+        running = await eventually(
+            lambda: store.get_job(job.id), lambda j: j is not None and j.last_event_seq >= 3, within=10
+        )
+        assert running is not None
+        await store.advance(
+            job.id,
+            attempt=running.attempt,
+            from_statuses=(JobStatus.GENERATING,),
+            event=EventType.CANCEL_REQUESTED,
+            cancel_requested=True,
+        )
+        gate.set()
+        done = await eventually(lambda: store.get_job(job.id), lambda j: j is not None and j.status.terminal, within=10)
+    finally:
+        await dispatcher.drain(0.5)
+    assert done is not None and done.status is JobStatus.CANCELLED
+    assert await balance(conn, job.user_id) == 100
+    await assert_credits_consistent(conn)
