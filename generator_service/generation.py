@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+import contextlib
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
 
 import structlog
 
@@ -75,7 +77,7 @@ class Generator:
     def list_models(self) -> list[ModelSpec]:
         return list(self._models.values())
 
-    async def run(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    async def run(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         model = self._models.get(request.model)
         if model is None:
             raise ServiceError(
@@ -107,24 +109,45 @@ class Generator:
                     ) from exc
                 return Stored(image.index, url, path, image.mime_type, image.width, image.height, len(image.data))
 
+        # The provider runs in a task of its own that starts an upload per image, and this generator yields
+        # each finished task (an upload, or the provider's end) in the order they finish. So a failed upload
+        # is seen at once, not only when the provider has its next image, and the provider's generator is
+        # only ever driven by that one task.
+        finished: asyncio.Queue[asyncio.Task[Any]] = asyncio.Queue()
+
+        async def produce() -> None:
+            # aclosing: whatever ends this task (the attempt failing, the caller cancelling) closes the
+            # provider's generator right here, so its pending calls stop now rather than when it is collected.
+            async with contextlib.aclosing(provider.generate(request, model)) as items:
+                async for item in items:
+                    if isinstance(item, FilteredImage):
+                        filtered.append(item)
+                        continue
+                    upload = asyncio.create_task(store(item))
+                    uploads.add(upload)
+                    upload.add_done_callback(finished.put_nowait)
+
+        producer = asyncio.create_task(produce())
+        producer.add_done_callback(finished.put_nowait)
+        producing = True
         try:
-            async for item in provider.generate(request, model):
-                if isinstance(item, FilteredImage):
-                    filtered.append(item)
-                else:
-                    uploads.add(asyncio.create_task(store(item)))
-                for task in [t for t in uploads if t.done()]:
-                    uploads.discard(task)
-                    delivered += 1
-                    yield task.result()
-            for next_done in asyncio.as_completed(list(uploads)):
-                stored = await next_done
+            while producing or uploads:
+                task = await finished.get()
+                if task is producer:
+                    producer.result()  # the provider's error, if it failed
+                    producing = False
+                    continue
+                uploads.discard(task)
+                stored: Stored = task.result()  # the storage error, if it failed
                 delivered += 1
                 yield stored
-            uploads.clear()
         finally:
-            for task in uploads:
-                task.cancel()
+            # On any way out (done, a failure, the caller closing or cancelling the stream), stop what still
+            # runs and wait for it, so no provider call or upload outlives the attempt.
+            producer.cancel()
+            for upload in uploads:
+                upload.cancel()
+            await asyncio.gather(producer, *uploads, return_exceptions=True)
 
         reasons = [f.reason for f in sorted(filtered, key=lambda f: f.index)]
         if delivered == 0:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from generator_service.config import ModelSpec
@@ -135,7 +135,7 @@ class GeminiImageProvider:
 
     async def generate(
         self, request: GenerationRequest, model: ModelSpec
-    ) -> AsyncIterator[GeneratedImage | FilteredImage]:
+    ) -> AsyncGenerator[GeneratedImage | FilteredImage, None]:
         calls = [asyncio.create_task(self._one(request, model, i)) for i in range(request.sample_count)]
         try:
             for next_done in asyncio.as_completed(calls):

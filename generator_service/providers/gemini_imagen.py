@@ -11,7 +11,8 @@ Catalogue ids: the same Google model is also served by vertex-imagen under its p
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncGenerator
 
 from generator_service.config import ModelSpec
 from generator_service.domain import FilteredImage, GeneratedImage, GenerationRequest, generation_error
@@ -50,7 +51,7 @@ class GeminiImagenProvider:
 
     async def generate(
         self, request: GenerationRequest, model: ModelSpec
-    ) -> AsyncIterator[GeneratedImage | FilteredImage]:
+    ) -> AsyncGenerator[GeneratedImage | FilteredImage, None]:
         body = predict.request_body(request, self._jpeg_quality)
         try:
             # The body goes straight to the parser, which drops it once parsed; no reference stays here.
@@ -63,8 +64,10 @@ class GeminiImagenProvider:
             if failure.status == 404:
                 raise model_not_served(model, failure.message) from None
             raise predict.error_for(failure, self.name, model.id) from None
-        async for item in images:
-            yield item
+        # Closing this generator closes the parser too (and frees the predictions it still holds).
+        async with contextlib.aclosing(images):
+            async for item in images:
+                yield item
 
     async def aclose(self) -> None:
         await self._http.aclose()

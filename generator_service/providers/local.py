@@ -12,7 +12,7 @@ import hashlib
 import io
 import random
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -67,7 +67,7 @@ class LocalProvider:
 
     async def generate(
         self, request: GenerationRequest, model: ModelSpec
-    ) -> AsyncIterator[GeneratedImage | FilteredImage]:
+    ) -> AsyncGenerator[GeneratedImage | FilteredImage, None]:
         low, high = self._latency
         if high > 0:
             await asyncio.sleep(random.uniform(low, high))

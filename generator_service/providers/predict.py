@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from generator_service.domain import (
@@ -67,7 +67,7 @@ def _parse(content: bytes) -> Any:
 
 async def images_from_response(
     content: bytes, request: GenerationRequest, provider: str
-) -> AsyncIterator[GeneratedImage | FilteredImage]:
+) -> AsyncGenerator[GeneratedImage | FilteredImage, None]:
     """Yields each prediction as soon as it is decoded and checked, in the provider's order.
 
     The caller passes the body straight in and keeps no reference: a 4 x 2K answer is tens of MB of

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncGenerator
 
 from generator_service.config import ModelSpec
 from generator_service.domain import FilteredImage, GeneratedImage, GenerationRequest
@@ -44,7 +45,7 @@ class VertexImagenProvider:
 
     async def generate(
         self, request: GenerationRequest, model: ModelSpec
-    ) -> AsyncIterator[GeneratedImage | FilteredImage]:
+    ) -> AsyncGenerator[GeneratedImage | FilteredImage, None]:
         body = predict.request_body(request, self._jpeg_quality)
         try:
             # The body goes straight to the parser, which drops it once parsed; no reference stays here.
@@ -55,8 +56,10 @@ class VertexImagenProvider:
             )
         except HttpFailure as failure:
             raise predict.error_for(failure, self.name, model.id) from None
-        async for item in images:
-            yield item
+        # Closing this generator closes the parser too (and frees the predictions it still holds).
+        async with contextlib.aclosing(images):
+            async for item in images:
+                yield item
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -243,3 +243,21 @@ async def test_cancelling_a_pending_job_releases_its_credits_at_once(
     assert (after.balance, after.reserved) == (100, 0)
     assert await ledger(db, user) == [("grant", 100, 0), ("reserve", -4, 4), ("release", 4, 0), ("capture", 0, 0)]
     await assert_credits_consistent(db)
+
+
+async def test_the_ledger_is_append_only(database_url: str, tmp_path: Path, db: asyncpg.Connection) -> None:
+    user = new_user()
+    async with running_services(database_url, tmp_path) as services, services.client(user) as client:
+        await client.credit_balance()  # opens the account with its welcome grant
+    before = await ledger(db, user)
+    for statement in (
+        "UPDATE credit_ledger SET amount = 1000000 WHERE user_id = $1",
+        "DELETE FROM credit_ledger WHERE user_id = $1",
+    ):
+        with pytest.raises(asyncpg.PostgresError) as refused:
+            await db.execute(statement, user)
+        assert refused.value.sqlstate == "IG004", statement
+    with pytest.raises(asyncpg.PostgresError) as truncate_refused:
+        await db.execute("TRUNCATE credit_ledger CASCADE")
+    assert truncate_refused.value.sqlstate == "IG004"
+    assert await ledger(db, user) == before == [("grant", 100, 0)]
