@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from generator_service.domain import Completed, GenerationRequest, Started, Stored
-from generator_service.generation import Generator
 from imagegen.generator.v1 import generator_service_pb2 as pb
 from imagegen.generator.v1 import generator_service_pb2_grpc as pb_grpc
+
+from generator_service.domain import Completed, GenerationRequest, Started, Stored
+from generator_service.generation import Generator
 from imagegen_common.grpc_errors import stream_errors, unary_errors
 
 DOMAIN = "imagegen.generator.v1"
@@ -42,15 +43,20 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
                 case Stored():
                     yield pb.GenerateResponse(
                         image_stored=pb.ImageStored(
-                            index=event.index, url=event.url, storage_path=event.storage_path,
-                            mime_type=event.mime_type, width=event.width, height=event.height,
+                            index=event.index,
+                            url=event.url,
+                            storage_path=event.storage_path,
+                            mime_type=event.mime_type,
+                            width=event.width,
+                            height=event.height,
                             size_bytes=event.size_bytes,
                         )
                     )
                 case Completed():
                     yield pb.GenerateResponse(
                         completed=pb.GenerationCompleted(
-                            delivered_count=event.delivered_count, filtered_count=event.filtered_count,
+                            delivered_count=event.delivered_count,
+                            filtered_count=event.filtered_count,
                             filtered_reasons=event.filtered_reasons,
                         )
                     )
@@ -60,9 +66,14 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
         return pb.ListModelsResponse(
             models=[
                 pb.Model(
-                    id=m.id, provider=m.provider, display_name=m.display_name, aspect_ratios=m.aspect_ratios,
-                    image_sizes=m.image_sizes, max_sample_count=m.max_sample_count,
-                    person_generation_options=m.person_generation_options, provider_price_usd=m.provider_price_usd,
+                    id=m.id,
+                    provider=m.provider,
+                    display_name=m.display_name,
+                    aspect_ratios=m.aspect_ratios,
+                    image_sizes=m.image_sizes,
+                    max_sample_count=m.max_sample_count,
+                    person_generation_options=m.person_generation_options,
+                    provider_price_usd=m.provider_price_usd,
                 )
                 for m in self._generator.list_models()
             ]
