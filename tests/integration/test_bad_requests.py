@@ -12,7 +12,7 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,13 +60,13 @@ def as_service() -> tuple[tuple[str, str], ...]:
     return bearer(mint_token(DEV_JWT_SECRET, service_role=True))
 
 
-def create(world: World, metadata: Any, **fields: Any) -> Awaitable[pb.CreateJobResponse]:
+def create(world: World, metadata: Any, **fields: Any) -> Any:
     params = fields.pop("params", {})
     request = pb.CreateJobRequest(params=pb.GenerationParams(**params), **fields)
     return world.stub.CreateJob(request, metadata=metadata, timeout=10)
 
 
-def create_as(user: str, **fields: Any) -> Callable[[World], Awaitable[Any]]:
+def create_as(user: str, **fields: Any) -> Callable[[World], Any]:
     return lambda w: create(w, as_user(user), **fields)
 
 
@@ -88,7 +88,8 @@ def page_token(body: Any) -> str:
 class Case:
     name: str
     # (world, user) -> the failing call; `user` is a fresh user unless `whose` names one of the world's.
-    call: Callable[[World, str], Awaitable[Any]]
+    # (Any: the generated stubs are typed as if synchronous, though grpc.aio's calls are awaitable.)
+    call: Callable[[World, str], Any]
     code: str
     reason: str
     fields: tuple[str, ...] = ()

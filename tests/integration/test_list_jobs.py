@@ -39,12 +39,12 @@ async def listing(database_url: str, tmp_path_factory: pytest.TempPathFactory) -
         yield Listing(services, user, list(reversed(created)), cancelled)
 
 
-async def walk(client: ImageGenClient, **filters: int) -> list[list[str]]:
+async def walk(client: ImageGenClient, *, page_size: int = 0, state: int = 0) -> list[list[str]]:
     """Every page, following next_page_token until it is empty."""
     pages: list[list[str]] = []
     token = ""
     while True:
-        response = await client.list_jobs(page_token=token, **filters)
+        response = await client.list_jobs(page_token=token, page_size=page_size, state=state)
         pages.append([job.id for job in response.jobs])
         token = response.next_page_token
         if not token:

@@ -46,7 +46,7 @@ def read_failure(error: grpc.aio.AioRpcError) -> RpcFailure:
     return failure
 
 
-async def failure_of(call: Awaitable[Any]) -> RpcFailure:
+async def failure_of(call: Awaitable[Any] | Any) -> RpcFailure:
     """Awaits a call that must fail; returns what the caller sees."""
     try:
         result = await call

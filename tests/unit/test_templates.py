@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from imagegen_common.errors import FieldViolation
 from job_service.templates import placeholders, render, usable_defaults
 
 PRODUCT = "A professional studio photograph of {product} on a {background} background, soft lighting"
 
 
-def fields(violations: list[object]) -> list[str]:
-    return [v.field for v in violations]  # type: ignore[attr-defined]
+def fields(violations: list[FieldViolation]) -> list[str]:
+    return [v.field for v in violations]
 
 
 def test_placeholders_in_order_of_first_appearance_without_repeats() -> None:
