@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -36,30 +37,34 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
 
     @stream_errors(DOMAIN)
     async def Generate(self, request: pb.GenerateRequest, context: Any) -> AsyncIterator[pb.GenerateResponse]:
-        async for event in self._generator.run(request_from_proto(request)):
-            match event:
-                case Started():
-                    yield pb.GenerateResponse(started=pb.GenerationStarted(provider=event.provider, model=event.model))
-                case Stored():
-                    yield pb.GenerateResponse(
-                        image_stored=pb.ImageStored(
-                            index=event.index,
-                            url=event.url,
-                            storage_path=event.storage_path,
-                            mime_type=event.mime_type,
-                            width=event.width,
-                            height=event.height,
-                            size_bytes=event.size_bytes,
+        # aclosing: closing this stream closes the attempt (and its provider calls) at once, not at collection.
+        async with contextlib.aclosing(self._generator.run(request_from_proto(request))) as events:
+            async for event in events:
+                match event:
+                    case Started():
+                        yield pb.GenerateResponse(
+                            started=pb.GenerationStarted(provider=event.provider, model=event.model)
                         )
-                    )
-                case Completed():
-                    yield pb.GenerateResponse(
-                        completed=pb.GenerationCompleted(
-                            delivered_count=event.delivered_count,
-                            filtered_count=event.filtered_count,
-                            filtered_reasons=event.filtered_reasons,
+                    case Stored():
+                        yield pb.GenerateResponse(
+                            image_stored=pb.ImageStored(
+                                index=event.index,
+                                url=event.url,
+                                storage_path=event.storage_path,
+                                mime_type=event.mime_type,
+                                width=event.width,
+                                height=event.height,
+                                size_bytes=event.size_bytes,
+                            )
                         )
-                    )
+                    case Completed():
+                        yield pb.GenerateResponse(
+                            completed=pb.GenerationCompleted(
+                                delivered_count=event.delivered_count,
+                                filtered_count=event.filtered_count,
+                                filtered_reasons=event.filtered_reasons,
+                            )
+                        )
 
     @unary_errors(DOMAIN)
     async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:

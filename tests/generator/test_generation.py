@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncGenerator
 
 import pytest
+from imagegen.generator.v1 import generator_service_pb2 as pb
 
 from generator_service.config import ModelSpec
 from generator_service.domain import (
@@ -18,6 +20,7 @@ from generator_service.domain import (
 )
 from generator_service.generation import Generator
 from generator_service.providers.gemini_image import GeminiImageProvider
+from generator_service.servicer import GeneratorServicer
 from generator_service.storage.supabase import SupabaseStorage
 from imagegen_common.errors import ErrorKind, ServiceError
 from tests.generator.fake_google import FakeGeminiImage, hang
@@ -146,4 +149,20 @@ async def test_closing_the_event_stream_closes_the_providers_generator_before_ac
     await stream.aclose()
 
     # Closed by then, not later by the garbage collector's scheduled aclose.
+    assert provider.closed.is_set()
+
+
+async def test_closing_the_servicers_stream_closes_the_attempt_and_the_providers_generator() -> None:
+    provider = SlowSecondImageProvider()
+    servicer = GeneratorServicer(Generator({"local": LOCAL}, {"local": provider}, MemoryStorage()))
+    request = pb.GenerateRequest(job_id="j", attempt=1, user_id="u", prompt="p", model="local", sample_count=3)
+    # The method itself, without imagegen_common's error-mapping decorator around it.
+    stream: AsyncGenerator[pb.GenerateResponse, None] = inspect.unwrap(GeneratorServicer.Generate)(
+        servicer, request, None
+    )
+    assert (await anext(stream)).HasField("started")
+    assert (await anext(stream)).HasField("image_stored")
+
+    await stream.aclose()
+
     assert provider.closed.is_set()
