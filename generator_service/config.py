@@ -161,7 +161,7 @@ class GeneratorSettings(BaseSettings):
     # Storage.
     storage_backend: Literal["local", "supabase"] = "local"
     storage_bucket: str = "images"
-    # An optional folder inside the bucket that every object path starts with (supabase storage).
+    # An optional folder inside the bucket that every object key starts with (both storage backends).
     storage_prefix: str = ""
     # supabase storage: public bucket -> public URLs; private -> signed URLs valid for the TTL below.
     storage_public: bool = True

@@ -100,14 +100,17 @@ class Generator:
             async with slots:
                 path = request.storage_path(image.index, image.mime_type)
                 try:
-                    url = await self._storage.upload(path, image.data, image.mime_type)
+                    uploaded = await self._storage.upload(path, image.data, image.mime_type)
                 except ServiceError:
                     raise
                 except Exception as exc:  # any other storage fault: worth another attempt
                     raise generation_error(
                         ErrorKind.UNAVAILABLE, "STORAGE_FAILED", f"storing {path} failed: {exc}", retryable=True
                     ) from exc
-                return Stored(image.index, url, path, image.mime_type, image.width, image.height, len(image.data))
+                # The object's real key (prefix included), so a reader can find or re-sign it.
+                return Stored(
+                    image.index, uploaded.url, uploaded.key, image.mime_type, image.width, image.height, len(image.data)
+                )
 
         # The provider runs in a task of its own that starts an upload per image, and this generator yields
         # each finished task (an upload, or the provider's end) in the order they finish. So a failed upload

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from generator_service.config import ModelSpec
 from generator_service.domain import FilteredImage, GeneratedImage, GenerationRequest
 from generator_service.providers.base import Provider
-from generator_service.storage.base import Storage
+from generator_service.storage.base import Storage, UploadedObject
 from imagegen_common.errors import ServiceError
 
 PROVIDER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120, 300)
@@ -95,13 +95,13 @@ class MeteredStorage:
         self._backend = backend
         self._metrics = metrics
 
-    async def upload(self, path: str, data: bytes, content_type: str) -> str:
+    async def upload(self, path: str, data: bytes, content_type: str) -> UploadedObject:
         started = time.perf_counter()
         outcome = "error"
         try:
-            url = await self._inner.upload(path, data, content_type)
+            uploaded = await self._inner.upload(path, data, content_type)
             outcome = "ok"
-            return url
+            return uploaded
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise

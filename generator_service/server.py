@@ -143,7 +143,7 @@ async def start(settings: GeneratorSettings) -> GeneratorApp:
         http.start()
         closers.append(http.stop)
         base = settings.storage_public_base_url or f"http://{settings.storage_http_host}:{http.port}"
-        storage = LocalStorage(settings.storage_dir, settings.storage_bucket, base)
+        storage = LocalStorage(settings.storage_dir, settings.storage_bucket, base, settings.storage_prefix)
     else:
         storage = build_supabase_storage(settings)
     storage = MeteredStorage(storage, settings.storage_backend, metrics)

@@ -1,7 +1,8 @@
 """Local storage: files under a folder, served over HTTP with the URL shape of Supabase public objects.
 
-URLs look like {base}/storage/v1/object/public/{bucket}/{path}, so a client that handles Supabase
-public URLs handles these the same way.
+URLs look like {base}/storage/v1/object/public/{bucket}/{key}, so a client that handles Supabase
+public URLs handles these the same way. The key is the path under the storage prefix, if one is set,
+as in Supabase storage.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from generator_service.storage.base import UploadedObject
 
 PUBLIC_PREFIX = "/storage/v1/object/public/"
 
@@ -26,17 +29,22 @@ def _write_atomically(target: Path, data: bytes) -> None:
 
 
 class LocalStorage:
-    def __init__(self, root: Path, bucket: str, public_base_url: str) -> None:
+    def __init__(self, root: Path, bucket: str, public_base_url: str, prefix: str = "") -> None:
         self._bucket_dir = root / bucket
         self._bucket = bucket
         self._base = public_base_url.rstrip("/")
+        self._prefix = prefix.strip("/")
 
-    async def upload(self, path: str, data: bytes, content_type: str) -> str:
-        target = (self._bucket_dir / path).resolve()
+    def object_key(self, path: str) -> str:
+        return f"{self._prefix}/{path}" if self._prefix else path
+
+    async def upload(self, path: str, data: bytes, content_type: str) -> UploadedObject:
+        key = self.object_key(path)
+        target = (self._bucket_dir / key).resolve()
         if self._bucket_dir.resolve() not in target.parents:
-            raise ValueError(f"storage path escapes the bucket: {path}")
+            raise ValueError(f"storage path escapes the bucket: {key}")
         await asyncio.to_thread(_write_atomically, target, data)
-        return f"{self._base}{PUBLIC_PREFIX}{self._bucket}/{path}"
+        return UploadedObject(f"{self._base}{PUBLIC_PREFIX}{self._bucket}/{key}", key)
 
     async def aclose(self) -> None:
         return None

@@ -24,6 +24,7 @@ from storage3.exceptions import StorageApiError
 
 from generator_service.domain import generation_error
 from generator_service.retry import RetryPolicy
+from generator_service.storage.base import UploadedObject
 from imagegen_common.errors import ErrorKind, ServiceError
 
 log = structlog.get_logger(__name__)
@@ -141,14 +142,15 @@ class SupabaseStorage:
     def object_key(self, path: str) -> str:
         return f"{self._prefix}/{path}" if self._prefix else path
 
-    async def upload(self, path: str, data: bytes, content_type: str) -> str:
+    async def upload(self, path: str, data: bytes, content_type: str) -> UploadedObject:
         key = self.object_key(path)
         bucket = self._client.from_(self._bucket)
         await self._retrying(
             "upload", key, lambda: bucket.upload(key, data, {"content-type": content_type, "upsert": "true"})
         )
         if self._public:
-            return await bucket.get_public_url(key)  # built locally, but async in the async client
+            # Built locally, but async in the async client.
+            return UploadedObject(await bucket.get_public_url(key), key)
         signed = await self._retrying("signing", key, lambda: bucket.create_signed_url(key, self._ttl))
         url = signed.get("signedURL")
         if not url:
@@ -158,7 +160,7 @@ class SupabaseStorage:
                 f"storage returned no signed URL for {key}",
                 retryable=True,
             )
-        return url
+        return UploadedObject(url, key)
 
     async def _retrying(self, action: str, key: str, call: Callable[[], Awaitable[T]]) -> T:
         started = self._clock()

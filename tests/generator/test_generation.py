@@ -21,6 +21,7 @@ from generator_service.domain import (
 from generator_service.generation import Generator
 from generator_service.providers.gemini_image import GeminiImageProvider
 from generator_service.servicer import GeneratorServicer
+from generator_service.storage.base import UploadedObject
 from generator_service.storage.supabase import SupabaseStorage
 from imagegen_common.errors import ErrorKind, ServiceError
 from tests.generator.fake_google import FakeGeminiImage, hang
@@ -48,7 +49,7 @@ class SilentProvider:
 
 
 class UnusedStorage:
-    async def upload(self, path: str, data: bytes, content_type: str) -> str:
+    async def upload(self, path: str, data: bytes, content_type: str) -> UploadedObject:
         raise AssertionError("nothing should be stored")
 
     async def aclose(self) -> None:
@@ -59,9 +60,9 @@ class MemoryStorage:
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
 
-    async def upload(self, path: str, data: bytes, content_type: str) -> str:
+    async def upload(self, path: str, data: bytes, content_type: str) -> UploadedObject:
         self.objects[path] = data
-        return f"memory://{path}"
+        return UploadedObject(f"memory://{path}", path)
 
     async def aclose(self) -> None:
         return None

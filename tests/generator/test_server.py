@@ -127,6 +127,10 @@ async def test_generate_stores_in_supabase_and_rides_out_a_storage_500(
         events = await generate(stub, sample_count=2)
 
     assert events[-1].completed.delivered_count == 2
+    # storage_path is the object's real key in the bucket, prefix included.
+    paths = sorted(e.image_stored.storage_path for e in events if e.HasField("image_stored"))
+    assert paths == [f"generated/user-1/job-1/1-{i}.png" for i in (0, 1)]
+    assert sorted(key for _bucket, key in supabase_storage_api.objects) == paths
     urls = sorted(e.image_stored.url for e in events if e.HasField("image_stored"))
     assert urls == [
         f"{supabase_storage_api.url}/storage/v1/object/public/images/generated/user-1/job-1/1-{i}.png" for i in (0, 1)
@@ -135,6 +139,23 @@ async def test_generate_stores_in_supabase_and_rides_out_a_storage_500(
         for url in urls:
             fetched = await client.get(url)
             assert (fetched.status_code, fetched.content) == (200, image_bytes(1024, 1024, "image/png"))
+
+
+async def test_local_storage_honours_the_prefix_and_reports_the_real_key(
+    tmp_path: Path, gemini_imagen_api: FakeGeminiImagen
+) -> None:
+    settings = gemini_settings(tmp_path, gemini_imagen_api, storage_prefix="/generated/")
+    async with running(settings) as (_app, stub):
+        events = await generate(stub, sample_count=1)
+        (stored,) = [e.image_stored for e in events if e.HasField("image_stored")]
+        async with httpx.AsyncClient() as client:
+            fetched = await client.get(stored.url)
+
+    assert stored.storage_path == "generated/user-1/job-1/1-0.png"
+    assert stored.url.endswith("/storage/v1/object/public/images/generated/user-1/job-1/1-0.png")
+    expected = image_bytes(1024, 1024, "image/png")
+    assert (fetched.status_code, fetched.content) == (200, expected)
+    assert (tmp_path / "storage" / "images" / "generated" / "user-1" / "job-1" / "1-0.png").read_bytes() == expected
 
 
 async def test_supabase_storage_without_its_settings_refuses_to_start(tmp_path: Path) -> None:

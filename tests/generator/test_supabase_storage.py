@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from generator_service.retry import RetryPolicy
+from generator_service.storage.base import UploadedObject
 from generator_service.storage.supabase import SupabaseStorage
 from imagegen_common.errors import ErrorKind, ServiceError
 from tests.generator.fake_google import image_bytes
@@ -31,7 +32,7 @@ def storage(api: FakeSupabaseStorage, *, key: str = "test-service-key", **option
     )
 
 
-async def upload(api: FakeSupabaseStorage, **options: Any) -> str:
+async def upload(api: FakeSupabaseStorage, **options: Any) -> UploadedObject:
     store = storage(api, **options)
     try:
         return await store.upload(PATH, PNG, "image/png")
@@ -48,7 +49,7 @@ async def upload_error(api: FakeSupabaseStorage, **options: Any) -> ServiceError
 async def test_upload_sends_an_upsert_with_the_content_type_and_returns_the_public_url(
     supabase_storage_api: FakeSupabaseStorage,
 ) -> None:
-    url = await upload(supabase_storage_api)
+    url = (await upload(supabase_storage_api)).url
 
     sent = supabase_storage_api.requests[0]
     assert (sent.method, sent.path) == ("POST", f"/storage/v1/object/images/{PATH}")
@@ -71,16 +72,19 @@ async def test_uploading_the_same_path_again_overwrites_it(supabase_storage_api:
 async def test_the_prefix_setting_puts_objects_under_a_folder(
     supabase_storage_api: FakeSupabaseStorage,
 ) -> None:
-    url = await upload(supabase_storage_api, prefix="/generated/")
+    uploaded = await upload(supabase_storage_api, prefix="/generated/")
     assert ("images", f"generated/{PATH}") in supabase_storage_api.objects
-    assert url.endswith(f"/storage/v1/object/public/images/generated/{PATH}")
+    assert uploaded.url.endswith(f"/storage/v1/object/public/images/generated/{PATH}")
+    assert uploaded.key == f"generated/{PATH}"  # the object's real key, prefix included
 
 
 async def test_a_private_bucket_gets_a_signed_url_with_the_configured_ttl(
     supabase_storage_api: FakeSupabaseStorage,
 ) -> None:
     supabase_storage_api.buckets["images"] = False
-    url = await upload(supabase_storage_api, public=False, signed_url_ttl_seconds=600)
+    uploaded = await upload(supabase_storage_api, public=False, signed_url_ttl_seconds=600)
+    url = uploaded.url
+    assert uploaded.key == PATH
 
     assert [int(str(r["expiresIn"])) for r in supabase_storage_api.sign_requests] == [600]
     assert url.startswith(f"{supabase_storage_api.url}/storage/v1/object/sign/images/{PATH}?token=")
@@ -104,7 +108,7 @@ async def test_storage_server_errors_are_retried_then_succeed(
     supabase_storage_api: FakeSupabaseStorage, fault: Reply
 ) -> None:
     supabase_storage_api.upload_faults.append(storage_fault(fault))
-    url = await upload(supabase_storage_api)
+    url = (await upload(supabase_storage_api)).url
 
     uploads = [r for r in supabase_storage_api.requests if r.method == "POST"]
     assert len(uploads) == 2
