@@ -121,13 +121,34 @@ class GeneratorApp:
     async def stop(self) -> None:
         log.info("shutting down", grace_seconds=self.settings.shutdown_grace_seconds)
         await self.running.stop(self.settings.shutdown_grace_seconds)
-        for close in reversed(self.closers):
+        await close_all(self.closers)
+
+
+async def close_all(closers: list[Any]) -> None:
+    """Calls each closer (sync or async), the last built first; one that fails does not keep the rest open."""
+    for close in reversed(closers):
+        try:
             result = close()
             if asyncio.iscoroutine(result):
                 await result
+        except Exception:
+            log.exception("closing failed", closer=getattr(close, "__qualname__", repr(close)))
 
 
 async def start(settings: GeneratorSettings) -> GeneratorApp:
+    """Builds and starts everything. If a step fails (a port in use, unreadable TLS files...), what was
+    already built (storage HTTP server, storage, providers, gRPC server) is closed before the error
+    propagates, so a failed start leaves no thread, port or client behind."""
+    closers: list[Any] = []
+    try:
+        return await _start(settings, closers)
+    except BaseException:
+        await close_all(closers)
+        raise
+
+
+async def _start(settings: GeneratorSettings, closers: list[Any]) -> GeneratorApp:
+    """`closers` receives a closer for each part as soon as it is built."""
     tls_configured = bool(settings.tls_cert and settings.tls_key)
     check_listener(settings.host, tls_configured, settings.allow_plaintext, "GEN_ALLOW_PLAINTEXT")
     if not (settings.auth_token or (tls_configured and settings.tls_client_ca)):
@@ -136,7 +157,6 @@ async def start(settings: GeneratorSettings) -> GeneratorApp:
     registry = CollectorRegistry()
     rpc_metrics = RpcMetrics.create(registry)
     metrics = GeneratorMetrics(registry)
-    closers: list[Any] = []
     storage: Storage
     if settings.storage_backend == "local":
         http = LocalStorageServer(settings.storage_dir, settings.storage_http_host, settings.storage_http_port)
@@ -179,7 +199,13 @@ async def start(settings: GeneratorSettings) -> GeneratorApp:
     metrics_server = None
     if settings.metrics_port:
         metrics_server = MetricsServer(registry, settings.metrics_host, settings.metrics_port)
-        await metrics_server.start()
+        try:
+            await metrics_server.start()
+        except BaseException:
+            # GeneratorApp.stop stops the gRPC server apart from the closers, so a failure past this point
+            # must stop it here (start closes the rest).
+            await running.stop(0)
+            raise
         closers.insert(0, metrics_server.stop)
         log.info("metrics serving", url=f"http://{settings.metrics_host}:{metrics_server.port}/metrics")
     return GeneratorApp(settings, running, closers, registry, metrics_server)

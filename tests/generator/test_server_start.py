@@ -1,0 +1,75 @@
+"""generator_service.server.start when a step fails: what it already built is closed before the error propagates."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from generator_service.server import start
+from tests.generator.helpers import eventually, settings_for
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextmanager
+def occupied_port() -> Iterator[int]:
+    """A port held by a plain listening socket (no SO_REUSEPORT, so gRPC cannot share it)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield int(holder.getsockname()[1])
+
+
+def can_bind(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def storage_http_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "storage-http" and t.is_alive()]
+
+
+async def test_a_grpc_port_in_use_leaves_no_storage_server_behind(tmp_path: Path) -> None:
+    assert await eventually(lambda: not storage_http_threads())  # none left over from other tests
+    storage_port = free_port()
+    with occupied_port() as grpc_port:
+        settings = settings_for(tmp_path, port=grpc_port, storage_http_port=storage_port, gemini_api_key="k")
+        with pytest.raises((OSError, RuntimeError)):
+            await start(settings)
+
+    # The storage HTTP server that was already up is closed: its thread ended and its port is free.
+    assert await eventually(lambda: not storage_http_threads())
+    assert can_bind(storage_port)
+
+
+async def test_a_metrics_port_in_use_stops_the_grpc_server_and_the_storage_server(tmp_path: Path) -> None:
+    assert await eventually(lambda: not storage_http_threads())
+    grpc_port, storage_port = free_port(), free_port()
+    with occupied_port() as metrics_port:
+        settings = settings_for(
+            tmp_path,
+            port=grpc_port,
+            storage_http_port=storage_port,
+            metrics_port=metrics_port,
+            metrics_host="127.0.0.1",
+        )
+        with pytest.raises(OSError):
+            await start(settings)
+
+    # The gRPC server that had started is stopped (its port can be bound again), and storage is closed.
+    assert await eventually(lambda: can_bind(grpc_port))
+    assert await eventually(lambda: not storage_http_threads())
+    assert can_bind(storage_port)
