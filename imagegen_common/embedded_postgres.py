@@ -21,7 +21,9 @@ class EmbeddedPostgres:
         import pgserver.postgres_server  # imported here: it is heavy and only the embedded setup needs it
 
         data_dir.mkdir(parents=True, exist_ok=True)
-        self._server: Any = pgserver.postgres_server.get_server(data_dir.resolve(), cleanup_mode="stop" if stop_on_exit else None)
+        self._server: Any = pgserver.postgres_server.get_server(
+            data_dir.resolve(), cleanup_mode="stop" if stop_on_exit else None
+        )
 
     def url(self, database: str = "postgres") -> str:
         """A libpq-style URL (unix socket) for `database`."""

@@ -72,9 +72,18 @@ def from_grpc_error(error: grpc.aio.AioRpcError, default_reason: str = "UNKNOWN"
     return ServiceError(kind, reason, error.details() or "", violations, metadata, retry_after)
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, domain: str) -> None:
+Transient = tuple[type[BaseException], ...]
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, domain: str, transient: Transient
+) -> None:
     if isinstance(exc, ServiceError):
         err = exc
+    elif transient and isinstance(exc, transient):
+        # A dependency is down (e.g. the database): UNAVAILABLE is what tells clients to retry.
+        log.warning("dependency unavailable", error=str(exc) or type(exc).__name__)
+        err = ServiceError(ErrorKind.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE", "a dependency is unavailable; retry")
     else:
         # Never a traceback to the caller: log it here, answer INTERNAL with a stable reason.
         log.exception("unhandled error in RPC handler")
@@ -85,8 +94,12 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException
 
 def unary_errors(
     domain: str,
+    transient: Transient = (),
 ) -> Callable[[Callable[[Any, Req, Any], Awaitable[Resp]]], Callable[[Any, Req, Any], Awaitable[Resp]]]:
-    """Decorates a unary servicer method so every ServiceError it raises becomes a rich status."""
+    """Decorates a unary servicer method so every ServiceError it raises becomes a rich status.
+
+    Exceptions of the `transient` types (a dependency that is down) become UNAVAILABLE, anything else INTERNAL.
+    """
 
     def decorate(
         method: Callable[[Any, Req, Any], Awaitable[Resp]],
@@ -98,7 +111,7 @@ def unary_errors(
             except Exception as exc:
                 if isinstance(exc, grpc.aio.AbortError):
                     raise
-                await _abort(context, exc, domain)
+                await _abort(context, exc, domain, transient)
                 raise  # unreachable: abort raises
 
         return wrapper
@@ -108,6 +121,7 @@ def unary_errors(
 
 def stream_errors(
     domain: str,
+    transient: Transient = (),
 ) -> Callable[[Callable[[Any, Req, Any], AsyncIterator[Resp]]], Callable[[Any, Req, Any], AsyncIterator[Resp]]]:
     """Decorates a server-streaming servicer method the same way as `unary_errors`."""
 
@@ -122,7 +136,7 @@ def stream_errors(
             except Exception as exc:
                 if isinstance(exc, grpc.aio.AbortError):
                     raise
-                await _abort(context, exc, domain)
+                await _abort(context, exc, domain, transient)
 
         return wrapper
 

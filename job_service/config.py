@@ -12,7 +12,7 @@ from imagegen_common.logs import LogFormat
 
 
 class JobSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="JOB_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="JOB_", env_file=".env", extra="ignore", populate_by_name=True)
 
     # Loopback by default: plaintext is then allowed (local development). Listening on other interfaces
     # needs TLS (tls_cert/tls_key) or allow_plaintext=true; see docs/security.md.

@@ -15,6 +15,7 @@ from imagegen_common.grpc_errors import stream_errors, unary_errors
 from job_service.auth import TokenVerifier
 from job_service.domain import EventType, Job, JobEvent, JobStatus, Params, Principal, Template
 from job_service.jobs import CreateJobInput, JobManager
+from job_service.store import CONNECTION_ERRORS
 
 DOMAIN = "imagegen.job.v1"
 
@@ -119,7 +120,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
         metadata = dict(context.invocation_metadata() or ())
         return await self._verifier.verify_header(metadata.get("authorization"))
 
-    @unary_errors(DOMAIN)
+    @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def CreateJob(self, request: pb.CreateJobRequest, context: Any) -> pb.CreateJobResponse:
         principal = await self._principal(context)
         params_set = frozenset(
@@ -141,12 +142,12 @@ class JobServicer(pb_grpc.JobServiceServicer):
         )
         return pb.CreateJobResponse(job=job_to_pb(job))
 
-    @unary_errors(DOMAIN)
+    @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.GetJobResponse:
         principal = await self._principal(context)
         return pb.GetJobResponse(job=job_to_pb(await self._jobs.get_job(principal, request.job_id)))
 
-    @unary_errors(DOMAIN)
+    @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
         principal = await self._principal(context)
         if request.state != pb.JOB_STATE_UNSPECIFIED and request.state not in _STATE_FROM_PB:
@@ -161,7 +162,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
         )
         return pb.ListJobsResponse(jobs=[job_to_pb(j) for j in jobs], next_page_token=token)
 
-    @stream_errors(DOMAIN)
+    @stream_errors(DOMAIN, CONNECTION_ERRORS)
     async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[pb.WatchJobResponse]:
         principal = await self._principal(context)
         async for job, event in self._jobs.watch(principal, request.job_id):
@@ -170,17 +171,17 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 response.event.CopyFrom(event_to_pb(event))
             yield response
 
-    @unary_errors(DOMAIN)
+    @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.CancelJobResponse:
         principal = await self._principal(context)
         return pb.CancelJobResponse(job=job_to_pb(await self._jobs.cancel_job(principal, request.job_id)))
 
-    @unary_errors(DOMAIN)
+    @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def ListTemplates(self, request: pb.ListTemplatesRequest, context: Any) -> pb.ListTemplatesResponse:
         await self._principal(context)
         return pb.ListTemplatesResponse(templates=[template_to_pb(t) for t in await self._jobs.list_templates()])
 
-    @unary_errors(DOMAIN)
+    @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def GetCreditBalance(self, request: pb.GetCreditBalanceRequest, context: Any) -> pb.GetCreditBalanceResponse:
         principal = await self._principal(context)
         balance = await self._jobs.credit_balance(principal, request.user_id)
@@ -191,7 +192,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
             premium=balance.premium,
         )
 
-    @unary_errors(DOMAIN)
+    @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def GrantCredits(self, request: pb.GrantCreditsRequest, context: Any) -> pb.GrantCreditsResponse:
         principal = await self._principal(context)
         balance, premium = await self._jobs.grant_credits(

@@ -27,6 +27,15 @@ from job_service.domain import (
 
 NOTIFY_CHANNEL = "imagegen_jobs"
 
+# Database trouble that a retry later can get past: no connection, a connection that broke, a server
+# shutting down or starting up (57P01-57P03).
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
 _CREATE_ERRORS = {
     "IG001": (ErrorKind.RESOURCE_EXHAUSTED, "INSUFFICIENT_CREDITS"),
     "IG002": (ErrorKind.RESOURCE_EXHAUSTED, "TOO_MANY_ACTIVE_JOBS"),

@@ -258,7 +258,9 @@ class GenerationParams(_message.Message):
     PERSON_GENERATION_FIELD_NUMBER: _builtins.int
     OUTPUT_MIME_TYPE_FIELD_NUMBER: _builtins.int
     sample_count: _builtins.int
-    """Optional. Number of images, 1-4. Default 4."""
+    """Optional. Number of images, 1-4 (at most the model's `max_sample_count`).
+    Default 4, or the model's maximum when that is lower.
+    """
     aspect_ratio: _builtins.str
     """Optional. One of "1:1", "3:4", "4:3", "9:16", "16:9". Default "1:1"."""
     image_size: _builtins.str
