@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -131,8 +132,10 @@ def stream_errors(
         @functools.wraps(method)
         async def wrapper(self: Any, request: Req, context: Any) -> AsyncIterator[Resp]:
             try:
-                async for item in method(self, request, context):
-                    yield item
+                # aclosing: if the stream is closed between items, the handler's own cleanup runs now, not at GC.
+                async with contextlib.aclosing(method(self, request, context)) as items:  # type: ignore[type-var]
+                    async for item in items:
+                        yield item
             except Exception as exc:
                 if isinstance(exc, grpc.aio.AbortError):
                     raise

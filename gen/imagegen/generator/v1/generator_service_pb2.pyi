@@ -158,7 +158,9 @@ class ImageStored(_message.Message):
     url: _builtins.str
     """Where to download it."""
     storage_path: _builtins.str
-    """The object's path in the bucket: {user_id}/{job_id}/{attempt}-{index}.{ext}."""
+    """The object's key in the bucket:
+    [{prefix}/]{user_id}/{job_id}/{attempt}-{index}.{ext}.
+    """
     mime_type: _builtins.str
     """The image's media type."""
     width: _builtins.int
