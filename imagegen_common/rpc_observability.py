@@ -139,6 +139,7 @@ class ServerObservability(grpc.aio.ServerInterceptor):
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
         async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = self._started(full_method)
+            peer = _peer(context)
             code, extra = "UNKNOWN", cast(dict[str, Any], {})
             with structlog.contextvars.bound_contextvars(**self._context_fields(request, metadata)):
                 try:
@@ -154,7 +155,7 @@ class ServerObservability(grpc.aio.ServerInterceptor):
                         code = "UNKNOWN"
                     raise
                 finally:
-                    self._finished(full_method, "unary", started, code, context, extra)
+                    self._finished(full_method, "unary", started, code, peer, extra)
 
         return behavior
 
@@ -163,6 +164,7 @@ class ServerObservability(grpc.aio.ServerInterceptor):
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
         async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             started = self._started(full_method)
+            peer = _peer(context)
             code, extra = "UNKNOWN", cast(dict[str, Any], {})
             with structlog.contextvars.bound_contextvars(**self._context_fields(request, metadata)):
                 try:
@@ -180,7 +182,7 @@ class ServerObservability(grpc.aio.ServerInterceptor):
                         code = "UNKNOWN"
                     raise
                 finally:
-                    self._finished(full_method, "server_stream", started, code, context, extra)
+                    self._finished(full_method, "server_stream", started, code, peer, extra)
 
         return behavior
 
@@ -194,7 +196,7 @@ class ServerObservability(grpc.aio.ServerInterceptor):
         kind: str,
         started: float,
         code: str,
-        context: grpc.aio.ServicerContext[Any, Any],
+        peer: str,
         extra: Mapping[str, Any],
     ) -> None:
         seconds = time.perf_counter() - started
@@ -204,11 +206,16 @@ class ServerObservability(grpc.aio.ServerInterceptor):
         line = log.warning if code in _SERVER_FAULTS else log.info
         if full_method.startswith(_QUIET_PREFIXES):
             line = log.debug
-        try:
-            peer = context.peer()
-        except Exception:  # the call is already torn down
-            peer = ""
         line("rpc", method=full_method, code=code, duration_ms=round(seconds * 1000, 2), peer=peer, **extra)
+
+
+def _peer(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    # Read while the call is alive: peer() on a call the client already cancelled (a WatchJob closed
+    # early) dereferences a freed grpc_call in cygrpc and kills the process with SIGSEGV.
+    try:
+        return str(context.peer())
+    except Exception:
+        return ""
 
 
 class _TraceContext:
