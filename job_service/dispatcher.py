@@ -299,7 +299,7 @@ class Dispatcher:
                 log.warning(
                     "database write failed; retrying",
                     job_id=job.id,
-                    event=str(changes.get("event")),
+                    job_event=str(changes.get("event")),
                     error=str(exc) or type(exc).__name__,
                 )
                 await asyncio.sleep(delay)
