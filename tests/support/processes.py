@@ -49,7 +49,8 @@ class ServiceProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> ServiceProcess:
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        # Faulthandler: a process that dies of a signal leaves its Python stack in the log.
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
         env.pop("DATABASE_URL", None) if "DATABASE_URL" not in self.env else None
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
