@@ -116,7 +116,11 @@ class ProviderHttp:
     def create(cls, provider: str, *, connect_timeout: float, read_timeout: float, policy: RetryPolicy) -> ProviderHttp:
         # No pool timeout: the per-model limiters already bound how many requests wait for a connection.
         timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=None)
-        return cls(provider, httpx.AsyncClient(timeout=timeout), policy)
+        # No connection cap either: httpx's default of 100 would quietly hold every provider to 100 requests
+        # in flight, whatever the models' max_concurrency says; those limiters are the cap. httpx keeps only
+        # 20 idle connections by default, so a busy provider would reconnect for most requests.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        return cls(provider, httpx.AsyncClient(timeout=timeout, limits=limits), policy)
 
     async def post_json(self, model: ModelSpec, url: str, body: Mapping[str, Any], auth: RequestAuth) -> bytes:
         """POSTs `body` with retries; returns the 2xx body or raises HttpFailure.
