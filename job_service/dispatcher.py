@@ -16,7 +16,6 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-import asyncpg
 import structlog
 
 from job_service.domain import (
@@ -29,20 +28,14 @@ from job_service.domain import (
     Job,
     JobStatus,
 )
-from job_service.store import JobStore
+from job_service.store import CONNECTION_ERRORS, JobStore
 
 log = structlog.get_logger(__name__)
 
 GENERATING = (JobStatus.GENERATING,)
 CancelReason = Literal["user", "shutdown", "lost"]
-# Database trouble that a retry later can get past: no connection, a connection that broke, a server
-# shutting down or starting up (57P01-57P03).
-DB_ERRORS = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,
-)
+# Database trouble that a retry later can get past (no connection, a broken one, a server going down).
+DB_ERRORS = CONNECTION_ERRORS
 
 
 class Generator(Protocol):
