@@ -1,5 +1,6 @@
 """Client library and CLI for imagegen's JobService."""
 
-from imagegen_client.client import ImageGenClient, JobTimeoutError, RetryPolicy
+from imagegen_client.client import ImageGenClient, JobTimeoutError, RetryPolicy, TlsOptions
+from imagegen_client.sync_client import ImageGenSyncClient
 
-__all__ = ["ImageGenClient", "JobTimeoutError", "RetryPolicy"]
+__all__ = ["ImageGenClient", "ImageGenSyncClient", "JobTimeoutError", "RetryPolicy", "TlsOptions"]

@@ -38,7 +38,21 @@ def _token(token: str) -> str:
 
 
 def _client(target: str, token: str) -> ImageGenClient:
-    return ImageGenClient(target, _token(token))
+    """TLS from the environment: IMAGEGEN_TLS_CA (a CA file; or IMAGEGEN_TLS=1 for the system's CAs), plus
+    IMAGEGEN_TLS_CERT and IMAGEGEN_TLS_KEY for mutual TLS. Plaintext otherwise."""
+
+    def read(name: str) -> bytes | None:
+        path = os.environ.get(name)
+        return Path(path).read_bytes() if path else None
+
+    return ImageGenClient(
+        target,
+        _token(token),
+        secure=os.environ.get("IMAGEGEN_TLS", "") not in ("", "0", "false"),
+        root_certificates=read("IMAGEGEN_TLS_CA"),
+        certificate_chain=read("IMAGEGEN_TLS_CERT"),
+        private_key=read("IMAGEGEN_TLS_KEY"),
+    )
 
 
 def _run(coroutine: object) -> None:

@@ -28,6 +28,78 @@ class RetryPolicy:
     max_backoff: float = 3.0
 
 
+@dataclass(frozen=True)
+class TlsOptions:
+    """TLS for the channel: the CA to trust (None: the system's), and a client certificate for mutual TLS."""
+
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+    # The name the server's certificate must carry, when it is not the target's host.
+    server_name: str | None = None
+
+    @classmethod
+    def of(
+        cls,
+        secure: bool,
+        root_certificates: bytes | None,
+        certificate_chain: bytes | None,
+        private_key: bytes | None,
+        server_name: str | None,
+    ) -> TlsOptions | None:
+        """The options, or None for plaintext (nothing about TLS was asked for)."""
+        if (certificate_chain is None) != (private_key is None):
+            raise ValueError("a client certificate needs its private key, and a key its certificate")
+        if not (secure or root_certificates or certificate_chain or server_name):
+            return None
+        return cls(root_certificates, certificate_chain, private_key, server_name)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
+
+    def options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def create_job_request(
+    prompt: str,
+    *,
+    model: str,
+    sample_count: int,
+    aspect_ratio: str,
+    image_size: str,
+    person_generation: str,
+    output_mime_type: str,
+    template_id: str,
+    template_variables: dict[str, str] | None,
+    request_id: str,
+    user_id: str,
+) -> pb.CreateJobRequest:
+    """The CreateJobRequest both clients send (unset parameters stay unset: the service's defaults apply)."""
+    return pb.CreateJobRequest(
+        prompt=prompt,
+        model=model,
+        template_id=template_id,
+        template_variables=template_variables or {},
+        request_id=request_id,
+        user_id=user_id,
+        params=pb.GenerationParams(
+            sample_count=sample_count,
+            aspect_ratio=aspect_ratio,
+            image_size=image_size,
+            person_generation=person_generation,
+            output_mime_type=output_mime_type,
+        ),
+    )
+
+
+def grant_credits_request(user_id: str, amount: int, reason: str, premium: bool | None) -> pb.GrantCreditsRequest:
+    request = pb.GrantCreditsRequest(user_id=user_id, amount=amount, reason=reason)
+    if premium is not None:
+        request.premium = premium
+    return request
+
+
 class JobTimeoutError(TimeoutError):
     def __init__(self, job: pb.Job) -> None:
         super().__init__(f"job {job.id} is still {pb.JobState.Name(job.state)}")
@@ -44,11 +116,15 @@ class ImageGenClient:
         *,
         root_certificates: bytes | None = None,
         secure: bool = False,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        server_name: str | None = None,
         timeout: float = 10.0,
         retry: RetryPolicy | None = None,
     ) -> None:
-        if secure or root_certificates:
-            self._channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates))
+        tls = TlsOptions.of(secure, root_certificates, certificate_chain, private_key, server_name)
+        if tls is not None:
+            self._channel = grpc.aio.secure_channel(target, tls.credentials(), options=tls.options())
         else:
             self._channel = grpc.aio.insecure_channel(target)
         self._stub = pb_grpc.JobServiceStub(self._channel)
@@ -97,20 +173,18 @@ class ImageGenClient:
         timeout: float | None = None,
     ) -> pb.Job:
         """Creates a job. Pass `request_id` to make retries safe: the same id never creates two jobs."""
-        request = pb.CreateJobRequest(
-            prompt=prompt,
+        request = create_job_request(
+            prompt,
             model=model,
+            sample_count=sample_count,
+            aspect_ratio=aspect_ratio,
+            image_size=image_size,
+            person_generation=person_generation,
+            output_mime_type=output_mime_type,
             template_id=template_id,
-            template_variables=template_variables or {},
+            template_variables=template_variables,
             request_id=request_id,
             user_id=user_id,
-            params=pb.GenerationParams(
-                sample_count=sample_count,
-                aspect_ratio=aspect_ratio,
-                image_size=image_size,
-                person_generation=person_generation,
-                output_mime_type=output_mime_type,
-            ),
         )
         response: pb.CreateJobResponse = await self._call(self._stub.CreateJob, request, timeout)
         return response.job
@@ -159,9 +233,7 @@ class ImageGenClient:
         premium: bool | None = None,
         timeout: float | None = None,
     ) -> pb.GrantCreditsResponse:
-        request = pb.GrantCreditsRequest(user_id=user_id, amount=amount, reason=reason)
-        if premium is not None:
-            request.premium = premium
+        request = grant_credits_request(user_id, amount, reason, premium)
         response: pb.GrantCreditsResponse = await self._call(self._stub.GrantCredits, request, timeout)
         return response
 
