@@ -27,8 +27,9 @@ setup: $(STAMP) ## Install the locked dependencies into .venv (needs only python
 proto: $(STAMP) ## Regenerate gen/ from protos/
 	$(PY) scripts/gen_protos.py
 
-proto-check: $(STAMP) ## Fail when protos/ and gen/ disagree, or buf lint finds a problem
+proto-check: $(STAMP) ## Fail when protos/ and gen/ disagree, buf lint finds a problem, or v1 breaks (docs/api-compatibility.md)
 	$(VENV)/bin/buf lint
+	$(VENV)/bin/buf breaking --against protos/released/imagegen-v1.json
 	$(PY) scripts/check_generated.py
 
 lint: $(STAMP) ## ruff (lint and format check)
