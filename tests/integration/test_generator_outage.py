@@ -14,7 +14,7 @@ from generator_service import server as generator_server
 from imagegen_client import ImageGenClient
 from imagegen_common.dev_tokens import DEV_JWT_SECRET, mint_token
 from job_service import server as job_server
-from tests.generator.fake_google import FakeGeminiImagen
+from tests.generator.fake_google import FakeGeminiImagen, fail
 from tests.support.cluster import events_of, eventually, fresh_database
 from tests.support.ledger import assert_credits_consistent
 from tests.support.processes import free_port
@@ -91,6 +91,39 @@ async def test_a_permanent_provider_failure_fails_the_job_at_once(own_db: str, t
         assert "retry_scheduled" not in types and types[-1] == "failed"
         assert len(api.requests) == 1, "one provider call, no retry"
         assert await conn.fetchval("SELECT balance FROM credit_accounts WHERE user_id = $1", user) == 100
+        await assert_credits_consistent(conn)
+    finally:
+        await conn.close()
+        await api.stop()
+
+
+async def test_a_providers_retry_after_travels_to_the_jobs_next_attempt(own_db: str, tmp_path: Path) -> None:
+    # 429 with Retry-After: 30 -> the generator gives up at once (no retries of its own) and says so in
+    # google.rpc.RetryInfo -> JobService schedules the next attempt no earlier than 30 s later.
+    api = FakeGeminiImagen()
+    await api.start()
+    api.faults.append(fail(429, "RESOURCE_EXHAUSTED", "Quota exceeded.", retry_after="30"))
+    conn = await asyncpg.connect(own_db)
+    try:
+        async with (
+            running_services(
+                own_db,
+                tmp_path / "storage",
+                generator={"gemini_api_key": "test-api-key", "gemini_base_url": api.url, "provider_max_retries": 0},
+            ) as services,
+            services.client(str(uuid.uuid4())) as client,
+        ):
+            job = await client.create_job("a lighthouse at dusk", model=FAST_IMAGEN, sample_count=1)
+            row = await eventually(
+                lambda: conn.fetchrow("SELECT * FROM generation_jobs WHERE id = $1", job.id),
+                lambda r: r["error_code"] is not None,
+                within=30,
+            )
+            retry = [e for e in await events_of(conn, job.id) if e["type"] == "retry_scheduled"]
+            assert row["status"] == "pending" and row["error_code"] == "PROVIDER_RATE_LIMITED"
+            assert len(retry) == 1 and (row["next_attempt_at"] - retry[0]["at"]).total_seconds() >= 30.0 - 0.01
+            assert len(api.requests) == 1
+            await client.cancel_job(job.id)
         await assert_credits_consistent(conn)
     finally:
         await conn.close()
