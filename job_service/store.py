@@ -47,6 +47,16 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """The pool's reset on release: nothing to send.
+
+    asyncpg's default sends "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;" on
+    every release, a second round trip (and server work) for every query. Pool connections never lock,
+    open cursors, LISTEN or SET (migrations and LISTEN have connections of their own), and the pool still
+    rolls back a transaction left open before it calls this.
+    """
+
+
 async def create_pool(dsn: str, *, min_size: int, max_size: int, statement_cache_size: int) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         dsn,
@@ -54,6 +64,7 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int, statement_cache
         max_size=max_size,
         statement_cache_size=statement_cache_size,
         init=_init_connection,
+        reset=_keep_session,
     )
     assert pool is not None
     return pool
@@ -198,13 +209,45 @@ class JobStore:
         return [_event_from_row(r) for r in rows]
 
     async def job_and_events_after(self, job_id: str, seq: int) -> tuple[Job | None, list[JobEvent]]:
-        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-            # One snapshot for both, so the job is never older than the newest event returned.
-            row = await conn.fetchrow("SELECT * FROM generation_jobs WHERE id = $1", job_id)
-            events = await conn.fetch(
-                "SELECT * FROM job_events WHERE job_id = $1 AND seq > $2 ORDER BY seq", job_id, seq
+        # One statement reads from one snapshot, so the job is never older than the newest event returned;
+        # and it is one round trip, where a read-only transaction of two queries took four.
+        row = await self._pool.fetchrow(
+            """SELECT g.*, e.seqs, e.types, e.statuses, e.attempts, e.ats, e.messages
+               FROM generation_jobs g
+               CROSS JOIN LATERAL (
+                   SELECT array_agg(seq ORDER BY seq) AS seqs, array_agg(type ORDER BY seq) AS types,
+                          array_agg(status ORDER BY seq) AS statuses, array_agg(attempt ORDER BY seq) AS attempts,
+                          array_agg(at ORDER BY seq) AS ats,
+                          array_agg(coalesce(detail ->> 'message', '') ORDER BY seq) AS messages
+                   FROM job_events WHERE job_id = g.id AND seq > $2) e
+               WHERE g.id = $1""",
+            job_id,
+            seq,
+        )
+        if row is None:
+            return None, []
+        job = job_from_row(row)
+        events = [
+            JobEvent(
+                job_id=job.id,
+                seq=event_seq,
+                type=EventType(kind),
+                status=JobStatus(status),
+                attempt=attempt,
+                at=at,
+                message=message,
             )
-        return (job_from_row(row) if row else None), [_event_from_row(r) for r in events]
+            for event_seq, kind, status, attempt, at, message in zip(
+                row["seqs"] or (),
+                row["types"] or (),
+                row["statuses"] or (),
+                row["attempts"] or (),
+                row["ats"] or (),
+                row["messages"] or (),
+                strict=True,
+            )
+        ]
+        return job, events
 
     async def advance(
         self,
