@@ -162,6 +162,9 @@ class Dispatcher:
     async def _claim_loop(self) -> None:
         backoff = self._config.poll_interval
         while self._claiming:
+            # Cleared before the claim, not after: a NOTIFY that lands while the claim query runs (too
+            # late for its snapshot) must still wake the next round, not wait for the poll tick.
+            self._wake.clear()
             try:
                 claimed = await self._claim_once()
                 backoff = self._config.poll_interval
@@ -175,7 +178,6 @@ class Dispatcher:
                 backoff = min(backoff * 2, 10.0)
             if claimed and len(self._running) < self._config.max_in_flight:
                 continue  # there may be more due right now
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=backoff)
 
