@@ -33,7 +33,7 @@ from job_service.jobs import JobManager, JobPolicy
 from job_service.metrics import InstrumentedJobStore, JobMetrics
 from job_service.notifications import JobNotifications
 from job_service.servicer import JobServicer
-from job_service.store import create_pool
+from job_service.store import CONNECTION_ERRORS, create_pool
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
@@ -166,19 +166,40 @@ class JobApp:
             await self.metrics.stop()
 
 
+async def connect_database(settings: JobSettings, dsn: str) -> asyncpg.Pool:
+    """Migrates (if asked) and opens the pool, waiting with backoff while the database cannot be reached.
+
+    A JobService started before its database (a restart of both, a failover) then comes up by itself
+    instead of crash-looping. Only connection errors are waited out: a wrong password or database name
+    fails at once.
+    """
+    delay = 0.5
+    while True:
+        try:
+            if settings.migrate_on_start:
+                applied = await migrate(dsn)
+                if applied:
+                    log.info("migrations applied", names=applied)
+            return await create_pool(
+                dsn,
+                min_size=settings.db_pool_min,
+                max_size=settings.db_pool_max,
+                statement_cache_size=settings.db_statement_cache_size,
+            )
+        except CONNECTION_ERRORS as exc:
+            log.warning(
+                "database unreachable at start; waiting for it",
+                error=str(exc) or type(exc).__name__,
+                retry_in_seconds=delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 async def start(settings: JobSettings) -> JobApp:
     check_transport(settings)
     dsn, embedded = resolve_database_url(settings)
-    if settings.migrate_on_start:
-        applied = await migrate(dsn)
-        if applied:
-            log.info("migrations applied", names=applied)
-    pool = await create_pool(
-        dsn,
-        min_size=settings.db_pool_min,
-        max_size=settings.db_pool_max,
-        statement_cache_size=settings.db_statement_cache_size,
-    )
+    pool = await connect_database(settings, dsn)
     # One registry per app: several apps (tests) can live in one process.
     registry = CollectorRegistry()
     rpc_metrics = RpcMetrics.create(registry)

@@ -20,6 +20,7 @@ import pytest
 from imagegen.job.v1 import job_service_pb2 as pb
 from imagegen.job.v1 import job_service_pb2_grpc as pb_grpc
 
+from imagegen_client import ImageGenClient
 from imagegen_common.dev_tokens import DEV_JWT_SECRET, mint_token
 from imagegen_common.migrate import migrate
 from tests.support.cluster import check_event_history, events_of, eventually, wait_terminal
@@ -148,3 +149,43 @@ async def test_postgres_restart_mid_run_leaves_services_running_and_every_job_co
         await asyncio.gather(*watchers, return_exceptions=True)
         await close_clients(c for _, c in clients)
         await stop(everything)
+
+
+async def test_a_job_service_started_before_its_database_waits_for_it_instead_of_crash_looping(
+    postgres: RestartablePostgres, tmp_path: Path
+) -> None:
+    url = postgres.url()
+    await migrate(url)
+    await asyncio.to_thread(postgres.stop, "fast")
+    generator = generator_process(tmp_path)
+    replica = job_process(tmp_path, url, generator.target, JOB_MIGRATE_ON_START="true")
+    client = service_client(replica, attempts=3)
+    coming_up: asyncio.Task[None] | None = None
+
+    def log_text() -> str:
+        return replica.log_path.read_text() if replica.log_path.exists() else ""
+
+    try:
+        await start(generator)
+        coming_up = asyncio.create_task(start(replica))
+        waiting = await eventually(
+            lambda: asyncio.to_thread(log_text),
+            lambda log: log.count("database unreachable at start") >= 2,
+            within=30,
+        )
+        assert "database unreachable at start" in waiting and replica.alive(), replica.log_tail()
+        first_pid = pid(replica)
+        await asyncio.to_thread(postgres.start)
+        await asyncio.wait_for(coming_up, timeout=60)
+        assert pid(replica) == first_pid and await health(replica) == SERVING
+        job = await client.create_job("after the database came up", user_id=str(uuid.uuid4()), sample_count=1)
+        async with ImageGenClient(replica.target, mint_token(DEV_JWT_SECRET, user_id=job.user_id)) as owner:
+            done = await owner.wait(job.id, timeout=60)
+        assert done.state == pb.JOB_STATE_COMPLETED
+    finally:
+        if coming_up is not None and not coming_up.done() and replica.process is not None:
+            replica.kill()  # ends the start() still waiting for it
+        if coming_up is not None:
+            await asyncio.gather(coming_up, return_exceptions=True)
+        await close_clients([client])
+        await stop([generator, replica])
