@@ -32,7 +32,7 @@ from imagegen_common.grpc_server import RunningServer, TlsFiles, start_server
 from imagegen_common.loop_lag import LoopLagMonitor
 from imagegen_common.metrics import MetricsServer, RpcMetrics
 from imagegen_common.rpc_observability import ServerObservability
-from imagegen_common.transport import check_listener
+from imagegen_common.transport import check_listener, is_loopback_host
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GeneratorService"].full_name
@@ -151,7 +151,8 @@ async def _start(settings: GeneratorSettings, closers: list[Any]) -> GeneratorAp
     """`closers` receives a closer for each part as soon as it is built."""
     tls_configured = bool(settings.tls_cert and settings.tls_key)
     check_listener(settings.host, tls_configured, settings.allow_plaintext, "GEN_ALLOW_PLAINTEXT")
-    if not (settings.auth_token or (tls_configured and settings.tls_client_ca)):
+    open_to_network = not is_loopback_host(settings.host)
+    if open_to_network and not (settings.auth_token or (tls_configured and settings.tls_client_ca)):
         log.warning("callers are not authenticated: set GEN_AUTH_TOKEN or GEN_TLS_CLIENT_CA (docs/security.md)")
     # One registry per app: several apps (tests) can live in one process.
     registry = CollectorRegistry()

@@ -24,7 +24,7 @@ from imagegen_common.loop_lag import LoopLagMonitor
 from imagegen_common.metrics import MetricsServer, RpcMetrics
 from imagegen_common.migrate import migrate
 from imagegen_common.rpc_observability import ServerObservability, trace_context_interceptors
-from imagegen_common.transport import check_client, check_listener
+from imagegen_common.transport import check_client, check_listener, target_is_local
 from job_service.auth import JwksKeys, TokenVerifier
 from job_service.config import JobSettings
 from job_service.dispatcher import Dispatcher, DispatcherConfig
@@ -126,7 +126,8 @@ def check_transport(settings: JobSettings) -> None:
     check_listener(settings.host, tls, settings.allow_plaintext, "JOB_ALLOW_PLAINTEXT")
     generator_tls = settings.generator_tls_ca is not None
     check_client(settings.generator_target, generator_tls, settings.allow_plaintext, "JOB_ALLOW_PLAINTEXT")
-    if not (settings.generator_token or settings.generator_tls_cert):
+    remote = not target_is_local(settings.generator_target)
+    if remote and not (settings.generator_token or settings.generator_tls_cert):
         log.warning("calls to the generator carry no credentials (set JOB_GENERATOR_TOKEN or mutual TLS)")
 
 
