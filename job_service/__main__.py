@@ -9,7 +9,7 @@ import uvloop
 
 from imagegen_common.logs import configure_logging
 from imagegen_common.migrate import migrate
-from job_service.config import JobSettings
+from job_service.config import ConfigurationError, JobSettings
 from job_service.server import resolve_database_url, serve
 
 
@@ -18,7 +18,10 @@ def main() -> None:
     settings = JobSettings()
     configure_logging("job_service", settings.log_format, settings.log_level)
     if command == "serve":
-        uvloop.run(serve(settings))
+        try:
+            uvloop.run(serve(settings))
+        except ConfigurationError as error:
+            sys.exit(f"job_service: {error}")
     elif command == "migrate":
         dsn, _embedded = resolve_database_url(settings)
         applied = asyncio.run(migrate(dsn))

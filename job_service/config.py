@@ -11,6 +11,10 @@ from imagegen_common.dev_tokens import DEV_JWT_SECRET
 from imagegen_common.logs import LogFormat
 
 
+class ConfigurationError(RuntimeError):
+    """Settings that must not run together; the service refuses to start and says why."""
+
+
 class JobSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="JOB_", env_file=".env", extra="ignore", populate_by_name=True)
 

@@ -26,7 +26,7 @@ from imagegen_common.migrate import migrate
 from imagegen_common.rpc_observability import ServerObservability, trace_context_interceptors
 from imagegen_common.transport import check_client, check_listener, target_is_local
 from job_service.auth import JwksKeys, TokenVerifier
-from job_service.config import JobSettings
+from job_service.config import ConfigurationError, JobSettings
 from job_service.dispatcher import Dispatcher, DispatcherConfig
 from job_service.generator_client import GeneratorClient
 from job_service.jobs import JobManager, JobPolicy
@@ -60,6 +60,12 @@ def build_verifier(settings: JobSettings, http: httpx.AsyncClient) -> TokenVerif
         )
         issuer = issuer or f"{base}/auth/v1"
     secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
+    if secret == DEV_JWT_SECRET and settings.supabase_url:
+        # A real project with the public development secret: anyone could mint tokens. Refuse to run.
+        raise ConfigurationError(
+            "SUPABASE_URL is set but SUPABASE_JWT_SECRET is the public development secret; set it to the "
+            "project's JWT secret, or to an empty value to accept only JWKS-signed (ES256/RS256) tokens"
+        )
     if secret == DEV_JWT_SECRET:
         log.warning(
             "accepting tokens signed with the local development secret; set SUPABASE_JWT_SECRET or "
