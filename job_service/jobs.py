@@ -216,7 +216,6 @@ class JobManager:
             "job created",
             job_id=job.id,
             user_id=user_id,
-            request_id=request.request_id or None,
             model=model,
             images=params.sample_count,
             reserved=job.credits_reserved,
