@@ -151,6 +151,9 @@ class GeneratorSettings(BaseSettings):
     # from the first try; past it the attempt fails retryable and JobService schedules the next attempt.
     provider_max_retries: int = 3
     provider_retry_max_total_seconds: float = 60.0
+    # Memory for provider answers being read, decoded and stored at once (each counts twice its size on the
+    # wire); a burst of large (2K) answers past it waits for earlier ones to be stored. 0: no limit.
+    provider_memory_budget_mb: int = Field(default=128, ge=0)
     # JPEG quality asked of Imagen (outputOptions.compressionQuality) and used when converting Gemini output.
     jpeg_quality: int = Field(default=90, ge=1, le=100)
 

@@ -22,6 +22,7 @@ from generator_service.domain import (
     generation_error,
 )
 from generator_service.providers.base import Provider
+from generator_service.providers.memory import AttemptHoldings
 from generator_service.storage.base import Storage
 from imagegen_common.errors import ErrorKind, FieldViolation, ServiceError
 
@@ -117,8 +118,11 @@ class Generator:
         # is seen at once, not only when the provider has its next image, and the provider's generator is
         # only ever driven by that one task.
         finished: asyncio.Queue[asyncio.Task[Any]] = asyncio.Queue()
+        # Memory the provider's answers reserve (providers.memory), held until this attempt is done with them.
+        holdings = AttemptHoldings()
 
         async def produce() -> None:
+            holdings.bind()
             # aclosing: whatever ends this task (the attempt failing, the caller cancelling) closes the
             # provider's generator right here, so its pending calls stop now rather than when it is collected.
             async with contextlib.aclosing(provider.generate(request, model)) as items:
@@ -151,6 +155,7 @@ class Generator:
             for upload in uploads:
                 upload.cancel()
             await asyncio.gather(producer, *uploads, return_exceptions=True)
+            holdings.release()
 
         reasons = [f.reason for f in sorted(filtered, key=lambda f: f.index)]
         if delivered == 0:

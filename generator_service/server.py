@@ -22,6 +22,7 @@ from generator_service.providers.gemini_imagen import GeminiImagenProvider
 from generator_service.providers.google_auth import AdcTokenSource, TokenSource
 from generator_service.providers.http import ProviderHttp
 from generator_service.providers.local import LocalProvider
+from generator_service.providers.memory import MemoryBudget
 from generator_service.providers.vertex_imagen import VertexImagenProvider
 from generator_service.retry import RetryPolicy
 from generator_service.servicer import GeneratorServicer
@@ -57,12 +58,16 @@ def build_providers(settings: GeneratorSettings, *, vertex_tokens: TokenSource |
         "local": LocalProvider(settings.local_latency_min_seconds, settings.local_latency_max_seconds),
     }
 
+    # One budget for every provider: it bounds the process's memory, whichever provider the answers come from.
+    memory = MemoryBudget(settings.provider_memory_budget_mb * 1024 * 1024)
+
     def http(name: str) -> ProviderHttp:
         return ProviderHttp.create(
             name,
             connect_timeout=settings.provider_connect_timeout_seconds,
             read_timeout=settings.provider_read_timeout_seconds,
             policy=provider_retry_policy(settings),
+            memory=memory,
         )
 
     if settings.vertex_project:

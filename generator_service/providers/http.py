@@ -20,6 +20,7 @@ import structlog
 
 from generator_service.config import ModelSpec
 from generator_service.providers.limits import ModelLimits
+from generator_service.providers.memory import MemoryBudget
 from generator_service.retry import RetryPolicy, parse_retry_after
 
 log = structlog.get_logger(__name__)
@@ -104,8 +105,10 @@ class ProviderHttp:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        memory: MemoryBudget | None = None,
     ) -> None:
         self._provider = provider
+        self._memory = memory
         self._client = client
         self._policy = policy
         self._limits = ModelLimits()
@@ -113,14 +116,22 @@ class ProviderHttp:
         self._sleep = sleep
 
     @classmethod
-    def create(cls, provider: str, *, connect_timeout: float, read_timeout: float, policy: RetryPolicy) -> ProviderHttp:
+    def create(
+        cls,
+        provider: str,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        policy: RetryPolicy,
+        memory: MemoryBudget | None = None,
+    ) -> ProviderHttp:
         # No pool timeout: the per-model limiters already bound how many requests wait for a connection.
         timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=None)
         # No connection cap either: httpx's default of 100 would quietly hold every provider to 100 requests
         # in flight, whatever the models' max_concurrency says; those limiters are the cap. httpx keeps only
         # 20 idle connections by default, so a busy provider would reconnect for most requests.
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-        return cls(provider, httpx.AsyncClient(timeout=timeout, limits=limits), policy)
+        return cls(provider, httpx.AsyncClient(timeout=timeout, limits=limits), policy, memory=memory)
 
     async def post_json(self, model: ModelSpec, url: str, body: Mapping[str, Any], auth: RequestAuth) -> bytes:
         """POSTs `body` with retries; returns the 2xx body or raises HttpFailure.
@@ -137,14 +148,14 @@ class ProviderHttp:
             headers = {"content-type": "application/json", **(await auth.headers())}
             try:
                 async with limiter.request_slot():
-                    response = await self._client.post(url, content=payload, headers=headers)
+                    response, content = await self._send(url, payload, headers)
             except httpx.TimeoutException as exc:
                 failure = HttpFailure(None, f"no answer in time ({type(exc).__name__})", timed_out=True)
             except httpx.TransportError as exc:
                 failure = HttpFailure(None, f"connection failed ({type(exc).__name__}: {exc})")
             else:
                 if response.is_success:
-                    return response.content
+                    return content
                 failure = failure_from_response(response)
                 if response.status_code == 401 and not reauthenticated and auth.invalidate():
                     # An access token can expire between our check and Google's; one fresh token is worth it.
@@ -166,6 +177,36 @@ class ProviderHttp:
                 delay_seconds=round(delay, 3),
             )
             await self._sleep(delay)
+
+    async def _send(self, url: str, payload: bytes, headers: Mapping[str, str]) -> tuple[httpx.Response, bytes]:
+        """One POST and its answer, read in full; a successful answer first reserves memory (providers.memory).
+
+        A successful body is collected here rather than with `aread()`, which would keep it on the response:
+        httpx's Response and its stream refer to each other, so a response lives until the cyclic garbage
+        collector runs, and with it tens of MB of 2K images per answer (a 50-job 2K burst grew the process
+        past 1.5 GB that way).
+        """
+        response = await self._client.send(
+            self._client.build_request("POST", url, content=payload, headers=headers), stream=True
+        )
+        reserved = 0
+        try:
+            if not response.is_success:
+                await response.aread()  # small; failure_from_response reads it
+                return response, b""
+            size = int(response.headers.get("content-length") or 0)
+            if self._memory is not None and size:
+                reserved = await self._memory.reserve_answer(size)
+            content = b"".join([chunk async for chunk in response.aiter_bytes()])
+            if self._memory is not None and not size:
+                reserved = await self._memory.reserve_answer(len(content))  # chunked: known only now
+            return response, content
+        except BaseException:
+            if reserved and self._memory is not None:
+                self._memory.forget(reserved)
+            raise
+        finally:
+            await response.aclose()
 
     async def aclose(self) -> None:
         await self._client.aclose()
