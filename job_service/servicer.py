@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
@@ -111,10 +112,35 @@ def template_to_pb(template: Template) -> pb.Template:
     )
 
 
+class _WatchResponses:
+    """WatchJob messages made once per (job, event) and shared by every stream watching that job.
+
+    A job's watchers all receive the very same (job, event) objects from its feed; converting them once
+    instead of once per watcher keeps a fan-out to many watchers from costing a conversion per stream.
+    Entries keep their objects alive, so an id() is never reused while its entry exists.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._entries: OrderedDict[tuple[int, int], tuple[Job, JobEvent, pb.WatchJobResponse]] = OrderedDict()
+
+    def get(self, job: Job, event: JobEvent) -> pb.WatchJobResponse:
+        key = (id(job), id(event))
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is job and entry[1] is event:
+            return entry[2]
+        response = pb.WatchJobResponse(job=job_to_pb(job), event=event_to_pb(event))
+        self._entries[key] = (job, event, response)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return response
+
+
 class JobServicer(pb_grpc.JobServiceServicer):
     def __init__(self, jobs: JobManager, verifier: TokenVerifier) -> None:
         self._jobs = jobs
         self._verifier = verifier
+        self._watch_responses = _WatchResponses()
 
     async def _principal(self, context: Any) -> Principal:
         metadata = dict(context.invocation_metadata() or ())
@@ -166,10 +192,10 @@ class JobServicer(pb_grpc.JobServiceServicer):
     async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[pb.WatchJobResponse]:
         principal = await self._principal(context)
         async for job, event in self._jobs.watch(principal, request.job_id):
-            response = pb.WatchJobResponse(job=job_to_pb(job))
-            if event is not None:
-                response.event.CopyFrom(event_to_pb(event))
-            yield response
+            if event is None:
+                yield pb.WatchJobResponse(job=job_to_pb(job))
+            else:
+                yield self._watch_responses.get(job, event)  # shared: never modified after it is made
 
     @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.CancelJobResponse:
