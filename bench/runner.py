@@ -568,6 +568,7 @@ class Bench:
                 "errors": burst["errors"],
                 "error_samples": burst.get("error_samples", {}),
                 "total_seconds": round(burst["last_ended_at"] - burst["started_at"], 3),
+                "cpu_ms_per_job": window.cpu_per(burst["states"].get("completed", 0)),
                 "loop_lag": window.lag(),
                 "services": stack.final(),
             }
@@ -619,6 +620,7 @@ class Bench:
                 "subscribed_too_late": late,
                 "missing": missing,
                 "errors": result["errors"],
+                "cpu_ms_per_job": window.cpu_per(self.scale.fanout_jobs),
                 "loop_lag": window.lag(),
                 "services": stack.final(),
                 "loadgen_cpu_percent": result["loadgen_cpu_percent"],
