@@ -60,8 +60,8 @@ def build_verifier(settings: JobSettings, http: httpx.AsyncClient) -> TokenVerif
         )
         issuer = issuer or f"{base}/auth/v1"
     secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
-    if secret == DEV_JWT_SECRET and settings.supabase_url:
-        # A real project with the public development secret: anyone could mint tokens. Refuse to run.
+    if secret == DEV_JWT_SECRET and settings.supabase_url and "jwt_secret" not in settings.model_fields_set:
+        # A real project left on the default (public) development secret: anyone could mint tokens.
         raise ConfigurationError(
             "SUPABASE_URL is set but SUPABASE_JWT_SECRET is the public development secret; set it to the "
             "project's JWT secret, or to an empty value to accept only JWKS-signed (ES256/RS256) tokens"
