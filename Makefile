@@ -36,10 +36,10 @@ lint: $(STAMP) ## ruff (lint and format check)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-typecheck: $(STAMP) ## mypy --strict on hand-written code
-	$(VENV)/bin/mypy job_service generator_service imagegen_common imagegen_client
+typecheck: $(STAMP) ## mypy --strict on the services, the client and the scripts
+	$(VENV)/bin/mypy job_service generator_service imagegen_common imagegen_client scripts
 
-test: $(STAMP) proto-check lint ## Every check, then every test (embedded PostgreSQL unless DATABASE_URL is set)
+test: $(STAMP) proto-check lint typecheck ## Every check, then every test (embedded PostgreSQL unless DATABASE_URL is set)
 	$(VENV)/bin/pytest -q
 
 run: $(STAMP) ## Embedded PostgreSQL + migrations + JobService (:50051) + GeneratorService (:50052)
