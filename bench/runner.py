@@ -364,10 +364,11 @@ class Bench:
             **extra,
         }
 
-    def _unary_runs(self, kind: str, target: str, stack: Stack | None) -> dict[str, Any]:
+    def _unary_runs(self, kind: str, target: str, stack: Stack | None, echo: Proc | None = None) -> dict[str, Any]:
         closed = []
         for concurrency in self.scale.concurrencies:
             window = stack.window() if stack else None
+            echo_cpu = echo.cpu_seconds() if echo else 0.0
             profiler = (
                 self.profiler(stack, f"{kind}-closed-{concurrency}", self.scale.closed_seconds)
                 if stack and concurrency == max(self.scale.concurrencies)
@@ -388,6 +389,9 @@ class Bench:
             }
             if window is not None:
                 entry["cpu_ms_per_call"] = window.cpu_per(result["calls_total"])
+            if echo is not None:
+                used = echo.cpu_seconds() - echo_cpu
+                entry["cpu_ms_per_call"] = {"echo": round(1000.0 * used / max(1, result["calls_total"]), 3)}
             self.finish_profile(profiler, f"{kind}-closed-{concurrency}")
             closed.append(entry)
         window = stack.window() if stack else None
@@ -420,7 +424,7 @@ class Bench:
         echo = Proc("echo", "bench.echo", [str(free_port())], {}, folder / "echo.log").start(announce=True)
         try:
             target = f"127.0.0.1:{echo.announced['port']}"
-            result = self._unary_runs("echo", target, None)
+            result = self._unary_runs("echo", target, None, echo)
             result["peak_rss_mb"] = round(echo.peak_rss_mb(), 1)
             return result
         finally:
