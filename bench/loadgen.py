@@ -1,7 +1,7 @@
 """The load generator: its own process (`python -m bench.loadgen`), so its CPU is not the services' CPU.
 
-It reads one task as JSON on stdin, runs it on uvloop with grpc.aio, and prints the result as JSON on
-stdout. Timestamps that are compared with other processes are `time.time()` (same machine, same clock);
+It reads one task as JSON on stdin, runs it on uvloop with grpc.aio, and writes the result as JSON to the
+file the task names. Timestamps that are compared with other processes are `time.time()` (same machine, same clock);
 durations inside this process are `time.perf_counter()`.
 
 Unary calls go out as pre-serialised bytes and come back as bytes, for the echo ceiling and CreateJob
@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -363,7 +364,9 @@ def main() -> None:
     result: dict[str, Any] = uvloop.run(TASKS[task["task"]](task))
     if ERROR_SAMPLES:
         result["error_samples"] = ERROR_SAMPLES
-    sys.stdout.write(json.dumps(result))
+    # A file, not stdout: the event loop leaves stdout non-blocking, and a result larger than the pipe
+    # buffer (64 kB of latencies) would be cut short whenever the reader is slower than the writer.
+    Path(task["output"]).write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -228,6 +228,8 @@ class Bench:
 
     def loadgen(self, task: dict[str, Any], timeout: float = 900.0) -> dict[str, Any]:
         """Runs one load generator task in its own process; adds the CPU it used."""
+        output = self.run_dir / f"loadgen-{uuid.uuid4().hex[:8]}.json"
+        task = {**task, "output": str(output)}
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.monotonic()
         done = subprocess.run(
@@ -243,7 +245,8 @@ class Bench:
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if done.returncode != 0:
             raise RuntimeError(f"load generator failed ({task['task']}):\n{done.stderr.decode()[-4000:]}")
-        result: dict[str, Any] = json.loads(done.stdout)
+        result: dict[str, Any] = json.loads(output.read_text())
+        output.unlink()
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         result["loadgen_cpu_percent"] = round(100.0 * cpu / wall, 1) if wall > 0 else math.nan
         return result
