@@ -785,7 +785,7 @@ def versions(postgres: dict[str, Any]) -> dict[str, Any]:
 
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False
-    ).stdout.strip()
+    ).stdout.strip() or os.environ.get("BENCH_COMMIT", "")  # an exported tree has no .git: say which it is
     return {
         "python": platform.python_version(),
         "grpcio": version("grpcio"),
