@@ -21,4 +21,3 @@ async def test_database_gone_is_unavailable_not_internal(database_url: str, tmp_
 
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert from_grpc_error(caught.value).reason == "DEPENDENCY_UNAVAILABLE"
-
