@@ -11,7 +11,6 @@ Catalogue ids: the same Google model is also served by vertex-imagen under its p
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncGenerator
 
 from generator_service.config import ModelSpec
@@ -49,25 +48,24 @@ class GeminiImagenProvider:
     def predict_url(self, model: ModelSpec) -> str:
         return f"{self._base}/v1beta/models/{model.api_model}:predict"
 
-    async def generate(
+    def generate(
         self, request: GenerationRequest, model: ModelSpec
     ) -> AsyncGenerator[GeneratedImage | FilteredImage, None]:
-        body = predict.request_body(request, self._jpeg_quality)
-        try:
-            # The body goes straight to the parser, which drops it once parsed; no reference stays here.
-            images = predict.images_from_response(
-                await self._http.post_json(model, self.predict_url(model), body, self._auth),
-                request,
-                self.name,
-            )
-        except HttpFailure as failure:
+        def on_failure(failure: HttpFailure) -> ServiceError:
             if failure.status == 404:
-                raise model_not_served(model, failure.message) from None
-            raise predict.error_for(failure, self.name, model.id) from None
-        # Closing this generator closes the parser too (and frees the predictions it still holds).
-        async with contextlib.aclosing(images):
-            async for item in images:
-                yield item
+                return model_not_served(model, failure.message)
+            return predict.error_for(failure, self.name, model.id)
+
+        return predict.generate(
+            self._http,
+            self.predict_url(model),
+            self._auth,
+            request,
+            model,
+            provider=self.name,
+            jpeg_quality=self._jpeg_quality,
+            on_failure=on_failure,
+        )
 
     async def aclose(self) -> None:
         await self._http.aclose()

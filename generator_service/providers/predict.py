@@ -10,10 +10,12 @@ See /work/shared/reference/external-apis.md §2 for the sources.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
+from generator_service.config import ModelSpec
 from generator_service.domain import (
     FilteredImage,
     GeneratedImage,
@@ -22,7 +24,7 @@ from generator_service.domain import (
     image_dimensions,
 )
 from generator_service.providers.errors import bad_response, error_for_failure
-from generator_service.providers.http import HttpFailure
+from generator_service.providers.http import HttpFailure, ProviderHttp, RequestAuth
 from generator_service.providers.images import BadImage, decode_and_check
 from imagegen_common.errors import ErrorKind, ServiceError
 
@@ -116,3 +118,27 @@ async def images_from_response(
         yield GeneratedImage(index, checked.data, checked.mime_type, checked.width, checked.height)
         del checked
         index += 1
+
+
+async def generate(
+    http: ProviderHttp,
+    url: str,
+    auth: RequestAuth,
+    request: GenerationRequest,
+    model: ModelSpec,
+    *,
+    provider: str,
+    jpeg_quality: int,
+    on_failure: Callable[[HttpFailure], ServiceError] | None = None,
+) -> AsyncGenerator[GeneratedImage | FilteredImage, None]:
+    """One `:predict` call, yielding each image as it is decoded; `on_failure` maps HTTP failures first."""
+    body = request_body(request, jpeg_quality)
+    try:
+        # The body goes straight to the parser, which drops it once parsed; no reference stays here.
+        images = images_from_response(await http.post_json(model, url, body, auth), request, provider)
+    except HttpFailure as failure:
+        raise (on_failure(failure) if on_failure else error_for(failure, provider, model.id)) from None
+    # Closing this generator closes the parser too (and frees the predictions it still holds).
+    async with contextlib.aclosing(images):
+        async for item in images:
+            yield item

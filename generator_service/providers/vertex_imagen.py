@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncGenerator
 
 from generator_service.config import ModelSpec
 from generator_service.domain import FilteredImage, GeneratedImage, GenerationRequest
 from generator_service.providers import predict
 from generator_service.providers.google_auth import BearerTokenAuth, TokenSource
-from generator_service.providers.http import HttpFailure, ProviderHttp
+from generator_service.providers.http import ProviderHttp
 
 
 def vertex_base_url(location: str) -> str:
@@ -43,23 +42,18 @@ class VertexImagenProvider:
     def predict_url(self, model: ModelSpec) -> str:
         return f"{self._models_url}/{model.api_model}:predict"
 
-    async def generate(
+    def generate(
         self, request: GenerationRequest, model: ModelSpec
     ) -> AsyncGenerator[GeneratedImage | FilteredImage, None]:
-        body = predict.request_body(request, self._jpeg_quality)
-        try:
-            # The body goes straight to the parser, which drops it once parsed; no reference stays here.
-            images = predict.images_from_response(
-                await self._http.post_json(model, self.predict_url(model), body, self._auth),
-                request,
-                self.name,
-            )
-        except HttpFailure as failure:
-            raise predict.error_for(failure, self.name, model.id) from None
-        # Closing this generator closes the parser too (and frees the predictions it still holds).
-        async with contextlib.aclosing(images):
-            async for item in images:
-                yield item
+        return predict.generate(
+            self._http,
+            self.predict_url(model),
+            self._auth,
+            request,
+            model,
+            provider=self.name,
+            jpeg_quality=self._jpeg_quality,
+        )
 
     async def aclose(self) -> None:
         await self._http.aclose()
