@@ -97,21 +97,14 @@ class InstrumentedJobStore(JobStore):
         self._db = pool
         self._metrics = metrics
 
-    async def create_job(self, **kwargs: Any) -> Job:
-        # An idempotent retry returns the job made earlier; only the call that made it counts it.
-        user_id, request_id = kwargs.get("user_id"), kwargs.get("request_id")
-        existed = request_id is not None and bool(
-            await self._db.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM generation_jobs WHERE user_id = $1 AND request_id = $2)",
-                user_id,
-                request_id,
-            )
-        )
-        job = await super().create_job(**kwargs)
-        if not existed:
+    async def create_job_and_tell(self, **kwargs: Any) -> tuple[Job, bool]:
+        # An idempotent retry returns the job made earlier; only the call that made it counts it (the database
+        # says which one did, in the same round trip).
+        job, created = await super().create_job_and_tell(**kwargs)
+        if created:
             self._metrics.transition(job, EventType.CREATED)
             self._metrics.credits.labels("reserved").inc(job.credits_reserved)
-        return job
+        return job, created
 
     async def advance(self, job_id: str, **kwargs: Any) -> Job | None:
         job = await super().advance(job_id, **kwargs)

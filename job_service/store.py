@@ -150,9 +150,41 @@ class JobStore:
         active_limit: int,
         new_user_credits: int,
     ) -> Job:
+        job, _ = await self.create_job_and_tell(
+            user_id=user_id,
+            prompt=prompt,
+            model=model,
+            params=params,
+            template_id=template_id,
+            request_id=request_id,
+            request_hash=request_hash,
+            price_per_image=price_per_image,
+            max_attempts=max_attempts,
+            active_limit=active_limit,
+            new_user_credits=new_user_credits,
+        )
+        return job
+
+    async def create_job_and_tell(
+        self,
+        *,
+        user_id: str,
+        prompt: str,
+        model: str,
+        params: Params,
+        template_id: str | None,
+        request_id: str | None,
+        request_hash: str,
+        price_per_image: int,
+        max_attempts: int,
+        active_limit: int,
+        new_user_credits: int,
+    ) -> tuple[Job, bool]:
+        """create_job, and whether this call made the job (False: an idempotent replay of an earlier one)."""
         try:
             row = await self._pool.fetchrow(
-                "SELECT * FROM imagegen_create_job($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                """SELECT (r.job).*, r.created
+                   FROM imagegen_create_job_v2($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) r""",
                 user_id,
                 prompt,
                 model,
@@ -172,7 +204,7 @@ class JobStore:
                 raise
             raise ServiceError(mapped[0], mapped[1], exc.args[0] if exc.args else str(exc)) from exc
         assert row is not None
-        return job_from_row(row)
+        return job_from_row(row), bool(row["created"])
 
     async def get_job(self, job_id: str) -> Job | None:
         row = await self._pool.fetchrow("SELECT * FROM generation_jobs WHERE id = $1", job_id)
