@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import functools
 import random
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -89,6 +89,28 @@ def after_failure(job: Job, failure: GenerationFailure, base: float, cap: float)
     if failure.retryable and failed_attempts < job.max_attempts:
         return AfterFailure(retry_delay(max(job.attempt, 1), base, cap, failure.retry_after), failure.counts)
     return AfterFailure(None, failure.counts)
+
+
+class _Marker:
+    pass
+
+
+_ENDED = _Marker()  # the stream ended without completing
+_NOTHING = _Marker()
+# What the reader hands the writer: an event, the exception the stream raised, or _ENDED.
+_Read = GenerationEvent | BaseException | _Marker
+
+
+async def _read_stream(events: AsyncIterator[GenerationEvent], queue: asyncio.Queue[_Read]) -> None:
+    """Reads a Generate stream ahead of the writes, in order, up to its completion, failure or end."""
+    try:
+        async for event in events:
+            queue.put_nowait(event)
+            if isinstance(event, GenerationDone):
+                return
+        queue.put_nowait(_ENDED)
+    except Exception as exc:  # raised by the writer once everything before it is written
+        queue.put_nowait(exc)
 
 
 class Dispatcher:
@@ -267,34 +289,47 @@ class Dispatcher:
         return await self._store.advance(job.id, attempt=job.attempt, from_statuses=GENERATING, **changes)
 
     async def _write(self, job: Job, **changes: Any) -> Job | None:
-        """A fenced write of the attempt that rides out a database outage.
+        """One fenced write of the attempt that rides out a database outage (see _write_batch)."""
+        written = await self._write_batch(job, [changes])
+        return written[-1] if written else None
 
-        Retried until it lands or is fenced out; after write_patience_seconds the error propagates and
-        the lease decides. A write whose connection broke may have committed all the same: an image
-        is looked for before it is written again, so it is never appended (and charged) twice; every
-        other write of an attempt is refused by the fence the second time.
+    async def _write_batch(self, job: Job, batch: list[dict[str, Any]]) -> list[Job]:
+        """Fenced writes of the attempt, in order and in one transaction, that ride out a database outage.
+
+        Returns the job after each write that landed: fewer than `batch` means the fence refused the next
+        one (and nothing after it was written). Retried until it lands or is fenced out; after
+        write_patience_seconds the error propagates and the lease decides. A transaction whose connection
+        broke may have committed all the same: an image is looked for before it is written again, so it is
+        never appended (and charged) twice; every other write of an attempt is refused by the fence the
+        second time.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._config.write_patience_seconds
         delay = 0.1
         retrying = False
+        images = [changes["image"] for changes in batch if changes.get("image") is not None]
         while True:
             try:
-                image = changes.get("image")
-                if retrying and image is not None:
+                if retrying and images:
                     current = await self._store.get_job(job.id)
                     if current is None or current.attempt != job.attempt or current.status is not JobStatus.GENERATING:
-                        return None
-                    if any(stored.storage_path == image.storage_path for stored in current.images):
-                        return current
-                return await self._advance(job, **changes)
+                        return []
+                    # One transaction: either every write of the batch landed or none did.
+                    if any(stored.storage_path == images[0].storage_path for stored in current.images):
+                        return [current] * len(batch)
+                if len(batch) == 1:
+                    updated = await self._advance(job, **batch[0])
+                    return [updated] if updated is not None else []
+                return await self._store.advance_batch(
+                    job.id, attempt=job.attempt, from_statuses=GENERATING, events=batch
+                )
             except DB_ERRORS as exc:
                 if loop.time() + delay > deadline:
                     raise
                 log.warning(
                     "database write failed; retrying",
                     job_id=job.id,
-                    job_event=str(changes.get("event")),
+                    job_event=",".join(str(changes.get("event")) for changes in batch),
                     error=str(exc) or type(exc).__name__,
                 )
                 await asyncio.sleep(delay)
@@ -353,44 +388,76 @@ class Dispatcher:
         self._streaming.add(job.id)
         if job.id in self._cancel_reasons:
             raise asyncio.CancelledError  # cancelled before the stream opened
-        # aclosing: leaving early (a cancel, a fenced write) closes the stream at once, which cancels
-        # the Generate call and with it the provider request, instead of whenever it is collected.
+        # The stream is read by a task of its own into a queue, and every write takes all that is queued at
+        # that moment into one transaction: the events that arrive while one write runs (a zero-latency
+        # provider's images and completion come within milliseconds) share the next commit. A lone event is
+        # written at once. aclosing: leaving early (a cancel, a fenced write) closes the stream at once, which
+        # cancels the Generate call and with it the provider request, instead of whenever it is collected.
+        queue: asyncio.Queue[_Read] = asyncio.Queue()
         async with contextlib.aclosing(self._generator.generate(job)) as events:
-            async for event in events:
-                if isinstance(event, GenerationStarted):
-                    updated = await self._write(
-                        job, event=EventType.GENERATION_STARTED, message=f"provider {event.provider}"
+            reader = asyncio.create_task(_read_stream(events, queue), name=f"generate-{job.id}")
+            try:
+                while True:
+                    batch = [await queue.get()]
+                    while not queue.empty():
+                        batch.append(queue.get_nowait())
+                    if await self._write_events(job, batch):
+                        return
+            finally:
+                # The reader stops before the stream is closed (an async generator cannot be closed while
+                # another task is inside it).
+                reader.cancel()
+                await asyncio.wait([reader])
+
+    async def _write_events(self, job: Job, batch: list[_Read]) -> bool:
+        """Writes what the stream delivered, in one transaction; True when the attempt is over."""
+        writes: list[dict[str, Any]] = []
+        done: GenerationDone | None = None
+        end: _Read = _NOTHING
+        for item in batch:
+            if isinstance(item, GenerationStarted):
+                writes.append({"event": EventType.GENERATION_STARTED, "message": f"provider {item.provider}"})
+            elif isinstance(item, ImageStored):
+                writes.append({"event": EventType.IMAGE_STORED, "image": item.image})
+            elif isinstance(item, GenerationDone):
+                done = item
+                writes.append(
+                    {
+                        "event": EventType.COMPLETED,
+                        "to": JobStatus.COMPLETED,
+                        "filtered_count": item.filtered_count,
+                        "filtered_reasons": item.filtered_reasons,
+                        "message": f"{item.delivered_count} delivered, {item.filtered_count} filtered",
+                    }
+                )
+            else:
+                end = item  # the stream failed or ended: always the last thing read
+        if done is not None:
+            self._streaming.discard(job.id)  # from here on, the outcome is being written
+        if writes:
+            written = await self._write_batch(job, writes)
+            if done is not None:
+                if len(written) == len(writes):
+                    log.info(
+                        "job completed",
+                        job_id=job.id,
+                        user_id=job.user_id,
+                        attempt=job.attempt,
+                        delivered=done.delivered_count,
+                        filtered=done.filtered_count,
+                        charged=written[-1].credits_charged,
                     )
-                elif isinstance(event, ImageStored):
-                    updated = await self._write(job, event=EventType.IMAGE_STORED, image=event.image)
                 else:
-                    assert isinstance(event, GenerationDone)
-                    self._streaming.discard(job.id)  # from here on, the outcome is being written
-                    updated = await self._write(
-                        job,
-                        event=EventType.COMPLETED,
-                        to=JobStatus.COMPLETED,
-                        filtered_count=event.filtered_count,
-                        filtered_reasons=event.filtered_reasons,
-                        message=f"{event.delivered_count} delivered, {event.filtered_count} filtered",
-                    )
-                    if updated is not None:
-                        log.info(
-                            "job completed",
-                            job_id=job.id,
-                            user_id=job.user_id,
-                            attempt=job.attempt,
-                            delivered=event.delivered_count,
-                            filtered=event.filtered_count,
-                            charged=updated.credits_charged,
-                        )
-                    else:
-                        log.warning("completion fenced out", job_id=job.id, attempt=job.attempt)
-                    return
-                if updated is None:
-                    log.warning("attempt fenced out; stopping it", job_id=job.id, attempt=job.attempt)
-                    return
-        raise GenerationFailure("STREAM_ENDED", "the generator ended the stream without completing", True)
+                    log.warning("completion fenced out", job_id=job.id, attempt=job.attempt)
+                return True
+            if len(written) < len(writes):
+                log.warning("attempt fenced out; stopping it", job_id=job.id, attempt=job.attempt)
+                return True
+        if isinstance(end, BaseException):
+            raise end
+        if end is _ENDED:
+            raise GenerationFailure("STREAM_ENDED", "the generator ended the stream without completing", True)
+        return False
 
     async def _after_failure(self, job: Job, failure: GenerationFailure) -> None:
         decision = after_failure(job, failure, self._config.retry_base_seconds, self._config.retry_max_seconds)

@@ -115,6 +115,14 @@ class InstrumentedJobStore(JobStore):
             await self._count_settlement(job)
         return job
 
+    async def advance_batch(self, job_id: str, **kwargs: Any) -> list[Job]:
+        jobs = await super().advance_batch(job_id, **kwargs)
+        for job, changes in zip(jobs, kwargs["events"], strict=False):
+            self._metrics.transition(job, changes["event"])
+            if changes.get("to") is not None and job.status.terminal:
+                await self._count_settlement(job)
+        return jobs
+
     async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
         jobs = await super().claim(owner, limit, lease_seconds)
         for job in jobs:

@@ -131,6 +131,42 @@ def _template_from_row(row: asyncpg.Record) -> Template:
     )
 
 
+_BATCH_KEYS = {
+    "event",
+    "to",
+    "message",
+    "error_code",
+    "image",
+    "filtered_count",
+    "filtered_reasons",
+    "retry_delay",
+    "cancel_requested",
+    "count_failure",
+}
+
+
+def _batch_event(changes: dict[str, Any]) -> dict[str, Any]:
+    """One element of imagegen_advance_batch's p_events: advance's keyword arguments as JSON, nulls left out."""
+    unknown = set(changes) - _BATCH_KEYS
+    if unknown:
+        raise TypeError(f"not an event field: {sorted(unknown)}")
+    item: dict[str, Any] = {"event": EventType(changes["event"]).value}
+    if changes.get("to") is not None:
+        item["to"] = JobStatus(changes["to"]).value
+    for key in ("message", "error_code", "retry_delay", "cancel_requested"):
+        if changes.get(key) is not None:
+            item[key] = changes[key]
+    if changes.get("image") is not None:
+        item["image"] = changes["image"].__dict__
+    if changes.get("filtered_count") is not None:
+        item["filtered"] = changes["filtered_count"]
+    if changes.get("filtered_reasons") is not None:
+        item["filtered_reasons"] = list(changes["filtered_reasons"])
+    if changes.get("count_failure"):
+        item["count_failure"] = True
+    return item
+
+
 class JobStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
@@ -325,6 +361,25 @@ class JobStore:
         if row is None or row["id"] is None:
             return None
         return job_from_row(row)
+
+    async def advance_batch(
+        self, job_id: str, *, attempt: int, from_statuses: Sequence[JobStatus], events: Sequence[dict[str, Any]]
+    ) -> list[Job]:
+        """Applies `events` in order in one transaction, each as `advance` would with the same fence.
+
+        Each event is a dict of advance's keyword arguments (event, to, message, error_code, image,
+        filtered_count, filtered_reasons, retry_delay, cancel_requested, count_failure). Returns the job
+        after each event applied; fewer jobs than events means the fence refused the next one (the caller
+        no longer holds the job) and nothing after it was written.
+        """
+        rows = await self._pool.fetch(
+            "SELECT * FROM imagegen_advance_batch($1, $2, $3, $4)",
+            job_id,
+            attempt,
+            [s.value for s in from_statuses],
+            [_batch_event(changes) for changes in events],
+        )
+        return [job_from_row(row) for row in rows]
 
     async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
         rows = await self._pool.fetch("SELECT * FROM imagegen_claim_jobs($1, $2, $3)", owner, limit, lease_seconds)

@@ -332,3 +332,101 @@ async def test_a_cancel_requested_before_a_failed_attempt_ends_the_job_instead_o
     assert done is not None and done.status is JobStatus.CANCELLED
     assert await balance(conn, job.user_id) == 100
     await assert_credits_consistent(conn)
+
+
+async def test_events_waiting_together_are_written_in_one_transaction(
+    store: JobStore, conn: asyncpg.Connection
+) -> None:
+    """The scripted stream delivers all its events at once: one commit for all of them, each its own event row."""
+    generator = ScriptedGenerator()
+    job = await new_job(store, sample_count=3)
+    done = await run_until(store, job.id, (JobStatus.COMPLETED,), Dispatcher(store, generator, config()))
+    assert len(done.images) == 3 and done.credits_charged == 3
+
+    rows = await conn.fetch(
+        "SELECT seq, type, at, xmin::text AS tx FROM job_events WHERE job_id = $1 AND seq > 2 ORDER BY seq", job.id
+    )
+    assert [r["type"] for r in rows] == ["generation_started"] + ["image_stored"] * 3 + ["completed"]
+    assert [r["seq"] for r in rows] == [3, 4, 5, 6, 7]
+    assert len({r["tx"] for r in rows}) == 1, "one transaction"
+    assert len({r["at"] for r in rows}) == 1, "one transaction start time"
+    await assert_credits_consistent(conn)
+
+
+async def test_a_batch_stops_at_the_first_event_the_fence_refuses(store: JobStore, conn: asyncpg.Connection) -> None:
+    job = await new_job(store, sample_count=2)
+    [claimed] = await store.claim("w1", 1, 30.0)
+    paths = [f"{job.user_id}/{job.id}/1-{index}.png" for index in range(2)]
+    images = [StoredImage(i, f"http://storage/{p}", p, "image/png", 8, 8, 100) for i, p in enumerate(paths)]
+    generating = (JobStatus.GENERATING,)
+
+    # The wrong attempt: nothing is written.
+    stale = await store.advance_batch(
+        job.id,
+        attempt=claimed.attempt + 1,
+        from_statuses=generating,
+        events=[{"event": EventType.IMAGE_STORED, "image": images[0]}],
+    )
+    assert stale == []
+    # An event after the completion is refused by the fence; the batch stops there and keeps what came before.
+    written = await store.advance_batch(
+        job.id,
+        attempt=claimed.attempt,
+        from_statuses=generating,
+        events=[
+            {"event": EventType.IMAGE_STORED, "image": images[0]},
+            {"event": EventType.COMPLETED, "to": JobStatus.COMPLETED, "filtered_count": 1, "filtered_reasons": ["x"]},
+            {"event": EventType.IMAGE_STORED, "image": images[1]},
+        ],
+    )
+    assert [j.status for j in written] == [JobStatus.GENERATING, JobStatus.COMPLETED]
+    assert [j.last_event_seq for j in written] == [3, 4]
+    final = await store.get_job(job.id)
+    assert final is not None and [i.storage_path for i in final.images] == paths[:1]
+    assert (final.filtered_count, final.filtered_reasons, final.credits_charged) == (1, ["x"], 1)
+    assert [e["type"] for e in await events_of(conn, job.id)] == [
+        "created",
+        "attempt_started",
+        "image_stored",
+        "completed",
+    ]
+    await assert_credits_consistent(conn)
+
+
+async def test_a_batch_of_an_attempt_that_lost_the_job_writes_nothing(
+    store: JobStore, conn: asyncpg.Connection
+) -> None:
+    class TakenOverMidStream(ScriptedGenerator):
+        async def generate(self, job: Job) -> AsyncGenerator[GenerationEvent, None]:
+            yield GenerationStarted("scripted")
+            # Written alone; then another replica takes the job over before the rest arrives together.
+            await eventually(
+                lambda: events_of(conn, job.id), lambda events: events[-1]["type"] == "generation_started", within=10
+            )
+            await conn.execute(
+                "UPDATE generation_jobs SET attempt = attempt + 1, lease_owner = 'w2' WHERE id = $1", job.id
+            )
+            for index in range(job.params.sample_count):
+                path = f"{job.user_id}/{job.id}/{job.attempt}-{index}.png"
+                yield ImageStored(StoredImage(index, f"http://storage/{path}", path, "image/png", 8, 8, 100))
+            yield GenerationDone(job.params.sample_count, 0, [])
+            self.closed_early.append(-1)  # never reached: the stream is closed after the fenced write
+
+    generator = TakenOverMidStream()
+    dispatcher = Dispatcher(store, generator, config(lease_seconds=30.0))
+    job = await new_job(store)
+    dispatcher.start()
+    try:
+        await eventually(lambda: store.get_job(job.id), lambda j: j is not None and j.lease_owner == "w2", within=10)
+        await asyncio.sleep(0.2)
+        await eventually(lambda: asyncio.sleep(0, dispatcher.in_flight), lambda n: n == 0, within=10)
+    finally:
+        await dispatcher.drain(0.5)
+    current = await store.get_job(job.id)
+    assert current is not None and (current.status, current.images, current.lease_owner) == (
+        JobStatus.GENERATING,
+        [],
+        "w2",
+    )
+    assert [e["type"] for e in await events_of(conn, job.id)] == ["created", "attempt_started", "generation_started"]
+    assert generator.closed_early == []
