@@ -111,6 +111,11 @@ async def _read_stream(events: AsyncIterator[GenerationEvent], queue: asyncio.Qu
         queue.put_nowait(_ENDED)
     except Exception as exc:  # raised by the writer once everything before it is written
         queue.put_nowait(exc)
+    except asyncio.CancelledError as exc:
+        # The writer stops reading before it cancels this task; a cancel from anywhere else (the stream
+        # itself) reaches the writer as it did when the writer read the stream, instead of leaving it waiting.
+        queue.put_nowait(exc)
+        raise
 
 
 class Dispatcher:
