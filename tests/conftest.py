@@ -26,6 +26,15 @@ async def database_url(pg_server: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
+async def private_database_url(pg_server: str) -> AsyncIterator[str]:
+    """A fresh migrated database for one test, when jobs left by other tests would disturb what it counts."""
+    url = await create_database(pg_server)
+    await migrate(url)
+    yield url
+    await drop_database(pg_server, url)
+
+
+@pytest.fixture
 async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A plain connection for assertions straight against the tables."""
     conn = await asyncpg.connect(database_url)

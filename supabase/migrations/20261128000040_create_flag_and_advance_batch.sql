@@ -118,7 +118,9 @@ $$;
 -- On Supabase, keep the new functions away from app clients as 20261128000030 does for the others.
 DO $supabase$
 BEGIN
-    IF (SELECT count(*) FROM pg_roles WHERE rolname IN ('anon', 'authenticated', 'service_role')) = 3 THEN
+    -- The same guard as 20261128000030: only a Supabase database (auth schema and its API roles).
+    IF EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'auth')
+       AND (SELECT count(*) FROM pg_roles WHERE rolname IN ('anon', 'authenticated', 'service_role')) = 3 THEN
         REVOKE ALL ON FUNCTION imagegen_create_job_v2(uuid, text, text, jsonb, text, text, text, integer, integer,
                                                       integer, integer, bigint) FROM PUBLIC, anon, authenticated;
         GRANT EXECUTE ON FUNCTION imagegen_create_job_v2(uuid, text, text, jsonb, text, text, text, integer, integer,

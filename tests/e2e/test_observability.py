@@ -20,10 +20,14 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 @pytest.fixture
-def services(database_url: str, tmp_path: Path) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
+def services(private_database_url: str, tmp_path: Path) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
     generator = generator_process(tmp_path, GEN_METRICS_PORT=str(free_port()), GEN_METRICS_HOST="127.0.0.1").start()
     jobs = job_process(
-        tmp_path, database_url, generator.target, JOB_METRICS_PORT=str(free_port()), JOB_METRICS_HOST="127.0.0.1"
+        tmp_path,
+        private_database_url,
+        generator.target,
+        JOB_METRICS_PORT=str(free_port()),
+        JOB_METRICS_HOST="127.0.0.1",
     ).start()
     yield jobs, generator
     for process in (jobs, generator):
