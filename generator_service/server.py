@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +29,7 @@ from generator_service.storage.base import Storage
 from generator_service.storage.local import LocalStorage, LocalStorageServer
 from generator_service.storage.supabase import SupabaseStorage
 from imagegen_common.grpc_server import RunningServer, TlsFiles, start_server
-from imagegen_common.loop_lag import LoopLagMonitor
+from imagegen_common.lifecycle import run_until_signalled
 from imagegen_common.metrics import MetricsServer, RpcMetrics
 from imagegen_common.rpc_observability import ServerObservability
 from imagegen_common.transport import check_listener, is_loopback_host
@@ -220,12 +219,4 @@ async def _start(settings: GeneratorSettings, closers: list[Any]) -> GeneratorAp
 async def serve(settings: GeneratorSettings) -> None:
     """Runs until SIGTERM or SIGINT, then drains in-flight streams within the grace period."""
     app = await start(settings)
-    lag = LoopLagMonitor(settings.loop_lag_file).start() if settings.loop_lag_file else None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await app.stop()
-    if lag is not None:
-        await lag.stop()
+    await run_until_signalled(app.stop, settings.loop_lag_file)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import uuid
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from imagegen_common.dev_tokens import DEV_JWT_SECRET
 from imagegen_common.embedded_postgres import EmbeddedPostgres
 from imagegen_common.grpc_server import RunningServer, TlsFiles, start_server
-from imagegen_common.loop_lag import LoopLagMonitor
+from imagegen_common.lifecycle import run_until_signalled
 from imagegen_common.metrics import MetricsServer, RpcMetrics
 from imagegen_common.migrate import migrate
 from imagegen_common.rpc_observability import ServerObservability, trace_context_interceptors
@@ -296,12 +295,4 @@ async def start(settings: JobSettings) -> JobApp:
 
 async def serve(settings: JobSettings) -> None:
     app = await start(settings)
-    lag = LoopLagMonitor(settings.loop_lag_file).start() if settings.loop_lag_file else None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await app.stop()
-    if lag is not None:
-        await lag.stop()
+    await run_until_signalled(app.stop, settings.loop_lag_file)
