@@ -34,8 +34,6 @@ log = structlog.get_logger(__name__)
 
 GENERATING = (JobStatus.GENERATING,)
 CancelReason = Literal["user", "shutdown", "lost"]
-# Database trouble that a retry later can get past (no connection, a broken one, a server going down).
-DB_ERRORS = CONNECTION_ERRORS
 
 
 class Generator(Protocol):
@@ -195,7 +193,7 @@ class Dispatcher:
             try:
                 claimed = await self._claim_once()
                 backoff = self._config.poll_interval
-            except DB_ERRORS as exc:
+            except CONNECTION_ERRORS as exc:
                 log.warning("claim failed; will retry", error=str(exc) or type(exc).__name__)
                 claimed = 0
                 backoff = min(backoff * 2, 10.0)
@@ -235,7 +233,7 @@ class Dispatcher:
             try:
                 await self._renew()
                 await self._reap()
-            except DB_ERRORS as exc:
+            except CONNECTION_ERRORS as exc:
                 log.warning("lease upkeep failed; will retry", error=str(exc) or type(exc).__name__)
             except Exception:
                 log.exception("lease upkeep failed unexpectedly; will retry")
@@ -328,7 +326,7 @@ class Dispatcher:
                 return await self._store.advance_batch(
                     job.id, attempt=job.attempt, from_statuses=GENERATING, events=batch
                 )
-            except DB_ERRORS as exc:
+            except CONNECTION_ERRORS as exc:
                 if loop.time() + delay > deadline:
                     raise
                 log.warning(
@@ -368,7 +366,7 @@ class Dispatcher:
                     task.uncancel()
             except GenerationFailure as exc:
                 failure = exc
-            except DB_ERRORS:
+            except CONNECTION_ERRORS:
                 raise
             except Exception:
                 log.exception("attempt crashed", job_id=job.id)
@@ -381,7 +379,7 @@ class Dispatcher:
                 await self._after_cancel(job, reason)
             elif failure is not None:
                 await self._after_failure(job, failure)
-        except DB_ERRORS as exc:
+        except CONNECTION_ERRORS as exc:
             # The lease runs out and another attempt starts; nothing here can be trusted to land.
             log.warning(
                 "database unavailable during attempt; leaving it to the lease",
