@@ -199,7 +199,7 @@ class JobManager:
         request_hash = hashlib.sha256(
             json.dumps([prompt, model, params.as_dict(), request.template_id], sort_keys=True).encode()
         ).hexdigest()
-        job = await self._store.create_job(
+        job, _created = await self._store.create_job(
             user_id=user_id,
             prompt=prompt,
             model=model,

@@ -97,10 +97,10 @@ class InstrumentedJobStore(JobStore):
         self._db = pool
         self._metrics = metrics
 
-    async def create_job_and_tell(self, **kwargs: Any) -> tuple[Job, bool]:
+    async def create_job(self, **kwargs: Any) -> tuple[Job, bool]:
         # An idempotent retry returns the job made earlier; only the call that made it counts it (the database
         # says which one did, in the same round trip).
-        job, created = await super().create_job_and_tell(**kwargs)
+        job, created = await super().create_job(**kwargs)
         if created:
             self._metrics.transition(job, EventType.CREATED)
             self._metrics.credits.labels("reserved").inc(job.credits_reserved)

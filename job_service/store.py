@@ -185,38 +185,8 @@ class JobStore:
         max_attempts: int,
         active_limit: int,
         new_user_credits: int,
-    ) -> Job:
-        job, _ = await self.create_job_and_tell(
-            user_id=user_id,
-            prompt=prompt,
-            model=model,
-            params=params,
-            template_id=template_id,
-            request_id=request_id,
-            request_hash=request_hash,
-            price_per_image=price_per_image,
-            max_attempts=max_attempts,
-            active_limit=active_limit,
-            new_user_credits=new_user_credits,
-        )
-        return job
-
-    async def create_job_and_tell(
-        self,
-        *,
-        user_id: str,
-        prompt: str,
-        model: str,
-        params: Params,
-        template_id: str | None,
-        request_id: str | None,
-        request_hash: str,
-        price_per_image: int,
-        max_attempts: int,
-        active_limit: int,
-        new_user_credits: int,
     ) -> tuple[Job, bool]:
-        """create_job, and whether this call made the job (False: an idempotent replay of an earlier one)."""
+        """The job, and whether this call made it (False: an idempotent replay of an earlier request)."""
         try:
             row = await self._pool.fetchrow(
                 """SELECT (r.job).*, r.created

@@ -53,16 +53,16 @@ async def test_a_replay_is_not_counted_and_costs_no_extra_query(
 ) -> None:
     store, registry = instrumented
     user = str(uuid.uuid4())
-    first, made = await store.create_job_and_tell(**request(user, "r1"))
+    first, made = await store.create_job(**request(user, "r1"))
     assert made and created(registry) == 1 and reserved(registry) == 2
-    again, made_again = await store.create_job_and_tell(**request(user, "r1"))
+    again, made_again = await store.create_job(**request(user, "r1"))
     assert again.id == first.id and not made_again
-    replayed = await store.create_job(**request(user, "r1"))
+    replayed, _ = await store.create_job(**request(user, "r1"))
     assert replayed.id == first.id
     assert created(registry) == 1 and reserved(registry) == 2, "replays are not counted"
 
-    other = await store.create_job(**request(user, "r2"))
-    without_id = await store.create_job(**request(user, None))
+    other, _ = await store.create_job(**request(user, "r2"))
+    without_id, _ = await store.create_job(**request(user, None))
     assert len({first.id, other.id, without_id.id}) == 3
     assert created(registry) == 3 and reserved(registry) == 6
 

@@ -99,7 +99,7 @@ def config(owner: str = "w1", **overrides: float) -> DispatcherConfig:
 
 
 async def new_job(store: JobStore, *, sample_count: int = 2, max_attempts: int = 5) -> Job:
-    return await store.create_job(
+    job, _created = await store.create_job(
         user_id=str(uuid.uuid4()),
         prompt="a lighthouse at dusk",
         model="local",
@@ -112,6 +112,7 @@ async def new_job(store: JobStore, *, sample_count: int = 2, max_attempts: int =
         active_limit=10,
         new_user_credits=100,
     )
+    return job
 
 
 async def run_until(store: JobStore, job_id: str, statuses: tuple[JobStatus, ...], dispatcher: Dispatcher) -> Job:

@@ -30,7 +30,7 @@ async def test_watchers_subscribing_while_the_job_changes_each_get_every_later_e
     hub = JobNotifications(dsn, store)
     await hub.start()
     await asyncio.wait_for(hub.connected.wait(), timeout=10)
-    job = await store.create_job(
+    job, _created = await store.create_job(
         user_id=str(uuid.uuid4()),
         prompt="watched",
         model="local",
