@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,45 +11,18 @@ from imagegen.generator.v1 import generator_service_pb2 as gen_pb
 from imagegen.generator.v1 import generator_service_pb2_grpc as gen_grpc
 
 from generator_service import server as generator_server
-from job_service.domain import GenerationDone, GenerationFailure, ImageStored, Job, JobStatus, Params
+from job_service.domain import GenerationDone, GenerationFailure, ImageStored, Job, Params
 from job_service.generator_client import GeneratorClient, channel_options
+from tests.support.jobs import a_job
 from tests.support.services import generator_settings
 
 
-def a_job(attempt: int = 1) -> Job:
-    now = datetime.now(UTC)
-    return Job(
-        id=str(uuid.uuid4()),
-        user_id=str(uuid.uuid4()),
-        status=JobStatus.GENERATING,
-        prompt="a lighthouse at dusk",
-        model="local",
-        params=Params(sample_count=1),
-        template_id=None,
-        request_id=None,
-        images=[],
-        filtered_count=0,
-        filtered_reasons=[],
-        error_code=None,
-        error_message=None,
-        attempt=attempt,
-        failed_attempts=0,
-        max_attempts=5,
-        credits_reserved=1,
-        credits_charged=0,
-        cancel_requested=False,
-        lease_owner="test",
-        created_at=now,
-        started_at=now,
-        updated_at=now,
-        completed_at=None,
-        next_attempt_at=now,
-        last_event_seq=2,
-    )
+def one_image_job(attempt: int = 1) -> Job:
+    return a_job(attempt=attempt, params=Params(sample_count=1), credits_reserved=1)
 
 
 async def run_attempt(client: GeneratorClient) -> list[Any]:
-    return [event async for event in client.generate(a_job())]
+    return [event async for event in client.generate(one_image_job())]
 
 
 async def test_a_stream_longer_than_several_keepalive_intervals_is_not_cut(tmp_path: Path) -> None:

@@ -4,45 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import uuid
-from datetime import UTC, datetime
 
 import pytest
 
 from job_service.dispatcher import after_failure, retry_delay
-from job_service.domain import GenerationFailure, Job, JobStatus, Params
+from job_service.domain import GenerationFailure, Job
+from tests.support.jobs import a_job
 
 
 def make_job(*, attempt: int, failed_attempts: int, max_attempts: int = 5) -> Job:
-    now = datetime.now(UTC)
-    return Job(
-        id=str(uuid.uuid4()),
-        user_id=str(uuid.uuid4()),
-        status=JobStatus.GENERATING,
-        prompt="a lighthouse",
-        model="local",
-        params=Params(),
-        template_id=None,
-        request_id=None,
-        images=[],
-        filtered_count=0,
-        filtered_reasons=[],
-        error_code=None,
-        error_message=None,
-        attempt=attempt,
-        failed_attempts=failed_attempts,
-        max_attempts=max_attempts,
-        credits_reserved=4,
-        credits_charged=0,
-        cancel_requested=False,
-        lease_owner="w1",
-        created_at=now,
-        started_at=now,
-        updated_at=now,
-        completed_at=None,
-        next_attempt_at=now,
-        last_event_seq=2,
-    )
+    return a_job(attempt=attempt, failed_attempts=failed_attempts, max_attempts=max_attempts)
 
 
 RETRYABLE = GenerationFailure("PROVIDER_UNAVAILABLE", "503 from the provider", retryable=True)
