@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from generator_service.domain import image_dimensions
-from tests.generator.fake_http import Exchange, FakeHttpServer, RecordedRequest, Reply
+from tests.generator.fake_http import Exchange, FakeService, RecordedRequest, Reply
 
 Fault = Callable[[Exchange], Awaitable[Reply]]
 
@@ -98,25 +98,10 @@ def hang(seconds: float = 10.0) -> Fault:
     return answer
 
 
-class _FakeService:
+class _FakeService(FakeService):
     def __init__(self) -> None:
         self.faults: deque[Fault] = deque()
-        self.http = FakeHttpServer(self._handle)
-
-    @property
-    def url(self) -> str:
-        return self.http.url
-
-    @property
-    def requests(self) -> list[RecordedRequest]:
-        return self.http.requests
-
-    async def start(self) -> _FakeService:
-        await self.http.start()
-        return self
-
-    async def stop(self) -> None:
-        await self.http.stop()
+        super().__init__()
 
     async def _handle(self, exchange: Exchange) -> Reply:
         if self.faults:

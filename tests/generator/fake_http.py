@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 
@@ -176,3 +176,28 @@ def _encode(reply: Reply) -> bytes:
     head = [f"HTTP/1.1 {reply.status} {phrase}", f"content-length: {len(reply.body)}"]
     head += [f"{name}: {value}" for name, value in reply.headers.items()]
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + reply.body
+
+
+class FakeService:
+    """A fake remote service: one FakeHttpServer answering with this object's `_handle`."""
+
+    def __init__(self) -> None:
+        self.http = FakeHttpServer(self._handle)
+
+    @property
+    def url(self) -> str:
+        return self.http.url
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        return self.http.requests
+
+    async def start(self) -> Self:
+        await self.http.start()
+        return self
+
+    async def stop(self) -> None:
+        await self.http.stop()
+
+    async def _handle(self, exchange: Exchange) -> Reply:
+        raise NotImplementedError

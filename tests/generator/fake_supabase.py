@@ -18,7 +18,7 @@ from email.parser import BytesParser
 from email.policy import HTTP
 
 from tests.generator.fake_google import Fault
-from tests.generator.fake_http import Exchange, FakeHttpServer, RecordedRequest, Reply
+from tests.generator.fake_http import Exchange, FakeService, RecordedRequest, Reply
 
 
 @dataclass
@@ -51,7 +51,7 @@ def _file_part(request: RecordedRequest) -> StoredObject:
     raise AssertionError("multipart upload without a `file` part")
 
 
-class FakeSupabaseStorage:
+class FakeSupabaseStorage(FakeService):
     def __init__(self, service_key: str = "test-service-key", bucket: str = "images", public: bool = True) -> None:
         self.service_key = service_key
         self.buckets = {bucket: public}
@@ -61,22 +61,7 @@ class FakeSupabaseStorage:
         # A misconfigured proxy that drops x-upsert: every upload then behaves as a first upload.
         self.ignore_upsert = False
         self.upload_faults: deque[Fault] = deque()
-        self.http = FakeHttpServer(self._handle)
-
-    @property
-    def url(self) -> str:
-        return self.http.url
-
-    @property
-    def requests(self) -> list[RecordedRequest]:
-        return self.http.requests
-
-    async def start(self) -> FakeSupabaseStorage:
-        await self.http.start()
-        return self
-
-    async def stop(self) -> None:
-        await self.http.stop()
+        super().__init__()
 
     async def _handle(self, exchange: Exchange) -> Reply:
         request = exchange.request
