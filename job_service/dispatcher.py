@@ -214,7 +214,6 @@ class Dispatcher:
             self._config.owner, min(room, self._config.claim_batch), self._config.lease_seconds
         )
         for job in jobs:
-            log.info("job claimed", job_id=job.id, user_id=job.user_id, attempt=job.attempt)
             task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
             self._running[job.id] = (job, task)
             task.add_done_callback(functools.partial(self._forget, job.id))
@@ -350,7 +349,6 @@ class Dispatcher:
                 to=JobStatus.CANCELLED,
                 message="cancelled by the user",
             )
-            log.info("job cancelled", job_id=job.id)
 
     async def _run(self, job: Job) -> None:
         failure: GenerationFailure | None = None
@@ -440,17 +438,7 @@ class Dispatcher:
         if writes:
             written = await self._write_batch(job, writes)
             if done is not None:
-                if len(written) == len(writes):
-                    log.info(
-                        "job completed",
-                        job_id=job.id,
-                        user_id=job.user_id,
-                        attempt=job.attempt,
-                        delivered=done.delivered_count,
-                        filtered=done.filtered_count,
-                        charged=written[-1].credits_charged,
-                    )
-                else:
+                if len(written) < len(writes):
                     log.warning("completion fenced out", job_id=job.id, attempt=job.attempt)
                 return True
             if len(written) < len(writes):
@@ -491,12 +479,10 @@ class Dispatcher:
                 message=failure.message,
                 count_failure=decision.count_failure,
             )
-            log.info("job failed", job_id=job.id, user_id=job.user_id, attempt=job.attempt, reason=failure.reason)
 
     async def _after_cancel(self, job: Job, reason: CancelReason) -> None:
         if reason == "user":
             await self._write(job, event=EventType.CANCELLED, to=JobStatus.CANCELLED, message="cancelled by the user")
-            log.info("job cancelled", job_id=job.id)
         elif reason == "shutdown":
             updated = await self._write(
                 job,
@@ -504,5 +490,4 @@ class Dispatcher:
                 to=JobStatus.PENDING,
                 message=f"handed back: worker {self._config.owner} is shutting down (shutdown)",
             )
-            log.info("job handed back", job_id=job.id, attempt=job.attempt)
             await self._cancel_if_requested(updated)

@@ -212,14 +212,6 @@ class JobManager:
             active_limit=self._policy.active_jobs_per_user,
             new_user_credits=self._policy.new_user_credits,
         )
-        log.info(
-            "job created",
-            job_id=job.id,
-            user_id=user_id,
-            model=model,
-            images=params.sample_count,
-            reserved=job.credits_reserved,
-        )
         return job
 
     def _merge_params(self, request: CreateJobInput, template: Template | None) -> Params:

@@ -21,6 +21,18 @@ log = structlog.get_logger("job_service.transitions")
 
 ACTIVE_STATES = (JobStatus.PENDING, JobStatus.GENERATING)
 CREDIT_KINDS = ("reserved", "captured", "released")
+_PROGRESS_EVENTS = frozenset({EventType.GENERATION_STARTED.value, EventType.IMAGE_STORED.value})
+
+
+def _transition_details(job: Job, event: str) -> dict[str, Any]:
+    """What an operator asks about a job at this transition, beyond the ids and the state."""
+    if event == EventType.CREATED.value:
+        return {"model": job.model, "images": job.params.sample_count, "reserved": job.credits_reserved}
+    if job.status is JobStatus.COMPLETED:
+        return {"delivered": len(job.images), "filtered": job.filtered_count, "charged": job.credits_charged}
+    if job.error_code and event in (EventType.FAILED.value, EventType.RETRY_SCHEDULED.value):
+        return {"reason": job.error_code}
+    return {}
 
 
 class JobMetrics:
@@ -63,13 +75,17 @@ class JobMetrics:
     def transition(self, job: Job, event: EventType | str) -> None:
         name = event.value if isinstance(event, EventType) else event
         self.transitions.labels(name, job.status.value).inc()
-        log.info(
+        # The one log line per transition (nothing else logs the lifecycle). Progress inside an attempt is
+        # DEBUG: the events table and WatchJob have it, and at INFO it would be most of a job's lines.
+        line = log.debug if name in _PROGRESS_EVENTS else log.info
+        line(
             "job transition",
             job_id=job.id,
             user_id=job.user_id,
             job_event=name,
             state=job.status.value,
             attempt=job.attempt,
+            **_transition_details(job, name),
         )
 
     async def refresh_queue(self, pool: asyncpg.Pool) -> None:
