@@ -18,6 +18,7 @@ import json
 from collections.abc import AsyncGenerator
 from typing import Any
 
+from generator_service.blocking import run_sized
 from generator_service.config import ModelSpec
 from generator_service.domain import FilteredImage, GeneratedImage, GenerationRequest
 from generator_service.providers.errors import bad_response, error_for_failure
@@ -87,7 +88,7 @@ def read_answer(
 ) -> GeneratedImage | FilteredImage:
     """Parses one :generateContent answer into its image (checked, in `mime_type`) or the refusal.
 
-    Blocking (JSON of a few MB, base64, Pillow): call it through asyncio.to_thread.
+    Blocking (JSON of a few MB, base64, Pillow): call it through blocking.run_sized.
     """
     try:
         document = json.loads(content)
@@ -129,8 +130,8 @@ class GeminiImageProvider:
             content = await self._http.post_json(model, self.generate_url(model), request_body(request), self._auth)
         except HttpFailure as failure:
             raise error_for_failure(failure, self.name, model.id) from None
-        return await asyncio.to_thread(
-            read_answer, content, index, request.output_mime_type, self._jpeg_quality, self.name
+        return await run_sized(
+            len(content), read_answer, content, index, request.output_mime_type, self._jpeg_quality, self.name
         )
 
     async def generate(

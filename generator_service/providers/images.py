@@ -1,7 +1,8 @@
 """Checks on image bytes a provider sent, before anything is stored or charged.
 
-These run in a worker thread (asyncio.to_thread): base64-decoding and parsing a 2K PNG take
-milliseconds of CPU that would otherwise stall every other stream on the event loop.
+Callers run them through `blocking.run_sized`: in a worker thread for real images (base64-decoding and
+parsing a 2K PNG take milliseconds of CPU that would otherwise stall every other stream on the event loop),
+inline for small ones, where the thread hop would cost more than the work.
 """
 
 from __future__ import annotations

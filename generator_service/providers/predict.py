@@ -9,12 +9,12 @@ See /work/shared/reference/external-apis.md §2 for the sources.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
+from generator_service.blocking import run_sized
 from generator_service.config import ModelSpec
 from generator_service.domain import (
     FilteredImage,
@@ -76,7 +76,7 @@ async def images_from_response(
     base64, so each prediction is popped off the parsed list and dropped once its image is yielded.
     """
     try:
-        document = await asyncio.to_thread(_parse, content)
+        document = await run_sized(len(content), _parse, content)
     except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError are both ValueErrors
         raise bad_response(provider, f"the body is not JSON ({exc})") from None
     del content
@@ -111,7 +111,9 @@ async def images_from_response(
             index += 1
             continue
         try:
-            checked = await asyncio.to_thread(decode_and_check, encoded, prediction.get("mimeType"), expected_size)
+            checked = await run_sized(
+                len(encoded), decode_and_check, encoded, prediction.get("mimeType"), expected_size
+            )
         except BadImage as exc:
             raise bad_response(provider, f"prediction {index}: {exc}") from None
         del encoded, prediction
