@@ -243,6 +243,7 @@ class _TraceContext:
 
     def _watch(self, call: Any, method: str, kind: str, fields: dict[str, Any]) -> None:
         started = time.perf_counter()
+        loop = asyncio.get_running_loop()
 
         async def finished() -> None:
             try:
@@ -257,9 +258,14 @@ class _TraceContext:
                 self._metrics.client_seconds.labels(service, name, kind, code).observe(seconds)
             log.info("rpc call", method=method, code=code, duration_ms=round(seconds * 1000, 2), **fields)
 
-        task = asyncio.get_running_loop().create_task(finished())
-        self._watchers.add(task)
-        task.add_done_callback(self._watchers.discard)
+        def done(_call: object) -> None:
+            # A task only once the call has ended (its code is ready then): nothing waits alongside each
+            # of thousands of long Generate streams.
+            task = loop.create_task(finished())
+            self._watchers.add(task)
+            task.add_done_callback(self._watchers.discard)
+
+        call.add_done_callback(done)
 
 
 class _UnaryTraceContext(_TraceContext, grpc.aio.UnaryUnaryClientInterceptor):
