@@ -1,4 +1,4 @@
-"""The HTTP side of every cloud provider: one shared httpx client, per-model limits, retries.
+"""The HTTP side of every cloud provider: its connection pools, per-model limits, retries.
 
 A provider hands over a JSON body and gets back the raw bytes of a 2xx answer, or an `HttpFailure`
 once retrying is pointless or the budget is spent. Turning failures into ServiceErrors is left to
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,6 +28,10 @@ log = structlog.get_logger(__name__)
 # 502 is not in Google's list, but it is what a load balancer says when a backend restarts: transient.
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _MAX_MESSAGE_CHARS = 500
+# httpcore walks every connection and every waiting request of its pool whenever a request starts or ends,
+# so one pool with thousands of long requests costs O(n) per event, O(n^2) in all: with 2,000 requests in
+# flight that walk was 44 % of the generator's CPU. Requests are spread over this many pools instead.
+POOL_LANES = 16
 
 
 @dataclass
@@ -95,12 +99,12 @@ def failure_from_response(response: httpx.Response) -> HttpFailure:
 
 
 class ProviderHttp:
-    """One per provider: owns its connection pool, its models' limiters and the retry loop."""
+    """One per provider: owns its connection pools, its models' limiters and the retry loop."""
 
     def __init__(
         self,
         provider: str,
-        client: httpx.AsyncClient,
+        clients: Sequence[httpx.AsyncClient],
         policy: RetryPolicy,
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -109,7 +113,8 @@ class ProviderHttp:
     ) -> None:
         self._provider = provider
         self._memory = memory
-        self._client = client
+        self._clients = list(clients)
+        self._in_flight = [0] * len(self._clients)
         self._policy = policy
         self._limits = ModelLimits()
         self._clock = clock
@@ -124,16 +129,19 @@ class ProviderHttp:
         read_timeout: float,
         policy: RetryPolicy,
         memory: MemoryBudget | None = None,
+        lanes: int = POOL_LANES,
     ) -> ProviderHttp:
         # No pool timeout: the per-model limiters already bound how many requests wait for a connection.
         timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=None)
         # No connection cap either: httpx's default of 100 would quietly hold every provider to 100 requests
         # in flight, whatever the models' max_concurrency says; those limiters are the cap. Idle connections
-        # kept: a few more than httpx's 20, not many more, because httpcore checks every idle connection
-        # (a syscall each) whenever a request starts or ends: 256 cost the bench's e2e burst about 25 %
-        # more generator CPU per job than 20 or 32.
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=32)
-        return cls(provider, httpx.AsyncClient(timeout=timeout, limits=limits), policy, memory=memory)
+        # kept: 8 per pool, 128 in all, because httpcore checks every idle connection of a pool (a syscall
+        # each) whenever a request starts or ends (256 in one pool cost the bench's e2e burst about 25 %
+        # more generator CPU per job than 32), and each idle one holds buffers.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=8)
+        tls = httpx.create_ssl_context()  # one CA bundle loaded, shared by every pool
+        clients = [httpx.AsyncClient(timeout=timeout, limits=limits, verify=tls) for _ in range(max(1, lanes))]
+        return cls(provider, clients, policy, memory=memory)
 
     async def post_json(self, model: ModelSpec, url: str, body: Mapping[str, Any], auth: RequestAuth) -> bytes:
         """POSTs `body` with retries; returns the 2xx body or raises HttpFailure.
@@ -188,9 +196,19 @@ class ProviderHttp:
         collector runs, and with it tens of MB of 2K images per answer (a 50-job 2K burst grew the process
         past 1.5 GB that way).
         """
-        response = await self._client.send(
-            self._client.build_request("POST", url, content=payload, headers=headers), stream=True
-        )
+        # The least busy pool (the first of equals, so a quiet service keeps reusing the same connections).
+        lane = self._in_flight.index(min(self._in_flight))
+        client = self._clients[lane]
+        self._in_flight[lane] += 1
+        try:
+            return await self._send_on(client, url, payload, headers)
+        finally:
+            self._in_flight[lane] -= 1
+
+    async def _send_on(
+        self, client: httpx.AsyncClient, url: str, payload: bytes, headers: Mapping[str, str]
+    ) -> tuple[httpx.Response, bytes]:
+        response = await client.send(client.build_request("POST", url, content=payload, headers=headers), stream=True)
         reserved = 0
         try:
             if not response.is_success:
@@ -211,4 +229,4 @@ class ProviderHttp:
             await response.aclose()
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await asyncio.gather(*(client.aclose() for client in self._clients))
