@@ -11,6 +11,10 @@ import pytest
 from generator_service.storage.local import LocalStorage, LocalStorageServer
 
 
+def files_under(folder: Path) -> list[Path]:
+    return [path for path in folder.rglob("*") if path.is_file()]
+
+
 async def test_images_small_and_large_are_stored_whole_and_served(tmp_path: Path) -> None:
     server = LocalStorageServer(tmp_path, "127.0.0.1", 0)
     server.start()
@@ -44,4 +48,4 @@ async def test_a_key_outside_the_bucket_is_refused(tmp_path: Path, path: str) ->
     storage = LocalStorage(tmp_path, "images", "http://127.0.0.1:1")
     with pytest.raises(ValueError, match="escapes the bucket"):
         await storage.upload(path, b"x", "image/png")
-    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+    assert not files_under(tmp_path)
