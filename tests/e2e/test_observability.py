@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,14 +49,6 @@ async def scrape(process: ServiceProcess) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def log_lines(process: ServiceProcess) -> list[dict[str, object]]:
-    lines = []
-    for line in process.log_path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            lines.append(json.loads(line))
-    return lines
 
 
 async def test_metrics_move_with_a_job_and_logs_carry_ids_and_one_trace(
@@ -118,7 +109,7 @@ async def test_metrics_move_with_a_job_and_logs_carry_ids_and_one_trace(
     assert moved(gen_before, gen_after, "imagegen_storage_upload_seconds_count", backend="local", outcome="ok") == 2
 
     # Logs: one JSON line per RPC and per transition, with the ids; one trace across both services.
-    job_log, gen_log = log_lines(jobs), log_lines(generator)
+    job_log, gen_log = jobs.log_entries(), generator.log_entries()
     create = [e for e in job_log if e["event"] == "rpc" and e["method"] == "/imagegen.job.v1.JobService/CreateJob"]
     assert len(create) == 1
     assert create[0]["code"] == "OK" and create[0]["job_id"] == job.id and create[0]["user_id"] == user

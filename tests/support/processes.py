@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -68,6 +70,11 @@ class ServiceProcess:
                 return self
             time.sleep(0.1)
         raise TimeoutError(f"{self.module} did not become healthy:\n{self.log_tail()}")
+
+    def log_entries(self) -> list[dict[str, Any]]:
+        """The JSON lines of the log (LOG_FORMAT=json), parsed."""
+        text = self.log_path.read_text(errors="replace")
+        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
