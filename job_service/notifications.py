@@ -4,6 +4,11 @@ Watchers never hold a database connection: a job's watchers share one feed, whic
 reads the new events once (job row and events from one snapshot) and hands them to every watcher.
 After the LISTEN connection is lost and re-established, every feed re-reads what it may have
 missed, so a watcher never skips an event.
+
+Events this process writes itself (its dispatcher runs the job) are handed to its watchers as soon as
+the write commits (`publish`, from JobStore.on_event_written), and the NOTIFY that follows finds every
+watcher already there and reads nothing. A watcher only ever takes the next seq, so a published event
+never jumps a gap; whatever is missing is read as before.
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ class _Feed:
     subscriptions: set[Subscription] = field(default_factory=set)
     # Set by every NOTIFY for the job (and after a reconnect): something newer may be committed.
     stale: bool = False
+    # The highest seq NOTIFY announced: a read is only needed while some watcher is behind it...
+    announced_seq: int = 0
+    # ...unless what is committed is unknown (a watcher's snapshot was just taken, the LISTEN
+    # connection came back, a read failed, a published event found a gap).
+    must_read: bool = False
     task: asyncio.Task[None] | None = None
 
 
@@ -48,7 +58,7 @@ class Subscription:
         self.last_seq = seq
         # Events committed between subscribing and this snapshot may already have been notified and
         # read for other watchers of the job: one read from this watcher's seq settles it.
-        self._hub._mark_stale(self._feed)
+        self._hub._mark_stale(self._feed, must_read=True)
 
     def close(self) -> None:
         self._hub._unsubscribe(self._feed, self)
@@ -100,8 +110,26 @@ class JobNotifications:
             if self._feeds.get(feed.job_id) is feed:
                 del self._feeds[feed.job_id]
 
-    def _mark_stale(self, feed: _Feed) -> None:
+    def publish(self, job: Job, event: JobEvent) -> None:
+        """An event this process just committed: to every watcher whose next event it is."""
+        feed = self._feeds.get(job.id)
+        if feed is None:
+            return
+        behind = False
+        for subscription in feed.subscriptions:
+            if subscription.last_seq is None:
+                continue  # not started: its snapshot and the read after it cover this event
+            if subscription.last_seq == event.seq - 1:
+                subscription.queue.put_nowait((job, event))
+                subscription.last_seq = event.seq
+            elif subscription.last_seq < event.seq - 1:
+                behind = True  # an earlier event (another replica's, say) is not here yet
+        if behind:
+            self._mark_stale(feed, must_read=True)
+
+    def _mark_stale(self, feed: _Feed, *, must_read: bool = False) -> None:
         feed.stale = True
+        feed.must_read = feed.must_read or must_read
         if feed.task is None or feed.task.done():
             feed.task = asyncio.create_task(self._pump(feed), name=f"feed-{feed.job_id}")
 
@@ -120,10 +148,13 @@ class JobNotifications:
                 return  # start_from marks the feed stale again
             feed.stale = False
             since = min(s.last_seq for s in started if s.last_seq is not None)
+            if not feed.must_read and since >= feed.announced_seq:
+                continue  # every watcher already has what was announced (published by this process)
+            feed.must_read = False
             try:
                 job, events = await self._store.job_and_events_after(feed.job_id, since)
             except Exception as exc:  # the database is away: read again once it is back
-                feed.stale = True
+                feed.stale = feed.must_read = True
                 log.warning("feed read failed; retrying", job_id=feed.job_id, error=str(exc) or type(exc).__name__)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
@@ -151,12 +182,13 @@ class JobNotifications:
             self._on_event(job_id, seq, event)
         feed = self._feeds.get(job_id)
         if feed is not None:
+            feed.announced_seq = max(feed.announced_seq, seq)
             self._mark_stale(feed)
 
     def _resync_all(self) -> None:
         # Unknown what was missed while disconnected: every feed reads whatever is newer.
         for feed in list(self._feeds.values()):
-            self._mark_stale(feed)
+            self._mark_stale(feed, must_read=True)
 
     async def _run(self) -> None:
         backoff = 0.2

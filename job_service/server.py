@@ -236,6 +236,7 @@ async def start(settings: JobSettings) -> JobApp:
     notifications = JobNotifications(
         dsn, store, on_event=dispatcher.on_notification, on_connection_change=health.database_reachable
     )
+    store.on_event_written(notifications.publish)  # this process's watchers get its writes without a read
     await notifications.start()
     with contextlib.suppress(TimeoutError):  # if not yet, health says NOT_SERVING until it is
         await asyncio.wait_for(notifications.connected.wait(), timeout=10.0)

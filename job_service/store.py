@@ -7,7 +7,7 @@ transaction); this module turns rows into domain objects and SQLSTATEs into Serv
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -167,9 +167,27 @@ def _batch_event(changes: dict[str, Any]) -> dict[str, Any]:
     return item
 
 
+EventListener = Callable[[Job, JobEvent], None]
+
+
 class JobStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self._listener: EventListener | None = None
+
+    def on_event_written(self, listener: EventListener) -> None:
+        """`listener(job, event)` after each job event this store commits (advance, advance_batch, claim).
+
+        The event is built from the row the write returned, exactly as a read of job_events would give it
+        (the event's `at` is the transaction's now(), which is also the row's updated_at), so this process's
+        watchers can have it without reading it back.
+        """
+        self._listener = listener
+
+    def _written(self, job: Job, event: EventType | str, message: str | None) -> None:
+        if self._listener is not None:
+            seq, kind, at = job.last_event_seq, EventType(event), job.updated_at
+            self._listener(job, JobEvent(job.id, seq, kind, job.status, job.attempt, at, message or ""))
 
     async def create_job(
         self,
@@ -330,7 +348,9 @@ class JobStore:
         # A composite NULL comes back as a row of NULLs.
         if row is None or row["id"] is None:
             return None
-        return job_from_row(row)
+        job = job_from_row(row)
+        self._written(job, event, message)
+        return job
 
     async def advance_batch(
         self, job_id: str, *, attempt: int, from_statuses: Sequence[JobStatus], events: Sequence[dict[str, Any]]
@@ -349,11 +369,17 @@ class JobStore:
             [s.value for s in from_statuses],
             [_batch_event(changes) for changes in events],
         )
-        return [job_from_row(row) for row in rows]
+        jobs = [job_from_row(row) for row in rows]
+        for job, changes in zip(jobs, events, strict=False):
+            self._written(job, changes["event"], changes.get("message"))
+        return jobs
 
     async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
         rows = await self._pool.fetch("SELECT * FROM imagegen_claim_jobs($1, $2, $3)", owner, limit, lease_seconds)
-        return [job_from_row(r) for r in rows]
+        jobs = [job_from_row(r) for r in rows]
+        for job in jobs:
+            self._written(job, EventType.ATTEMPT_STARTED, None)
+        return jobs
 
     async def renew_leases(self, owner: str, held: Sequence[tuple[str, int]], lease_seconds: float) -> dict[str, bool]:
         """Extends the leases this owner still holds: {job id: cancel_requested} for each one still held.

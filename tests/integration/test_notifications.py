@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from job_service.domain import EventType, JobStatus, Params
+from job_service.domain import EventType, JobStatus, Params, StoredImage
 from job_service.notifications import JobNotifications
 from job_service.store import JobStore, create_pool
 from tests.support.cluster import fresh_database
@@ -23,11 +23,14 @@ async def store_and_dsn(pg_server: str) -> AsyncIterator[tuple[JobStore, str]]:
         await pool.close()
 
 
+@pytest.mark.parametrize("writer", ["this process", "another process"])
 async def test_watchers_subscribing_while_the_job_changes_each_get_every_later_event_once(
-    store_and_dsn: tuple[JobStore, str],
+    store_and_dsn: tuple[JobStore, str], writer: str
 ) -> None:
     store, dsn = store_and_dsn
     hub = JobNotifications(dsn, store)
+    if writer == "this process":  # as server.py wires it: the writes reach the watchers without a read
+        store.on_event_written(hub.publish)
     await hub.start()
     await asyncio.wait_for(hub.connected.wait(), timeout=10)
     job, _created = await store.create_job(
@@ -85,3 +88,43 @@ async def test_watchers_subscribing_while_the_job_changes_each_get_every_later_e
     assert final == 1 + changes + 1
     for start, seqs in results[1:]:  # type: ignore[misc]
         assert seqs == list(range(start + 1, final + 1)), (start, seqs)
+
+
+async def test_an_event_published_by_its_writer_is_the_event_the_database_holds(
+    store_and_dsn: tuple[JobStore, str],
+) -> None:
+    store, dsn = store_and_dsn
+    hub = JobNotifications(dsn, store)
+    store.on_event_written(hub.publish)
+    await hub.start()
+    await asyncio.wait_for(hub.connected.wait(), timeout=10)
+    job, _created = await store.create_job(
+        user_id=str(uuid.uuid4()), prompt="published", model="local", params=Params(sample_count=1),
+        template_id=None, request_id=None, request_hash="x", price_per_image=3, max_attempts=5, active_limit=10,
+        new_user_credits=100,
+    )  # fmt: skip
+    subscription = hub.subscribe(job.id)
+    try:
+        subscription.start_from(job.last_event_seq)
+        [claimed] = await store.claim("worker-a", 1, 30.0)
+        image = StoredImage(0, "http://storage/0.png", "u/j/1/0.png", "image/png", 1024, 1024, 5000)
+        written = await store.advance_batch(
+            job.id, attempt=claimed.attempt, from_statuses=(JobStatus.GENERATING,),
+            events=[
+                {"event": EventType.GENERATION_STARTED, "message": "provider local"},
+                {"event": EventType.IMAGE_STORED, "image": image},
+                {"event": EventType.COMPLETED, "to": JobStatus.COMPLETED, "filtered_count": 0, "filtered_reasons": []},
+            ],
+        )  # fmt: skip
+        assert len(written) == 3
+        got = [await asyncio.wait_for(subscription.queue.get(), timeout=5) for _ in range(4)]
+    finally:
+        subscription.close()
+        await hub.stop()
+    _job, stored = await store.job_and_events_after(job.id, job.last_event_seq)
+    assert [event for _job, event in got] == stored  # seq, type, status, attempt, time and message alike
+    assert [event.type for event in stored] == [
+        EventType.ATTEMPT_STARTED, EventType.GENERATION_STARTED, EventType.IMAGE_STORED, EventType.COMPLETED,
+    ]  # fmt: skip
+    final, _event = got[-1]
+    assert final.status is JobStatus.COMPLETED and final.credits_charged == 3 and len(final.images) == 1

@@ -91,3 +91,33 @@ async def test_a_second_watcher_with_an_older_snapshot_gets_the_events_the_first
     assert first.queue.empty() and second.queue.empty(), "nothing twice"
     first.close()
     second.close()
+
+
+async def test_published_events_need_no_read_and_never_jump_a_gap() -> None:
+    store = SlowStore()
+    hub = JobNotifications("postgresql://unused", store)  # type: ignore[arg-type]
+    watcher = hub.subscribe(store.job_id)
+    watcher.start_from(1)
+    await asyncio.sleep(0.01)  # the read after the snapshot (nothing new yet)
+    reads = store.reads
+
+    # This process commits seq 2 and publishes it; its NOTIFY then finds the watcher up to date.
+    seq = store.commit(EventType.ATTEMPT_STARTED, JobStatus.GENERATING)
+    hub.publish(store.job(seq), store.events[seq - 1])
+    notify(hub, store, seq, EventType.ATTEMPT_STARTED)
+    assert await received(watcher, 1) == [2]
+    await asyncio.sleep(0.01)
+    assert store.reads == reads, "the NOTIFY of an event already delivered reads nothing"
+
+    # Another replica commits seq 3 (its NOTIFY is late); this process publishes seq 4: the watcher must not
+    # get 4 before 3, so the feed reads and delivers both in order.
+    store.commit(EventType.GENERATION_STARTED, JobStatus.GENERATING)
+    seq = store.commit(EventType.COMPLETED, JobStatus.COMPLETED)
+    hub.publish(store.job(seq), store.events[seq - 1])
+    assert await received(watcher, 2) == [3, 4]
+    assert store.reads == reads + 1
+    notify(hub, store, 3, EventType.GENERATION_STARTED)
+    notify(hub, store, 4, EventType.COMPLETED)
+    await asyncio.sleep(0.01)
+    assert watcher.queue.empty(), "nothing twice"
+    watcher.close()
