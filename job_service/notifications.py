@@ -6,9 +6,9 @@ After the LISTEN connection is lost and re-established, every feed re-reads what
 missed, so a watcher never skips an event.
 
 Events this process writes itself (its dispatcher runs the job) are handed to its watchers as soon as
-the write commits (`publish`, from JobStore.on_event_written), and the NOTIFY that follows finds every
-watcher already there and reads nothing. A watcher only ever takes the next seq, so a published event
-never jumps a gap; whatever is missing is read as before.
+the write answers (`publish`, from JobStore.on_event_written); a NOTIFY that finds every watcher already
+there, or this process's write to the job still under way, reads nothing. A watcher only ever takes
+the next seq, so a published event never jumps a gap; whatever is missing is read as before.
 """
 
 from __future__ import annotations
@@ -148,8 +148,16 @@ class JobNotifications:
                 return  # start_from marks the feed stale again
             feed.stale = False
             since = min(s.last_seq for s in started if s.last_seq is not None)
-            if not feed.must_read and since >= feed.announced_seq:
-                continue  # every watcher already has what was announced (published by this process)
+            if not feed.must_read:
+                if since >= feed.announced_seq:
+                    continue  # every watcher already has what was announced (published by this process)
+                writing = self._store.write_in_flight(feed.job_id)
+                if writing is not None:
+                    # This process is writing to the job, and the NOTIFY of its commit beat the write's
+                    # own answer, which brings the same events: wait for it, then look again.
+                    await writing.wait()
+                    feed.stale = True
+                    continue
             feed.must_read = False
             try:
                 job, events = await self._store.job_and_events_after(feed.job_id, since)

@@ -6,8 +6,11 @@ transaction); this module turns rows into domain objects and SQLSTATEs into Serv
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -170,10 +173,19 @@ def _batch_event(changes: dict[str, Any]) -> dict[str, Any]:
 EventListener = Callable[[Job, JobEvent], None]
 
 
+@dataclass
+class _Writes:
+    """This process's writes to one job that have not answered yet."""
+
+    count: int = 0
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class JobStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self._listener: EventListener | None = None
+        self._writes: dict[str, _Writes] = {}
 
     def on_event_written(self, listener: EventListener) -> None:
         """`listener(job, event)` after each job event this store commits (advance, advance_batch, claim).
@@ -183,6 +195,27 @@ class JobStore:
         watchers can have it without reading it back.
         """
         self._listener = listener
+
+    def write_in_flight(self, job_id: str) -> asyncio.Event | None:
+        """Set once this process's writes to the job now under way have answered (and been published)."""
+        writes = self._writes.get(job_id)
+        return writes.ended if writes is not None else None
+
+    @contextlib.contextmanager
+    def _writing(self, job_id: str) -> Iterator[None]:
+        # The NOTIFY of a commit often reaches the LISTEN connection before the write's own answer does;
+        # a watcher's feed that sees the write still under way waits for its publish instead of reading.
+        writes = self._writes.get(job_id)
+        if writes is None:
+            writes = self._writes[job_id] = _Writes()
+        writes.count += 1
+        try:
+            yield
+        finally:
+            writes.count -= 1
+            if writes.count == 0:
+                del self._writes[job_id]
+                writes.ended.set()
 
     def _written(self, job: Job, event: EventType | str, message: str | None) -> None:
         if self._listener is not None:
@@ -324,33 +357,34 @@ class JobStore:
         only_if_lease_expired: bool = False,
     ) -> Job | None:
         """Applies one event; None when the fence refused it (the caller no longer holds the job)."""
-        row = await self._pool.fetchrow(
-            """SELECT * FROM imagegen_advance(
-                   p_id => $1, p_attempt => $2, p_from => $3, p_event => $4, p_to => $5, p_message => $6,
-                   p_error_code => $7, p_image => $8, p_filtered => $9, p_filtered_reasons => $10,
-                   p_retry_delay => $11, p_cancel_requested => $12, p_count_failure => $13,
-                   p_only_if_lease_expired => $14)""",
-            job_id,
-            attempt,
-            [s.value for s in from_statuses],
-            event.value,
-            to.value if to else None,
-            message,
-            error_code,
-            image.__dict__ if image else None,
-            filtered_count,
-            list(filtered_reasons) if filtered_reasons is not None else None,
-            retry_delay,
-            cancel_requested,
-            count_failure,
-            only_if_lease_expired,
-        )
-        # A composite NULL comes back as a row of NULLs.
-        if row is None or row["id"] is None:
-            return None
-        job = job_from_row(row)
-        self._written(job, event, message)
-        return job
+        with self._writing(job_id):
+            row = await self._pool.fetchrow(
+                """SELECT * FROM imagegen_advance(
+                       p_id => $1, p_attempt => $2, p_from => $3, p_event => $4, p_to => $5, p_message => $6,
+                       p_error_code => $7, p_image => $8, p_filtered => $9, p_filtered_reasons => $10,
+                       p_retry_delay => $11, p_cancel_requested => $12, p_count_failure => $13,
+                       p_only_if_lease_expired => $14)""",
+                job_id,
+                attempt,
+                [s.value for s in from_statuses],
+                event.value,
+                to.value if to else None,
+                message,
+                error_code,
+                image.__dict__ if image else None,
+                filtered_count,
+                list(filtered_reasons) if filtered_reasons is not None else None,
+                retry_delay,
+                cancel_requested,
+                count_failure,
+                only_if_lease_expired,
+            )
+            # A composite NULL comes back as a row of NULLs.
+            if row is None or row["id"] is None:
+                return None
+            job = job_from_row(row)
+            self._written(job, event, message)
+            return job
 
     async def advance_batch(
         self, job_id: str, *, attempt: int, from_statuses: Sequence[JobStatus], events: Sequence[dict[str, Any]]
@@ -362,17 +396,18 @@ class JobStore:
         after each event applied; fewer jobs than events means the fence refused the next one (the caller
         no longer holds the job) and nothing after it was written.
         """
-        rows = await self._pool.fetch(
-            "SELECT * FROM imagegen_advance_batch($1, $2, $3, $4)",
-            job_id,
-            attempt,
-            [s.value for s in from_statuses],
-            [_batch_event(changes) for changes in events],
-        )
-        jobs = [job_from_row(row) for row in rows]
-        for job, changes in zip(jobs, events, strict=False):
-            self._written(job, changes["event"], changes.get("message"))
-        return jobs
+        with self._writing(job_id):
+            rows = await self._pool.fetch(
+                "SELECT * FROM imagegen_advance_batch($1, $2, $3, $4)",
+                job_id,
+                attempt,
+                [s.value for s in from_statuses],
+                [_batch_event(changes) for changes in events],
+            )
+            jobs = [job_from_row(row) for row in rows]
+            for job, changes in zip(jobs, events, strict=False):
+                self._written(job, changes["event"], changes.get("message"))
+            return jobs
 
     async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
         rows = await self._pool.fetch("SELECT * FROM imagegen_claim_jobs($1, $2, $3)", owner, limit, lease_seconds)
