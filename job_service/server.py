@@ -27,6 +27,7 @@ from imagegen_common.transport import check_client, check_listener, target_is_lo
 from job_service.auth import JwksKeys, TokenVerifier
 from job_service.config import ConfigurationError, JobSettings
 from job_service.dispatcher import Dispatcher, DispatcherConfig
+from job_service.domain import Job, JobEvent
 from job_service.generator_client import GeneratorClient
 from job_service.jobs import JobManager, JobPolicy
 from job_service.metrics import InstrumentedJobStore, JobMetrics
@@ -236,7 +237,15 @@ async def start(settings: JobSettings) -> JobApp:
     notifications = JobNotifications(
         dsn, store, on_event=dispatcher.on_notification, on_connection_change=health.database_reachable
     )
-    store.on_event_written(notifications.publish)  # this process's watchers get its writes without a read
+
+    def written_here(job: Job, event: JobEvent) -> None:
+        # What this process commits reaches its own watchers without a read, and its dispatcher (a new job
+        # to claim, a cancel to act on) without waiting for the NOTIFY to come back; the NOTIFY still comes
+        # and finds nothing left to do.
+        notifications.publish(job, event)
+        dispatcher.on_notification(job.id, event.seq, event.type)
+
+    store.on_event_written(written_here)
     await notifications.start()
     with contextlib.suppress(TimeoutError):  # if not yet, health says NOT_SERVING until it is
         await asyncio.wait_for(notifications.connected.wait(), timeout=10.0)

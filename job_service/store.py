@@ -188,7 +188,7 @@ class JobStore:
         self._writes: dict[str, _Writes] = {}
 
     def on_event_written(self, listener: EventListener) -> None:
-        """`listener(job, event)` after each job event this store commits (advance, advance_batch, claim).
+        """`listener(job, event)` after each job event this store commits (create, advance, advance_batch, claim).
 
         The event is built from the row the write returned, exactly as a read of job_events would give it
         (the event's `at` is the transaction's now(), which is also the row's updated_at), so this process's
@@ -261,7 +261,10 @@ class JobStore:
                 raise
             raise ServiceError(mapped[0], mapped[1], exc.args[0] if exc.args else str(exc)) from exc
         assert row is not None
-        return job_from_row(row), bool(row["created"])
+        job, created = job_from_row(row), bool(row["created"])
+        if created:
+            self._written(job, EventType.CREATED, None)
+        return job, created
 
     async def get_job(self, job_id: str) -> Job | None:
         row = await self._pool.fetchrow("SELECT * FROM generation_jobs WHERE id = $1", job_id)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from job_service.domain import EventType, JobStatus, Params, StoredImage
+from job_service.domain import EventType, Job, JobStatus, Params, StoredImage
 from job_service.notifications import JobNotifications
 from job_service.store import JobStore, create_pool
 from tests.support.cluster import fresh_database
@@ -128,3 +128,24 @@ async def test_an_event_published_by_its_writer_is_the_event_the_database_holds(
     ]  # fmt: skip
     final, _event = got[-1]
     assert final.status is JobStatus.COMPLETED and final.credits_charged == 3 and len(final.images) == 1
+
+
+async def test_the_writer_hears_of_a_created_job_once_and_not_of_its_idempotent_replay(
+    store_and_dsn: tuple[JobStore, str],
+) -> None:
+    store, _dsn = store_and_dsn
+    heard: list[tuple[str, int, EventType]] = []
+    store.on_event_written(lambda job, event: heard.append((job.id, event.seq, event.type)))
+
+    async def create() -> tuple[Job, bool]:
+        return await store.create_job(
+            user_id=user, prompt="once", model="local", params=Params(sample_count=1), template_id=None,
+            request_id="same-request", request_hash="h", price_per_image=1, max_attempts=5, active_limit=10,
+            new_user_credits=100,
+        )  # fmt: skip
+
+    user = str(uuid.uuid4())
+    first, created = await create()
+    again, created_again = await create()
+    assert (created, created_again) == (True, False) and again.id == first.id
+    assert heard == [(first.id, 1, EventType.CREATED)]
