@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import structlog
 
 from imagegen_common.errors import ErrorKind, ServiceError
 from job_service.domain import (
@@ -27,6 +28,8 @@ from job_service.domain import (
     StoredImage,
     Template,
 )
+
+log = structlog.get_logger(__name__)
 
 NOTIFY_CHANNEL = "imagegen_jobs"
 
@@ -218,9 +221,15 @@ class JobStore:
                 writes.ended.set()
 
     def _written(self, job: Job, event: EventType | str, message: str | None) -> None:
-        if self._listener is not None:
-            seq, kind, at = job.last_event_seq, EventType(event), job.updated_at
+        if self._listener is None:
+            return
+        seq, kind, at = job.last_event_seq, EventType(event), job.updated_at
+        try:
             self._listener(job, JobEvent(job.id, seq, kind, job.status, job.attempt, at, message or ""))
+        except Exception:
+            # The write has committed; a listener's fault must not make it look failed (the NOTIFY and a
+            # read still bring the event to the watchers).
+            log.exception("event listener failed", job_id=job.id, seq=seq)
 
     async def create_job(
         self,

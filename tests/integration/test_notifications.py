@@ -149,3 +149,23 @@ async def test_the_writer_hears_of_a_created_job_once_and_not_of_its_idempotent_
     again, created_again = await create()
     assert (created, created_again) == (True, False) and again.id == first.id
     assert heard == [(first.id, 1, EventType.CREATED)]
+
+
+async def test_a_failing_listener_does_not_make_a_committed_write_look_failed(
+    store_and_dsn: tuple[JobStore, str],
+) -> None:
+    store, _dsn = store_and_dsn
+
+    def broken(_job: Job, _event: object) -> None:
+        raise RuntimeError("listener bug")
+
+    store.on_event_written(broken)
+    job, created = await store.create_job(
+        user_id=str(uuid.uuid4()), prompt="kept", model="local", params=Params(sample_count=1), template_id=None,
+        request_id=None, request_hash="h", price_per_image=1, max_attempts=5, active_limit=10, new_user_credits=100,
+    )  # fmt: skip
+    cancelled = await store.advance(
+        job.id, attempt=None, from_statuses=(JobStatus.PENDING,), event=EventType.CANCELLED, to=JobStatus.CANCELLED
+    )
+    assert created and cancelled is not None and cancelled.status is JobStatus.CANCELLED
+    assert (await store.get_job(job.id)).status is JobStatus.CANCELLED  # type: ignore[union-attr]
