@@ -113,36 +113,28 @@ class InstrumentedJobStore(JobStore):
         self._db = pool
         self._metrics = metrics
 
+    def _written(self, job: Job, event: EventType | str, message: str | None) -> None:
+        # Every event this store commits passes here once (an idempotent replay of CreateJob is not one).
+        self._metrics.transition(job, event)
+        super()._written(job, event, message)
+
     async def create_job(self, **kwargs: Any) -> tuple[Job, bool]:
-        # An idempotent retry returns the job made earlier; only the call that made it counts it (the database
-        # says which one did, in the same round trip).
         job, created = await super().create_job(**kwargs)
-        if created:
-            self._metrics.transition(job, EventType.CREATED)
+        if created:  # the database says whether this call made the job, in the same round trip
             self._metrics.credits.labels("reserved").inc(job.credits_reserved)
         return job, created
 
     async def advance(self, job_id: str, **kwargs: Any) -> Job | None:
         job = await super().advance(job_id, **kwargs)
-        if job is None:
-            return None
-        self._metrics.transition(job, kwargs["event"])
-        if kwargs.get("to") is not None and job.status.terminal:
+        if job is not None and kwargs.get("to") is not None and job.status.terminal:
             await self._count_settlement(job)
         return job
 
     async def advance_batch(self, job_id: str, **kwargs: Any) -> list[Job]:
         jobs = await super().advance_batch(job_id, **kwargs)
         for job, changes in zip(jobs, kwargs["events"], strict=False):
-            self._metrics.transition(job, changes["event"])
             if changes.get("to") is not None and job.status.terminal:
                 await self._count_settlement(job)
-        return jobs
-
-    async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
-        jobs = await super().claim(owner, limit, lease_seconds)
-        for job in jobs:
-            self._metrics.transition(job, EventType.ATTEMPT_STARTED)
         return jobs
 
     async def _count_settlement(self, job: Job) -> None:

@@ -221,6 +221,7 @@ class JobStore:
                 writes.ended.set()
 
     def _written(self, job: Job, event: EventType | str, message: str | None) -> None:
+        """Each job event this store commits, once, right after its write answered."""
         if self._listener is None:
             return
         seq, kind, at = job.last_event_seq, EventType(event), job.updated_at
