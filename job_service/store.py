@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import structlog
@@ -28,6 +28,7 @@ from job_service.domain import (
     StoredImage,
     Template,
 )
+from job_service.group_commit import GroupCommit
 
 log = structlog.get_logger(__name__)
 
@@ -184,9 +185,36 @@ class _Writes:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class _NewJob(NamedTuple):
+    """One CreateJob's write: imagegen_create_job_v2's parameters, in its order, under their SQL names."""
+
+    user: str
+    prompt: str
+    model: str
+    params: dict[str, Any]
+    template_id: str | None
+    request_id: str | None
+    request_hash: str
+    price: int
+    sample_count: int
+    max_attempts: int
+    active_limit: int
+    new_user_credits: int
+
+
+# Group commit of creates: up to CREATE_CALLS calls at once, the creates that arrive meanwhile share the
+# next one, up to CREATE_BATCH in it. Each batched create is a subtransaction; PostgreSQL keeps 64 of them
+# per transaction in shared memory before it spills, so a batch stays below that.
+CREATE_BATCH = 32
+CREATE_CALLS = 4
+
+
 class JobStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self._creates: GroupCommit[_NewJob, tuple[Job, bool]] = GroupCommit(
+            self._create_one, self._create_many, max_batch=CREATE_BATCH, max_calls=CREATE_CALLS
+        )
         self._listener: EventListener | None = None
         self._writes: dict[str, _Writes] = {}
 
@@ -248,22 +276,32 @@ class JobStore:
         new_user_credits: int,
     ) -> tuple[Job, bool]:
         """The job, and whether this call made it (False: an idempotent replay of an earlier request)."""
+        job, created = await self._creates.submit(
+            _NewJob(
+                user=user_id,
+                prompt=prompt,
+                model=model,
+                params=params.as_dict(),
+                template_id=template_id,
+                request_id=request_id,
+                request_hash=request_hash,
+                price=price_per_image,
+                sample_count=params.sample_count,
+                max_attempts=max_attempts,
+                active_limit=active_limit,
+                new_user_credits=new_user_credits,
+            )
+        )
+        if created:
+            self._written(job, EventType.CREATED, None)
+        return job, created
+
+    async def _create_one(self, new: _NewJob) -> tuple[Job, bool]:
         try:
             row = await self._pool.fetchrow(
                 """SELECT (r.job).*, r.created
                    FROM imagegen_create_job_v2($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) r""",
-                user_id,
-                prompt,
-                model,
-                params.as_dict(),
-                template_id,
-                request_id,
-                request_hash,
-                price_per_image,
-                params.sample_count,
-                max_attempts,
-                active_limit,
-                new_user_credits,
+                *new,
             )
         except asyncpg.PostgresError as exc:
             mapped = _CREATE_ERRORS.get(exc.sqlstate or "")
@@ -271,10 +309,30 @@ class JobStore:
                 raise
             raise ServiceError(mapped[0], mapped[1], exc.args[0] if exc.args else str(exc)) from exc
         assert row is not None
-        job, created = job_from_row(row), bool(row["created"])
-        if created:
-            self._written(job, EventType.CREATED, None)
-        return job, created
+        return job_from_row(row), bool(row["created"])
+
+    async def _create_many(self, batch: list[_NewJob]) -> list[tuple[Job, bool] | BaseException]:
+        # Sorted by user (stable: one user's creates keep their order), so that every batch takes the account
+        # locks in the same order and two batches in flight at once never deadlock.
+        order = sorted(range(len(batch)), key=lambda i: batch[i].user)
+        rows = await self._pool.fetch(
+            """SELECT r.idx, (r.job).*, r.created, r.error_code, r.error_message
+               FROM imagegen_create_jobs($1) r""",
+            [batch[i]._asdict() for i in order],
+        )
+        outcomes: list[tuple[Job, bool] | BaseException] = [
+            RuntimeError("imagegen_create_jobs left this job out")
+        ] * len(batch)
+        for row in rows:
+            position = order[row["idx"] - 1]
+            mapped = _CREATE_ERRORS.get(row["error_code"] or "")
+            if row["error_code"] is None:
+                outcomes[position] = (job_from_row(row), bool(row["created"]))
+            elif mapped is not None:
+                outcomes[position] = ServiceError(mapped[0], mapped[1], row["error_message"])
+            else:
+                outcomes[position] = RuntimeError(f"create failed: {row['error_code']} {row['error_message']}")
+        return outcomes
 
     async def get_job(self, job_id: str) -> Job | None:
         row = await self._pool.fetchrow("SELECT * FROM generation_jobs WHERE id = $1", job_id)

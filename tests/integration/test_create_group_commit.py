@@ -1,0 +1,109 @@
+"""Creates that arrive together share one database call, and each gets exactly the answer it would alone.
+
+Sixty creates at once for a handful of users: the first few go alone, the rest in batches (counted), and
+the credit, active-job and request_id rules hold per user exactly as they do one create at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from imagegen_common.errors import ServiceError
+from job_service.domain import Job, Params
+from job_service.store import JobStore, _NewJob, create_pool
+from tests.support.cluster import fresh_database
+from tests.support.ledger import assert_credits_consistent
+
+
+class CountingStore(JobStore):
+    """Counts the batched calls, so the test knows the batch path is the one it checked."""
+
+    batches: list[int]
+
+    async def _create_many(self, batch: list[_NewJob]) -> list[tuple[Job, bool] | BaseException]:
+        self.batches.append(len(batch))
+        return await super()._create_many(batch)
+
+
+@pytest.fixture
+async def store(pg_server: str) -> AsyncIterator[tuple[CountingStore, str]]:
+    async with fresh_database(pg_server) as url:
+        pool = await create_pool(url, min_size=1, max_size=4, statement_cache_size=100)
+        counting = CountingStore(pool)
+        counting.batches = []
+        yield counting, url
+        await pool.close()
+
+
+def create(store: JobStore, user: str, *, request_id: str | None = None, prompt: str = "a", limit: int = 100) -> Any:
+    return store.create_job(
+        user_id=user,
+        prompt=prompt,
+        model="local",
+        params=Params(sample_count=2),
+        template_id=None,
+        request_id=request_id,
+        request_hash=prompt,
+        price_per_image=1,
+        max_attempts=3,
+        active_limit=limit,
+        new_user_credits=0,
+    )
+
+
+async def test_batched_creates_follow_every_rule_per_user(store: tuple[CountingStore, str]) -> None:
+    jobs, url = store
+    poor = [str(uuid.uuid4()) for _ in range(8)]  # 7 credits: three jobs of 2 images, then too few
+    capped = str(uuid.uuid4())  # plenty of credits, at most two active jobs
+    replaying = str(uuid.uuid4())  # the same request_id three times, once with a different request
+    for user in poor:
+        await jobs.grant_credits(user, 7, "test", None, 0)
+    await jobs.grant_credits(capped, 100, "test", None, 0)
+    await jobs.grant_credits(replaying, 100, "test", None, 0)
+
+    calls: list[tuple[str, Any]] = [(user, create(jobs, user, prompt=f"p{i}")) for i in range(5) for user in poor]
+    calls += [(capped, create(jobs, capped, prompt=f"c{i}", limit=2)) for i in range(5)]
+    calls += [
+        (replaying, create(jobs, replaying, request_id="r1", prompt="same")),
+        (replaying, create(jobs, replaying, request_id="r1", prompt="same")),
+        (replaying, create(jobs, replaying, request_id="r1", prompt="different")),
+    ]
+    outcomes = await asyncio.gather(*(call for _, call in calls), return_exceptions=True)
+
+    assert sum(jobs.batches) >= 30, f"the batch path was hardly used: {jobs.batches}"
+    assert max(jobs.batches) > 1
+    made: Counter[str] = Counter()
+    refused: Counter[tuple[str, str]] = Counter()
+    for (user, _), outcome in zip(calls, outcomes, strict=True):
+        if isinstance(outcome, ServiceError):
+            refused[user, outcome.reason] += 1
+        else:
+            assert not isinstance(outcome, BaseException), repr(outcome)
+            job, created = outcome
+            assert job.user_id == user and job.credits_reserved == 2
+            made[user] += created
+    for user in poor:
+        assert made[user] == 3 and refused[user, "INSUFFICIENT_CREDITS"] == 2
+    assert made[capped] == 2 and refused[capped, "TOO_MANY_ACTIVE_JOBS"] == 3
+    assert made[replaying] == 1 and refused[replaying, "REQUEST_ID_REUSED"] == 1
+    replays = [o for (u, _), o in zip(calls, outcomes, strict=True) if u == replaying and isinstance(o, tuple)]
+    assert len(replays) == 2 and replays[0][0].id == replays[1][0].id  # the replay answers the same job
+
+    conn = await asyncpg.connect(url)
+    try:
+        balances = {str(r["user_id"]): r["balance"] for r in await conn.fetch("SELECT * FROM credit_accounts")}
+        assert all(balances[user] == 1 for user in poor)
+        assert balances[capped] == 96 and balances[replaying] == 98
+        assert await conn.fetchval("SELECT count(*) FROM generation_jobs") == 8 * 3 + 2 + 1
+        events = await conn.fetchval("SELECT count(*) FROM job_events WHERE type = 'created'")
+        assert events == 8 * 3 + 2 + 1
+        await assert_credits_consistent(conn)
+    finally:
+        await conn.close()
