@@ -315,11 +315,19 @@ class JobStore:
         # Sorted by user (stable: one user's creates keep their order), so that every batch takes the account
         # locks in the same order and two batches in flight at once never deadlock.
         order = sorted(range(len(batch)), key=lambda i: batch[i].user)
-        rows = await self._pool.fetch(
-            """SELECT r.idx, (r.job).*, r.created, r.error_code, r.error_message
-               FROM imagegen_create_jobs($1) r""",
-            [batch[i]._asdict() for i in order],
-        )
+        try:
+            rows = await self._pool.fetch(
+                """SELECT r.idx, (r.job).*, r.created, r.error_code, r.error_message
+                   FROM imagegen_create_jobs($1) r""",
+                [batch[i]._asdict() for i in order],
+            )
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, CONNECTION_ERRORS):
+                raise  # it may have committed: every caller gets the error, as a lone create's caller would
+            # The server refused the call, so none of it committed. One create's own fault (anything but the
+            # create rules, which the function answers per item) must not fail the others: each goes again alone.
+            log.warning("batched create failed; creating one by one", jobs=len(batch), error=repr(exc))
+            return list(await asyncio.gather(*(self._create_one(new) for new in batch), return_exceptions=True))
         outcomes: list[tuple[Job, bool] | BaseException] = [
             RuntimeError("imagegen_create_jobs left this job out")
         ] * len(batch)

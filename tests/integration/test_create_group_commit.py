@@ -107,3 +107,39 @@ async def test_batched_creates_follow_every_rule_per_user(store: tuple[CountingS
         await assert_credits_consistent(conn)
     finally:
         await conn.close()
+
+
+async def test_a_create_that_breaks_its_batch_fails_alone(store: tuple[CountingStore, str]) -> None:
+    """Any fault but the create rules aborts the whole batched call; the others are then made one by one."""
+    jobs, url = store
+    users = [str(uuid.uuid4()) for _ in range(12)]
+    for user in users:
+        await jobs.grant_credits(user, 10, "test", None, 0)
+
+    def broken(user: str) -> Any:  # max_attempts 0 breaks a CHECK constraint: no create rule answers it
+        return jobs.create_job(
+            user_id=user,
+            prompt="x",
+            model="local",
+            params=Params(sample_count=2),
+            template_id=None,
+            request_id=None,
+            request_hash="x",
+            price_per_image=1,
+            max_attempts=0,
+            active_limit=100,
+            new_user_credits=0,
+        )
+
+    calls = [broken(user) if i == 7 else create(jobs, user) for i, user in enumerate(users)]
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+
+    assert jobs.batches and max(jobs.batches) > 1
+    assert isinstance(outcomes[7], asyncpg.CheckViolationError)
+    assert all(isinstance(o, tuple) and o[1] for i, o in enumerate(outcomes) if i != 7)
+    conn = await asyncpg.connect(url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM generation_jobs") == 11
+        await assert_credits_consistent(conn)
+    finally:
+        await conn.close()
