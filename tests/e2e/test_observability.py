@@ -103,6 +103,15 @@ async def test_metrics_move_with_a_job_and_logs_carry_ids_and_one_trace(
         )
         == 1
     )
+    # The process itself, on both: the standard process/python collectors, and the cycle collector's pauses
+    # (the full collection each service makes once it is up is the first one counted).
+    for samples in (job_after, gen_after):
+        assert value(samples, "process_resident_memory_bytes") > 10_000_000
+        assert value(samples, "python_gc_pause_seconds_count", generation="2") >= 1
+        assert value(samples, "python_gc_pause_seconds_bucket", generation="2", le="+Inf") == value(
+            samples, "python_gc_pause_seconds_count", generation="2"
+        )
+
     local = {"provider": "local", "model": "local"}
     assert moved(gen_before, gen_after, "imagegen_provider_seconds_count", **local, outcome="ok") == 1
     assert moved(gen_before, gen_after, "imagegen_provider_images_total", **local, result="returned") == 2
