@@ -42,7 +42,15 @@ async def store(pg_server: str) -> AsyncIterator[tuple[CountingStore, str]]:
         await pool.close()
 
 
-def create(store: JobStore, user: str, *, request_id: str | None = None, prompt: str = "a", limit: int = 100) -> Any:
+def create(
+    store: JobStore,
+    user: str,
+    *,
+    request_id: str | None = None,
+    prompt: str = "a",
+    limit: int = 100,
+    max_attempts: int = 3,
+) -> Any:
     return store.create_job(
         user_id=user,
         prompt=prompt,
@@ -52,7 +60,7 @@ def create(store: JobStore, user: str, *, request_id: str | None = None, prompt:
         request_id=request_id,
         request_hash=prompt,
         price_per_image=1,
-        max_attempts=3,
+        max_attempts=max_attempts,
         active_limit=limit,
         new_user_credits=0,
     )
@@ -116,22 +124,8 @@ async def test_a_create_that_breaks_its_batch_fails_alone(store: tuple[CountingS
     for user in users:
         await jobs.grant_credits(user, 10, "test", None, 0)
 
-    def broken(user: str) -> Any:  # max_attempts 0 breaks a CHECK constraint: no create rule answers it
-        return jobs.create_job(
-            user_id=user,
-            prompt="x",
-            model="local",
-            params=Params(sample_count=2),
-            template_id=None,
-            request_id=None,
-            request_hash="x",
-            price_per_image=1,
-            max_attempts=0,
-            active_limit=100,
-            new_user_credits=0,
-        )
-
-    calls = [broken(user) if i == 7 else create(jobs, user) for i, user in enumerate(users)]
+    # max_attempts 0 breaks a CHECK constraint: no create rule answers it, so the whole batched call fails.
+    calls = [create(jobs, user, max_attempts=0 if i == 7 else 3) for i, user in enumerate(users)]
     outcomes = await asyncio.gather(*calls, return_exceptions=True)
 
     assert jobs.batches and max(jobs.batches) > 1
