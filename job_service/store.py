@@ -50,6 +50,12 @@ _CREATE_ERRORS = {
 }
 
 
+def _create_refusal(sqlstate: str | None, message: str) -> ServiceError | None:
+    """The caller's error for a create the rules refused (credits, active jobs, request_id reuse), else None."""
+    mapped = _CREATE_ERRORS.get(sqlstate or "")
+    return ServiceError(mapped[0], mapped[1], message) if mapped is not None else None
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
@@ -304,10 +310,10 @@ class JobStore:
                 *new,
             )
         except asyncpg.PostgresError as exc:
-            mapped = _CREATE_ERRORS.get(exc.sqlstate or "")
-            if mapped is None:
+            refusal = _create_refusal(exc.sqlstate, exc.args[0] if exc.args else str(exc))
+            if refusal is None:
                 raise
-            raise ServiceError(mapped[0], mapped[1], exc.args[0] if exc.args else str(exc)) from exc
+            raise refusal from exc
         assert row is not None
         return job_from_row(row), bool(row["created"])
 
@@ -333,13 +339,12 @@ class JobStore:
         ] * len(batch)
         for row in rows:
             position = order[row["idx"] - 1]
-            mapped = _CREATE_ERRORS.get(row["error_code"] or "")
             if row["error_code"] is None:
                 outcomes[position] = (job_from_row(row), bool(row["created"]))
-            elif mapped is not None:
-                outcomes[position] = ServiceError(mapped[0], mapped[1], row["error_message"])
             else:
-                outcomes[position] = RuntimeError(f"create failed: {row['error_code']} {row['error_message']}")
+                outcomes[position] = _create_refusal(row["error_code"], row["error_message"]) or RuntimeError(
+                    f"create failed: {row['error_code']} {row['error_message']}"
+                )
         return outcomes
 
     async def get_job(self, job_id: str) -> Job | None:
