@@ -56,9 +56,12 @@ class Subscription:
     def start_from(self, seq: int) -> None:
         """Called with the seq of the snapshot the watcher read after subscribing."""
         self.last_seq = seq
-        # Events committed between subscribing and this snapshot may already have been notified and
-        # read for other watchers of the job: one read from this watcher's seq settles it.
-        self._hub._mark_stale(self._feed, must_read=True)
+        # An event after the snapshot reaches this watcher when its NOTIFY arrives, unless the NOTIFY was handled
+        # before now (the event read or published for the job's other watchers, this one skipped as not
+        # started), or the feed owes a read it could not make without a started watcher (the LISTEN connection
+        # came back): then one read from this watcher's seq settles it. Otherwise nothing is read.
+        if self._feed.must_read or self._feed.announced_seq > seq:
+            self._hub._mark_stale(self._feed, must_read=True)
 
     def close(self) -> None:
         self._hub._unsubscribe(self._feed, self)
@@ -145,7 +148,7 @@ class JobNotifications:
         while feed.stale and feed.subscriptions:
             started = [s for s in feed.subscriptions if s.last_seq is not None]
             if not started:
-                return  # start_from marks the feed stale again
+                return  # still stale, and must_read kept: start_from reads if a read is owed
             feed.stale = False
             since = min(s.last_seq for s in started if s.last_seq is not None)
             if not feed.must_read:

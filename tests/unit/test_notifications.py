@@ -124,3 +124,44 @@ async def test_published_events_need_no_read_and_never_jump_a_gap() -> None:
     await asyncio.sleep(0.01)
     assert watcher.queue.empty(), "nothing twice"
     watcher.close()
+
+
+async def test_a_watcher_whose_snapshot_is_current_starts_without_a_read_and_misses_nothing() -> None:
+    store = SlowStore()
+    hub = JobNotifications("postgresql://unused", store)  # type: ignore[arg-type]
+    watcher = hub.subscribe(store.job_id)
+    watcher.start_from(1)  # no NOTIFY beyond seq 1 was handled: nothing to read
+    await asyncio.sleep(0.01)
+    assert store.reads == 0
+
+    # An event committed after the snapshot arrives with its NOTIFY.
+    notify(hub, store, store.commit(EventType.ATTEMPT_STARTED, JobStatus.GENERATING), EventType.ATTEMPT_STARTED)
+    assert await received(watcher, 1) == [2]
+    assert store.reads == 1
+    watcher.close()
+
+
+async def test_a_watcher_started_after_a_notify_beyond_its_snapshot_reads_once() -> None:
+    store = SlowStore()
+    hub = JobNotifications("postgresql://unused", store)  # type: ignore[arg-type]
+    watcher = hub.subscribe(store.job_id)  # reading its snapshot (seq 1) ...
+    # ... when seq 2 commits and its NOTIFY is handled: the watcher is not started, so it is skipped.
+    notify(hub, store, store.commit(EventType.ATTEMPT_STARTED, JobStatus.GENERATING), EventType.ATTEMPT_STARTED)
+    await asyncio.sleep(0.01)
+    watcher.start_from(1)
+    assert await received(watcher, 1) == [2]
+    assert store.reads == 1
+    watcher.close()
+
+
+async def test_a_read_owed_after_the_listen_connection_came_back_is_made_when_the_watcher_starts() -> None:
+    store = SlowStore()
+    hub = JobNotifications("postgresql://unused", store)  # type: ignore[arg-type]
+    watcher = hub.subscribe(store.job_id)  # reading its snapshot (seq 1) ...
+    # ... while the LISTEN connection is down: seq 2 commits and its NOTIFY is lost; the connection comes back.
+    store.commit(EventType.ATTEMPT_STARTED, JobStatus.GENERATING)
+    hub._resync_all()
+    await asyncio.sleep(0.01)  # the feed cannot read for a watcher that has not started
+    watcher.start_from(1)
+    assert await received(watcher, 1) == [2]
+    watcher.close()
