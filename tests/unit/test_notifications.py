@@ -7,6 +7,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
 from job_service.domain import EventType, Job, JobEvent, JobStatus, Params
 from job_service.notifications import JobNotifications, Subscription
 
@@ -141,27 +143,18 @@ async def test_a_watcher_whose_snapshot_is_current_starts_without_a_read_and_mis
     watcher.close()
 
 
-async def test_a_watcher_started_after_a_notify_beyond_its_snapshot_reads_once() -> None:
+@pytest.mark.parametrize("missed_while", ["its NOTIFY was handled", "the LISTEN connection was down"])
+async def test_an_event_after_the_snapshot_that_came_before_the_watcher_started_is_read_once(missed_while: str) -> None:
     store = SlowStore()
     hub = JobNotifications("postgresql://unused", store)  # type: ignore[arg-type]
-    watcher = hub.subscribe(store.job_id)  # reading its snapshot (seq 1) ...
-    # ... when seq 2 commits and its NOTIFY is handled: the watcher is not started, so it is skipped.
-    notify(hub, store, store.commit(EventType.ATTEMPT_STARTED, JobStatus.GENERATING), EventType.ATTEMPT_STARTED)
-    await asyncio.sleep(0.01)
-    watcher.start_from(1)
-    assert await received(watcher, 1) == [2]
-    assert store.reads == 1
-    watcher.close()
-
-
-async def test_a_read_owed_after_the_listen_connection_came_back_is_made_when_the_watcher_starts() -> None:
-    store = SlowStore()
-    hub = JobNotifications("postgresql://unused", store)  # type: ignore[arg-type]
-    watcher = hub.subscribe(store.job_id)  # reading its snapshot (seq 1) ...
-    # ... while the LISTEN connection is down: seq 2 commits and its NOTIFY is lost; the connection comes back.
-    store.commit(EventType.ATTEMPT_STARTED, JobStatus.GENERATING)
-    hub._resync_all()
+    watcher = hub.subscribe(store.job_id)  # reading its snapshot (seq 1) when seq 2 commits and ...
+    seq = store.commit(EventType.ATTEMPT_STARTED, JobStatus.GENERATING)
+    if missed_while == "its NOTIFY was handled":
+        notify(hub, store, seq, EventType.ATTEMPT_STARTED)  # ... the watcher, not started, is skipped
+    else:
+        hub._resync_all()  # ... its NOTIFY is lost; the connection comes back and the feed owes a read
     await asyncio.sleep(0.01)  # the feed cannot read for a watcher that has not started
     watcher.start_from(1)
     assert await received(watcher, 1) == [2]
+    assert store.reads == 1
     watcher.close()
