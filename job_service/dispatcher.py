@@ -28,6 +28,7 @@ from job_service.domain import (
     Job,
     JobStatus,
 )
+from job_service.mailbox import Mailbox
 from job_service.store import CONNECTION_ERRORS, JobStore
 
 log = structlog.get_logger(__name__)
@@ -99,20 +100,20 @@ _NOTHING = _Marker()
 _Read = GenerationEvent | BaseException | _Marker
 
 
-async def _read_stream(events: AsyncIterator[GenerationEvent], queue: asyncio.Queue[_Read]) -> None:
+async def _read_stream(events: AsyncIterator[GenerationEvent], queue: Mailbox[_Read]) -> None:
     """Reads a Generate stream ahead of the writes, in order, up to its completion, failure or end."""
     try:
         async for event in events:
-            queue.put_nowait(event)
+            queue.put(event)
             if isinstance(event, GenerationDone):
                 return
-        queue.put_nowait(_ENDED)
+        queue.put(_ENDED)
     except Exception as exc:  # raised by the writer once everything before it is written
-        queue.put_nowait(exc)
+        queue.put(exc)
     except asyncio.CancelledError as exc:
         # The writer stops reading before it cancels this task; a cancel from anywhere else (the stream
         # itself) reaches the writer as it did when the writer read the stream, instead of leaving it waiting.
-        queue.put_nowait(exc)
+        queue.put(exc)
         raise
 
 
@@ -394,15 +395,12 @@ class Dispatcher:
         # provider's images and completion come within milliseconds) share the next commit. A lone event is
         # written at once. aclosing: leaving early (a cancel, a fenced write) closes the stream at once, which
         # cancels the Generate call and with it the provider request, instead of whenever it is collected.
-        queue: asyncio.Queue[_Read] = asyncio.Queue()
+        queue: Mailbox[_Read] = Mailbox()
         async with contextlib.aclosing(self._generator.generate(job)) as events:
             reader = asyncio.create_task(_read_stream(events, queue), name=f"generate-{job.id}")
             try:
                 while True:
-                    batch = [await queue.get()]
-                    while not queue.empty():
-                        batch.append(queue.get_nowait())
-                    if await self._write_events(job, batch):
+                    if await self._write_events(job, await queue.get_all()):
                         return
             finally:
                 # The reader stops before the stream is closed (an async generator cannot be closed while

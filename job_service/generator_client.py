@@ -53,6 +53,11 @@ def channel_options() -> list[tuple[str, object]]:
         ("grpc.max_reconnect_backoff_ms", 5_000),
         ("grpc.dns_min_time_between_resolutions_ms", 5_000),
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+        # No retry filter: it keeps about 5.6 kB of state for every Generate stream for its whole 5-30 s (11 MB
+        # of JobService's peak with 2,000 jobs in flight), and no retry policy is configured. What it still did
+        # is the transparent retry of a stream a generator refused unseen as it shut down; that stream now
+        # fails UNAVAILABLE, which the dispatcher retries after retry_base_seconds without counting an attempt.
+        ("grpc.enable_retries", 0),
     ]
 
 

@@ -281,10 +281,13 @@ class JobManager:
         subscription = self._notifications.subscribe(job_uuid)
         try:
             job = await self._owned_job(principal, job_id)
+            last, ended = job.last_event_seq, job.status.terminal
             yield job, None
-            if job.status.terminal:
+            # Not kept for the stream's life (a job object for each of thousands of watchers): each update
+            # carries the job as it is then.
+            del job
+            if ended:
                 return
-            last = job.last_event_seq
             subscription.start_from(last)
             while True:
                 current, event = await subscription.queue.get()

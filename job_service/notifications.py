@@ -22,6 +22,7 @@ import asyncpg
 import structlog
 
 from job_service.domain import EventType, Job, JobEvent
+from job_service.mailbox import Mailbox
 from job_service.store import NOTIFY_CHANNEL, JobStore
 
 log = structlog.get_logger(__name__)
@@ -49,7 +50,7 @@ class Subscription:
     def __init__(self, hub: JobNotifications, feed: _Feed) -> None:
         self._hub = hub
         self._feed = feed
-        self.queue: asyncio.Queue[Update] = asyncio.Queue()
+        self.queue: Mailbox[Update] = Mailbox()
         # The seq of the last event this watcher has (its snapshot's, at first); None until started.
         self.last_seq: int | None = None
 
@@ -123,7 +124,7 @@ class JobNotifications:
             if subscription.last_seq is None:
                 continue  # not started: its snapshot and the read after it cover this event
             if subscription.last_seq == event.seq - 1:
-                subscription.queue.put_nowait((job, event))
+                subscription.queue.put((job, event))
                 subscription.last_seq = event.seq
             elif subscription.last_seq < event.seq - 1:
                 behind = True  # an earlier event (another replica's, say) is not here yet
@@ -137,6 +138,15 @@ class JobNotifications:
             feed.task = asyncio.create_task(self._pump(feed), name=f"feed-{feed.job_id}")
 
     async def _pump(self, feed: _Feed) -> None:
+        try:
+            await self._read_while_stale(feed)
+        finally:
+            # A finished task holds its coroutine, and the feed would hold the task until the job's next
+            # NOTIFY: about 1 kB for every job in flight.
+            if feed.task is asyncio.current_task():
+                feed.task = None
+
+    async def _read_while_stale(self, feed: _Feed) -> None:
         """Reads what is new for the feed's watchers until no notification is left unread.
 
         NOTIFY is delivered only after its transaction commits, so a notification that arrives while a
@@ -178,7 +188,7 @@ class JobNotifications:
                     continue
                 for event in events:
                     if event.seq > subscription.last_seq:
-                        subscription.queue.put_nowait((job, event))
+                        subscription.queue.put((job, event))
                         subscription.last_seq = event.seq
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
