@@ -13,6 +13,7 @@ from imagegen.generator.v1 import generator_service_pb2 as pb
 from imagegen.generator.v1 import generator_service_pb2_grpc as pb_grpc
 
 from imagegen_common.grpc_errors import from_grpc_error
+from imagegen_common.rpc_observability import OutgoingCalls
 from job_service.domain import (
     GenerationDone,
     GenerationEvent,
@@ -23,6 +24,10 @@ from job_service.domain import (
     ModelInfo,
     StoredImage,
 )
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["GeneratorService"].full_name
+GENERATE = f"/{_SERVICE}/Generate"
+LIST_MODELS = f"/{_SERVICE}/ListModels"
 
 # Codes after which another attempt can help, when the generator did not say either way.
 _RETRYABLE_CODES = {
@@ -72,7 +77,7 @@ class GeneratorClient:
         tls_key: Path | None = None,
         call_timeout_seconds: float = 600.0,
         models_ttl_seconds: float = 60.0,
-        interceptors: list[grpc.aio.ClientInterceptor] | None = None,
+        calls: OutgoingCalls | None = None,
     ) -> None:
         if tls_ca:
             credentials = grpc.ssl_channel_credentials(
@@ -80,11 +85,10 @@ class GeneratorClient:
                 private_key=tls_key.read_bytes() if tls_key else None,
                 certificate_chain=tls_cert.read_bytes() if tls_cert else None,
             )
-            self._channel = grpc.aio.secure_channel(
-                target, credentials, options=channel_options(), interceptors=interceptors
-            )
+            self._channel = grpc.aio.secure_channel(target, credentials, options=channel_options())
         else:
-            self._channel = grpc.aio.insecure_channel(target, options=channel_options(), interceptors=interceptors)
+            self._channel = grpc.aio.insecure_channel(target, options=channel_options())
+        self._calls = calls or OutgoingCalls(None)
         self._stub = pb_grpc.GeneratorServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = call_timeout_seconds
@@ -110,7 +114,13 @@ class GeneratorClient:
             person_generation=job.params.person_generation,
             output_mime_type=job.params.output_mime_type,
         )
-        call = self._stub.Generate(request, timeout=self._timeout, metadata=self._metadata)
+        call = self._calls.send(
+            GENERATE,
+            "server_stream",
+            request,
+            self._metadata,
+            lambda metadata: self._stub.Generate(request, timeout=self._timeout, metadata=metadata),
+        )
         try:
             async for response in call:
                 kind = response.WhichOneof("event")
@@ -136,7 +146,14 @@ class GeneratorClient:
         async with self._models_lock:
             if time.monotonic() - self._models_at >= self._models_ttl:
                 try:
-                    response = await self._stub.ListModels(pb.ListModelsRequest(), timeout=5.0, metadata=self._metadata)
+                    request = pb.ListModelsRequest()
+                    response = await self._calls.send(
+                        LIST_MODELS,
+                        "unary",
+                        request,
+                        self._metadata,
+                        lambda metadata: self._stub.ListModels(request, timeout=5.0, metadata=metadata),
+                    )
                 except grpc.aio.AioRpcError as error:
                     raise _failure(error) from None
                 self._models = {

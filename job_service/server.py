@@ -22,7 +22,7 @@ from imagegen_common.grpc_server import RunningServer, TlsFiles, start_server
 from imagegen_common.lifecycle import run_until_signalled
 from imagegen_common.metrics import MetricsServer, RpcMetrics
 from imagegen_common.migrate import migrate
-from imagegen_common.rpc_observability import ServerObservability, trace_context_interceptors
+from imagegen_common.rpc_observability import OutgoingCalls, ServerObservability
 from imagegen_common.transport import check_client, check_listener, target_is_local
 from job_service.auth import JwksKeys, TokenVerifier
 from job_service.config import ConfigurationError, JobSettings
@@ -219,7 +219,7 @@ async def start(settings: JobSettings) -> JobApp:
         tls_ca=settings.generator_tls_ca,
         tls_cert=settings.generator_tls_cert,
         tls_key=settings.generator_tls_key,
-        interceptors=trace_context_interceptors(rpc_metrics),
+        calls=OutgoingCalls(rpc_metrics),
     )
     dispatcher = Dispatcher(
         store,
