@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import uvloop
+from imagegen_common import cli_extras
 
-from generator_service.config import GeneratorSettings
-from generator_service.server import serve
-from imagegen_common.logs import configure_logging
+cli_extras.keep_out()  # before anything imports httpx or structlog
+
+import uvloop  # noqa: E402
+
+from generator_service.config import GeneratorSettings  # noqa: E402
+from generator_service.server import serve  # noqa: E402
+from imagegen_common.logs import configure_logging  # noqa: E402
 
 
 def main() -> None:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import sys
+from imagegen_common import cli_extras
 
-import uvloop
+cli_extras.keep_out()  # before anything imports httpx or structlog
 
-from imagegen_common.logs import configure_logging
-from imagegen_common.migrate import migrate
-from job_service.config import ConfigurationError, JobSettings
-from job_service.server import resolve_database_url, serve
+import asyncio  # noqa: E402
+import sys  # noqa: E402
+
+import uvloop  # noqa: E402
+
+from imagegen_common.logs import configure_logging  # noqa: E402
+from imagegen_common.migrate import migrate  # noqa: E402
+from job_service.config import ConfigurationError, JobSettings  # noqa: E402
+from job_service.server import resolve_database_url, serve  # noqa: E402
 
 
 def main() -> None:
