@@ -34,6 +34,9 @@ from job_service.store import CONNECTION_ERRORS, JobStore
 log = structlog.get_logger(__name__)
 
 GENERATING = (JobStatus.GENERATING,)
+# The most one claim takes while a backlog makes every claim full (each claimed job is one row update, one event
+# and one NOTIFY in the claim's transaction).
+MAX_CLAIM_BATCH = 512
 CancelReason = Literal["user", "shutdown", "lost"]
 
 
@@ -129,6 +132,7 @@ class Dispatcher:
         self._streaming: set[str] = set()
         self._wake = asyncio.Event()
         self._claiming = True
+        self._claim_size = config.claim_batch
         self._loops: list[asyncio.Task[None]] = []
 
     @property
@@ -211,9 +215,13 @@ class Dispatcher:
         room = self._config.max_in_flight - len(self._running)
         if room <= 0 or not self._claiming:
             return 0
-        jobs = await self._store.claim(
-            self._config.owner, min(room, self._config.claim_batch), self._config.lease_seconds
-        )
+        size = min(room, self._claim_size)
+        jobs = await self._store.claim(self._config.owner, size, self._config.lease_seconds)
+        # A full claim means more is due: the next one takes twice as many, so a burst is claimed in a few
+        # rounds instead of lagging behind the creates by seconds while the event loop is busy with them
+        # (measured: 2,000 jobs at once were claimed up to 5 s after they were created, 32 at a time).
+        full = len(jobs) == size
+        self._claim_size = min(self._claim_size * 2, MAX_CLAIM_BATCH) if full else self._config.claim_batch
         for job in jobs:
             task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
             self._running[job.id] = (job, task)
@@ -224,7 +232,11 @@ class Dispatcher:
         self._running.pop(job_id, None)
         self._cancel_reasons.pop(job_id, None)
         self._streaming.discard(job_id)
-        self._wake.set()  # room for one more
+        # Room for one more matters only to a claimer that stopped for want of room. One that stopped for want
+        # of due jobs is woken by their NOTIFY (or its poll), not by every job that ends: that was one empty
+        # claim, a database round trip, per job.
+        if len(self._running) == self._config.max_in_flight - 1:
+            self._wake.set()
 
     async def _lease_loop(self) -> None:
         interval = self._config.lease_seconds / 3
