@@ -447,13 +447,8 @@ def count_claims(store: JobStore) -> list[tuple[int, int]]:
     return claims
 
 
-async def test_a_backlog_is_claimed_in_growing_rounds_and_jobs_that_end_claim_nothing(
-    store: JobStore, conn: asyncpg.Connection
-) -> None:
-    jobs = [await new_job(store, sample_count=1) for _ in range(100)]
-    claims = count_claims(store)
-    # No poll within the test: every claim after the first is one the dispatcher chose to make.
-    dispatcher = Dispatcher(store, ScriptedGenerator(), config(max_in_flight=1000, poll_interval=60.0))
+async def run_to_the_end(store: JobStore, jobs: list[Job], dispatcher: Dispatcher) -> None:
+    """Runs the dispatcher until every one of `jobs` has ended, and a moment longer (for claims it would still make)."""
     dispatcher.start()
     try:
         for job in jobs:
@@ -463,6 +458,17 @@ async def test_a_backlog_is_claimed_in_growing_rounds_and_jobs_that_end_claim_no
         await asyncio.sleep(0.2)
     finally:
         await dispatcher.drain(1.0)
+
+
+async def test_a_backlog_is_claimed_in_growing_rounds_and_jobs_that_end_claim_nothing(
+    store: JobStore, conn: asyncpg.Connection
+) -> None:
+    jobs = [await new_job(store, sample_count=1) for _ in range(100)]
+    claims = count_claims(store)
+    # No poll within the test: every claim after the first is one the dispatcher chose to make.
+    await run_to_the_end(
+        store, jobs, Dispatcher(store, ScriptedGenerator(), config(max_in_flight=1000, poll_interval=60.0))
+    )
     assert claims == [(32, 32), (64, 64), (128, 4), (32, 0)], (
         "full claims double until the backlog is gone; a hundred jobs ending wake no empty claim"
     )
@@ -472,15 +478,9 @@ async def test_a_backlog_is_claimed_in_growing_rounds_and_jobs_that_end_claim_no
 async def test_a_full_replica_claims_again_as_soon_as_a_job_ends(store: JobStore, conn: asyncpg.Connection) -> None:
     jobs = [await new_job(store, sample_count=1) for _ in range(6)]
     claims = count_claims(store)
-    dispatcher = Dispatcher(store, ScriptedGenerator(), config(max_in_flight=2, poll_interval=60.0))
-    dispatcher.start()
-    try:
-        for job in jobs:
-            await eventually(
-                lambda job=job: store.get_job(job.id), lambda j: j is not None and j.status.terminal, within=20
-            )
-    finally:
-        await dispatcher.drain(1.0)
+    await run_to_the_end(
+        store, jobs, Dispatcher(store, ScriptedGenerator(), config(max_in_flight=2, poll_interval=60.0))
+    )
     assert all(asked <= 2 for asked, _ in claims), claims
     assert sum(claimed for _, claimed in claims) == 6
     await assert_credits_consistent(conn)
