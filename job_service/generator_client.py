@@ -61,7 +61,7 @@ def channel_options() -> list[tuple[str, object]]:
         # No retry filter: it keeps about 5.6 kB of state for every Generate stream for its whole 5-30 s (11 MB
         # of JobService's peak with 2,000 jobs in flight), and no retry policy is configured. What it still did
         # is the transparent retry of a stream a generator refused unseen as it shut down; that stream now
-        # fails UNAVAILABLE, which the dispatcher retries after retry_base_seconds without counting an attempt.
+        # fails UNAVAILABLE, which the dispatcher retries after its usual backoff without counting an attempt.
         ("grpc.enable_retries", 0),
     ]
 
