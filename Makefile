@@ -18,8 +18,11 @@ $(UV):
 	$(PYTHON) -m venv .tools
 	.tools/bin/pip install --quiet uv==$(UV_VERSION)
 
+# Bytecode compiled once here: where PYTHONDONTWRITEBYTECODE is set (as on these machines) no .pyc is ever
+# written, and every process (each service a test or the bench starts) compiled what it imported: 1.9-2.4 s to
+# import both services and Pillow's plugins, 1.2-1.5 s with the compiled files.
 $(STAMP): $(UV) pyproject.toml uv.lock
-	$(UV) sync --frozen --quiet
+	$(UV) sync --frozen --compile-bytecode --quiet
 	@touch $(STAMP)
 
 setup: $(STAMP) ## Install the locked dependencies into .venv (needs only python3 >= 3.11)
