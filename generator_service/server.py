@@ -20,6 +20,7 @@ from generator_service.providers.gemini_image import GeminiImageProvider
 from generator_service.providers.gemini_imagen import GeminiImagenProvider
 from generator_service.providers.google_auth import AdcTokenSource, TokenSource
 from generator_service.providers.http import ProviderHttp
+from generator_service.providers.images import load_image_formats
 from generator_service.providers.local import LocalProvider
 from generator_service.providers.memory import MemoryBudget
 from generator_service.providers.vertex_imagen import VertexImagenProvider
@@ -181,6 +182,7 @@ async def _start(settings: GeneratorSettings, closers: list[Any]) -> GeneratorAp
         closers.append(provider.aclose)
     models: dict[str, ModelSpec] = {m.id: m for m in settings.models if m.provider in providers}
     generator = Generator(models, providers, storage)
+    load_image_formats()
 
     tls = (
         TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)

@@ -30,6 +30,12 @@ class CheckedImage:
     height: int
 
 
+def load_image_formats() -> None:
+    """Imports Pillow's format plugins now. Image.open does it on its first call (40 ms here, several times that
+    where Python has to compile them), which the first job through a fresh generator would wait for."""
+    Image.preinit()
+
+
 def decode_base64(encoded: object) -> bytes:
     if not isinstance(encoded, str) or not encoded:
         raise BadImage("image data is missing or not a string")

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from generator_service.server import start
 from tests.generator.helpers import eventually, settings_for
@@ -73,3 +74,16 @@ async def test_a_metrics_port_in_use_stops_the_grpc_server_and_the_storage_serve
     assert await eventually(lambda: can_bind(grpc_port))
     assert await eventually(lambda: not storage_http_threads())
     assert can_bind(storage_port)
+
+
+async def test_the_image_formats_are_loaded_before_the_first_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As if no image had been opened in this process yet: Pillow imports its format plugins on the first
+    # Image.open, which a fresh generator's first job would wait for.
+    monkeypatch.setattr(Image, "_initialized", 0)
+    app = await start(settings_for(tmp_path))
+    try:
+        assert Image._initialized >= 1
+    finally:
+        await app.stop()
