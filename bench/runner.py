@@ -464,6 +464,8 @@ class Bench:
         with self.stack("e2e") as stack:
             self.grant_credits(stack)
             window = stack.window()
+            # About 20 ms per job one at a time: the profile covers most of the run.
+            profiler = self.profiler(stack, "e2e-sequential", max(2.0, self.scale.e2e_latency_jobs * 0.015))
             latency = self.loadgen(
                 {
                     "task": "e2e_latency",
@@ -474,6 +476,7 @@ class Bench:
                     "run": uuid.uuid4().hex[:8],
                 }
             )
+            self.finish_profile(profiler, "e2e-sequential")
             latency_window = window.cpu_per(self.scale.e2e_latency_jobs)
             window = stack.window()
             profiler = self.profiler(stack, "e2e-burst", max(3.0, self.scale.e2e_burst_jobs / 100))
