@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import pytest
 
+from job_service import dispatcher as dispatcher_module
 from job_service.dispatcher import Dispatcher, DispatcherConfig
 from job_service.domain import (
     EventType,
@@ -483,4 +485,57 @@ async def test_a_full_replica_claims_again_as_soon_as_a_job_ends(store: JobStore
     )
     assert all(asked <= 2 for asked, _ in claims), claims
     assert sum(claimed for _, claimed in claims) == 6
+    await assert_credits_consistent(conn)
+
+
+class _Warnings:
+    """Stands in for the dispatcher module's logger: keeps the warnings, drops the rest."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def warning(self, event: str, **_fields: object) -> None:
+        self.events.append(event)
+
+    def info(self, event: str, **_fields: object) -> None:
+        pass
+
+    def exception(self, event: str, **_fields: object) -> None:
+        self.events.append(event)
+
+
+async def test_a_job_that_completes_just_before_a_lease_renewal_is_not_reported_as_a_lost_lease(
+    store: JobStore, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    warnings = _Warnings()
+    monkeypatch.setattr(dispatcher_module, "log", warnings)
+    renewed = asyncio.Event()
+    renew_leases = store.renew_leases
+
+    async def renew_and_tell(owner: str, held: Sequence[tuple[str, int]], lease_seconds: float) -> dict[str, bool]:
+        still = await renew_leases(owner, held, lease_seconds)
+        if held:
+            renewed.set()
+        return still
+
+    advance_batch = store.advance_batch
+
+    async def complete_then_wait_for_a_renewal(job_id: str, **kwargs: Any) -> list[Job]:
+        # The completion has landed, but its attempt is still in flight when the next renewal comes round.
+        written = await advance_batch(job_id, **kwargs)
+        if written and written[-1].status is JobStatus.COMPLETED:
+            renewed.clear()
+            await renewed.wait()
+        return written
+
+    store.renew_leases = renew_and_tell  # type: ignore[method-assign]
+    store.advance_batch = complete_then_wait_for_a_renewal  # type: ignore[method-assign]
+    job = await new_job(store, sample_count=2)
+    # Started, both images and the completion come at once: one batch.
+    await run_to_the_end(store, [job], Dispatcher(store, ScriptedGenerator(), config(lease_seconds=0.3)))
+
+    assert renewed.is_set(), "a renewal ran while the completed attempt was still in flight"
+    assert warnings.events == []
+    current = await store.get_job(job.id)
+    assert current is not None and current.status is JobStatus.COMPLETED
     await assert_credits_consistent(conn)
