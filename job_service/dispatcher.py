@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import functools
 import random
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -29,7 +29,7 @@ from job_service.domain import (
     JobStatus,
 )
 from job_service.mailbox import Mailbox
-from job_service.store import CONNECTION_ERRORS, JobStore
+from job_service.store import CONNECTION_ERRORS, ClaimAtCreate, JobStore
 
 log = structlog.get_logger(__name__)
 
@@ -133,6 +133,8 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._claiming = True
         self._claim_size = config.claim_batch
+        # Creates under way that claim for this replica (run_when_created): each holds room for its job.
+        self._creating: set[asyncio.Future[tuple[Job, bool]]] = set()
         self._loops: list[asyncio.Task[None]] = []
 
     @property
@@ -147,6 +149,32 @@ class Dispatcher:
 
     def wake(self) -> None:
         self._wake.set()
+
+    async def run_when_created(
+        self, create: Callable[[ClaimAtCreate | None], Awaitable[tuple[Job, bool]]]
+    ) -> tuple[Job, bool]:
+        """Makes a job with `create` and, when this replica has room for it, has it claimed for this replica in
+        the transaction that creates it, and runs it: no NOTIFY to wait for and no claim of its own between a
+        job's creation and its attempt.
+
+        The create goes on if the caller is cancelled meanwhile (a CreateJob whose client went away), and a job
+        it claimed still runs here, instead of waiting for its lease to run out.
+        """
+        if not self._claiming or len(self._running) + len(self._creating) >= self._config.max_in_flight:
+            return await create(None)
+        made = asyncio.ensure_future(create(ClaimAtCreate(self._config.owner, self._config.lease_seconds)))
+        self._creating.add(made)
+        made.add_done_callback(self._take)
+        return await asyncio.shield(made)
+
+    def _take(self, made: asyncio.Future[tuple[Job, bool]]) -> None:
+        """Ends a run_when_created: runs the job its create claimed for this replica, or gives the room back."""
+        self._creating.discard(made)
+        job, created = (None, False) if made.cancelled() or made.exception() is not None else made.result()
+        if job is not None and created and job.status is JobStatus.GENERATING and job.lease_owner == self._config.owner:
+            self._start(job)
+        elif len(self._running) + len(self._creating) == self._config.max_in_flight - 1:
+            self._wake.set()  # the room held was what kept a full replica's claimer waiting
 
     def on_notification(self, job_id: str, _seq: int, event: EventType | None) -> None:
         """Called for every NOTIFY: new or returned work wakes the claimer; a cancel stops its attempt."""
@@ -176,6 +204,9 @@ class Dispatcher:
         if self._loops:
             # A claim under way finishes first, so no job it takes is left behind unseen.
             await asyncio.wait(self._loops[:1], timeout=10.0)
+        # So do creates that claim for this replica (each is one database call).
+        if self._creating:
+            await asyncio.wait(list(self._creating), timeout=10.0)
         tasks = [task for _, task in self._running.values()]
         if tasks:
             log.info("draining", in_flight=len(tasks), grace_seconds=grace)
@@ -212,7 +243,7 @@ class Dispatcher:
                 await asyncio.wait_for(self._wake.wait(), timeout=backoff)
 
     async def _claim_once(self) -> int:
-        room = self._config.max_in_flight - len(self._running)
+        room = self._config.max_in_flight - len(self._running) - len(self._creating)
         if room <= 0 or not self._claiming:
             return 0
         size = min(room, self._claim_size)
@@ -223,10 +254,13 @@ class Dispatcher:
         full = len(jobs) == size
         self._claim_size = min(self._claim_size * 2, MAX_CLAIM_BATCH) if full else self._config.claim_batch
         for job in jobs:
-            task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
-            self._running[job.id] = (job, task)
-            task.add_done_callback(functools.partial(self._forget, job.id))
+            self._start(job)
         return len(jobs)
+
+    def _start(self, job: Job) -> None:
+        task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
+        self._running[job.id] = (job, task)
+        task.add_done_callback(functools.partial(self._forget, job.id))
 
     def _forget(self, job_id: str, _task: asyncio.Task[None]) -> None:
         self._running.pop(job_id, None)
@@ -235,7 +269,7 @@ class Dispatcher:
         # Room for one more matters only to a claimer that stopped for want of room. One that stopped for want
         # of due jobs is woken by their NOTIFY (or its poll), not by every job that ends: that was one empty
         # claim, a database round trip, per job.
-        if len(self._running) == self._config.max_in_flight - 1:
+        if len(self._running) + len(self._creating) == self._config.max_in_flight - 1:
             self._wake.set()
 
     async def _lease_loop(self) -> None:

@@ -8,7 +8,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Protocol
@@ -29,7 +29,7 @@ from job_service.domain import (
     Template,
 )
 from job_service.notifications import JobNotifications
-from job_service.store import JobStore
+from job_service.store import ClaimAtCreate, JobStore
 from job_service.templates import render
 
 log = structlog.get_logger(__name__)
@@ -100,14 +100,36 @@ def parse_uuid(value: str, field: str) -> str:
         raise invalid_argument([FieldViolation(field, "must be a UUID")]) from None
 
 
+class JobStarter(Protocol):
+    """The dispatcher, as CreateJob sees it: it may claim and run a job as it is created (Dispatcher)."""
+
+    async def run_when_created(
+        self, create: Callable[[ClaimAtCreate | None], Awaitable[tuple[Job, bool]]]
+    ) -> tuple[Job, bool]: ...
+
+
+def as_created(job: Job) -> Job:
+    """The job as its 'created' event left it, for a job claimed in the same transaction: CreateJob answers
+    with the job in JOB_STATE_PENDING, as the API says, whether or not an attempt started with it."""
+    if job.status is not JobStatus.GENERATING or job.last_event_seq != 2:
+        return job
+    return replace(job, status=JobStatus.PENDING, attempt=0, lease_owner=None, started_at=None, last_event_seq=1)
+
+
 class JobManager:
     def __init__(
-        self, store: JobStore, models: ModelCatalog, notifications: JobNotifications, policy: JobPolicy
+        self,
+        store: JobStore,
+        models: ModelCatalog,
+        notifications: JobNotifications,
+        policy: JobPolicy,
+        starter: JobStarter | None = None,
     ) -> None:
         self._store = store
         self._models = models
         self._notifications = notifications
         self._policy = policy
+        self._starter = starter
 
     # -- who acts for whom ----------------------------------------------------------------------
 
@@ -199,20 +221,25 @@ class JobManager:
         request_hash = hashlib.sha256(
             json.dumps([prompt, model, params.as_dict(), request.template_id], sort_keys=True).encode()
         ).hexdigest()
-        job, _created = await self._store.create_job(
-            user_id=user_id,
-            prompt=prompt,
-            model=model,
-            params=params,
-            template_id=template.id if template else None,
-            request_id=request.request_id or None,
-            request_hash=request_hash,
-            price_per_image=price,
-            max_attempts=self._policy.max_attempts,
-            active_limit=self._policy.active_jobs_per_user,
-            new_user_credits=self._policy.new_user_credits,
-        )
-        return job
+
+        def create(claim: ClaimAtCreate | None) -> Awaitable[tuple[Job, bool]]:
+            return self._store.create_job(
+                user_id=user_id,
+                prompt=prompt,
+                model=model,
+                params=params,
+                template_id=template.id if template else None,
+                request_id=request.request_id or None,
+                request_hash=request_hash,
+                price_per_image=price,
+                max_attempts=self._policy.max_attempts,
+                active_limit=self._policy.active_jobs_per_user,
+                new_user_credits=self._policy.new_user_credits,
+                claim=claim,
+            )
+
+        job, created = await (self._starter.run_when_created(create) if self._starter else create(None))
+        return as_created(job) if created else job
 
     def _merge_params(self, request: CreateJobInput, template: Template | None) -> Params:
         """Request over template defaults over the documented defaults."""

@@ -14,7 +14,7 @@ import asyncpg
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from job_service.domain import EventType, Job, JobStatus
+from job_service.domain import EventType, Job, JobEvent, JobStatus
 from job_service.store import JobStore
 
 log = structlog.get_logger("job_service.transitions")
@@ -72,9 +72,11 @@ class JobMetrics:
             "imagegen_dispatcher_in_flight", "Attempts this replica is running right now.", registry=registry
         )
 
-    def transition(self, job: Job, event: EventType | str) -> None:
-        name = event.value if isinstance(event, EventType) else event
-        self.transitions.labels(name, job.status.value).inc()
+    def transition(self, job: Job, event: JobEvent) -> None:
+        """`event` was just written; `job` is as the write left it (for a job claimed as it was created, already
+        generating when its 'created' event comes here, so the state is the event's)."""
+        name = event.type.value
+        self.transitions.labels(name, event.status.value).inc()
         # The one log line per transition (nothing else logs the lifecycle). Progress inside an attempt is
         # DEBUG: the events table and WatchJob have it, and at INFO it would be most of a job's lines.
         line = log.debug if name in _PROGRESS_EVENTS else log.info
@@ -83,8 +85,8 @@ class JobMetrics:
             job_id=job.id,
             user_id=job.user_id,
             job_event=name,
-            state=job.status.value,
-            attempt=job.attempt,
+            state=event.status.value,
+            attempt=event.attempt,
             **_transition_details(job, name),
         )
 
@@ -113,10 +115,10 @@ class InstrumentedJobStore(JobStore):
         self._db = pool
         self._metrics = metrics
 
-    def _written(self, job: Job, event: EventType | str, message: str | None) -> None:
+    def _written(self, job: Job, event: JobEvent) -> None:
         # Every event this store commits passes here once (an idempotent replay of CreateJob is not one).
         self._metrics.transition(job, event)
-        super()._written(job, event, message)
+        super()._written(job, event)
 
     async def create_job(self, **kwargs: Any) -> tuple[Job, bool]:
         job, created = await super().create_job(**kwargs)

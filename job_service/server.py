@@ -243,7 +243,10 @@ async def start(settings: JobSettings) -> JobApp:
         # to claim, a cancel to act on) without waiting for the NOTIFY to come back; the NOTIFY still comes
         # and finds nothing left to do.
         notifications.publish(job, event)
-        dispatcher.on_notification(job.id, event.seq, event.type)
+        # Only the job's latest event concerns the dispatcher: the 'created' of a job claimed as it was created
+        # (attempt_started came with it) must not wake a claim for a job that is no longer pending.
+        if event.seq == job.last_event_seq:
+            dispatcher.on_notification(job.id, event.seq, event.type)
 
     store.on_event_written(written_here)
     await notifications.start()
@@ -263,6 +266,7 @@ async def start(settings: JobSettings) -> JobApp:
             model_prices=settings.model_prices,
             new_user_credits=settings.new_user_credits,
         ),
+        starter=dispatcher,
     )
     servicer = JobServicer(jobs, build_verifier(settings, http))
     tls = (

@@ -206,6 +206,23 @@ class _NewJob(NamedTuple):
     max_attempts: int
     active_limit: int
     new_user_credits: int
+    claim_owner: str | None
+    lease_seconds: float | None
+
+
+@dataclass(frozen=True)
+class ClaimAtCreate:
+    """Claim the job for `owner`, with a lease of `lease_seconds`, in the transaction that creates it."""
+
+    owner: str
+    lease_seconds: float
+
+
+def _event_of(job: Job, event: EventType | str, message: str | None) -> JobEvent:
+    """The event a write just committed, from the row it returned: the job's latest event, exactly as a read of
+    job_events would give it (its `at` is the transaction's now(), which is also the row's updated_at)."""
+    kind = EventType(event)
+    return JobEvent(job.id, job.last_event_seq, kind, job.status, job.attempt, job.updated_at, message or "")
 
 
 # Group commit of creates: up to CREATE_CALLS calls at once, the creates that arrive meanwhile share the
@@ -225,11 +242,12 @@ class JobStore:
         self._writes: dict[str, _Writes] = {}
 
     def on_event_written(self, listener: EventListener) -> None:
-        """`listener(job, event)` after each job event this store commits (create, advance, advance_batch, claim).
+        """`listener(job, event)` after each job event this store commits (create, advance, advance_batch, claim),
+        with the job as the write left it.
 
-        The event is built from the row the write returned, exactly as a read of job_events would give it
-        (the event's `at` is the transaction's now(), which is also the row's updated_at), so this process's
-        watchers can have it without reading it back.
+        The event is built from the row the write returned, exactly as a read of job_events would give it, so
+        this process's watchers can have it without reading it back. It is the job's latest event, except the
+        'created' of a job claimed as it was created: 'attempt_started' follows it in the same transaction.
         """
         self._listener = listener
 
@@ -254,17 +272,16 @@ class JobStore:
                 del self._writes[job_id]
                 writes.ended.set()
 
-    def _written(self, job: Job, event: EventType | str, message: str | None) -> None:
+    def _written(self, job: Job, event: JobEvent) -> None:
         """Each job event this store commits, once, right after its write answered."""
         if self._listener is None:
             return
-        seq, kind, at = job.last_event_seq, EventType(event), job.updated_at
         try:
-            self._listener(job, JobEvent(job.id, seq, kind, job.status, job.attempt, at, message or ""))
+            self._listener(job, event)
         except Exception:
             # The write has committed; a listener's fault must not make it look failed (the NOTIFY and a
             # read still bring the event to the watchers).
-            log.exception("event listener failed", job_id=job.id, seq=seq)
+            log.exception("event listener failed", job_id=job.id, seq=event.seq)
 
     async def create_job(
         self,
@@ -280,8 +297,13 @@ class JobStore:
         max_attempts: int,
         active_limit: int,
         new_user_credits: int,
+        claim: ClaimAtCreate | None = None,
     ) -> tuple[Job, bool]:
-        """The job, and whether this call made it (False: an idempotent replay of an earlier request)."""
+        """The job, and whether this call made it (False: an idempotent replay of an earlier request).
+
+        With `claim`, a job this call makes is also claimed, in the same transaction, and comes back generating
+        (attempt 1, leased to claim.owner); a replay claims nothing.
+        """
         job, created = await self._creates.submit(
             _NewJob(
                 user=user_id,
@@ -296,17 +318,23 @@ class JobStore:
                 max_attempts=max_attempts,
                 active_limit=active_limit,
                 new_user_credits=new_user_credits,
+                claim_owner=claim.owner if claim else None,
+                lease_seconds=claim.lease_seconds if claim else None,
             )
         )
         if created:
-            self._written(job, EventType.CREATED, None)
+            if job.status is JobStatus.GENERATING:  # claimed as it was created: seq 1 created, seq 2 started
+                self._written(job, JobEvent(job.id, 1, EventType.CREATED, JobStatus.PENDING, 0, job.updated_at))
+                self._written(job, _event_of(job, EventType.ATTEMPT_STARTED, None))
+            else:
+                self._written(job, _event_of(job, EventType.CREATED, None))
         return job, created
 
     async def _create_one(self, new: _NewJob) -> tuple[Job, bool]:
         try:
             row = await self._pool.fetchrow(
                 """SELECT (r.job).*, r.created
-                   FROM imagegen_create_job_v2($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) r""",
+                   FROM imagegen_create_job_v3($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) r""",
                 *new,
             )
         except asyncpg.PostgresError as exc:
@@ -467,7 +495,7 @@ class JobStore:
             if row is None or row["id"] is None:
                 return None
             job = job_from_row(row)
-            self._written(job, event, message)
+            self._written(job, _event_of(job, event, message))
             return job
 
     async def advance_batch(
@@ -490,14 +518,14 @@ class JobStore:
             )
             jobs = [job_from_row(row) for row in rows]
             for job, changes in zip(jobs, events, strict=False):
-                self._written(job, changes["event"], changes.get("message"))
+                self._written(job, _event_of(job, changes["event"], changes.get("message")))
             return jobs
 
     async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
         rows = await self._pool.fetch("SELECT * FROM imagegen_claim_jobs($1, $2, $3)", owner, limit, lease_seconds)
         jobs = [job_from_row(r) for r in rows]
         for job in jobs:
-            self._written(job, EventType.ATTEMPT_STARTED, None)
+            self._written(job, _event_of(job, EventType.ATTEMPT_STARTED, None))
         return jobs
 
     async def renew_leases(self, owner: str, held: Sequence[tuple[str, int]], lease_seconds: float) -> dict[str, bool]:

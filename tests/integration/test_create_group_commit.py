@@ -17,7 +17,7 @@ import pytest
 
 from imagegen_common.errors import ServiceError
 from job_service.domain import Job, Params
-from job_service.store import JobStore, _NewJob, create_pool
+from job_service.store import ClaimAtCreate, JobStore, _NewJob, create_pool
 from tests.support.cluster import fresh_database
 from tests.support.ledger import assert_credits_consistent
 
@@ -50,6 +50,7 @@ def create(
     prompt: str = "a",
     limit: int = 100,
     max_attempts: int = 3,
+    claim: ClaimAtCreate | None = None,
 ) -> Any:
     return store.create_job(
         user_id=user,
@@ -63,6 +64,7 @@ def create(
         max_attempts=max_attempts,
         active_limit=limit,
         new_user_credits=0,
+        claim=claim,
     )
 
 
@@ -134,6 +136,36 @@ async def test_a_create_that_breaks_its_batch_fails_alone(store: tuple[CountingS
     conn = await asyncpg.connect(url)
     try:
         assert await conn.fetchval("SELECT count(*) FROM generation_jobs") == 11
+        await assert_credits_consistent(conn)
+    finally:
+        await conn.close()
+
+
+async def test_batched_creates_claim_the_jobs_they_are_asked_to_claim(store: tuple[CountingStore, str]) -> None:
+    jobs, url = store
+    users = [str(uuid.uuid4()) for _ in range(24)]
+    for user in users:
+        await jobs.grant_credits(user, 10, "test", None, 0)
+
+    # Every other create claims its job for replica "w" (as Dispatcher.run_when_created asks when it has room).
+    claims = [ClaimAtCreate("w", 30.0) if i % 2 else None for i in range(len(users))]
+    outcomes = await asyncio.gather(*(create(jobs, user, claim=c) for user, c in zip(users, claims, strict=True)))
+
+    assert jobs.batches and max(jobs.batches) > 1
+    conn = await asyncpg.connect(url)
+    try:
+        for (job, created), claim in zip(outcomes, claims, strict=True):
+            assert created
+            events = [
+                (r["seq"], r["type"], r["attempt"])
+                for r in await conn.fetch("SELECT * FROM job_events WHERE job_id = $1 ORDER BY seq", job.id)
+            ]
+            if claim:
+                assert (job.status.value, job.attempt, job.lease_owner) == ("generating", 1, "w")
+                assert events == [(1, "created", 0), (2, "attempt_started", 1)]
+            else:
+                assert (job.status.value, job.attempt, job.lease_owner) == ("pending", 0, None)
+                assert events == [(1, "created", 0)]
         await assert_credits_consistent(conn)
     finally:
         await conn.close()

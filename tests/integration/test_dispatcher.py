@@ -1,11 +1,12 @@
-"""The dispatcher against real PostgreSQL with a scripted generator: retries, fencing, leases, hand-back."""
+"""The dispatcher against real PostgreSQL with a scripted generator: retries, fencing, leases, hand-back,
+and jobs claimed in the transaction that creates them."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ from job_service.domain import (
     Params,
     StoredImage,
 )
-from job_service.store import JobStore, create_pool
+from job_service.store import ClaimAtCreate, JobStore, create_pool
 from tests.support.cluster import events_of, eventually, fresh_database
 from tests.support.ledger import assert_credits_consistent
 
@@ -538,4 +539,138 @@ async def test_a_job_that_completes_just_before_a_lease_renewal_is_not_reported_
     assert warnings.events == []
     current = await store.get_job(job.id)
     assert current is not None and current.status is JobStatus.COMPLETED
+    await assert_credits_consistent(conn)
+
+
+# -- A job claimed in the transaction that creates it (Dispatcher.run_when_created) ---------------------------
+# A replica with room claims the job it creates in the create's own transaction and runs it without a claim; a
+# full or draining replica, or an idempotent replay, claims nothing as it creates. A create whose caller went
+# away still runs its job here.
+
+Create = Callable[[ClaimAtCreate | None], Awaitable[tuple[Job, bool]]]
+
+
+def creating(store: JobStore, *, request_id: str | None = None, user: str | None = None) -> Create:
+    """CreateJob's write for one new job, as JobManager hands it to the dispatcher."""
+    user_id = user or str(uuid.uuid4())
+
+    def create(claim: ClaimAtCreate | None) -> Awaitable[tuple[Job, bool]]:
+        return store.create_job(
+            user_id=user_id,
+            prompt="a lighthouse at dusk",
+            model="local",
+            params=Params(sample_count=2),
+            template_id=None,
+            request_id=request_id,
+            request_hash="test",
+            price_per_image=1,
+            max_attempts=3,
+            active_limit=10,
+            new_user_credits=100,
+            claim=claim,
+        )
+
+    return create
+
+
+def event_rows(events: list[dict[str, object]]) -> list[tuple[object, ...]]:
+    return [(e["seq"], e["type"], e["status"], e["attempt"]) for e in events]
+
+
+async def test_a_job_created_with_room_is_claimed_in_its_create_and_runs_without_a_claim(
+    store: JobStore, conn: asyncpg.Connection
+) -> None:
+    dispatcher = Dispatcher(store, ScriptedGenerator(), config(max_in_flight=4, poll_interval=60.0))
+    claims = count_claims(store)
+    job, created = await dispatcher.run_when_created(creating(store))
+
+    assert created and (job.status, job.attempt, job.lease_owner) == (JobStatus.GENERATING, 1, "w1")
+    assert dispatcher.in_flight == 1, "the create handed its job to the dispatcher"
+    await run_to_the_end(store, [job], dispatcher)
+
+    assert sum(claimed for _, claimed in claims) == 0, f"no claim brought the job: {claims}"
+    assert event_rows(await events_of(conn, job.id)) == [
+        (1, "created", "pending", 0),
+        (2, "attempt_started", "generating", 1),
+        (3, "generation_started", "generating", 1),
+        (4, "image_stored", "generating", 1),
+        (5, "image_stored", "generating", 1),
+        (6, "completed", "completed", 1),
+    ]
+    done = await store.get_job(job.id)
+    assert done is not None and (done.status, done.credits_charged) == (JobStatus.COMPLETED, 2)
+    await assert_credits_consistent(conn)
+
+
+async def test_a_full_replica_creates_the_job_pending_and_claims_it_once_it_has_room(
+    store: JobStore, conn: asyncpg.Connection
+) -> None:
+    generator = ScriptedGenerator(deque(["block"]))
+    dispatcher = Dispatcher(store, generator, config(max_in_flight=1, poll_interval=60.0))
+    blocking, _ = await dispatcher.run_when_created(creating(store))
+    waiting, _ = await dispatcher.run_when_created(creating(store))
+
+    assert (blocking.status, waiting.status) == (JobStatus.GENERATING, JobStatus.PENDING)
+    assert waiting.attempt == 0 and waiting.lease_owner is None
+    dispatcher.start()
+    try:
+        await eventually(lambda: asyncio.sleep(0, generator.opened), lambda opened: opened == [1], within=10)
+        dispatcher.cancel(blocking.id, "user")  # its room goes to the waiting job
+        await eventually(
+            lambda: store.get_job(waiting.id), lambda j: j is not None and j.status is JobStatus.COMPLETED, within=10
+        )
+    finally:
+        await dispatcher.drain(1.0)
+    assert [e["type"] for e in await events_of(conn, waiting.id)][:2] == ["created", "attempt_started"]
+    await assert_credits_consistent(conn)
+
+
+async def test_a_draining_replica_claims_nothing_as_it_creates(store: JobStore, conn: asyncpg.Connection) -> None:
+    dispatcher = Dispatcher(store, ScriptedGenerator(), config(max_in_flight=4))
+    await dispatcher.drain(0.1)
+    job, created = await dispatcher.run_when_created(creating(store))
+
+    assert created and (job.status, job.attempt) == (JobStatus.PENDING, 0)
+    assert dispatcher.in_flight == 0
+    assert event_rows(await events_of(conn, job.id)) == [(1, "created", "pending", 0)]
+
+
+async def test_a_replayed_create_claims_nothing_more(store: JobStore, conn: asyncpg.Connection) -> None:
+    generator = ScriptedGenerator(deque(["block"]))
+    dispatcher = Dispatcher(store, generator, config(max_in_flight=4, poll_interval=60.0))
+    create = creating(store, request_id="checkout-1")
+    first, first_created = await dispatcher.run_when_created(create)
+    again, again_created = await dispatcher.run_when_created(create)
+    try:
+        assert (first_created, again_created) == (True, False)
+        assert again.id == first.id and (again.status, again.attempt) == (JobStatus.GENERATING, 1)
+        assert dispatcher.in_flight == 1, "one attempt runs"
+        await eventually(lambda: asyncio.sleep(0, generator.opened), lambda opened: opened == [1], within=10)
+    finally:
+        await dispatcher.drain(0.1)  # hands the blocked attempt back
+    types = [e["type"] for e in await events_of(conn, first.id)]
+    assert types.count("attempt_started") == 1 and types[0] == "created"
+    await assert_credits_consistent(conn)
+
+
+async def test_a_job_whose_creator_went_away_still_runs_here(store: JobStore, conn: asyncpg.Connection) -> None:
+    dispatcher = Dispatcher(store, ScriptedGenerator(), config(max_in_flight=4, poll_interval=60.0))
+    claims = count_claims(store)
+    user = str(uuid.uuid4())
+    caller = asyncio.create_task(dispatcher.run_when_created(creating(store, user=user)))
+    await asyncio.sleep(0)  # the create is under way
+    caller.cancel()
+    dispatcher.start()
+    try:
+        job_id = await eventually(
+            lambda: conn.fetchval("SELECT id::text FROM generation_jobs WHERE user_id = $1", uuid.UUID(user)),
+            lambda found: found is not None,
+            within=10,
+        )
+        done = await eventually(lambda: store.get_job(job_id), lambda j: j is not None and j.status.terminal, within=10)
+    finally:
+        await dispatcher.drain(1.0)
+    assert caller.cancelled()
+    assert done is not None and (done.status, done.attempt) == (JobStatus.COMPLETED, 1)
+    assert sum(claimed for _, claimed in claims) == 0, "it ran from its create, not from a claim"
     await assert_credits_consistent(conn)
