@@ -101,20 +101,41 @@ def config(owner: str = "w1", **overrides: float) -> DispatcherConfig:
     return DispatcherConfig(owner=owner, **values)  # type: ignore[arg-type]
 
 
+Create = Callable[[ClaimAtCreate | None], Awaitable[tuple[Job, bool]]]
+
+
+def creating(
+    store: JobStore,
+    *,
+    request_id: str | None = None,
+    user: str | None = None,
+    sample_count: int = 2,
+    max_attempts: int = 3,
+) -> Create:
+    """CreateJob's write for one new job, as JobManager hands it to the dispatcher."""
+    user_id = user or str(uuid.uuid4())
+
+    def create(claim: ClaimAtCreate | None) -> Awaitable[tuple[Job, bool]]:
+        return store.create_job(
+            user_id=user_id,
+            prompt="a lighthouse at dusk",
+            model="local",
+            params=Params(sample_count=sample_count),
+            template_id=None,
+            request_id=request_id,
+            request_hash="test",
+            price_per_image=1,
+            max_attempts=max_attempts,
+            active_limit=10,
+            new_user_credits=100,
+            claim=claim,
+        )
+
+    return create
+
+
 async def new_job(store: JobStore, *, sample_count: int = 2, max_attempts: int = 5) -> Job:
-    job, _created = await store.create_job(
-        user_id=str(uuid.uuid4()),
-        prompt="a lighthouse at dusk",
-        model="local",
-        params=Params(sample_count=sample_count),
-        template_id=None,
-        request_id=None,
-        request_hash="test",
-        price_per_image=1,
-        max_attempts=max_attempts,
-        active_limit=10,
-        new_user_credits=100,
-    )
+    job, _created = await creating(store, sample_count=sample_count, max_attempts=max_attempts)(None)
     return job
 
 
@@ -546,31 +567,6 @@ async def test_a_job_that_completes_just_before_a_lease_renewal_is_not_reported_
 # A replica with room claims the job it creates in the create's own transaction and runs it without a claim; a
 # full or draining replica, or an idempotent replay, claims nothing as it creates. A create whose caller went
 # away still runs its job here.
-
-Create = Callable[[ClaimAtCreate | None], Awaitable[tuple[Job, bool]]]
-
-
-def creating(store: JobStore, *, request_id: str | None = None, user: str | None = None) -> Create:
-    """CreateJob's write for one new job, as JobManager hands it to the dispatcher."""
-    user_id = user or str(uuid.uuid4())
-
-    def create(claim: ClaimAtCreate | None) -> Awaitable[tuple[Job, bool]]:
-        return store.create_job(
-            user_id=user_id,
-            prompt="a lighthouse at dusk",
-            model="local",
-            params=Params(sample_count=2),
-            template_id=None,
-            request_id=request_id,
-            request_hash="test",
-            price_per_image=1,
-            max_attempts=3,
-            active_limit=10,
-            new_user_credits=100,
-            claim=claim,
-        )
-
-    return create
 
 
 def event_rows(events: list[dict[str, object]]) -> list[tuple[object, ...]]:
