@@ -141,6 +141,11 @@ class Dispatcher:
     def in_flight(self) -> int:
         return len(self._running)
 
+    @property
+    def _room(self) -> int:
+        """Attempts this replica can still take: running ones and creates claiming for it hold room."""
+        return self._config.max_in_flight - len(self._running) - len(self._creating)
+
     def start(self) -> None:
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="claim"),
@@ -160,7 +165,7 @@ class Dispatcher:
         The create goes on if the caller is cancelled meanwhile (a CreateJob whose client went away), and a job
         it claimed still runs here, instead of waiting for its lease to run out.
         """
-        if not self._claiming or len(self._running) + len(self._creating) >= self._config.max_in_flight:
+        if not self._claiming or self._room <= 0:
             return await create(None)
         made = asyncio.ensure_future(create(ClaimAtCreate(self._config.owner, self._config.lease_seconds)))
         self._creating.add(made)
@@ -173,7 +178,7 @@ class Dispatcher:
         job, created = (None, False) if made.cancelled() or made.exception() is not None else made.result()
         if job is not None and created and job.status is JobStatus.GENERATING and job.lease_owner == self._config.owner:
             self._start(job)
-        elif len(self._running) + len(self._creating) == self._config.max_in_flight - 1:
+        elif self._room == 1:
             self._wake.set()  # the room held was what kept a full replica's claimer waiting
 
     def on_notification(self, job_id: str, _seq: int, event: EventType | None) -> None:
@@ -243,7 +248,7 @@ class Dispatcher:
                 await asyncio.wait_for(self._wake.wait(), timeout=backoff)
 
     async def _claim_once(self) -> int:
-        room = self._config.max_in_flight - len(self._running) - len(self._creating)
+        room = self._room
         if room <= 0 or not self._claiming:
             return 0
         size = min(room, self._claim_size)
@@ -269,7 +274,7 @@ class Dispatcher:
         # Room for one more matters only to a claimer that stopped for want of room. One that stopped for want
         # of due jobs is woken by their NOTIFY (or its poll), not by every job that ends: that was one empty
         # claim, a database round trip, per job.
-        if len(self._running) + len(self._creating) == self._config.max_in_flight - 1:
+        if self._room == 1:
             self._wake.set()
 
     async def _lease_loop(self) -> None:
