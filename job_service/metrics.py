@@ -112,7 +112,6 @@ class InstrumentedJobStore(JobStore):
 
     def __init__(self, pool: asyncpg.Pool, metrics: JobMetrics) -> None:
         super().__init__(pool)
-        self._db = pool
         self._metrics = metrics
 
     def _written(self, job: Job, event: JobEvent) -> None:
@@ -126,30 +125,6 @@ class InstrumentedJobStore(JobStore):
             self._metrics.credits.labels("reserved").inc(job.credits_reserved)
         return job, created
 
-    async def advance(self, job_id: str, **kwargs: Any) -> Job | None:
-        job = await super().advance(job_id, **kwargs)
-        if job is not None and kwargs.get("to") is not None and job.status.terminal:
-            await self._count_settlement(job)
-        return job
-
-    async def advance_batch(self, job_id: str, **kwargs: Any) -> list[Job]:
-        jobs = await super().advance_batch(job_id, **kwargs)
-        for job, changes in zip(jobs, kwargs["events"], strict=False):
-            if changes.get("to") is not None and job.status.terminal:
-                await self._count_settlement(job)
-        return jobs
-
-    async def _count_settlement(self, job: Job) -> None:
-        """The job was settled by the write just made: read what it released and captured."""
-        try:
-            rows = await self._db.fetch(
-                "SELECT kind, amount FROM credit_ledger WHERE job_id = $1 AND kind IN ('release', 'capture')", job.id
-            )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("could not read the settlement for metrics", job_id=job.id, error=repr(exc))
-            return
-        for row in rows:
-            if row["kind"] == "release":
-                self._metrics.credits.labels("released").inc(row["amount"])
-            else:
-                self._metrics.credits.labels("captured").inc(-row["amount"])
+    def _settled(self, job: Job, released: int) -> None:
+        self._metrics.credits.labels("released").inc(released)
+        self._metrics.credits.labels("captured").inc(job.credits_charged)

@@ -83,6 +83,13 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int, statement_cache
     return pool
 
 
+# What a job held reserved before the write that returns it. A statement reads the database as it was when the
+# statement began, whatever the function it calls changes meanwhile, so this is the reservation the write released
+# if it settled the job (imagegen_advance zeroes credits_reserved then): the metrics layer gets it from the write's
+# own answer instead of reading the ledger once more per settled job.
+_RESERVED_BEFORE = "(SELECT g.credits_reserved FROM generation_jobs g WHERE g.id = $1) AS reserved_before"
+
+
 def job_from_row(row: asyncpg.Record | dict[str, Any]) -> Job:
     params = row["params"] or {}
     return Job(
@@ -271,6 +278,10 @@ class JobStore:
             if writes.count == 0:
                 del self._writes[job_id]
                 writes.ended.set()
+
+    def _settled(self, job: Job, released: int) -> None:
+        """A write just ended `job` and settled its reservation: released `released` credits (all it held) and
+        captured `job.credits_charged`. A hook for the metrics layer; the ledger has the same two rows."""
 
     def _written(self, job: Job, event: JobEvent) -> None:
         """Each job event this store commits, once, right after its write answered."""
@@ -471,11 +482,11 @@ class JobStore:
         """Applies one event; None when the fence refused it (the caller no longer holds the job)."""
         with self._writing(job_id):
             row = await self._pool.fetchrow(
-                """SELECT * FROM imagegen_advance(
+                f"""SELECT a.*, {_RESERVED_BEFORE} FROM imagegen_advance(
                        p_id => $1, p_attempt => $2, p_from => $3, p_event => $4, p_to => $5, p_message => $6,
                        p_error_code => $7, p_image => $8, p_filtered => $9, p_filtered_reasons => $10,
                        p_retry_delay => $11, p_cancel_requested => $12, p_count_failure => $13,
-                       p_only_if_lease_expired => $14)""",
+                       p_only_if_lease_expired => $14) a""",
                 job_id,
                 attempt,
                 [s.value for s in from_statuses],
@@ -496,6 +507,8 @@ class JobStore:
                 return None
             job = job_from_row(row)
             self._written(job, _event_of(job, event, message))
+            if to is not None and job.status.terminal:
+                self._settled(job, row["reserved_before"])
             return job
 
     async def advance_batch(
@@ -510,15 +523,17 @@ class JobStore:
         """
         with self._writing(job_id):
             rows = await self._pool.fetch(
-                "SELECT * FROM imagegen_advance_batch($1, $2, $3, $4)",
+                f"SELECT b.*, {_RESERVED_BEFORE} FROM imagegen_advance_batch($1, $2, $3, $4) b",
                 job_id,
                 attempt,
                 [s.value for s in from_statuses],
                 [_batch_event(changes) for changes in events],
             )
             jobs = [job_from_row(row) for row in rows]
-            for job, changes in zip(jobs, events, strict=False):
+            for job, changes, row in zip(jobs, events, rows, strict=False):
                 self._written(job, _event_of(job, changes["event"], changes.get("message")))
+                if changes.get("to") is not None and job.status.terminal:
+                    self._settled(job, row["reserved_before"])
             return jobs
 
     async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
