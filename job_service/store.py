@@ -279,6 +279,15 @@ class JobStore:
                 del self._writes[job_id]
                 writes.ended.set()
 
+    def _wrote(
+        self, job: Job, row: asyncpg.Record, event: EventType, message: str | None, to: JobStatus | None
+    ) -> None:
+        """Reports one committed advance of `job` (as `row`, read with _RESERVED_BEFORE, returned it), and its
+        settlement when it ended the job."""
+        self._written(job, _event_of(job, event, message))
+        if to is not None and job.status.terminal:
+            self._settled(job, row["reserved_before"])
+
     def _settled(self, job: Job, released: int) -> None:
         """A write just ended `job` and settled its reservation: released `released` credits (all it held) and
         captured `job.credits_charged`. A hook for the metrics layer; the ledger has the same two rows."""
@@ -506,9 +515,7 @@ class JobStore:
             if row is None or row["id"] is None:
                 return None
             job = job_from_row(row)
-            self._written(job, _event_of(job, event, message))
-            if to is not None and job.status.terminal:
-                self._settled(job, row["reserved_before"])
+            self._wrote(job, row, event, message, to)
             return job
 
     async def advance_batch(
@@ -531,9 +538,7 @@ class JobStore:
             )
             jobs = [job_from_row(row) for row in rows]
             for job, changes, row in zip(jobs, events, rows, strict=False):
-                self._written(job, _event_of(job, changes["event"], changes.get("message")))
-                if changes.get("to") is not None and job.status.terminal:
-                    self._settled(job, row["reserved_before"])
+                self._wrote(job, row, changes["event"], changes.get("message"), changes.get("to"))
             return jobs
 
     async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
