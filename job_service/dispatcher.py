@@ -56,6 +56,9 @@ class DispatcherConfig:
     # How long an attempt keeps retrying a write while the database is away before it leaves the job
     # to its lease (the write is fenced, so retrying late is safe).
     write_patience_seconds: float = 60.0
+    # How long a drain waits for the hand-backs (and outcomes being written) after its grace, before it
+    # stops what is left and leaves those jobs to their leases.
+    handback_seconds: float = 10.0
 
 
 def retry_delay(attempt: int, base: float, cap: float, retry_after: float | None) -> float:
@@ -220,7 +223,20 @@ class Dispatcher:
                 log.info("grace period over; handing back what still runs", jobs=len(still_running))
                 for job_id in list(self._running):
                     self.cancel(job_id, "shutdown")
-                await asyncio.wait(still_running, timeout=10.0)
+                _, still_running = await asyncio.wait(still_running, timeout=self._config.handback_seconds)
+            if still_running:
+                # Still writing a hand-back or an outcome that the database does not take (it is away, and its
+                # writes retry for write_patience_seconds). Nothing of this dispatcher may outlive the drain:
+                # the pool closes next, and in a process that goes on (tests, an embedding app) such a task
+                # would keep retrying into it. The writes are fenced, so stopping one mid-way is safe; the
+                # lease decides what becomes of its job, as after a crash. "lost" writes nothing more.
+                log.warning(
+                    "attempts still writing after the drain; leaving them to their leases", jobs=len(still_running)
+                )
+                for job_id, (_, task) in list(self._running.items()):
+                    self._cancel_reasons[job_id] = "lost"
+                    task.cancel()
+                await asyncio.wait(still_running, timeout=self._config.handback_seconds)
         for loop in self._loops:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)

@@ -323,6 +323,42 @@ async def test_drain_hands_back_what_outlives_the_grace_period(store: JobStore, 
     assert sorted(j.id for j in await store.claim("w2", 10, 30.0)) == sorted(j.id for j in jobs)
 
 
+def tasks_of(job_id: str) -> list[asyncio.Task[Any]]:
+    """The dispatcher's tasks for a job: its attempt and the reader of its Generate stream."""
+    return [task for task in asyncio.all_tasks() if task.get_name() in (f"job-{job_id}", f"generate-{job_id}")]
+
+
+async def test_a_drain_whose_hand_back_the_database_refuses_leaves_nothing_running(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The database goes away as the drain begins, so the hand-back cannot land; its write would retry for
+    # write_patience_seconds (60 s), past the drain and into the pool that JobApp.stop closes right after.
+    generator = ScriptedGenerator(deque(["block"]))
+    dispatcher = Dispatcher(store, generator, config(lease_seconds=30.0, handback_seconds=0.3))
+    job = await new_job(store)
+    dispatcher.start()
+    await eventually(lambda: asyncio.sleep(0, len(generator.opened)), lambda n: n == 1, within=10)
+    tried: list[object] = []
+
+    async def refused(*_args: object, **changes: object) -> None:
+        tried.append(changes.get("event"))
+        raise asyncpg.InterfaceError("pool is closed")
+
+    monkeypatch.setattr(store, "advance", refused)
+    await dispatcher.drain(0.1)
+
+    assert tried and tried[0] is EventType.HANDED_BACK, tried
+    assert all(task.done() for task in tasks_of(job.id)), "nothing of the drained dispatcher is still running"
+    retries = len(tried)
+    await asyncio.sleep(0.5)
+    assert len(tried) == retries, "no write after the drain"
+    monkeypatch.undo()
+    current = await store.get_job(job.id)
+    assert current is not None and (current.status, current.lease_owner) == (JobStatus.GENERATING, "w1"), (
+        "the job is left to its lease, as after a crash"
+    )
+
+
 async def test_a_cancel_requested_before_a_failed_attempt_ends_the_job_instead_of_retrying(
     store: JobStore, conn: asyncpg.Connection
 ) -> None:
@@ -511,19 +547,26 @@ async def test_a_full_replica_claims_again_as_soon_as_a_job_ends(store: JobStore
 
 
 class _Warnings:
-    """Stands in for the dispatcher module's logger: keeps the warnings, drops the rest."""
+    """Stands in for the dispatcher module's logger: keeps the warnings, drops the rest.
+
+    The logger is the module's, so it hears every Dispatcher in this process (the tests share one event loop);
+    `about(job_id)` keeps what concerns that job, or no job in particular.
+    """
 
     def __init__(self) -> None:
-        self.events: list[str] = []
+        self.events: list[tuple[str, dict[str, object]]] = []
 
-    def warning(self, event: str, **_fields: object) -> None:
-        self.events.append(event)
+    def warning(self, event: str, **fields: object) -> None:
+        self.events.append((event, fields))
 
     def info(self, event: str, **_fields: object) -> None:
         pass
 
-    def exception(self, event: str, **_fields: object) -> None:
-        self.events.append(event)
+    def exception(self, event: str, **fields: object) -> None:
+        self.events.append((event, fields))
+
+    def about(self, job_id: str) -> list[str]:
+        return [event for event, fields in self.events if fields.get("job_id", job_id) == job_id]
 
 
 async def test_a_job_that_completes_just_before_a_lease_renewal_is_not_reported_as_a_lost_lease(
@@ -557,7 +600,7 @@ async def test_a_job_that_completes_just_before_a_lease_renewal_is_not_reported_
     await run_to_the_end(store, [job], Dispatcher(store, ScriptedGenerator(), config(lease_seconds=0.3)))
 
     assert renewed.is_set(), "a renewal ran while the completed attempt was still in flight"
-    assert warnings.events == []
+    assert warnings.about(job.id) == []
     current = await store.get_job(job.id)
     assert current is not None and current.status is JobStatus.COMPLETED
     await assert_credits_consistent(conn)
