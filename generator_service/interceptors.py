@@ -53,6 +53,10 @@ def _refusing(
 
     if handler is None:
         return grpc.unary_unary_rpc_method_handler(deny)
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(
+            deny_stream, handler.request_deserializer, handler.response_serializer
+        )
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(
             deny_stream, handler.request_deserializer, handler.response_serializer

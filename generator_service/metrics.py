@@ -12,7 +12,7 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from generator_service.config import ModelSpec
 from generator_service.domain import FilteredImage, GeneratedImage, GenerationRequest
@@ -50,6 +50,12 @@ class GeneratorMetrics:
             "Time to store one image (retries included), by outcome.",
             ["backend", "outcome"],
             buckets=STORAGE_BUCKETS,
+            registry=registry,
+        )
+        # Set to read the servicer's count where both are built (server.py).
+        self.generate_streams = Gauge(
+            "imagegen_generate_streams",
+            "GenerateMany streams open (a JobService keeps a few, each carrying many attempts).",
             registry=registry,
         )
 

@@ -118,6 +118,7 @@ class GeneratorApp:
     closers: list[Any] = field(default_factory=list)
     registry: CollectorRegistry | None = None
     metrics: MetricsServer | None = None
+    servicer: GeneratorServicer | None = None
 
     @property
     def port(self) -> int:
@@ -125,6 +126,8 @@ class GeneratorApp:
 
     async def stop(self) -> None:
         log.info("shutting down", grace_seconds=self.settings.shutdown_grace_seconds)
+        if self.servicer is not None:
+            self.servicer.drain()
         await self.running.stop(self.settings.shutdown_grace_seconds)
         await close_all(self.closers)
 
@@ -189,13 +192,14 @@ async def _start(settings: GeneratorSettings, closers: list[Any]) -> GeneratorAp
         if settings.tls_cert and settings.tls_key
         else None
     )
-    interceptors: list[Any] = [ServerObservability(rpc_metrics, trust_request_user_id=True)]
+    observability = ServerObservability(rpc_metrics, trust_request_user_id=True)
+    servicer = GeneratorServicer(generator, observability)
+    metrics.generate_streams.set_function(servicer.open_streams)
+    interceptors: list[Any] = [observability]
     if settings.auth_token:
         interceptors.append(SharedTokenInterceptor(settings.auth_token.get_secret_value()))
     running = await start_server(
-        add_servicers=[
-            lambda server: pb_grpc.add_GeneratorServiceServicer_to_server(GeneratorServicer(generator), server)
-        ],
+        add_servicers=[lambda server: pb_grpc.add_GeneratorServiceServicer_to_server(servicer, server)],
         service_names=[SERVICE_NAME],
         host=settings.host,
         port=settings.port,
@@ -215,7 +219,7 @@ async def _start(settings: GeneratorSettings, closers: list[Any]) -> GeneratorAp
             raise
         closers.insert(0, metrics_server.stop)
         log.info("metrics serving", url=f"http://{settings.metrics_host}:{metrics_server.port}/metrics")
-    return GeneratorApp(settings, running, closers, registry, metrics_server)
+    return GeneratorApp(settings, running, closers, registry, metrics_server, servicer)
 
 
 async def serve(settings: GeneratorSettings) -> None:

@@ -19,13 +19,12 @@ log = structlog.get_logger(__name__)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+Transient = tuple[type[BaseException], ...]
 
 
-def to_grpc_status(err: ServiceError, domain: str) -> grpc.Status:
-    details = [
-        error_details_pb2.ErrorInfo(reason=err.reason, domain=domain, metadata=err.metadata),
-    ]
-    packed: list[Any] = list(details)
+def to_status_proto(err: ServiceError, domain: str) -> status_pb2.Status:
+    """The google.rpc.Status of an error: its ErrorInfo, and a BadRequest and RetryInfo when it has them."""
+    packed: list[Any] = [error_details_pb2.ErrorInfo(reason=err.reason, domain=domain, metadata=err.metadata)]
     if err.violations:
         packed.append(
             error_details_pb2.BadRequest(
@@ -44,52 +43,61 @@ def to_grpc_status(err: ServiceError, domain: str) -> grpc.Status:
         wrapped = any_pb2.Any()
         wrapped.Pack(message)
         anys.append(wrapped)
-    status = status_pb2.Status(code=getattr(code_pb2, err.kind.value), message=err.message, details=anys)
-    result: grpc.Status = rpc_status.to_status(status)
+    return status_pb2.Status(code=getattr(code_pb2, err.kind.value), message=err.message, details=anys)
+
+
+def to_grpc_status(err: ServiceError, domain: str) -> grpc.Status:
+    result: grpc.Status = rpc_status.to_status(to_status_proto(err, domain))
     return result
 
 
 def from_grpc_error(error: grpc.aio.AioRpcError, default_reason: str = "UNKNOWN") -> ServiceError:
     """Reads a peer's rich status back into a ServiceError (ErrorInfo, BadRequest and RetryInfo kept)."""
-    kind = ErrorKind(error.code().name) if error.code().name in ErrorKind.__members__ else ErrorKind.INTERNAL
-    reason, metadata, violations, retry_after = default_reason, {}, [], None
+    status = status_pb2.Status(message=error.details() or "")
     for key, value in error.trailing_metadata() or ():
-        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
-            continue
-        status = status_pb2.Status.FromString(value)
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason, metadata = info.reason, dict(info.metadata)
-            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                violations = [FieldViolation(v.field, v.description) for v in bad.field_violations]
-            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                retry = error_details_pb2.RetryInfo()
-                detail.Unpack(retry)
-                retry_after = retry.retry_delay.ToNanoseconds() / 1e9
-    return ServiceError(kind, reason, error.details() or "", violations, metadata, retry_after)
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            status.message = error.details() or ""
+    return from_status_proto(error.code().name, status, default_reason)
 
 
-Transient = tuple[type[BaseException], ...]
+def from_status_proto(code: str, status: status_pb2.Status, default_reason: str = "UNKNOWN") -> ServiceError:
+    """A ServiceError from a status code's name and a google.rpc.Status (ErrorInfo, BadRequest, RetryInfo)."""
+    kind = ErrorKind(code) if code in ErrorKind.__members__ else ErrorKind.INTERNAL
+    reason, metadata, violations, retry_after = default_reason, {}, [], None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations = [FieldViolation(v.field, v.description) for v in bad.field_violations]
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+    return ServiceError(kind, reason, status.message, violations, metadata, retry_after)
+
+
+def service_error(exc: BaseException, transient: Transient = ()) -> ServiceError:
+    """What a handler's exception tells its caller: itself if a ServiceError, else a stable, logged stand-in."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if transient and isinstance(exc, transient):
+        # A dependency is down (e.g. the database): UNAVAILABLE is what tells clients to retry.
+        log.warning("dependency unavailable", error=str(exc) or type(exc).__name__)
+        return ServiceError(ErrorKind.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE", "a dependency is unavailable; retry")
+    # Never a traceback to the caller: log it here, answer INTERNAL with a stable reason.
+    log.exception("unhandled error in RPC handler", exc_info=exc)
+    return ServiceError(ErrorKind.INTERNAL, "INTERNAL", "internal error; see the server log")
 
 
 async def _abort(
     context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, domain: str, transient: Transient
 ) -> None:
-    if isinstance(exc, ServiceError):
-        err = exc
-    elif transient and isinstance(exc, transient):
-        # A dependency is down (e.g. the database): UNAVAILABLE is what tells clients to retry.
-        log.warning("dependency unavailable", error=str(exc) or type(exc).__name__)
-        err = ServiceError(ErrorKind.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE", "a dependency is unavailable; retry")
-    else:
-        # Never a traceback to the caller: log it here, answer INTERNAL with a stable reason.
-        log.exception("unhandled error in RPC handler")
-        err = ServiceError(ErrorKind.INTERNAL, "INTERNAL", "internal error; see the server log")
-    status = to_grpc_status(err, domain)
+    status = to_grpc_status(service_error(exc, transient), domain)
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 

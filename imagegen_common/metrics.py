@@ -54,7 +54,7 @@ class RpcMetrics:
         return cls(
             server_seconds=Histogram(
                 "grpc_server_handling_seconds",
-                "Time to handle an RPC (the whole stream for server-streaming calls), by method and status code.",
+                "Time to handle an RPC (a whole server stream; one attempt of a GenerateMany stream), by method, code.",
                 ["grpc_service", "grpc_method", "grpc_type", "grpc_code"],
                 buckets=RPC_BUCKETS,
                 registry=registry,
@@ -67,7 +67,7 @@ class RpcMetrics:
             ),
             client_seconds=Histogram(
                 "grpc_client_handling_seconds",
-                "Time of an outgoing RPC (the whole stream for server-streaming calls), by method and status code.",
+                "Time of a call made (a whole server stream; one attempt of a GenerateMany stream), by method, code.",
                 ["grpc_service", "grpc_method", "grpc_type", "grpc_code"],
                 buckets=RPC_BUCKETS,
                 registry=registry,

@@ -11,11 +11,13 @@ for each call, which for Generate means one trace per job attempt.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -90,6 +92,13 @@ def _response_fields(response: object) -> dict[str, Any]:
     return {"user_id": user_id} if isinstance(user_id, str) and user_id else {}
 
 
+@dataclass
+class CarriedCall:
+    """The outcome of a call carried inside a stream; its handler sets `code` when it answers an error."""
+
+    code: str = "OK"
+
+
 class ServerObservability(grpc.aio.ServerInterceptor):
     """Metrics, a log line and a bound log context for every unary and server-streaming RPC.
 
@@ -139,7 +148,7 @@ class ServerObservability(grpc.aio.ServerInterceptor):
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
         async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = self._started(full_method)
-            peer = _peer(context)
+            peer = peer_of(context)
             code, extra = "UNKNOWN", cast(dict[str, Any], {})
             with structlog.contextvars.bound_contextvars(**self._context_fields(request, metadata)):
                 try:
@@ -164,7 +173,7 @@ class ServerObservability(grpc.aio.ServerInterceptor):
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
         async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             started = self._started(full_method)
-            peer = _peer(context)
+            peer = peer_of(context)
             code, extra = "UNKNOWN", cast(dict[str, Any], {})
             with structlog.contextvars.bound_contextvars(**self._context_fields(request, metadata)):
                 try:
@@ -185,6 +194,27 @@ class ServerObservability(grpc.aio.ServerInterceptor):
                     self._finished(full_method, "server_stream", started, code, peer, extra)
 
         return behavior
+
+    @contextlib.contextmanager
+    def carried(self, full_method: str, request: object, traceparent: str, peer: str) -> Iterator[CarriedCall]:
+        """Observes a call carried inside a stream (an attempt on GenerateMany) as its own RPC would be.
+
+        The same bound log context (continuing `traceparent`), in-flight gauge, duration histogram (type
+        "attempt") and one log line; the stream that carries it is not observed itself.
+        """
+        started = self._started(full_method)
+        call = CarriedCall()
+        with structlog.contextvars.bound_contextvars(**self._context_fields(request, {TRACEPARENT: traceparent})):
+            try:
+                yield call
+            except (asyncio.CancelledError, GeneratorExit):
+                call.code = "CANCELLED"
+                raise
+            except BaseException:
+                call.code = "UNKNOWN"
+                raise
+            finally:
+                self._finished(full_method, "attempt", started, call.code, peer, {})
 
     def _started(self, full_method: str) -> float:
         self._metrics.server_in_flight.labels(*_split_method(full_method)).inc()
@@ -209,7 +239,7 @@ class ServerObservability(grpc.aio.ServerInterceptor):
         line("rpc", method=full_method, code=code, duration_ms=round(seconds * 1000, 2), peer=peer, **extra)
 
 
-def _peer(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+def peer_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     # Read while the call is alive: peer() on a call the client already cancelled (a WatchJob closed
     # early) dereferences a freed grpc_call in cygrpc and kills the process with SIGSEGV.
     try:
@@ -251,6 +281,29 @@ class OutgoingCalls:
         self._watch(call, method, kind, fields)
         return call
 
+    def carried(self, method: str, request: object) -> tuple[str, Callable[[str], None]]:
+        """The traceparent of a call carried inside a stream (an attempt on GenerateMany), and what records its end.
+
+        `done(code)` gives it the same timing and log line as a call of its own, of type "attempt".
+        """
+        bound = structlog.contextvars.get_contextvars()
+        trace_id = bound.get("trace_id") or new_trace_id()
+        span_id = new_span_id()
+        fields = {"trace_id": trace_id, "span_id": span_id, **_request_fields(request, trust_user_id=True)}
+        started = time.perf_counter()
+
+        def done(code: str) -> None:
+            self._record(method, "attempt", started, code, fields)
+
+        return format_traceparent(trace_id, span_id), done
+
+    def _record(self, method: str, kind: str, started: float, code: str, fields: Mapping[str, Any]) -> None:
+        seconds = time.perf_counter() - started
+        service, name = _split_method(method)
+        if self._metrics is not None:
+            self._metrics.client_seconds.labels(service, name, kind, code).observe(seconds)
+        log.info("rpc call", method=method, code=code, duration_ms=round(seconds * 1000, 2), **fields)
+
     def _watch(self, call: grpc.aio.Call, method: str, kind: str, fields: dict[str, Any]) -> None:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -262,11 +315,7 @@ class OutgoingCalls:
                 code = "CANCELLED"
             except Exception:
                 code = "UNKNOWN"
-            seconds = time.perf_counter() - started
-            service, name = _split_method(method)
-            if self._metrics is not None:
-                self._metrics.client_seconds.labels(service, name, kind, code).observe(seconds)
-            log.info("rpc call", method=method, code=code, duration_ms=round(seconds * 1000, 2), **fields)
+            self._record(method, kind, started, code, fields)
 
         def done(_call: object) -> None:
             # A task only once the call has ended (its code is ready then): nothing waits alongside each

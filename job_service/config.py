@@ -57,6 +57,11 @@ class JobSettings(BaseSettings):
     generator_tls_ca: Path | None = None
     generator_tls_cert: Path | None = None
     generator_tls_key: Path | None = None
+    # Attempts travel many to a GenerateMany stream: at least this many are kept open, spread round-robin over
+    # the generator's replicas (so at least the number of replicas), more as they fill up ...
+    generator_streams: int = Field(default=8, ge=1)
+    # ... and each takes no new attempt after this long, so a replica that joins gets its share.
+    generator_stream_max_age_seconds: float = Field(default=60.0, gt=0)
 
     # Jobs.
     default_model: str = "local"

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
+from google.rpc import code_pb2, status_pb2
 from imagegen.generator.v1 import generator_service_pb2 as pb
 from imagegen.generator.v1 import generator_service_pb2_grpc as pb_grpc
 
-from imagegen_common.grpc_errors import from_grpc_error
+from imagegen_common.errors import ServiceError
+from imagegen_common.grpc_errors import from_grpc_error, from_status_proto
 from imagegen_common.rpc_observability import OutgoingCalls
 from job_service.domain import (
     GenerationDone,
@@ -26,7 +29,7 @@ from job_service.domain import (
 )
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["GeneratorService"].full_name
-GENERATE = f"/{_SERVICE}/Generate"
+GENERATE_MANY = f"/{_SERVICE}/GenerateMany"
 LIST_MODELS = f"/{_SERVICE}/ListModels"
 
 # Codes after which another attempt can help, when the generator did not say either way.
@@ -66,7 +69,40 @@ def channel_options() -> list[tuple[str, object]]:
     ]
 
 
+# A new GenerateMany stream is opened when every open one carries this many attempts, so that under load the
+# attempts spread over as many streams (and through round_robin over as many generator replicas) as they fill.
+_ATTEMPTS_PER_STREAM = 64
+
+
+class _Stream:
+    """One GenerateMany stream: what it carries, and the queue its starts and stops are sent from."""
+
+    def __init__(self, opened_at: float) -> None:
+        self.outgoing: asyncio.Queue[pb.GenerateManyRequest | None] = asyncio.Queue()  # None half-closes it
+        self.inboxes: dict[tuple[str, int], asyncio.Queue[pb.GenerateManyResponse | GenerationFailure]] = {}
+        self.opened_at = opened_at
+        self.accepting = True  # new attempts may start here
+        self.reader: asyncio.Task[None] | None = None
+
+    async def requests(self) -> AsyncIterator[pb.GenerateManyRequest]:
+        while (request := await self.outgoing.get()) is not None:
+            yield request
+
+    def retire(self) -> None:
+        """No new attempts here; the stream is half-closed once the last one on it has ended."""
+        self.accepting = False
+        if not self.inboxes:
+            self.outgoing.put_nowait(None)
+
+
 class GeneratorClient:
+    """Runs attempts on the generator, many to a GenerateMany stream.
+
+    Each attempt keeps its own deadline, trace, log line and errors, as if it were a call of its own. Streams
+    open as the attempts need them (at least `min_streams`, spread by round_robin over the generator's
+    replicas) and are retired after `stream_max_age_seconds`, so a replica that joins gets its share.
+    """
+
     def __init__(
         self,
         target: str,
@@ -77,6 +113,8 @@ class GeneratorClient:
         tls_key: Path | None = None,
         call_timeout_seconds: float = 600.0,
         models_ttl_seconds: float = 60.0,
+        min_streams: int = 8,
+        stream_max_age_seconds: float = 60.0,
         calls: OutgoingCalls | None = None,
     ) -> None:
         if tls_ca:
@@ -96,12 +134,20 @@ class GeneratorClient:
         self._models_at = float("-inf")
         self._models_ttl = models_ttl_seconds
         self._models_lock = asyncio.Lock()
+        self._min_streams = min_streams
+        self._stream_max_age = stream_max_age_seconds
+        self._streams: list[_Stream] = []  # open, accepting or not
+        self._turn = 0
 
     async def close(self) -> None:
+        readers = [stream.reader for stream in self._streams if stream.reader is not None]
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
         await self._channel.close()
 
     async def generate(self, job: Job) -> AsyncGenerator[GenerationEvent, None]:
-        """Runs one attempt; leaving the iteration early (or cancelling) cancels the stream."""
+        """Runs one attempt; leaving the iteration early (or cancelling) stops it at the generator."""
         request = pb.GenerateRequest(
             job_id=job.id,
             attempt=job.attempt,
@@ -114,30 +160,94 @@ class GeneratorClient:
             person_generation=job.params.person_generation,
             output_mime_type=job.params.output_mime_type,
         )
-        call = self._calls.send(
-            GENERATE,
-            "server_stream",
-            request,
-            self._metadata,
-            lambda metadata: self._stub.Generate(request, timeout=self._timeout, metadata=metadata),
+        key = (job.id, job.attempt)
+        stream = self._stream_with_room()
+        inbox: asyncio.Queue[pb.GenerateManyResponse | GenerationFailure] = asyncio.Queue()
+        stream.inboxes[key] = inbox
+        traceparent, record = self._calls.carried(GENERATE_MANY, request)
+        stream.outgoing.put_nowait(
+            pb.GenerateManyRequest(start=pb.StartAttempt(request=request, traceparent=traceparent))
         )
+        deadline = asyncio.get_running_loop().time() + self._timeout
+        code, ended = "CANCELLED", False
+        try:
+            while True:
+                try:
+                    # The deadline is awaited around each read only: a timeout must not span the yields.
+                    async with asyncio.timeout_at(deadline):
+                        item = await inbox.get()
+                except TimeoutError:
+                    code = "DEADLINE_EXCEEDED"
+                    message = f"no answer within {self._timeout:g} s"
+                    raise GenerationFailure("DEADLINE_EXCEEDED", message, True) from None
+                if isinstance(item, GenerationFailure):  # the stream broke or ended under the attempt
+                    code, ended = "UNAVAILABLE", True
+                    raise item
+                if item.HasField("error"):
+                    code, ended = code_pb2.Code.Name(item.error.code), True
+                    failure = _attempt_failure(item.error)
+                    if failure.reason == "GENERATOR_UNAVAILABLE":
+                        stream.retire()  # a draining generator: start nothing more here
+                    raise failure
+                event = _event(item.event)
+                if isinstance(event, GenerationDone):
+                    code, ended = "OK", True
+                yield event
+                if ended:
+                    return
+        finally:
+            del stream.inboxes[key]
+            if not ended:
+                stream.outgoing.put_nowait(
+                    pb.GenerateManyRequest(stop=pb.StopAttempt(job_id=job.id, attempt=job.attempt))
+                )
+            if not stream.accepting:
+                stream.retire()
+            record(code)
+
+    def _stream_with_room(self) -> _Stream:
+        now = time.monotonic()
+        for stream in self._streams:
+            if stream.accepting and now - stream.opened_at >= self._stream_max_age:
+                stream.retire()
+        open_ = [stream for stream in self._streams if stream.accepting]
+        if open_:
+            # The least loaded, taking turns among equals (so one attempt at a time still spreads).
+            self._turn = (self._turn + 1) % len(open_)
+            turned = open_[self._turn :] + open_[: self._turn]
+            least = min(turned, key=lambda stream: len(stream.inboxes))
+            if len(open_) >= self._min_streams and len(least.inboxes) < _ATTEMPTS_PER_STREAM:
+                return least
+        return self._open_stream(now)
+
+    def _open_stream(self, now: float) -> _Stream:
+        stream = _Stream(now)
+        # No deadline on the stream itself: each attempt has its own.
+        call = self._stub.GenerateMany(stream.requests(), metadata=self._metadata)
+        stream.reader = asyncio.get_running_loop().create_task(self._read(stream, call), name="generate-many")
+        self._streams.append(stream)
+        return stream
+
+    async def _read(self, stream: _Stream, call: Any) -> None:
+        """Hands each answer to its attempt; when the stream ends, every attempt still on it fails, uncounted."""
+        failure = GenerationFailure("GENERATOR_UNAVAILABLE", "the generator ended the stream", True, counts=False)
         try:
             async for response in call:
-                kind = response.WhichOneof("event")
-                if kind == "started":
-                    yield GenerationStarted(response.started.provider)
-                elif kind == "image_stored":
-                    s = response.image_stored
-                    yield ImageStored(
-                        StoredImage(s.index, s.url, s.storage_path, s.mime_type, s.width, s.height, s.size_bytes)
-                    )
-                elif kind == "completed":
-                    c = response.completed
-                    yield GenerationDone(c.delivered_count, c.filtered_count, list(c.filtered_reasons))
+                inbox = stream.inboxes.get((response.job_id, response.attempt))
+                if inbox is not None:  # else an attempt that has been stopped: its last words
+                    inbox.put_nowait(response)
         except grpc.aio.AioRpcError as error:
-            raise _failure(error) from None
+            failure = _failure(error)
+            if failure.counts:  # no attempt is to blame for a whole stream's failure
+                failure = GenerationFailure("GENERATOR_UNAVAILABLE", failure.message, True, counts=False)
         finally:
+            stream.accepting = False
+            self._streams.remove(stream)
             call.cancel()
+            # gRPC's task that sends the requests waits on the queue until it ends, also once the call has.
+            stream.outgoing.put_nowait(None)
+            for inbox in stream.inboxes.values():
+                inbox.put_nowait(failure)
 
     async def list_models(self) -> dict[str, ModelInfo]:
         """The generator's models, cached for a while; raises GenerationFailure when unreachable."""
@@ -170,19 +280,44 @@ class GeneratorClient:
         return self._models
 
 
+def _event(response: pb.GenerateResponse) -> GenerationEvent:
+    kind = response.WhichOneof("event")
+    if kind == "started":
+        return GenerationStarted(response.started.provider)
+    if kind == "image_stored":
+        s = response.image_stored
+        return ImageStored(StoredImage(s.index, s.url, s.storage_path, s.mime_type, s.width, s.height, s.size_bytes))
+    if kind == "completed":
+        c = response.completed
+        return GenerationDone(c.delivered_count, c.filtered_count, list(c.filtered_reasons))
+    raise GenerationFailure("UNKNOWN_EVENT", f"the generator sent an event this JobService does not know: {kind}", True)
+
+
 def _failure(error: grpc.aio.AioRpcError) -> GenerationFailure:
-    detail = from_grpc_error(error, default_reason=error.code().name)
+    return _classified(error.code(), from_grpc_error(error, default_reason=error.code().name))
+
+
+def _attempt_failure(error: pb.AttemptError) -> GenerationFailure:
+    name = code_pb2.Code.Name(error.code) if error.code in code_pb2.Code.values() else "UNKNOWN"
+    status = status_pb2.Status(code=error.code, message=error.message, details=error.details)
+    return _classified(grpc.StatusCode[name], from_status_proto(name, status, default_reason=name))
+
+
+def _classified(code: grpc.StatusCode, detail: ServiceError) -> GenerationFailure:
     stated = detail.metadata.get("retryable")
+    if detail.reason == "DRAINING":
+        # The generator is shutting down and refused to start the attempt: like one that is down, not the job's fault.
+        return GenerationFailure("GENERATOR_UNAVAILABLE", detail.message, True, counts=False)
     if stated is not None:
         return GenerationFailure(detail.reason, detail.message, stated == "true", True, detail.retry_after)
     # No ErrorInfo: the generator never answered (down, unreachable, overloaded) or went away mid-call
     # (killed: UNAVAILABLE; shut down past its grace: UNAVAILABLE or CANCELLED, as our own cancels
     # never get here). Wait for it.
-    retryable = error.code() in _RETRYABLE_CODES
-    unreachable = error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    retryable = code in _RETRYABLE_CODES
+    unreachable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
     return GenerationFailure(
         "GENERATOR_UNAVAILABLE" if unreachable else detail.reason,
-        detail.message or error.code().name,
+        detail.message or code.name,
         retryable,
         counts=not unreachable,
         retry_after=detail.retry_after,

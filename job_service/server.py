@@ -219,6 +219,8 @@ async def start(settings: JobSettings) -> JobApp:
         tls_ca=settings.generator_tls_ca,
         tls_cert=settings.generator_tls_cert,
         tls_key=settings.generator_tls_key,
+        min_streams=settings.generator_streams,
+        stream_max_age_seconds=settings.generator_stream_max_age_seconds,
         calls=OutgoingCalls(rpc_metrics),
     )
     dispatcher = Dispatcher(

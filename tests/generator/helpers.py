@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
+from imagegen.generator.v1 import generator_service_pb2_grpc as pb_grpc
 from pydantic import SecretStr
 
 from generator_service.config import GeneratorSettings, ModelSpec
@@ -14,6 +17,7 @@ from generator_service.domain import FilteredImage, GeneratedImage, GenerationRe
 from generator_service.providers.base import Provider
 from generator_service.providers.http import ProviderHttp
 from generator_service.retry import RetryPolicy
+from generator_service.server import GeneratorApp, start
 
 FAST_RETRIES = RetryPolicy(
     max_retries=3, max_total_seconds=10.0, backoff_initial_seconds=0.01, backoff_max_seconds=0.05
@@ -87,3 +91,16 @@ async def eventually(condition: Callable[[], bool], within: float = 5.0) -> bool
             return False
         await asyncio.sleep(0.01)
     return True
+
+
+@asynccontextmanager
+async def running(
+    settings: GeneratorSettings,
+) -> AsyncIterator[tuple[GeneratorApp, pb_grpc.GeneratorServiceAsyncStub]]:
+    """A generator started on free ports, and a stub on a channel to it; both closed on the way out."""
+    app = await start(settings)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            yield app, pb_grpc.GeneratorServiceStub(channel)
+    finally:
+        await app.stop()

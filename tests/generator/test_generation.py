@@ -8,6 +8,7 @@ from collections.abc import AsyncGenerator
 
 import pytest
 from imagegen.generator.v1 import generator_service_pb2 as pb
+from prometheus_client import CollectorRegistry
 
 from generator_service.config import ModelSpec
 from generator_service.domain import (
@@ -24,6 +25,8 @@ from generator_service.servicer import GeneratorServicer
 from generator_service.storage.base import UploadedObject
 from generator_service.storage.supabase import SupabaseStorage
 from imagegen_common.errors import ErrorKind, ServiceError
+from imagegen_common.metrics import RpcMetrics
+from imagegen_common.rpc_observability import ServerObservability
 from tests.generator.fake_google import FakeGeminiImage, hang
 from tests.generator.fake_http import Exchange, Reply
 from tests.generator.fake_supabase import FakeSupabaseStorage, storage_error, storage_fault
@@ -155,7 +158,8 @@ async def test_closing_the_event_stream_closes_the_providers_generator_before_ac
 
 async def test_closing_the_servicers_stream_closes_the_attempt_and_the_providers_generator() -> None:
     provider = SlowSecondImageProvider()
-    servicer = GeneratorServicer(Generator({"local": LOCAL}, {"local": provider}, MemoryStorage()))
+    generator = Generator({"local": LOCAL}, {"local": provider}, MemoryStorage())
+    servicer = GeneratorServicer(generator, ServerObservability(RpcMetrics.create(CollectorRegistry())))
     request = pb.GenerateRequest(job_id="j", attempt=1, user_id="u", prompt="p", model="local", sample_count=3)
     # The method itself, without imagegen_common's error-mapping decorator around it.
     stream: AsyncGenerator[pb.GenerateResponse, None] = inspect.unwrap(GeneratorServicer.Generate)(

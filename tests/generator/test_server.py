@@ -4,8 +4,6 @@ fake provider and storage servers behind it."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +17,13 @@ from generator_service.config import GeneratorSettings
 from generator_service.providers.gemini_imagen import GeminiImagenProvider
 from generator_service.providers.http import ProviderHttp
 from generator_service.retry import RetryPolicy
-from generator_service.server import GeneratorApp, start
+from generator_service.server import start
 from imagegen_common.errors import ErrorKind, ServiceError
 from imagegen_common.grpc_errors import from_grpc_error
 from tests.generator.fake_google import FakeGeminiImagen, answer_json, fail, hang, image_bytes
 from tests.generator.fake_http import Reply
 from tests.generator.fake_supabase import FakeSupabaseStorage, storage_fault
-from tests.generator.helpers import eventually, make_model, make_request, settings_for
+from tests.generator.helpers import eventually, make_model, make_request, running, settings_for
 
 FAST_MODEL_ID = "gemini-api/imagen-4.0-fast-generate-001"
 
@@ -45,18 +43,6 @@ def generate_request(**overrides: Any) -> pb.GenerateRequest:
     }
     fields.update(overrides)
     return pb.GenerateRequest(**fields)
-
-
-@asynccontextmanager
-async def running(
-    settings: GeneratorSettings,
-) -> AsyncIterator[tuple[GeneratorApp, pb_grpc.GeneratorServiceAsyncStub]]:
-    app = await start(settings)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-            yield app, pb_grpc.GeneratorServiceStub(channel)
-    finally:
-        await app.stop()
 
 
 async def generate(stub: pb_grpc.GeneratorServiceAsyncStub, **overrides: Any) -> list[pb.GenerateResponse]:

@@ -47,6 +47,11 @@ class GeneratorServiceStub:
                 request_serializer=imagegen_dot_generator_dot_v1_dot_generator__service__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=imagegen_dot_generator_dot_v1_dot_generator__service__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateMany = channel.stream_stream(
+                '/imagegen.generator.v1.GeneratorService/GenerateMany',
+                request_serializer=imagegen_dot_generator_dot_v1_dot_generator__service__pb2.GenerateManyRequest.SerializeToString,
+                response_deserializer=imagegen_dot_generator_dot_v1_dot_generator__service__pb2.GenerateManyResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/imagegen.generator.v1.GeneratorService/ListModels',
                 request_serializer=imagegen_dot_generator_dot_v1_dot_generator__service__pb2.ListModelsRequest.SerializeToString,
@@ -73,6 +78,20 @@ class GeneratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateMany(self, request_iterator, context):
+        """Runs many attempts over one stream; what JobService uses. Each request
+        starts or stops one attempt; each response carries one event or the error
+        of one attempt, named by its job id and attempt. An attempt's events and
+        errors are those `Generate` would give it. One stream instead of one per
+        attempt: an open stream costs both processes about 20 kB, and JobService
+        holds thousands of attempts of 5-30 s. A draining generator refuses new
+        attempts (UNAVAILABLE) and ends the stream once its attempts are done;
+        ending the stream stops every attempt still on it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Lists the models this generator serves, with their capabilities.
         """
@@ -87,6 +106,11 @@ def add_GeneratorServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=imagegen_dot_generator_dot_v1_dot_generator__service__pb2.GenerateRequest.FromString,
                     response_serializer=imagegen_dot_generator_dot_v1_dot_generator__service__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateMany,
+                    request_deserializer=imagegen_dot_generator_dot_v1_dot_generator__service__pb2.GenerateManyRequest.FromString,
+                    response_serializer=imagegen_dot_generator_dot_v1_dot_generator__service__pb2.GenerateManyResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -129,6 +153,33 @@ class GeneratorService:
             '/imagegen.generator.v1.GeneratorService/Generate',
             imagegen_dot_generator_dot_v1_dot_generator__service__pb2.GenerateRequest.SerializeToString,
             imagegen_dot_generator_dot_v1_dot_generator__service__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/imagegen.generator.v1.GeneratorService/GenerateMany',
+            imagegen_dot_generator_dot_v1_dot_generator__service__pb2.GenerateManyRequest.SerializeToString,
+            imagegen_dot_generator_dot_v1_dot_generator__service__pb2.GenerateManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

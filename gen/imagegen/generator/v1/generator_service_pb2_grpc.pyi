@@ -45,6 +45,16 @@ class GeneratorServiceStub:
     """Generates and stores the images of one attempt. Cancelling the stream
     cancels the provider request in flight.
     """
+    GenerateMany: _grpc.StreamStreamMultiCallable[_generator_service_pb2.GenerateManyRequest, _generator_service_pb2.GenerateManyResponse]
+    """Runs many attempts over one stream; what JobService uses. Each request
+    starts or stops one attempt; each response carries one event or the error
+    of one attempt, named by its job id and attempt. An attempt's events and
+    errors are those `Generate` would give it. One stream instead of one per
+    attempt: an open stream costs both processes about 20 kB, and JobService
+    holds thousands of attempts of 5-30 s. A draining generator refuses new
+    attempts (UNAVAILABLE) and ends the stream once its attempts are done;
+    ending the stream stops every attempt still on it.
+    """
     ListModels: _grpc.UnaryUnaryMultiCallable[_generator_service_pb2.ListModelsRequest, _generator_service_pb2.ListModelsResponse]
     """Lists the models this generator serves, with their capabilities."""
 
@@ -64,6 +74,16 @@ class GeneratorServiceAsyncStub(GeneratorServiceStub):
     Generate: _aio.UnaryStreamMultiCallable[_generator_service_pb2.GenerateRequest, _generator_service_pb2.GenerateResponse]  # type: ignore[assignment]
     """Generates and stores the images of one attempt. Cancelling the stream
     cancels the provider request in flight.
+    """
+    GenerateMany: _aio.StreamStreamMultiCallable[_generator_service_pb2.GenerateManyRequest, _generator_service_pb2.GenerateManyResponse]  # type: ignore[assignment]
+    """Runs many attempts over one stream; what JobService uses. Each request
+    starts or stops one attempt; each response carries one event or the error
+    of one attempt, named by its job id and attempt. An attempt's events and
+    errors are those `Generate` would give it. One stream instead of one per
+    attempt: an open stream costs both processes about 20 kB, and JobService
+    holds thousands of attempts of 5-30 s. A draining generator refuses new
+    attempts (UNAVAILABLE) and ends the stream once its attempts are done;
+    ending the stream stops every attempt still on it.
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_generator_service_pb2.ListModelsRequest, _generator_service_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Lists the models this generator serves, with their capabilities."""
@@ -87,6 +107,22 @@ class GeneratorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_generator_service_pb2.GenerateResponse], _abc.AsyncIterator[_generator_service_pb2.GenerateResponse]]:
         """Generates and stores the images of one attempt. Cancelling the stream
         cancels the provider request in flight.
+        """
+
+    @_abc_1.abstractmethod
+    def GenerateMany(
+        self,
+        request_iterator: _MaybeAsyncIterator[_generator_service_pb2.GenerateManyRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_generator_service_pb2.GenerateManyResponse], _abc.AsyncIterator[_generator_service_pb2.GenerateManyResponse]]:
+        """Runs many attempts over one stream; what JobService uses. Each request
+        starts or stops one attempt; each response carries one event or the error
+        of one attempt, named by its job id and attempt. An attempt's events and
+        errors are those `Generate` would give it. One stream instead of one per
+        attempt: an open stream costs both processes about 20 kB, and JobService
+        holds thousands of attempts of 5-30 s. A draining generator refuses new
+        attempts (UNAVAILABLE) and ends the stream once its attempts are done;
+        ending the stream stops every attempt still on it.
         """
 
     @_abc_1.abstractmethod
