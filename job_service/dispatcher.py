@@ -59,6 +59,11 @@ class DispatcherConfig:
     # How long a drain waits for the hand-backs (and outcomes being written) after its grace, before it
     # stops what is left and leaves those jobs to their leases.
     handback_seconds: float = 10.0
+    # How long a write of an attempt's images waits for what follows them (more images, the completion): the
+    # images of one provider answer are stored within a millisecond or so of each other and arrive one by one
+    # before the completion; without the wait the first went to the database alone, then the rest, then
+    # COMPLETED, each a transaction after the other.
+    image_linger_seconds: float = 0.005
 
 
 def retry_delay(attempt: int, base: float, cap: float, retry_after: float | None) -> float:
@@ -470,13 +475,26 @@ class Dispatcher:
             reader = asyncio.create_task(_read_stream(events, queue), name=f"generate-{job.id}")
             try:
                 while True:
-                    if await self._write_events(job, await queue.get_all()):
+                    batch = await queue.get_all()
+                    if isinstance(batch[-1], ImageStored):
+                        batch += await self._what_follows_an_image(queue)
+                    if await self._write_events(job, batch):
                         return
             finally:
                 # The reader stops before the stream is closed (an async generator cannot be closed while
                 # another task is inside it).
                 reader.cancel()
                 await asyncio.wait([reader])
+
+    async def _what_follows_an_image(self, queue: Mailbox[_Read]) -> list[_Read]:
+        """What arrives within image_linger_seconds, up to the first thing that is not an image."""
+        more: list[_Read] = []
+        deadline = asyncio.get_running_loop().time() + self._config.image_linger_seconds
+        while came := await queue.get_all_within(deadline - asyncio.get_running_loop().time()):
+            more += came
+            if not isinstance(came[-1], ImageStored):
+                break
+        return more
 
     async def _write_events(self, job: Job, batch: list[_Read]) -> bool:
         """Writes what the stream delivered, in one transaction; True when the attempt is over."""

@@ -43,6 +43,16 @@ class Mailbox(Generic[T]):
         items, self._items = self._items, []
         return items
 
+    async def get_all_within(self, seconds: float) -> list[T]:
+        """Every item there is, oldest first, waiting at most `seconds` for one; [] if none came."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._wait()
+        except TimeoutError:
+            return []
+        items, self._items = self._items, []
+        return items
+
     async def _wait(self) -> None:
         while not self._items:
             # The item is in the list before the waiter is woken, so a reader cancelled while waiting loses

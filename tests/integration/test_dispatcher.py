@@ -414,6 +414,61 @@ async def test_events_waiting_together_are_written_in_one_transaction(
     await assert_credits_consistent(conn)
 
 
+@dataclass
+class SpreadImagesGenerator:
+    """Starts, stores the first image, then the others `gap` seconds later, then completes."""
+
+    gap: float
+
+    async def generate(self, job: Job) -> AsyncGenerator[GenerationEvent, None]:
+        yield GenerationStarted("spread")
+        for index in range(job.params.sample_count):
+            if index == 1:
+                await asyncio.sleep(self.gap)
+            path = f"{job.user_id}/{job.id}/{job.attempt}-{index}.png"
+            yield ImageStored(StoredImage(index, f"http://storage/{path}", path, "image/png", 8, 8, 100))
+        yield GenerationDone(job.params.sample_count, 0, [])
+
+
+async def transactions_of(conn: asyncpg.Connection, job_id: str) -> list[list[str]]:
+    """The job's events after its start, grouped by the transaction that wrote them, in order."""
+    rows = await conn.fetch(
+        "SELECT type, xmin::text AS tx FROM job_events WHERE job_id = $1 AND seq > 2 ORDER BY seq", job_id
+    )
+    groups: list[list[str]] = []
+    for i, row in enumerate(rows):
+        if i == 0 or row["tx"] != rows[i - 1]["tx"]:
+            groups.append([])
+        groups[-1].append(row["type"])
+    return groups
+
+
+async def test_images_that_arrive_a_moment_apart_share_one_transaction_with_the_completion(
+    store: JobStore, conn: asyncpg.Connection
+) -> None:
+    job = await new_job(store, sample_count=3)
+    dispatcher = Dispatcher(store, SpreadImagesGenerator(gap=0.001), config(image_linger_seconds=0.05))
+    done = await run_until(store, job.id, (JobStatus.COMPLETED,), dispatcher)
+    assert len(done.images) == 3 and done.credits_charged == 3
+    groups = await transactions_of(conn, job.id)
+    # (GENERATION_STARTED, which comes with the first image, may share it too.)
+    assert groups[-1][-4:] == ["image_stored"] * 3 + ["completed"], groups
+    assert sum(g.count("image_stored") for g in groups[:-1]) == 0, groups
+    await assert_credits_consistent(conn)
+
+
+async def test_an_image_whose_neighbours_take_longer_than_the_linger_is_written_without_them(
+    store: JobStore, conn: asyncpg.Connection
+) -> None:
+    job = await new_job(store, sample_count=3)
+    dispatcher = Dispatcher(store, SpreadImagesGenerator(gap=0.5), config(image_linger_seconds=0.01))
+    await run_until(store, job.id, (JobStatus.COMPLETED,), dispatcher)
+    groups = await transactions_of(conn, job.id)
+    first_image = next(g for g in groups if "image_stored" in g)
+    assert first_image[-1] == "image_stored" and first_image.count("image_stored") == 1, groups
+    assert groups[-1] == ["image_stored"] * 2 + ["completed"], groups
+
+
 async def test_a_batch_stops_at_the_first_event_the_fence_refuses(store: JobStore, conn: asyncpg.Connection) -> None:
     job = await new_job(store, sample_count=2)
     [claimed] = await store.claim("w1", 1, 30.0)
