@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from imagegen.generator.v1 import generator_service_pb2_grpc as gen_grpc
 
 from generator_service import server as generator_server
 from generator_service.server import GeneratorApp
@@ -192,3 +194,20 @@ async def test_a_stream_past_its_age_takes_no_new_attempts_and_closes_when_its_o
             assert isinstance((await second)[-1], GenerationDone)
         finally:
             await client.close()
+
+
+async def test_a_generator_without_generate_many_keeps_attempts_waiting_instead_of_failing_jobs() -> None:
+    # A rolling upgrade that reaches JobService first: the old generator answers UNIMPLEMENTED. The jobs must
+    # wait for a generator that serves GenerateMany (retried, not counted), not fail for good.
+    server = grpc.aio.server()
+    gen_grpc.add_GeneratorServiceServicer_to_server(gen_grpc.GeneratorServiceServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    client = GeneratorClient(f"127.0.0.1:{port}", token=None)
+    try:
+        with pytest.raises(GenerationFailure) as caught:
+            await run(client, job())
+    finally:
+        await client.close()
+        await server.stop(0)
+    assert (caught.value.reason, caught.value.retryable, caught.value.counts) == ("GENERATOR_UNAVAILABLE", True, False)
