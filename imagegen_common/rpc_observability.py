@@ -5,7 +5,8 @@ context (request_id, trace_id, span_id, and job_id / user_id / attempt when the 
 every log line written while handling the call inherits, then records method, status code, duration and
 peer. `OutgoingCalls` sends a `traceparent` with each call JobService makes to the
 generator: the current trace when there is one (a CreateJob that looks up models), otherwise a new trace
-for each call, which for Generate means one trace per job attempt.
+for each call; each attempt carried on a GenerateMany stream counts as a call of its own (`carried`), so each
+job attempt is one trace.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from job_service.domain import (
     ModelInfo,
     StoredImage,
 )
+from job_service.mailbox import Mailbox
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["GeneratorService"].full_name
 GENERATE_MANY = f"/{_SERVICE}/GenerateMany"
@@ -79,7 +80,7 @@ class _Stream:
 
     def __init__(self, opened_at: float) -> None:
         self.outgoing: asyncio.Queue[pb.GenerateManyRequest | None] = asyncio.Queue()  # None half-closes it
-        self.inboxes: dict[tuple[str, int], asyncio.Queue[pb.GenerateManyResponse | GenerationFailure]] = {}
+        self.inboxes: dict[tuple[str, int], Mailbox[pb.GenerateManyResponse | GenerationFailure]] = {}
         self.opened_at = opened_at
         self.accepting = True  # new attempts may start here
         self.reader: asyncio.Task[None] | None = None
@@ -162,7 +163,7 @@ class GeneratorClient:
         )
         key = (job.id, job.attempt)
         stream = self._stream_with_room()
-        inbox: asyncio.Queue[pb.GenerateManyResponse | GenerationFailure] = asyncio.Queue()
+        inbox: Mailbox[pb.GenerateManyResponse | GenerationFailure] = Mailbox()
         stream.inboxes[key] = inbox
         traceparent, record = self._calls.carried(GENERATE_MANY, request)
         stream.outgoing.put_nowait(
@@ -235,7 +236,7 @@ class GeneratorClient:
             async for response in call:
                 inbox = stream.inboxes.get((response.job_id, response.attempt))
                 if inbox is not None:  # else an attempt that has been stopped: its last words
-                    inbox.put_nowait(response)
+                    inbox.put(response)
         except grpc.aio.AioRpcError as error:
             failure = _failure(error)
             if failure.counts:  # no attempt is to blame for a whole stream's failure
@@ -247,7 +248,7 @@ class GeneratorClient:
             # gRPC's task that sends the requests waits on the queue until it ends, also once the call has.
             stream.outgoing.put_nowait(None)
             for inbox in stream.inboxes.values():
-                inbox.put_nowait(failure)
+                inbox.put(failure)
 
     async def list_models(self) -> dict[str, ModelInfo]:
         """The generator's models, cached for a while; raises GenerationFailure when unreachable."""
