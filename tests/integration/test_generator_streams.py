@@ -151,8 +151,8 @@ async def test_a_draining_generator_finishes_the_attempts_on_its_streams_and_ref
     app = await generator_server.start(
         generator_settings(
             tmp_path / "storage",
-            local_latency_min_seconds=1.0,
-            local_latency_max_seconds=1.0,
+            local_latency_min_seconds=2.0,
+            local_latency_max_seconds=2.0,
             shutdown_grace_seconds=20.0,
         )
     )
@@ -180,7 +180,8 @@ async def test_a_draining_generator_finishes_the_attempts_on_its_streams_and_ref
 async def test_a_stream_past_its_age_takes_no_new_attempts_and_closes_when_its_own_have_ended(
     tmp_path: Path,
 ) -> None:
-    async with generator(tmp_path, latency=1.0) as app:
+    # Attempts of 3 s, so the first is still running when the second starts, however slow the machine.
+    async with generator(tmp_path, latency=3.0) as app:
         client = GeneratorClient(f"127.0.0.1:{app.port}", token=None, min_streams=1, stream_max_age_seconds=0.3)
         try:
             first = asyncio.create_task(run(client, job()))
