@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from imagegen.generator.v1 import generator_service_pb2 as pb
 from imagegen.generator.v1 import generator_service_pb2_grpc as pb_grpc
 from pydantic import SecretStr
 
@@ -18,6 +19,7 @@ from generator_service.providers.base import Provider
 from generator_service.providers.http import ProviderHttp
 from generator_service.retry import RetryPolicy
 from generator_service.server import GeneratorApp, start
+from tests.generator.fake_google import FakeGeminiImagen
 
 FAST_RETRIES = RetryPolicy(
     max_retries=3, max_total_seconds=10.0, backoff_initial_seconds=0.01, backoff_max_seconds=0.05
@@ -104,3 +106,22 @@ async def running(
             yield app, pb_grpc.GeneratorServiceStub(channel)
     finally:
         await app.stop()
+
+
+def gemini_settings(tmp_path: Path, api: FakeGeminiImagen, **overrides: Any) -> GeneratorSettings:
+    """Settings with the Gemini API providers pointed at a fake one."""
+    return settings_for(tmp_path, gemini_api_key="test-api-key", gemini_base_url=api.url, **overrides)
+
+
+def generate_request(**overrides: Any) -> pb.GenerateRequest:
+    """A valid GenerateRequest for the local model (two images), with the fields given replaced."""
+    fields: dict[str, Any] = {
+        "job_id": "job-1",
+        "attempt": 1,
+        "user_id": "user-1",
+        "prompt": "a lighthouse at dusk",
+        "model": "local",
+        "sample_count": 2,
+    }
+    fields.update(overrides)
+    return pb.GenerateRequest(**fields)

@@ -17,31 +17,17 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from imagegen.generator.v1 import generator_service_pb2 as pb
 from imagegen.generator.v1 import generator_service_pb2_grpc as pb_grpc
 
-from generator_service.config import GeneratorSettings
 from generator_service.server import GeneratorApp, start
 from imagegen_common.errors import ErrorKind, ServiceError
 from imagegen_common.grpc_errors import from_status_proto
 from tests.generator.fake_google import FakeGeminiImagen, hang
-from tests.generator.helpers import eventually, running, settings_for
+from tests.generator.helpers import eventually, gemini_settings, generate_request, running, settings_for
 
 SERVICE = "imagegen.generator.v1.GeneratorService"
 GENERATE_MANY = f"/{SERVICE}/GenerateMany"
 GEMINI_MODEL = "gemini-api/imagen-4.0-fast-generate-001"
 TOKEN = "internal-token"
 Key = tuple[str, int]
-
-
-def generate_request(**overrides: Any) -> pb.GenerateRequest:
-    fields: dict[str, Any] = {
-        "job_id": "job-1",
-        "attempt": 1,
-        "user_id": "user-1",
-        "prompt": "a lighthouse at dusk",
-        "model": "local",
-        "sample_count": 2,
-    }
-    fields.update(overrides)
-    return pb.GenerateRequest(**fields)
 
 
 class ManyStream:
@@ -157,10 +143,6 @@ def the_error(responses: Sequence[pb.GenerateManyResponse], key: Key) -> pb.Gene
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
-
-
-def gemini_settings(tmp_path: Path, api: FakeGeminiImagen, **overrides: Any) -> GeneratorSettings:
-    return settings_for(tmp_path, gemini_api_key="test-api-key", gemini_base_url=api.url, **overrides)
 
 
 @asynccontextmanager

@@ -20,29 +20,17 @@ from generator_service.retry import RetryPolicy
 from generator_service.server import start
 from imagegen_common.errors import ErrorKind, ServiceError
 from imagegen_common.grpc_errors import from_grpc_error
+from tests.generator import helpers
 from tests.generator.fake_google import FakeGeminiImagen, answer_json, fail, hang, image_bytes
 from tests.generator.fake_http import Reply
 from tests.generator.fake_supabase import FakeSupabaseStorage, storage_fault
-from tests.generator.helpers import eventually, make_model, make_request, running, settings_for
+from tests.generator.helpers import eventually, gemini_settings, make_model, make_request, running, settings_for
 
 FAST_MODEL_ID = "gemini-api/imagen-4.0-fast-generate-001"
 
 
-def gemini_settings(tmp_path: Path, api: FakeGeminiImagen, **overrides: Any) -> GeneratorSettings:
-    return settings_for(tmp_path, gemini_api_key="test-api-key", gemini_base_url=api.url, **overrides)
-
-
 def generate_request(**overrides: Any) -> pb.GenerateRequest:
-    fields: dict[str, Any] = {
-        "job_id": "job-1",
-        "attempt": 1,
-        "user_id": "user-1",
-        "prompt": "a lighthouse at dusk",
-        "model": FAST_MODEL_ID,
-        "sample_count": 2,
-    }
-    fields.update(overrides)
-    return pb.GenerateRequest(**fields)
+    return helpers.generate_request(**{"model": FAST_MODEL_ID, **overrides})
 
 
 async def generate(stub: pb_grpc.GeneratorServiceAsyncStub, **overrides: Any) -> list[pb.GenerateResponse]:
