@@ -191,6 +191,8 @@ class GeneratorClient:
                         stream.retire()  # a draining generator: start nothing more here
                     raise failure
                 event = _event(item.event)
+                if event is None:
+                    continue
                 if isinstance(event, GenerationDone):
                     code, ended = "OK", True
                 yield event
@@ -281,7 +283,8 @@ class GeneratorClient:
         return self._models
 
 
-def _event(response: pb.GenerateResponse) -> GenerationEvent:
+def _event(response: pb.GenerateResponse) -> GenerationEvent | None:
+    """The domain event of an answer; None for a kind this JobService does not know (a newer generator's)."""
     kind = response.WhichOneof("event")
     if kind == "started":
         return GenerationStarted(response.started.provider)
@@ -291,7 +294,7 @@ def _event(response: pb.GenerateResponse) -> GenerationEvent:
     if kind == "completed":
         c = response.completed
         return GenerationDone(c.delivered_count, c.filtered_count, list(c.filtered_reasons))
-    raise GenerationFailure("UNKNOWN_EVENT", f"the generator sent an event this JobService does not know: {kind}", True)
+    return None
 
 
 def _failure(error: grpc.aio.AioRpcError) -> GenerationFailure:

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from imagegen.generator.v1 import generator_service_pb2 as gen_pb
 from imagegen.generator.v1 import generator_service_pb2_grpc as gen_grpc
 
 from generator_service import server as generator_server
@@ -212,3 +213,29 @@ async def test_a_generator_without_generate_many_keeps_attempts_waiting_instead_
         await client.close()
         await server.stop(0)
     assert (caught.value.reason, caught.value.retryable, caught.value.counts) == ("GENERATOR_UNAVAILABLE", True, False)
+
+
+class _NewerGenerator(gen_grpc.GeneratorServiceServicer):
+    """Answers each attempt with an event of a kind this JobService does not know, then its completion."""
+
+    async def GenerateMany(self, requests: Any, context: Any) -> Any:
+        async for request in requests:
+            job_id, attempt = request.start.request.job_id, request.start.request.attempt
+            # A kind added to the oneof later reaches an older reader as an unset oneof.
+            yield gen_pb.GenerateManyResponse(job_id=job_id, attempt=attempt, event=gen_pb.GenerateResponse())
+            done = gen_pb.GenerateResponse(completed=gen_pb.GenerationCompleted(delivered_count=1))
+            yield gen_pb.GenerateManyResponse(job_id=job_id, attempt=attempt, event=done)
+
+
+async def test_an_event_of_a_kind_added_later_is_skipped_not_fatal() -> None:
+    server = grpc.aio.server()
+    gen_grpc.add_GeneratorServiceServicer_to_server(_NewerGenerator(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    client = GeneratorClient(f"127.0.0.1:{port}", token=None)
+    try:
+        events = await run(client, job())
+    finally:
+        await client.close()
+        await server.stop(0)
+    assert events == [GenerationDone(1, 0, [])]
