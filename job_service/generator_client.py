@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -227,7 +228,11 @@ class GeneratorClient:
         stream = _Stream(now)
         # No deadline on the stream itself: each attempt has its own.
         call = self._stub.GenerateMany(stream.requests(), metadata=self._metadata)
-        stream.reader = asyncio.get_running_loop().create_task(self._read(stream, call), name="generate-many")
+        # A context of its own: the stream serves many attempts, not the one whose log context opened it.
+        reader = self._read(stream, call)
+        stream.reader = asyncio.get_running_loop().create_task(
+            reader, name="generate-many", context=contextvars.Context()
+        )
         self._streams.append(stream)
         return stream
 
