@@ -252,6 +252,14 @@ def peer_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 CallT = TypeVar("CallT", bound=grpc.aio.Call)
 
 
+def _outgoing_span(request: object) -> tuple[str, dict[str, Any]]:
+    """A new span of an outgoing call, in the current trace (or a new one): its traceparent and log fields."""
+    trace_id = structlog.contextvars.get_contextvars().get("trace_id") or new_trace_id()
+    span_id = new_span_id()
+    fields = {"trace_id": trace_id, "span_id": span_id, **_request_fields(request, trust_user_id=True)}
+    return format_traceparent(trace_id, span_id), fields
+
+
 class OutgoingCalls:
     """A `traceparent` on every call a client makes; its timing and one log line when it ends.
 
@@ -273,12 +281,8 @@ class OutgoingCalls:
         invoke: Callable[[tuple[tuple[str, str], ...]], CallT],
     ) -> CallT:
         """`invoke(metadata)` starts the call with the caller's metadata and a traceparent; the call is returned."""
-        bound = structlog.contextvars.get_contextvars()
-        trace_id = bound.get("trace_id") or new_trace_id()
-        span_id = new_span_id()
-        traceparent = (TRACEPARENT, format_traceparent(trace_id, span_id))
-        call = invoke((*((k, v) for k, v in metadata if k != TRACEPARENT), traceparent))
-        fields = {"trace_id": trace_id, "span_id": span_id, **_request_fields(request, trust_user_id=True)}
+        traceparent, fields = _outgoing_span(request)
+        call = invoke((*((k, v) for k, v in metadata if k != TRACEPARENT), (TRACEPARENT, traceparent)))
         self._watch(call, method, kind, fields)
         return call
 
@@ -287,16 +291,13 @@ class OutgoingCalls:
 
         `done(code)` gives it the same timing and log line as a call of its own, of type "attempt".
         """
-        bound = structlog.contextvars.get_contextvars()
-        trace_id = bound.get("trace_id") or new_trace_id()
-        span_id = new_span_id()
-        fields = {"trace_id": trace_id, "span_id": span_id, **_request_fields(request, trust_user_id=True)}
+        traceparent, fields = _outgoing_span(request)
         started = time.perf_counter()
 
         def done(code: str) -> None:
             self._record(method, "attempt", started, code, fields)
 
-        return format_traceparent(trace_id, span_id), done
+        return traceparent, done
 
     def _record(self, method: str, kind: str, started: float, code: str, fields: Mapping[str, Any]) -> None:
         seconds = time.perf_counter() - started

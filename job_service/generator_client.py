@@ -189,7 +189,7 @@ class GeneratorClient:
                     code, ended = code_pb2.Code.Name(item.error.code), True
                     failure = _attempt_failure(item.error)
                     if failure.reason == "GENERATOR_UNAVAILABLE":
-                        stream.retire()  # a draining generator: start nothing more here
+                        stream.accepting = False  # a draining generator: start nothing more here (retired below)
                     raise failure
                 event = _event(item.event)
                 if event is None:

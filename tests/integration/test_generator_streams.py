@@ -40,13 +40,18 @@ def attempts_running(app: GeneratorApp) -> float:
     return app.registry.get_sample_value("grpc_server_in_flight", labels) or 0.0
 
 
-@contextlib.asynccontextmanager
-async def generator(tmp_path: Path, latency: float = 0.0, **overrides: Any) -> AsyncIterator[GeneratorApp]:
-    app = await generator_server.start(
+async def start_generator(tmp_path: Path, latency: float = 0.0, **overrides: Any) -> GeneratorApp:
+    """A generator whose local model takes `latency` seconds per attempt."""
+    return await generator_server.start(
         generator_settings(
             tmp_path / "storage", local_latency_min_seconds=latency, local_latency_max_seconds=latency, **overrides
         )
     )
+
+
+@contextlib.asynccontextmanager
+async def generator(tmp_path: Path, latency: float = 0.0, **overrides: Any) -> AsyncIterator[GeneratorApp]:
+    app = await start_generator(tmp_path, latency, **overrides)
     try:
         yield app
     finally:
@@ -124,14 +129,7 @@ async def test_leaving_an_attempt_early_stops_it_at_the_generator_and_not_its_ne
 
 
 async def test_a_generator_that_goes_away_fails_each_attempt_on_its_streams_uncounted(tmp_path: Path) -> None:
-    app = await generator_server.start(
-        generator_settings(
-            tmp_path / "storage",
-            local_latency_min_seconds=30.0,
-            local_latency_max_seconds=30.0,
-            shutdown_grace_seconds=0.0,
-        )
-    )
+    app = await start_generator(tmp_path, latency=30.0, shutdown_grace_seconds=0.0)
     client = GeneratorClient(f"127.0.0.1:{app.port}", token=None, min_streams=2)
     try:
         attempts = [asyncio.create_task(run(client, job())) for _ in range(6)]
@@ -149,14 +147,7 @@ async def test_a_generator_that_goes_away_fails_each_attempt_on_its_streams_unco
 async def test_a_draining_generator_finishes_the_attempts_on_its_streams_and_refuses_new_ones(
     tmp_path: Path,
 ) -> None:
-    app = await generator_server.start(
-        generator_settings(
-            tmp_path / "storage",
-            local_latency_min_seconds=2.0,
-            local_latency_max_seconds=2.0,
-            shutdown_grace_seconds=20.0,
-        )
-    )
+    app = await start_generator(tmp_path, latency=2.0, shutdown_grace_seconds=20.0)
     client = GeneratorClient(f"127.0.0.1:{app.port}", token=None, min_streams=1)
     try:
         running = [asyncio.create_task(run(client, job())) for _ in range(3)]
