@@ -465,6 +465,17 @@ class Dispatcher:
         self._streaming.add(job.id)
         if job.id in self._cancel_reasons:
             raise asyncio.CancelledError  # cancelled before the stream opened
+        if job.images_owed == 0:
+            # Earlier attempts delivered every image (the last one ended before its completion landed: its stream
+            # broke, or its lease ran out). They stay the job's, so there is nothing to ask the generator for.
+            self._streaming.discard(job.id)
+            await self._write(
+                job,
+                event=EventType.COMPLETED,
+                to=JobStatus.COMPLETED,
+                message=f"{len(job.images)} delivered by earlier attempts",
+            )
+            return
         # The stream is read by a task of its own into a queue, and every write takes all that is queued at
         # that moment into one transaction: the events that arrive while one write runs (a zero-latency
         # provider's images and completion come within milliseconds) share the next commit. A lone event is
@@ -514,7 +525,8 @@ class Dispatcher:
                         "to": JobStatus.COMPLETED,
                         "filtered_count": item.filtered_count,
                         "filtered_reasons": item.filtered_reasons,
-                        "message": f"{item.delivered_count} delivered, {item.filtered_count} filtered",
+                        "message": f"{item.delivered_count} delivered, {item.filtered_count} filtered"
+                        + (f", {len(job.images)} delivered by earlier attempts" if job.images else ""),
                     }
                 )
             else:

@@ -92,6 +92,12 @@ class Job:
     next_attempt_at: datetime
     last_event_seq: int
 
+    @property
+    def images_owed(self) -> int:
+        """The images an attempt is still to deliver: every image an earlier attempt delivered stays the job's
+        (and is charged), so a retry asks only for the rest and the job never delivers more than sample_count."""
+        return max(0, self.params.sample_count - len(self.images))
+
 
 @dataclass(frozen=True)
 class JobEvent:

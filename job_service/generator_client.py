@@ -156,7 +156,8 @@ class GeneratorClient:
             user_id=job.user_id,
             prompt=job.prompt,
             model=job.model,
-            sample_count=job.params.sample_count,
+            # Only what earlier attempts did not deliver: their images stay the job's (docs/durability.md).
+            sample_count=job.images_owed,
             aspect_ratio=job.params.aspect_ratio,
             image_size=job.params.image_size,
             person_generation=job.params.person_generation,
@@ -295,6 +296,7 @@ def _event(response: pb.GenerateResponse) -> GenerationEvent | None:
         return GenerationStarted(response.started.provider)
     if kind == "image_stored":
         s = response.image_stored
+        # s.index counts within the attempt; imagegen_advance stores the job-level index (delivery order).
         return ImageStored(StoredImage(s.index, s.url, s.storage_path, s.mime_type, s.width, s.height, s.size_bytes))
     if kind == "completed":
         c = response.completed

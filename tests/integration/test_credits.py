@@ -135,7 +135,9 @@ async def test_safety_filtered_image_is_not_charged_and_the_job_says_why(
 
     assert created.credits_reserved == 20
     assert done.state == pb.JOB_STATE_COMPLETED
-    assert sorted(image.index for image in done.images) == [0, 1, 3]
+    # The job's index is the image's place in delivery order (0..n-1); the storage path keeps the sample's own.
+    assert [image.index for image in done.images] == [0, 1, 2]
+    assert sorted(image.storage_path.rsplit("/", 1)[-1] for image in done.images) == ["1-0.png", "1-1.png", "1-3.png"]
     assert done.filtered_count == 1
     assert list(done.filtered_reasons) == [imagen_api.filter_reason]
     assert done.credits_charged == 15 and done.credits_reserved == 0
