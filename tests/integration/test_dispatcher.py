@@ -32,16 +32,29 @@ from tests.support.cluster import events_of, eventually, fresh_database
 from tests.support.ledger import assert_credits_consistent
 
 
+@dataclass(frozen=True)
+class Partial:
+    """A step that stores `images` images, then raises `failure` (None: the stream just ends, without completing)."""
+
+    images: int
+    failure: GenerationFailure | None
+
+
 @dataclass
 class ScriptedGenerator:
-    """One step per attempt: a GenerationFailure to raise, "block" to hang until cancelled, or "complete"."""
+    """One step per attempt: a GenerationFailure to raise, "block" to hang until cancelled, a Partial, or "complete".
 
-    script: deque[GenerationFailure | str] = field(default_factory=deque)
+    Like GeneratorClient, an attempt asks for the images the job still owes (job.images_owed); `asked` records it.
+    """
+
+    script: deque[GenerationFailure | str | Partial] = field(default_factory=deque)
     opened: list[int] = field(default_factory=list)
     closed_early: list[int] = field(default_factory=list)
+    asked: list[int] = field(default_factory=list)
 
     async def generate(self, job: Job) -> AsyncGenerator[GenerationEvent, None]:
         self.opened.append(job.attempt)
+        self.asked.append(job.images_owed)
         step = self.script.popleft() if self.script else "complete"
         finished = False
         try:
@@ -50,11 +63,17 @@ class ScriptedGenerator:
                 raise step
             if step == "block":
                 await asyncio.Event().wait()
-            for index in range(job.params.sample_count):
+            count = step.images if isinstance(step, Partial) else job.images_owed
+            for index in range(count):
                 path = f"{job.user_id}/{job.id}/{job.attempt}-{index}.png"
                 yield ImageStored(StoredImage(index, f"http://storage/{path}", path, "image/png", 8, 8, 100))
+            if isinstance(step, Partial):
+                finished = True
+                if step.failure is not None:
+                    raise step.failure
+                return
             finished = True
-            yield GenerationDone(job.params.sample_count, 0, [])
+            yield GenerationDone(job.images_owed, 0, [])
         finally:
             if not finished and not isinstance(step, GenerationFailure):
                 self.closed_early.append(job.attempt)
@@ -240,6 +259,85 @@ async def test_transient_failures_then_success_charges_once_for_the_images_of_th
     assert done.credits_charged == 3
     assert await balance(conn, job.user_id) == 97
     await assert_credits_consistent(conn)
+
+
+async def test_a_retry_keeps_the_images_a_failed_attempt_delivered_and_asks_only_for_the_rest(
+    store: JobStore, conn: asyncpg.Connection
+) -> None:
+    generator = ScriptedGenerator(deque([Partial(2, GenerationFailure("PROVIDER_UNAVAILABLE", "503", True))]))
+    job = await new_job(store, sample_count=4)
+    done = await run_until(store, job.id, (JobStatus.COMPLETED,), Dispatcher(store, generator, config()))
+
+    assert generator.asked == [4, 2]
+    assert [image.storage_path.split("/")[-1] for image in done.images] == ["1-0.png", "1-1.png", "2-0.png", "2-1.png"]
+    assert [image.index for image in done.images] == [0, 1, 2, 3], "one index per image of the job, in order"
+    assert (done.credits_charged, done.error_code, done.error_message) == (4, None, None)
+    capture = await conn.fetchrow("SELECT amount, images FROM credit_ledger WHERE job_id = $1 AND kind = 'capture'", job.id)
+    assert (capture["amount"], capture["images"]) == (-4, 4)
+    assert await balance(conn, job.user_id) == 96
+    await assert_credits_consistent(conn)
+
+
+async def test_a_job_whose_earlier_attempt_delivered_every_image_completes_without_asking_for_more(
+    store: JobStore, conn: asyncpg.Connection
+) -> None:
+    # Both images are stored, then the stream ends before the completion: a retryable failure.
+    generator = ScriptedGenerator(deque([Partial(2, None)]))
+    job = await new_job(store, sample_count=2)
+    done = await run_until(store, job.id, (JobStatus.COMPLETED,), Dispatcher(store, generator, config()))
+
+    assert generator.opened == [1], "nothing was owed: the generator was not asked again"
+    assert (done.attempt, len(done.images), done.credits_charged) == (2, 2, 2)
+    assert (done.error_code, done.error_message) == (None, None)
+    events = await events_of(conn, job.id)
+    assert [(e["type"], e["attempt"]) for e in events][-2:] == [("attempt_started", 2), ("completed", 2)]
+    await assert_credits_consistent(conn)
+
+
+async def test_a_cancel_while_generating_charges_the_images_stored_before_it_and_none_after(
+    store: JobStore, conn: asyncpg.Connection
+) -> None:
+    job = await new_job(store, sample_count=4)
+    [claimed] = await store.claim("w1", 1, 30.0)
+    assert claimed.id == job.id
+    generating = (JobStatus.GENERATING,)
+    paths = [f"{job.user_id}/{job.id}/1-{index}.png" for index in range(4)]
+    images = [StoredImage(i, f"http://storage/{p}", p, "image/png", 8, 8, 100) for i, p in enumerate(paths)]
+    for image in images[:2]:
+        stored = await store.advance(
+            job.id, attempt=claimed.attempt, from_statuses=generating, event=EventType.IMAGE_STORED, image=image
+        )
+        assert stored is not None
+    cancelled = await store.advance(
+        job.id, attempt=claimed.attempt, from_statuses=generating, event=EventType.CANCELLED, to=JobStatus.CANCELLED
+    )
+    assert cancelled is not None and (cancelled.status, cancelled.credits_charged) == (JobStatus.CANCELLED, 2)
+    # The attempt's next image arrives after the cancel: fenced out, neither kept nor charged.
+    late = await store.advance(
+        job.id, attempt=claimed.attempt, from_statuses=generating, event=EventType.IMAGE_STORED, image=images[2]
+    )
+    assert late is None
+    final = await store.get_job(job.id)
+    assert final is not None and [i.storage_path for i in final.images] == paths[:2]
+    assert final.credits_charged == 2
+    capture = await conn.fetchrow("SELECT amount, images FROM credit_ledger WHERE job_id = $1 AND kind = 'capture'", job.id)
+    assert (capture["amount"], capture["images"]) == (-2, 2)
+    await assert_credits_consistent(conn)
+
+
+async def test_a_job_completed_after_a_failed_attempt_no_longer_carries_its_error(
+    store: JobStore, conn: asyncpg.Connection
+) -> None:
+    generator = ScriptedGenerator(deque([GenerationFailure("PROVIDER_UNAVAILABLE", "503 from the provider", True)]))
+    job = await new_job(store, sample_count=1)
+    done = await run_until(store, job.id, (JobStatus.COMPLETED,), Dispatcher(store, generator, config()))
+
+    assert done.attempt == 2
+    # The row itself, as a Realtime subscriber reads it, not only what GetJob chooses to show.
+    row = await conn.fetchrow("SELECT status, error_code, error_message FROM generation_jobs WHERE id = $1", job.id)
+    assert (row["status"], row["error_code"], row["error_message"]) == ("completed", None, None)
+    retry = [e for e in await events_of(conn, job.id) if e["type"] == "retry_scheduled"]
+    assert [e["detail"]["error_code"] for e in retry] == ["PROVIDER_UNAVAILABLE"], "the history keeps the error"
 
 
 async def test_a_stale_attempt_can_neither_complete_nor_charge(store: JobStore, conn: asyncpg.Connection) -> None:
