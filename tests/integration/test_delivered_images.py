@@ -68,9 +68,7 @@ async def ledger(db: asyncpg.Connection, job_id: str) -> list[tuple[str, int, in
 
 
 async def images_stored(db: asyncpg.Connection, job_id: str) -> int:
-    return int(
-        await db.fetchval("SELECT count(*) FROM job_events WHERE job_id = $1 AND type = 'image_stored'", job_id)
-    )
+    return int(await db.fetchval("SELECT count(*) FROM job_events WHERE job_id = $1 AND type = 'image_stored'", job_id))
 
 
 async def assert_downloadable(images: list[pb.Image]) -> None:
@@ -232,7 +230,7 @@ async def test_a_pending_job_cancelled_between_attempts_pays_for_what_its_failed
     database_url: str, tmp_path: Path, db: asyncpg.Connection, api: FakeGeminiImage
 ) -> None:
     gate = asyncio.Event()
-    api.faults.extend([answered(api)] + [failing_when(gate, 503, "UNAVAILABLE")])
+    api.faults.extend([answered(api), failing_when(gate, 503, "UNAVAILABLE")])
     user = new_user()
     # The retry is due a minute later: the job waits PENDING with the image of its first attempt.
     settings = job_settings(retry_base_seconds=60.0, retry_max_seconds=60.0)
@@ -252,5 +250,9 @@ async def test_a_pending_job_cancelled_between_attempts_pays_for_what_its_failed
 
     assert cancelled.state == pb.JOB_STATE_CANCELLED
     assert (cancelled.credits_charged, len(cancelled.images)) == (PRICE, 1)
-    assert await ledger(db, created.id) == [("reserve", -2 * PRICE, 2), ("release", 2 * PRICE, 0), ("capture", -PRICE, 1)]
+    assert await ledger(db, created.id) == [
+        ("reserve", -2 * PRICE, 2),
+        ("release", 2 * PRICE, 0),
+        ("capture", -PRICE, 1),
+    ]
     await assert_credits_consistent(db)

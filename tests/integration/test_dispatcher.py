@@ -272,7 +272,9 @@ async def test_a_retry_keeps_the_images_a_failed_attempt_delivered_and_asks_only
     assert [image.storage_path.split("/")[-1] for image in done.images] == ["1-0.png", "1-1.png", "2-0.png", "2-1.png"]
     assert [image.index for image in done.images] == [0, 1, 2, 3], "one index per image of the job, in order"
     assert (done.credits_charged, done.error_code, done.error_message) == (4, None, None)
-    capture = await conn.fetchrow("SELECT amount, images FROM credit_ledger WHERE job_id = $1 AND kind = 'capture'", job.id)
+    capture = await conn.fetchrow(
+        "SELECT amount, images FROM credit_ledger WHERE job_id = $1 AND kind = 'capture'", job.id
+    )
     assert (capture["amount"], capture["images"]) == (-4, 4)
     assert await balance(conn, job.user_id) == 96
     await assert_credits_consistent(conn)
@@ -320,7 +322,9 @@ async def test_a_cancel_while_generating_charges_the_images_stored_before_it_and
     final = await store.get_job(job.id)
     assert final is not None and [i.storage_path for i in final.images] == paths[:2]
     assert final.credits_charged == 2
-    capture = await conn.fetchrow("SELECT amount, images FROM credit_ledger WHERE job_id = $1 AND kind = 'capture'", job.id)
+    capture = await conn.fetchrow(
+        "SELECT amount, images FROM credit_ledger WHERE job_id = $1 AND kind = 'capture'", job.id
+    )
     assert (capture["amount"], capture["images"]) == (-2, 2)
     await assert_credits_consistent(conn)
 
