@@ -105,6 +105,13 @@ class _Marker:
     pass
 
 
+@dataclass
+class _Owed:
+    """The images an attempt may still deliver: what it asked the generator for, less those it has written."""
+
+    left: int
+
+
 _ENDED = _Marker()  # the stream ended without completing
 _NOTHING = _Marker()
 # What the reader hands the writer: an event, the exception the stream raised, or _ENDED.
@@ -482,6 +489,7 @@ class Dispatcher:
         # written at once. aclosing: leaving early (a cancel, a fenced write) closes the stream at once, which
         # cancels the Generate call and with it the provider request, instead of whenever it is collected.
         queue: Mailbox[_Read] = Mailbox()
+        owed = _Owed(job.images_owed)
         async with contextlib.aclosing(self._generator.generate(job)) as events:
             reader = asyncio.create_task(_read_stream(events, queue), name=f"generate-{job.id}")
             try:
@@ -489,7 +497,7 @@ class Dispatcher:
                     batch = await queue.get_all()
                     if isinstance(batch[-1], ImageStored):
                         batch += await self._what_follows_an_image(queue)
-                    if await self._write_events(job, batch):
+                    if await self._write_events(job, batch, owed):
                         return
             finally:
                 # The reader stops before the stream is closed (an async generator cannot be closed while
@@ -507,8 +515,12 @@ class Dispatcher:
                 break
         return more
 
-    async def _write_events(self, job: Job, batch: list[_Read]) -> bool:
-        """Writes what the stream delivered, in one transaction; True when the attempt is over."""
+    async def _write_events(self, job: Job, batch: list[_Read], owed: _Owed) -> bool:
+        """Writes what the stream delivered, in one transaction; True when the attempt is over.
+
+        An image past what the attempt asked for is not written: every delivered image is charged, and a job
+        never delivers more than sample_count, whatever a provider answers.
+        """
         writes: list[dict[str, Any]] = []
         done: GenerationDone | None = None
         end: _Read = _NOTHING
@@ -516,6 +528,15 @@ class Dispatcher:
             if isinstance(item, GenerationStarted):
                 writes.append({"event": EventType.GENERATION_STARTED, "message": f"provider {item.provider}"})
             elif isinstance(item, ImageStored):
+                if owed.left <= 0:
+                    log.warning(
+                        "image beyond what the attempt asked for; not delivered",
+                        job_id=job.id,
+                        attempt=job.attempt,
+                        storage_path=item.image.storage_path,
+                    )
+                    continue
+                owed.left -= 1
                 writes.append({"event": EventType.IMAGE_STORED, "image": item.image})
             elif isinstance(item, GenerationDone):
                 done = item

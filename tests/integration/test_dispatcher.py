@@ -34,10 +34,11 @@ from tests.support.ledger import assert_credits_consistent
 
 @dataclass(frozen=True)
 class Partial:
-    """A step that stores `images` images, then raises `failure` (None: the stream just ends, without completing)."""
+    """A step that stores `images` images, then raises `failure`, or completes (`complete`), or else just ends."""
 
     images: int
-    failure: GenerationFailure | None
+    failure: GenerationFailure | None = None
+    complete: bool = False
 
 
 @dataclass
@@ -71,6 +72,8 @@ class ScriptedGenerator:
                 finished = True
                 if step.failure is not None:
                     raise step.failure
+                if step.complete:
+                    yield GenerationDone(step.images, 0, [])
                 return
             finished = True
             yield GenerationDone(job.images_owed, 0, [])
@@ -293,6 +296,21 @@ async def test_a_job_whose_earlier_attempt_delivered_every_image_completes_witho
     assert (done.error_code, done.error_message) == (None, None)
     events = await events_of(conn, job.id)
     assert [(e["type"], e["attempt"]) for e in events][-2:] == [("attempt_started", 2), ("completed", 2)]
+    await assert_credits_consistent(conn)
+
+
+async def test_images_past_what_an_attempt_asked_for_are_neither_kept_nor_charged(
+    store: JobStore, conn: asyncpg.Connection
+) -> None:
+    # The provider answers three images where two were asked for.
+    generator = ScriptedGenerator(deque([Partial(3, complete=True)]))
+    job = await new_job(store, sample_count=2)
+    done = await run_until(store, job.id, (JobStatus.COMPLETED,), Dispatcher(store, generator, config()))
+
+    assert [image.storage_path.split("/")[-1] for image in done.images] == ["1-0.png", "1-1.png"]
+    assert done.credits_charged == 2
+    capture = await conn.fetchval("SELECT images FROM credit_ledger WHERE job_id = $1 AND kind = 'capture'", job.id)
+    assert capture == 2
     await assert_credits_consistent(conn)
 
 
