@@ -180,7 +180,10 @@ class Job(_message.Message):
 
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]:
-        """Output only. The delivered images, in index order."""
+        """Output only. The delivered images, in index order: every image any
+        attempt stored before the job ended, each charged once whatever the
+        terminal state.
+        """
 
     @_builtins.property
     def filtered_reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -302,7 +305,9 @@ class Image(_message.Message):
     HEIGHT_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     index: _builtins.int
-    """Output only. The image's position among the job's samples, from 0."""
+    """Output only. The image's position among the job's delivered images, in
+    delivery order across attempts, from 0.
+    """
     url: _builtins.str
     """Output only. Where to download the image (a public URL, or a signed URL
     that expires for a private bucket).

@@ -139,8 +139,9 @@ class JobServiceServicer:
     def CancelJob(self, request, context):
         """Cancels a job. A pending job is cancelled at once; a generating job is
         marked `cancel_requested` and its generation is stopped, after which it
-        ends `JOB_STATE_CANCELLED`. Reserved credits are released. A job in a
-        terminal state answers `FAILED_PRECONDITION`.
+        ends `JOB_STATE_CANCELLED`. Images delivered before the cancel stay the
+        job's and are charged; the rest of the reservation is released. A job in
+        a terminal state answers `FAILED_PRECONDITION`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -65,8 +65,9 @@ class JobServiceStub:
     CancelJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.CancelJobRequest, _job_service_pb2.CancelJobResponse]
     """Cancels a job. A pending job is cancelled at once; a generating job is
     marked `cancel_requested` and its generation is stopped, after which it
-    ends `JOB_STATE_CANCELLED`. Reserved credits are released. A job in a
-    terminal state answers `FAILED_PRECONDITION`.
+    ends `JOB_STATE_CANCELLED`. Images delivered before the cancel stay the
+    job's and are charged; the rest of the reservation is released. A job in
+    a terminal state answers `FAILED_PRECONDITION`.
     """
     ListTemplates: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListTemplatesRequest, _job_service_pb2.ListTemplatesResponse]
     """Lists the prompt templates that `CreateJob` accepts as `template_id`."""
@@ -112,8 +113,9 @@ class JobServiceAsyncStub(JobServiceStub):
     CancelJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.CancelJobRequest, _job_service_pb2.CancelJobResponse]  # type: ignore[assignment]
     """Cancels a job. A pending job is cancelled at once; a generating job is
     marked `cancel_requested` and its generation is stopped, after which it
-    ends `JOB_STATE_CANCELLED`. Reserved credits are released. A job in a
-    terminal state answers `FAILED_PRECONDITION`.
+    ends `JOB_STATE_CANCELLED`. Images delivered before the cancel stay the
+    job's and are charged; the rest of the reservation is released. A job in
+    a terminal state answers `FAILED_PRECONDITION`.
     """
     ListTemplates: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListTemplatesRequest, _job_service_pb2.ListTemplatesResponse]  # type: ignore[assignment]
     """Lists the prompt templates that `CreateJob` accepts as `template_id`."""
@@ -186,8 +188,9 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_job_service_pb2.CancelJobResponse, _abc.Awaitable[_job_service_pb2.CancelJobResponse]]:
         """Cancels a job. A pending job is cancelled at once; a generating job is
         marked `cancel_requested` and its generation is stopped, after which it
-        ends `JOB_STATE_CANCELLED`. Reserved credits are released. A job in a
-        terminal state answers `FAILED_PRECONDITION`.
+        ends `JOB_STATE_CANCELLED`. Images delivered before the cancel stay the
+        job's and are charged; the rest of the reservation is released. A job in
+        a terminal state answers `FAILED_PRECONDITION`.
         """
 
     @_abc_1.abstractmethod
