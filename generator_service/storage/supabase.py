@@ -51,10 +51,35 @@ def _is_retryable(exc: Exception) -> bool:
     return isinstance(exc, httpx.TransportError)
 
 
+# httpx's four timeouts (all GEN_STORAGE_TIMEOUT_SECONDS here), and what running out of each one means.
+_TIMEOUTS: tuple[tuple[type[httpx.TimeoutException], str, str], ...] = (
+    (httpx.ConnectTimeout, "connect", "no connection to Storage could be opened"),
+    (httpx.ReadTimeout, "read", "Storage sent nothing (more) of its answer"),
+    (httpx.WriteTimeout, "write", "Storage took nothing (more) of the request"),
+    (httpx.PoolTimeout, "pool", "no connection of the client's pool came free"),
+)
+
+
+def _transport_detail(exc: Exception) -> str:
+    """What went wrong on the way, naming the timeout and the setting that governs it: a bare ReadTimeout('')
+    tells an operator neither."""
+    for kind, which, meaning in _TIMEOUTS:
+        if isinstance(exc, kind):
+            try:
+                seconds = exc.request.extensions.get("timeout", {}).get(which)
+            except RuntimeError:  # raised without a request
+                seconds = None
+            limit = f"{seconds:g} s, " if isinstance(seconds, int | float) else ""
+            return f"the {which} timeout ({limit}GEN_STORAGE_TIMEOUT_SECONDS) ran out: {meaning} ({type(exc).__name__})"
+    return repr(exc)
+
+
 def _service_error(exc: Exception, action: str, key: str) -> ServiceError:
     what = f"storage {action} of {key} failed"
     if not isinstance(exc, StorageApiError):
-        return generation_error(ErrorKind.UNAVAILABLE, "STORAGE_UNAVAILABLE", f"{what}: {exc!r}", retryable=True)
+        return generation_error(
+            ErrorKind.UNAVAILABLE, "STORAGE_UNAVAILABLE", f"{what}: {_transport_detail(exc)}", retryable=True
+        )
     said = f"{exc.message} (statusCode {exc.status}, {exc.code})"
     status = _status(exc)
     if _is_conflict(exc):
@@ -177,7 +202,7 @@ class SupabaseStorage:
                     "storage request failed; retrying",
                     action=action,
                     key=key,
-                    error=str(exc),
+                    error=str(exc) if isinstance(exc, StorageApiError) else _transport_detail(exc),
                     retry=retries,
                     delay_seconds=round(delay, 3),
                 )
