@@ -7,7 +7,7 @@ user-facing `Job.error.message` and event messages must not carry it, and the Jo
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ def imagen_generator(api: FakeGeminiImagen) -> dict[str, Any]:
 
 async def failed_job(
     database_url: str, tmp_path: Path, api: FakeGeminiImagen
-) -> tuple[pb.Job, pb.Job, list[pb.JobEvent], list[dict[str, Any]]]:
+) -> tuple[pb.Job, pb.Job, list[pb.JobEvent], list[MutableMapping[str, Any]]]:
     """Runs one job to its end; returns GetJob's answer, the job as watched, the watched events and the log."""
     with structlog.testing.capture_logs() as logs:
         async with (
@@ -62,7 +62,7 @@ async def failed_job(
             services.client(new_user()) as client,
         ):
             created = await client.create_job("a lighthouse at dusk", model=IMAGEN, sample_count=1)
-            events = []
+            events: list[pb.JobEvent] = []
             watched = None
             async for update in client.watch(created.id):
                 watched = update.job
