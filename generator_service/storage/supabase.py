@@ -22,6 +22,7 @@ import structlog
 from storage3 import AsyncStorageClient
 from storage3.exceptions import StorageApiError
 
+from generator_service import timeouts
 from generator_service.domain import generation_error
 from generator_service.retry import RetryPolicy
 from generator_service.storage.base import UploadedObject
@@ -51,26 +52,21 @@ def _is_retryable(exc: Exception) -> bool:
     return isinstance(exc, httpx.TransportError)
 
 
-# httpx's four timeouts (all GEN_STORAGE_TIMEOUT_SECONDS here), and what running out of each one means.
-_TIMEOUTS: tuple[tuple[type[httpx.TimeoutException], str, str], ...] = (
-    (httpx.ConnectTimeout, "connect", "no connection to Storage could be opened"),
-    (httpx.ReadTimeout, "read", "Storage sent nothing (more) of its answer"),
-    (httpx.WriteTimeout, "write", "Storage took nothing (more) of the request"),
-    (httpx.PoolTimeout, "pool", "no connection of the client's pool came free"),
-)
+# What running out of each of httpx's timeouts means here; all four are GEN_STORAGE_TIMEOUT_SECONDS (see create).
+_TIMEOUT_MEANINGS = {
+    "connect": "no connection to Storage could be opened",
+    "read": "Storage sent nothing (more) of its answer",
+    "write": "Storage took nothing (more) of the request",
+    "pool": "no connection of the client's pool came free",
+}
 
 
 def _transport_detail(exc: Exception) -> str:
-    """What went wrong on the way, naming the timeout and the setting that governs it: a bare ReadTimeout('')
-    tells an operator neither."""
-    for kind, which, meaning in _TIMEOUTS:
-        if isinstance(exc, kind):
-            try:
-                seconds = exc.request.extensions.get("timeout", {}).get(which)
-            except RuntimeError:  # raised without a request
-                seconds = None
-            limit = f"{seconds:g} s, " if isinstance(seconds, int | float) else ""
-            return f"the {which} timeout ({limit}GEN_STORAGE_TIMEOUT_SECONDS) ran out: {meaning} ({type(exc).__name__})"
+    """What went wrong on the way; a timeout names itself and its setting (a bare ReadTimeout('') says neither)."""
+    if isinstance(exc, httpx.TimeoutException):
+        which, _seconds = timeouts.which_timeout(exc)
+        meaning = _TIMEOUT_MEANINGS.get(which, "Storage did not answer in time")
+        return f"{timeouts.describe(exc, 'GEN_STORAGE_TIMEOUT_SECONDS')}: {meaning}"
     return repr(exc)
 
 

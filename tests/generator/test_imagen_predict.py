@@ -191,6 +191,7 @@ async def test_an_answer_slower_than_the_read_timeout_is_abandoned_and_retried(
     error = await failure_of(vertex(vertex_api, RetryPolicy(1, 10.0, 0.01, 0.05), read_timeout=0.3))
 
     assert (error.kind, error.reason, retryable(error)) == (ErrorKind.UNAVAILABLE, "PROVIDER_TIMEOUT", True)
+    assert "the read timeout (0.3 s, GEN_PROVIDER_READ_TIMEOUT_SECONDS) ran out" in error.message
     assert len(vertex_api.requests) == 2
     # We hung up both times rather than waiting on.
     assert await eventually(lambda: vertex_api.http.disconnects == 2)
