@@ -62,7 +62,7 @@ def _parse(content: bytes) -> Any:
 
 
 async def images_from_response(
-    content: bytes, request: GenerationRequest, provider: str, max_pixels: int = DEFAULT_MAX_PIXELS
+    content: bytes, provider: str, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> AsyncGenerator[GeneratedImage | FilteredImage, None]:
     """Yields each prediction as soon as it is decoded and checked, in the provider's order.
 
@@ -134,7 +134,7 @@ async def generate(
     body = request_body(request, jpeg_quality)
     try:
         # The body goes straight to the parser, which drops it once parsed; no reference stays here.
-        images = images_from_response(await http.post_json(model, url, body, auth), request, provider, max_pixels)
+        images = images_from_response(await http.post_json(model, url, body, auth), provider, max_pixels)
     except HttpFailure as failure:
         raise (on_failure(failure) if on_failure else error_for(failure, provider, model.id)) from None
     # Closing this generator closes the parser too (and frees the predictions it still holds).
