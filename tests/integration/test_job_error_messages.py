@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 import structlog
 from imagegen.job.v1 import job_service_pb2 as pb
@@ -18,6 +19,7 @@ from imagegen.job.v1 import job_service_pb2 as pb
 from generator_service.config import ModelSpec
 from job_service.failure_messages import user_message
 from tests.generator.fake_google import FakeGeminiImagen, fail
+from tests.support.cluster import events_of
 from tests.support.services import new_user, running_services
 
 IMAGEN = "gemini-api/imagen-4.0-generate-001"
@@ -100,17 +102,21 @@ async def test_a_provider_refusal_naming_the_billing_project_reaches_the_user_as
 
 
 async def test_a_provider_5xx_naming_the_billing_project_is_retried_and_still_not_shown(
-    database_url: str, tmp_path: Path, imagen_api: FakeGeminiImagen
+    database_url: str, tmp_path: Path, imagen_api: FakeGeminiImagen, db: asyncpg.Connection
 ) -> None:
     imagen_api.faults.extend([fail(503, "UNAVAILABLE", BILLING_TEXT), fail(503, "UNAVAILABLE", BILLING_TEXT)])
     got, _watched, events, logs = await failed_job(database_url, tmp_path, imagen_api)
 
     assert got.state == pb.JOB_STATE_FAILED
     assert (got.error.reason, got.error.message) == ("PROVIDER_UNAVAILABLE", user_message("PROVIDER_UNAVAILABLE"))
-    retries = [e for e in events if e.type == pb.JOB_EVENT_TYPE_RETRY_SCHEDULED]
-    assert [e.message for e in retries] == ["The provider was unavailable."]
     for event in events:
         assert_plain(event.message)
+    # The whole history, as WatchJob replays it (a watch opened late sees only what follows).
+    history = await events_of(db, got.id)
+    retries = [e for e in history if e["type"] == "retry_scheduled"]
+    assert [e["detail"]["message"] for e in retries] == ["The provider was unavailable."]
+    for row in history:
+        assert_plain(str(row["detail"]))
     assert len(imagen_api.requests) == 2  # retryable: both attempts ran
     logged = [line for line in logs if line.get("job_id") == got.id and BILLING_TEXT in str(line.get("error", ""))]
     assert [line["attempt"] for line in logged] == [1, 2]
