@@ -1,4 +1,5 @@
-"""What a user reads when a job fails: the stable reason and a plain sentence, never the provider's own text.
+"""What a user reads when a job fails: the stable reason and a plain sentence, never the provider's own text;
+and a provider image that cannot be used fails the job without another paid call.
 
 Both services run for real (tests.support.services) with the generator's Imagen model on a fake Gemini API
 that answers with Google's error body. That body names the caller's billing project, as real ones do; the
@@ -18,7 +19,7 @@ from imagegen.job.v1 import job_service_pb2 as pb
 
 from generator_service.config import ModelSpec
 from job_service.failure_messages import user_message
-from tests.generator.fake_google import FakeGeminiImagen, fail
+from tests.generator.fake_google import FakeGeminiImagen, fail, flat_png, image_bytes, imagen_answer
 from tests.support.cluster import events_of
 from tests.support.services import new_user, running_services
 
@@ -120,3 +121,34 @@ async def test_a_provider_5xx_naming_the_billing_project_is_retried_and_still_no
     assert len(imagen_api.requests) == 2  # retryable: both attempts ran
     logged = [line for line in logs if line.get("job_id") == got.id and BILLING_TEXT in str(line.get("error", ""))]
     assert [line["attempt"] for line in logged] == [1, 2]
+
+
+async def test_an_unreadable_image_fails_the_job_after_one_paid_call(
+    database_url: str, tmp_path: Path, imagen_api: FakeGeminiImagen
+) -> None:
+    imagen_api.faults.append(imagen_answer(flat_png(1024, 1024, rows=500)))  # truncated: passes verify()
+    got, _watched, events, _logs = await failed_job(database_url, tmp_path, imagen_api)
+
+    assert (got.error.reason, got.error.message) == (
+        "PROVIDER_IMAGE_INVALID",
+        "The provider sent an image that could not be read.",
+    )
+    assert len(imagen_api.requests) == 1, "not retried: another attempt is another paid call"
+    assert [e.type for e in events].count(pb.JOB_EVENT_TYPE_RETRY_SCHEDULED) == 0
+    assert (got.credits_charged, list(got.images)) == (0, [])
+
+
+async def test_an_image_of_an_unexpected_size_completes_the_job_with_its_real_size(
+    database_url: str, tmp_path: Path, imagen_api: FakeGeminiImagen
+) -> None:
+    imagen_api.faults.append(imagen_answer(image_bytes(1000, 700, "image/png")))  # a 1:1 request
+    async with (
+        running_services(database_url, tmp_path, generator=imagen_generator(imagen_api)) as services,
+        services.client(new_user()) as client,
+    ):
+        created = await client.create_job("a lighthouse at dusk", model=IMAGEN, sample_count=1)
+        done = await client.wait(created.id, timeout=60)
+
+    assert done.state == pb.JOB_STATE_COMPLETED
+    assert [(i.width, i.height) for i in done.images] == [(1000, 700)]
+    assert len(imagen_api.requests) == 1
