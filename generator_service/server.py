@@ -78,14 +78,23 @@ def build_providers(settings: GeneratorSettings, *, vertex_tokens: TokenSource |
             location=settings.vertex_location,
             base_url=settings.vertex_base_url,
             jpeg_quality=settings.jpeg_quality,
+            max_image_pixels=settings.max_image_pixels,
         )
     key = settings.gemini_api_key.get_secret_value() if settings.gemini_api_key else ""
     if key:  # an empty GEN_GEMINI_API_KEY= line in .env means "not configured"
         providers["gemini-imagen"] = GeminiImagenProvider(
-            http("gemini-imagen"), key, base_url=settings.gemini_base_url, jpeg_quality=settings.jpeg_quality
+            http("gemini-imagen"),
+            key,
+            base_url=settings.gemini_base_url,
+            jpeg_quality=settings.jpeg_quality,
+            max_image_pixels=settings.max_image_pixels,
         )
         providers["gemini-image"] = GeminiImageProvider(
-            http("gemini-image"), key, base_url=settings.gemini_base_url, jpeg_quality=settings.jpeg_quality
+            http("gemini-image"),
+            key,
+            base_url=settings.gemini_base_url,
+            jpeg_quality=settings.jpeg_quality,
+            max_image_pixels=settings.max_image_pixels,
         )
     return providers
 

@@ -28,6 +28,7 @@ from job_service.domain import (
     Job,
     JobStatus,
 )
+from job_service.failure_messages import logged_detail, user_message
 from job_service.mailbox import Mailbox
 from job_service.store import CONNECTION_ERRORS, ClaimAtCreate, JobStore
 
@@ -571,22 +572,27 @@ class Dispatcher:
 
     async def _after_failure(self, job: Job, failure: GenerationFailure) -> None:
         decision = after_failure(job, failure, self._config.retry_base_seconds, self._config.retry_max_seconds)
+        # The user reads a plain sentence for the reason (the job's error and the event); the generator's own
+        # text, which quotes the provider (billing project and all), is for the log only.
+        message = user_message(failure.reason)
+        log.warning(
+            "attempt failed; retry scheduled" if decision.delay is not None else "attempt failed; job failed",
+            job_id=job.id,
+            attempt=job.attempt,
+            reason=failure.reason,
+            retryable=failure.retryable,
+            error=logged_detail(failure.message),
+            retry_in_seconds=round(decision.delay, 2) if decision.delay is not None else None,
+        )
         if decision.delay is not None:
             updated = await self._write(
                 job,
                 event=EventType.RETRY_SCHEDULED,
                 to=JobStatus.PENDING,
                 error_code=failure.reason,
-                message=failure.message,
+                message=message,
                 retry_delay=decision.delay,
                 count_failure=decision.count_failure,
-            )
-            log.info(
-                "attempt failed; retry scheduled",
-                job_id=job.id,
-                attempt=job.attempt,
-                reason=failure.reason,
-                retry_in_seconds=round(decision.delay, 2),
             )
             await self._cancel_if_requested(updated)
         else:
@@ -595,7 +601,7 @@ class Dispatcher:
                 event=EventType.FAILED,
                 to=JobStatus.FAILED,
                 error_code=failure.reason,
-                message=failure.message,
+                message=message,
                 count_failure=decision.count_failure,
             )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from generator_service.domain import generation_error
 from generator_service.providers.http import HttpFailure
+from generator_service.providers.images import BadImage
 from imagegen_common.errors import ErrorKind, ServiceError
 
 
@@ -14,6 +15,20 @@ def bad_response(provider: str, detail: str) -> ServiceError:
         "BAD_PROVIDER_RESPONSE",
         f"{provider} returned an unusable answer: {detail}",
         retryable=True,
+    )
+
+
+def bad_image(provider: str, which: str, problem: BadImage) -> ServiceError:
+    """The provider's image cannot be used: not decodable, or more pixels than allowed.
+
+    Not retryable: another attempt is another paid call, and a provider that sent this once is likely to send it
+    again. FAILED_PRECONDITION, not UNAVAILABLE, which generic gRPC clients retry.
+    """
+    return generation_error(
+        ErrorKind.FAILED_PRECONDITION,
+        "PROVIDER_IMAGE_TOO_LARGE" if problem.too_large else "PROVIDER_IMAGE_INVALID",
+        f"{provider} sent an unusable image ({which}): {problem}",
+        retryable=False,
     )
 
 

@@ -21,9 +21,17 @@ from typing import Any
 from generator_service.blocking import run_sized
 from generator_service.config import ModelSpec
 from generator_service.domain import FilteredImage, GeneratedImage, GenerationRequest
-from generator_service.providers.errors import bad_response, error_for_failure
+from generator_service.providers.errors import bad_image, bad_response, error_for_failure
 from generator_service.providers.http import ApiKeyAuth, HttpFailure, ProviderHttp
-from generator_service.providers.images import BadImage, convert, decode_and_check
+from generator_service.providers.images import (
+    DEFAULT_MAX_PIXELS,
+    BadImage,
+    CheckedImage,
+    check_image,
+    convert,
+    decode_base64,
+    run_decoding,
+)
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
 SAFETY_FINISH_REASONS = frozenset(
@@ -83,12 +91,10 @@ def _inline_image(document: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def read_answer(
-    content: bytes, index: int, mime_type: str, jpeg_quality: int, provider: str
-) -> GeneratedImage | FilteredImage:
-    """Parses one :generateContent answer into its image (checked, in `mime_type`) or the refusal.
+def read_answer(content: bytes, index: int, provider: str) -> dict[str, Any] | FilteredImage:
+    """Parses one :generateContent answer into its image part (`inlineData`) or the refusal.
 
-    Blocking (JSON of a few MB, base64, Pillow): call it through blocking.run_sized.
+    Blocking (JSON of a few MB): call it through blocking.run_sized.
     """
     try:
         document = json.loads(content)
@@ -103,24 +109,33 @@ def read_answer(
         if refusal is None:
             raise bad_response(provider, "the answer has no candidates and no prompt feedback")
         return refusal
-    try:
-        checked = decode_and_check(inline.pop("data"), inline.get("mimeType"))
-        checked = convert(checked, mime_type, jpeg_quality)
-    except BadImage as exc:
-        raise bad_response(provider, f"image {index}: {exc}") from None
-    return GeneratedImage(index, checked.data, checked.mime_type, checked.width, checked.height)
+    return inline
+
+
+def check_and_convert(
+    data: bytes, declared_mime: str | None, max_pixels: int, mime_type: str, jpeg_quality: int
+) -> CheckedImage:
+    """The image checked (decoded in full, within `max_pixels`), then in `mime_type`. Blocking: see run_decoding."""
+    return convert(check_image(data, declared_mime, max_pixels), mime_type, jpeg_quality)
 
 
 class GeminiImageProvider:
     name = "gemini-image"
 
     def __init__(
-        self, http: ProviderHttp, api_key: str, *, base_url: str = DEFAULT_BASE_URL, jpeg_quality: int = 90
+        self,
+        http: ProviderHttp,
+        api_key: str,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        jpeg_quality: int = 90,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self._http = http
         self._auth = ApiKeyAuth(api_key)
         self._base = base_url.rstrip("/")
         self._jpeg_quality = jpeg_quality
+        self._max_image_pixels = max_image_pixels
 
     def generate_url(self, model: ModelSpec) -> str:
         return f"{self._base}/v1beta/models/{model.api_model}:generateContent"
@@ -130,9 +145,26 @@ class GeminiImageProvider:
             content = await self._http.post_json(model, self.generate_url(model), request_body(request), self._auth)
         except HttpFailure as failure:
             raise error_for_failure(failure, self.name, model.id) from None
-        return await run_sized(
-            len(content), read_answer, content, index, request.output_mime_type, self._jpeg_quality, self.name
-        )
+        answer = await run_sized(len(content), read_answer, content, index, self.name)
+        del content
+        if isinstance(answer, FilteredImage):
+            return answer
+        try:
+            encoded = answer.pop("data")
+            data = await run_sized(len(encoded) if isinstance(encoded, str) else 0, decode_base64, encoded)
+            del encoded
+            checked = await run_decoding(
+                data,
+                check_and_convert,
+                data,
+                answer.get("mimeType"),
+                self._max_image_pixels,
+                request.output_mime_type,
+                self._jpeg_quality,
+            )
+        except BadImage as exc:
+            raise bad_image(self.name, f"image {index}", exc) from None
+        return GeneratedImage(index, checked.data, checked.mime_type, checked.width, checked.height)
 
     async def generate(
         self, request: GenerationRequest, model: ModelSpec

@@ -17,6 +17,7 @@ from generator_service.config import ModelSpec
 from generator_service.domain import FilteredImage, GeneratedImage, GenerationRequest, generation_error
 from generator_service.providers import predict
 from generator_service.providers.http import ApiKeyAuth, HttpFailure, ProviderHttp
+from generator_service.providers.images import DEFAULT_MAX_PIXELS
 from imagegen_common.errors import ErrorKind, ServiceError
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
@@ -38,12 +39,19 @@ class GeminiImagenProvider:
     name = "gemini-imagen"
 
     def __init__(
-        self, http: ProviderHttp, api_key: str, *, base_url: str = DEFAULT_BASE_URL, jpeg_quality: int = 90
+        self,
+        http: ProviderHttp,
+        api_key: str,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        jpeg_quality: int = 90,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self._http = http
         self._auth = ApiKeyAuth(api_key)
         self._base = base_url.rstrip("/")
         self._jpeg_quality = jpeg_quality
+        self._max_image_pixels = max_image_pixels
 
     def predict_url(self, model: ModelSpec) -> str:
         return f"{self._base}/v1beta/models/{model.api_model}:predict"
@@ -64,6 +72,7 @@ class GeminiImagenProvider:
             model,
             provider=self.name,
             jpeg_quality=self._jpeg_quality,
+            max_pixels=self._max_image_pixels,
             on_failure=on_failure,
         )
 

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import httpx
 import structlog
 
+from generator_service import timeouts
 from generator_service.config import ModelSpec
 from generator_service.providers.limits import ModelLimits
 from generator_service.providers.memory import MemoryBudget
@@ -53,6 +54,20 @@ class HttpFailure(Exception):
 
     def __str__(self) -> str:
         return f"HTTP {self.status}: {self.message}" if self.status is not None else self.message
+
+
+# The setting behind each of httpx's timeouts (see create: write shares the read timeout; the pool has none, the
+# per-model limiters bound that wait instead).
+_TIMEOUT_SETTINGS = {
+    "connect": "GEN_PROVIDER_CONNECT_TIMEOUT_SECONDS",
+    "read": "GEN_PROVIDER_READ_TIMEOUT_SECONDS",
+    "write": "GEN_PROVIDER_READ_TIMEOUT_SECONDS",
+}
+
+
+def timeout_message(exc: httpx.TimeoutException) -> str:
+    which, _seconds = timeouts.which_timeout(exc)
+    return f"no answer in time: {timeouts.describe(exc, _TIMEOUT_SETTINGS.get(which, 'no setting'))}"
 
 
 class RequestAuth(Protocol):
@@ -160,7 +175,7 @@ class ProviderHttp:
                 async with limiter.request_slot():
                     response, content = await self._send(url, payload, headers)
             except httpx.TimeoutException as exc:
-                failure = HttpFailure(None, f"no answer in time ({type(exc).__name__})", timed_out=True)
+                failure = HttpFailure(None, timeout_message(exc), timed_out=True)
             except httpx.TransportError as exc:
                 failure = HttpFailure(None, f"connection failed ({type(exc).__name__}: {exc})")
             else:

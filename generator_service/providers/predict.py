@@ -16,16 +16,10 @@ from typing import Any
 
 from generator_service.blocking import run_sized
 from generator_service.config import ModelSpec
-from generator_service.domain import (
-    FilteredImage,
-    GeneratedImage,
-    GenerationRequest,
-    generation_error,
-    image_dimensions,
-)
-from generator_service.providers.errors import bad_response, error_for_failure
+from generator_service.domain import FilteredImage, GeneratedImage, GenerationRequest, generation_error
+from generator_service.providers.errors import bad_image, bad_response, error_for_failure
 from generator_service.providers.http import HttpFailure, ProviderHttp, RequestAuth
-from generator_service.providers.images import BadImage, decode_and_check
+from generator_service.providers.images import DEFAULT_MAX_PIXELS, BadImage, check_image, decode_base64, run_decoding
 from imagegen_common.errors import ErrorKind, ServiceError
 
 # How Imagen words a prompt refused before generation (HTTP 400), e.g. "The prompt could not be submitted.
@@ -68,9 +62,12 @@ def _parse(content: bytes) -> Any:
 
 
 async def images_from_response(
-    content: bytes, request: GenerationRequest, provider: str
+    content: bytes, provider: str, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> AsyncGenerator[GeneratedImage | FilteredImage, None]:
     """Yields each prediction as soon as it is decoded and checked, in the provider's order.
+
+    An image keeps the size it has: one that differs from the size table (domain.image_dimensions) is still a
+    good image the provider charged for, and the event reports its real size.
 
     The caller passes the body straight in and keeps no reference: a 4 x 2K answer is tens of MB of
     base64, so each prediction is popped off the parsed list and dropped once its image is yielded.
@@ -94,7 +91,6 @@ async def images_from_response(
     if not isinstance(predictions, list):
         raise bad_response(provider, "`predictions` is not a list")
 
-    expected_size = image_dimensions(request.aspect_ratio, request.image_size)
     index = 0
     while predictions:
         prediction = predictions.pop(0)
@@ -111,12 +107,12 @@ async def images_from_response(
             index += 1
             continue
         try:
-            checked = await run_sized(
-                len(encoded), decode_and_check, encoded, prediction.get("mimeType"), expected_size
-            )
+            data = await run_sized(len(encoded) if isinstance(encoded, str) else 0, decode_base64, encoded)
+            del encoded
+            checked = await run_decoding(data, check_image, data, prediction.get("mimeType"), max_pixels)
         except BadImage as exc:
-            raise bad_response(provider, f"prediction {index}: {exc}") from None
-        del encoded, prediction
+            raise bad_image(provider, f"prediction {index}", exc) from None
+        del data, prediction
         yield GeneratedImage(index, checked.data, checked.mime_type, checked.width, checked.height)
         del checked
         index += 1
@@ -131,13 +127,14 @@ async def generate(
     *,
     provider: str,
     jpeg_quality: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     on_failure: Callable[[HttpFailure], ServiceError] | None = None,
 ) -> AsyncGenerator[GeneratedImage | FilteredImage, None]:
     """One `:predict` call, yielding each image as it is decoded; `on_failure` maps HTTP failures first."""
     body = request_body(request, jpeg_quality)
     try:
         # The body goes straight to the parser, which drops it once parsed; no reference stays here.
-        images = images_from_response(await http.post_json(model, url, body, auth), request, provider)
+        images = images_from_response(await http.post_json(model, url, body, auth), provider, max_pixels)
     except HttpFailure as failure:
         raise (on_failure(failure) if on_failure else error_for(failure, provider, model.id)) from None
     # Closing this generator closes the parser too (and frees the predictions it still holds).

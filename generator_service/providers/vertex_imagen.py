@@ -9,6 +9,7 @@ from generator_service.domain import FilteredImage, GeneratedImage, GenerationRe
 from generator_service.providers import predict
 from generator_service.providers.google_auth import BearerTokenAuth, TokenSource
 from generator_service.providers.http import ProviderHttp
+from generator_service.providers.images import DEFAULT_MAX_PIXELS
 
 
 def vertex_base_url(location: str) -> str:
@@ -29,6 +30,7 @@ class VertexImagenProvider:
         location: str,
         base_url: str | None = None,
         jpeg_quality: int = 90,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self._http = http
         self._tokens = tokens
@@ -38,6 +40,7 @@ class VertexImagenProvider:
             f"/v1/projects/{project}/locations/{location}/publishers/google/models"
         )
         self._jpeg_quality = jpeg_quality
+        self._max_image_pixels = max_image_pixels
 
     def predict_url(self, model: ModelSpec) -> str:
         return f"{self._models_url}/{model.api_model}:predict"
@@ -53,6 +56,7 @@ class VertexImagenProvider:
             model,
             provider=self.name,
             jpeg_quality=self._jpeg_quality,
+            max_pixels=self._max_image_pixels,
         )
 
     async def aclose(self) -> None:

@@ -22,6 +22,7 @@ import structlog
 from storage3 import AsyncStorageClient
 from storage3.exceptions import StorageApiError
 
+from generator_service import timeouts
 from generator_service.domain import generation_error
 from generator_service.retry import RetryPolicy
 from generator_service.storage.base import UploadedObject
@@ -51,10 +52,30 @@ def _is_retryable(exc: Exception) -> bool:
     return isinstance(exc, httpx.TransportError)
 
 
+# What running out of each of httpx's timeouts means here; all four are GEN_STORAGE_TIMEOUT_SECONDS (see create).
+_TIMEOUT_MEANINGS = {
+    "connect": "no connection to Storage could be opened",
+    "read": "Storage sent nothing (more) of its answer",
+    "write": "Storage took nothing (more) of the request",
+    "pool": "no connection of the client's pool came free",
+}
+
+
+def _transport_detail(exc: Exception) -> str:
+    """What went wrong on the way; a timeout names itself and its setting (a bare ReadTimeout('') says neither)."""
+    if isinstance(exc, httpx.TimeoutException):
+        which, _seconds = timeouts.which_timeout(exc)
+        meaning = _TIMEOUT_MEANINGS.get(which, "Storage did not answer in time")
+        return f"{timeouts.describe(exc, 'GEN_STORAGE_TIMEOUT_SECONDS')}: {meaning}"
+    return repr(exc)
+
+
 def _service_error(exc: Exception, action: str, key: str) -> ServiceError:
     what = f"storage {action} of {key} failed"
     if not isinstance(exc, StorageApiError):
-        return generation_error(ErrorKind.UNAVAILABLE, "STORAGE_UNAVAILABLE", f"{what}: {exc!r}", retryable=True)
+        return generation_error(
+            ErrorKind.UNAVAILABLE, "STORAGE_UNAVAILABLE", f"{what}: {_transport_detail(exc)}", retryable=True
+        )
     said = f"{exc.message} (statusCode {exc.status}, {exc.code})"
     status = _status(exc)
     if _is_conflict(exc):
@@ -177,7 +198,7 @@ class SupabaseStorage:
                     "storage request failed; retrying",
                     action=action,
                     key=key,
-                    error=str(exc),
+                    error=str(exc) if isinstance(exc, StorageApiError) else _transport_detail(exc),
                     retry=retries,
                     delay_seconds=round(delay, 3),
                 )

@@ -10,6 +10,8 @@ import base64
 import functools
 import io
 import re
+import struct
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -45,6 +47,47 @@ def image_bytes(width: int, height: int, mime_type: str, colour: tuple[int, int,
     out = io.BytesIO()
     Image.new("RGB", (width, height), colour).save(out, format="JPEG" if mime_type == "image/jpeg" else "PNG")
     return out.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_header(width: int, height: int, bit_depth: int, colour_type: int) -> bytes:
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(
+        b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    )
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A decompression bomb: a PNG of a few hundred bytes whose header declares width x height (8-bit RGB)."""
+    pixels = zlib.compress(b"\0" * 3073)  # one row of a 1024-wide image: nowhere near what is declared
+    return _png_header(width, height, 8, 2) + _png_chunk(b"IDAT", pixels) + _png_chunk(b"IEND", b"")
+
+
+@functools.lru_cache(maxsize=8)
+def flat_png(width: int, height: int, rows: int | None = None) -> bytes:
+    """A PNG of one colour (1-bit greyscale), built row by row so that no width x height image is ever held
+    here: 90 MP compress to about 30 kB. With `rows` below `height`, only that many rows are encoded and the
+    zlib stream stops there, yet every chunk's CRC is right and IEND closes the file: a truncated image
+    that Pillow's verify() accepts and only decoding catches."""
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte 0, then the packed bits
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(height if rows is None else rows))
+    data += compressor.flush(zlib.Z_FINISH if rows is None else zlib.Z_SYNC_FLUSH)
+    idat = b"".join(_png_chunk(b"IDAT", data[i : i + 65536]) for i in range(0, len(data), 65536))
+    return _png_header(width, height, 1, 0) + idat + _png_chunk(b"IEND", b"")
+
+
+def imagen_answer(data: bytes, mime_type: str = "image/png") -> Fault:
+    """A :predict answer with one prediction carrying `data` as its image."""
+    return answer_json({"predictions": [{"mimeType": mime_type, "bytesBase64Encoded": b64(data)}]})
+
+
+def gemini_answer(data: bytes, mime_type: str = "image/png") -> Fault:
+    """A :generateContent answer whose one candidate carries `data` as its image."""
+    inline = {"inlineData": {"mimeType": mime_type, "data": b64(data)}}
+    return answer_json({"candidates": [{"content": {"role": "model", "parts": [inline]}, "finishReason": "STOP"}]})
 
 
 def b64(data: bytes) -> str:

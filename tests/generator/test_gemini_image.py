@@ -144,25 +144,31 @@ async def test_a_permanent_failure_of_one_call_fails_the_attempt_and_stops_the_o
 
 
 @pytest.mark.parametrize(
-    ("answer", "detail"),
+    ("answer", "reason", "retryable", "detail"),
     [
         (
             {"candidates": [{"content": {"parts": [{"inlineData": {"mimeType": "image/png", "data": "@@"}}]}}]},
+            "PROVIDER_IMAGE_INVALID",
+            "false",
             "base64",
         ),
         (
             {"candidates": [{"content": {"parts": [{"inlineData": {"mimeType": "image/png", "data": b64(b"x")}}]}}]},
+            "PROVIDER_IMAGE_INVALID",
+            "false",
             "not a readable image",
         ),
-        ({"usageMetadata": {}}, "no candidates"),
+        ({"usageMetadata": {}}, "BAD_PROVIDER_RESPONSE", "true", "no candidates"),
     ],
     ids=["non-base64", "not-an-image", "no-candidates"],
 )
-async def test_unusable_answers_are_retryable_bad_provider_responses(
-    gemini_image_api: FakeGeminiImage, answer: dict[str, object], detail: str
+async def test_unusable_answers_fail_the_attempt_and_only_a_glitch_is_retryable(
+    gemini_image_api: FakeGeminiImage, answer: dict[str, object], reason: str, retryable: str, detail: str
 ) -> None:
+    # An answer without candidates is a glitch another attempt may not see; an image that does not decode is
+    # not, and another attempt would be another paid call.
     gemini_image_api.faults.append(answer_json(answer))
     with pytest.raises(ServiceError) as caught:
         await generate(gemini_image_api, sample_count=1)
-    assert (caught.value.reason, caught.value.metadata["retryable"]) == ("BAD_PROVIDER_RESPONSE", "true")
+    assert (caught.value.reason, caught.value.metadata["retryable"]) == (reason, retryable)
     assert detail in caught.value.message

@@ -191,6 +191,7 @@ async def test_an_answer_slower_than_the_read_timeout_is_abandoned_and_retried(
     error = await failure_of(vertex(vertex_api, RetryPolicy(1, 10.0, 0.01, 0.05), read_timeout=0.3))
 
     assert (error.kind, error.reason, retryable(error)) == (ErrorKind.UNAVAILABLE, "PROVIDER_TIMEOUT", True)
+    assert "the read timeout (0.3 s, GEN_PROVIDER_READ_TIMEOUT_SECONDS) ran out" in error.message
     assert len(vertex_api.requests) == 2
     # We hung up both times rather than waiting on.
     assert await eventually(lambda: vertex_api.http.disconnects == 2)
@@ -227,6 +228,28 @@ async def test_an_unreachable_provider_is_retryable(vertex_api: FakeVertexImagen
     [
         (raw(b'{"predictions": [{"mimeType": "image/png", "bytesBase64Encoded": '), "not JSON"),
         (raw(b"<html>upstream error</html>", content_type="text/html"), "not JSON"),
+    ],
+    ids=["truncated-json", "html"],
+)
+async def test_unusable_answers_are_retryable_bad_provider_responses(
+    vertex_api: FakeVertexImagen, fault: object, detail: str
+) -> None:
+    vertex_api.faults.append(fault)  # type: ignore[arg-type]
+    error = await failure_of(vertex(vertex_api), sample_count=1)
+
+    assert (error.kind, error.reason, retryable(error)) == (
+        ErrorKind.UNAVAILABLE,
+        "BAD_PROVIDER_RESPONSE",
+        True,
+    )
+    assert detail in error.message
+    # A 200 with a bad body is not retried inside the call: the job's next attempt is the retry.
+    assert len(vertex_api.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("fault", "detail"),
+    [
         (
             answer_json({"predictions": [{"mimeType": "image/png", "bytesBase64Encoded": "not base64!!"}]}),
             "base64",
@@ -254,19 +277,6 @@ async def test_an_unreachable_provider_is_retryable(vertex_api: FakeVertexImagen
                     "predictions": [
                         {
                             "mimeType": "image/png",
-                            "bytesBase64Encoded": b64(image_bytes(640, 480, "image/png")),
-                        }
-                    ]
-                }
-            ),
-            "expected 1024x1024 pixels, got 640x480",
-        ),
-        (
-            answer_json(
-                {
-                    "predictions": [
-                        {
-                            "mimeType": "image/png",
                             "bytesBase64Encoded": b64(image_bytes(1024, 1024, "image/png")[:300]),
                         }
                     ]
@@ -275,21 +285,21 @@ async def test_an_unreachable_provider_is_retryable(vertex_api: FakeVertexImagen
             "not a readable image",
         ),
     ],
-    ids=["truncated-json", "html", "non-base64", "not-an-image", "wrong-type", "wrong-size", "truncated-png"],
+    ids=["non-base64", "not-an-image", "wrong-type", "truncated-png"],
 )
-async def test_unusable_answers_are_retryable_bad_provider_responses(
+async def test_unusable_images_end_the_attempt_for_good(
     vertex_api: FakeVertexImagen, fault: object, detail: str
 ) -> None:
+    # Another attempt would be another paid call, likely answered the same way.
     vertex_api.faults.append(fault)  # type: ignore[arg-type]
     error = await failure_of(vertex(vertex_api), sample_count=1)
 
     assert (error.kind, error.reason, retryable(error)) == (
-        ErrorKind.UNAVAILABLE,
-        "BAD_PROVIDER_RESPONSE",
-        True,
+        ErrorKind.FAILED_PRECONDITION,
+        "PROVIDER_IMAGE_INVALID",
+        False,
     )
     assert detail in error.message
-    # A 200 with a bad body is not retried inside the call: the job's next attempt is the retry.
     assert len(vertex_api.requests) == 1
 
 

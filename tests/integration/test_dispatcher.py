@@ -186,7 +186,11 @@ async def test_permanent_failure_fails_at_once_and_releases_the_reservation(
     done = await run_until(store, job.id, (JobStatus.FAILED,), Dispatcher(store, generator, config()))
 
     assert generator.opened == [1]
-    assert (done.error_code, done.error_message) == ("PROMPT_BLOCKED", "the prompt was blocked")
+    # The user reads the reason's own plain sentence; the generator's text goes to the log only.
+    assert (done.error_code, done.error_message) == (
+        "PROMPT_BLOCKED",
+        "The provider refused the prompt. Rephrase it and try again.",
+    )
     assert (done.attempt, done.failed_attempts, done.credits_charged, done.credits_reserved) == (1, 1, 0, 0)
     types = [e["type"] for e in await events_of(conn, job.id)]
     assert types == ["created", "attempt_started", "generation_started", "failed"]
@@ -210,7 +214,8 @@ async def test_retryable_failures_retry_until_max_attempts_then_fail_with_the_la
     done = await run_until(store, job.id, (JobStatus.FAILED,), Dispatcher(store, generator, config()))
 
     assert generator.opened == [1, 2, 3]
-    assert (done.error_code, done.error_message) == ("RESOURCE_EXHAUSTED", "quota exceeded")
+    # A reason without a sentence of its own (a bare gRPC code here) gets the generic one, not "quota exceeded".
+    assert (done.error_code, done.error_message) == ("RESOURCE_EXHAUSTED", "The images could not be generated.")
     assert (done.failed_attempts, done.credits_charged) == (3, 0)
     events = await events_of(conn, job.id)
     retries = [e for e in events if e["type"] == "retry_scheduled"]
