@@ -373,7 +373,13 @@ class JobManager:
         return await self._store.credit_balance(owner, self._policy.new_user_credits)
 
     async def grant_credits(
-        self, principal: Principal, user_id: str, amount: int, reason: str, premium: bool | None
+        self,
+        principal: Principal,
+        user_id: str,
+        amount: int,
+        reason: str,
+        premium: bool | None,
+        request_id: str = "",
     ) -> tuple[int, bool]:
         if not principal.is_service:
             raise ServiceError(
@@ -388,13 +394,18 @@ class JobManager:
             violations.append(FieldViolation("amount", f"must be 1-{MAX_GRANT}"))
         if problem := _bad_text(reason, MAX_REASON_CHARS):
             violations.append(FieldViolation("reason", problem))
+        if request_id and not _REQUEST_ID.match(request_id):
+            violations.append(FieldViolation("request_id", "1-64 characters of A-Z a-z 0-9 _ . : -"))
         if violations:
             raise invalid_argument(violations)
         owner = parse_uuid(user_id, "user_id")
-        balance, is_premium = await self._store.grant_credits(
-            owner, amount, reason or "grant", premium, self._policy.new_user_credits
+        balance, is_premium, granted = await self._store.grant_credits(
+            owner, amount, reason or "grant", premium, self._policy.new_user_credits, request_id or None
         )
-        log.info("credits granted", user_id=owner, amount=amount, balance=balance)
+        if granted:
+            log.info("credits granted", user_id=owner, amount=amount, balance=balance)
+        else:
+            log.info("credit grant replayed", user_id=owner, amount=amount, request_id=request_id)
         return balance, is_premium
 
 

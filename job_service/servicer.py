@@ -243,5 +243,6 @@ class JobServicer(pb_grpc.JobServiceServicer):
             request.amount,
             request.reason,
             request.premium if request.HasField("premium") else None,
+            request.request_id,
         )
         return pb.GrantCreditsResponse(balance=balance, premium=premium)
