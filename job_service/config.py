@@ -76,6 +76,9 @@ class JobSettings(BaseSettings):
     model_prices: dict[str, int] = Field(default_factory=dict)
     # Credits granted the first time a user is seen (a ledger grant row records it).
     new_user_credits: int = 100
+    # ... and the first time a Supabase anonymous user (is_anonymous) is seen: anyone can sign in anonymously
+    # again and again, so anything above 0 is free credits for the asking.
+    anonymous_user_credits: int = Field(default=0, ge=0)
 
     # Dispatcher.
     max_in_flight: int = 256

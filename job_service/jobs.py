@@ -64,6 +64,8 @@ class JobPolicy:
     default_price_per_image: int
     model_prices: Mapping[str, int]
     new_user_credits: int
+    # The welcome grant of a Supabase anonymous user (is_anonymous): a sign-in anyone can repeat at will.
+    anonymous_user_credits: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,16 @@ class JobManager:
                 f"only service-role callers may set {field}",
             )
         return principal.subject
+
+    def _welcome_credits(self, principal: Principal) -> int:
+        """The welcome grant for an account opened by this caller's call.
+
+        An anonymous sign-in costs nothing and can be repeated for ever, so it gets its own (default 0) grant;
+        a service-role caller acting for a user cannot tell, and the account gets the normal one.
+        """
+        if principal.is_anonymous and not principal.is_service:
+            return self._policy.anonymous_user_credits
+        return self._policy.new_user_credits
 
     async def _owned_job(self, principal: Principal, job_id: str) -> Job:
         job_uuid = parse_uuid(job_id, "job_id")
@@ -234,7 +246,7 @@ class JobManager:
                 price_per_image=price,
                 max_attempts=self._policy.max_attempts,
                 active_limit=self._policy.active_jobs_per_user,
-                new_user_credits=self._policy.new_user_credits,
+                new_user_credits=self._welcome_credits(principal),
                 claim=claim,
             )
 
@@ -370,7 +382,7 @@ class JobManager:
 
     async def credit_balance(self, principal: Principal, user_id: str) -> CreditBalance:
         owner = self._acting_user(principal, user_id)
-        return await self._store.credit_balance(owner, self._policy.new_user_credits)
+        return await self._store.credit_balance(owner, self._welcome_credits(principal))
 
     async def grant_credits(
         self,

@@ -267,6 +267,7 @@ async def start(settings: JobSettings) -> JobApp:
             default_price_per_image=settings.default_price_per_image,
             model_prices=settings.model_prices,
             new_user_credits=settings.new_user_credits,
+            anonymous_user_credits=settings.anonymous_user_credits,
         ),
         starter=dispatcher,
     )
