@@ -112,3 +112,21 @@ async def test_a_replayed_grant_answers_the_first_result_and_a_reused_key_is_ref
     assert await grants(db, user) == [(10, "order 1"), (5, "order 2")]
     assert await db.fetchval("SELECT count(*) FROM credit_accounts WHERE user_id = $1", other) == 0
     await assert_credits_consistent(db)
+
+
+async def test_concurrent_grants_with_one_request_id_grant_once(
+    database_url: str, tmp_path: Path, db: asyncpg.Connection
+) -> None:
+    """Retries can overlap the call they retry (a deadline passed, the first is still running): the key is claimed
+    first in the transaction, so the others wait for it and replay."""
+    user = new_user()
+    async with (
+        running_services(database_url, tmp_path, job={"new_user_credits": 0}) as services,
+        services.service_client() as admin,
+    ):
+        answers = await asyncio.gather(
+            *(admin.grant_credits(user, 3, reason="raced", request_id="race-1") for _ in range(20))
+        )
+    assert {a.balance for a in answers} == {3}
+    assert await grants(db, user) == [(3, "raced")]
+    await assert_credits_consistent(db)
