@@ -55,9 +55,6 @@ class ServiceApiKeys:
                 raise ValueError(f"a service API key is longer than {MAX_API_KEY_CHARS} characters")
         self._digests = [_digest(key) for key in keys]
 
-    def __bool__(self) -> bool:
-        return bool(self._digests)
-
     def matches(self, presented: str) -> bool:
         if not presented or len(presented) > MAX_API_KEY_CHARS:
             return False
