@@ -83,6 +83,13 @@ def generate(
     model: Annotated[str, typer.Option(help="Model id; default: the service's default.")] = "",
     out: Annotated[Path, typer.Option(help="Folder to download the images into.")] = Path("images"),
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the job.")] = 300.0,
+    request_id: Annotated[
+        str,
+        typer.Option(
+            help="Idempotency key: running the command again with the same key makes no second job. "
+            "Default: a new UUID (kept across this command's own retries)."
+        ),
+    ] = "",
     target: Target = "localhost:50051",
     token: Token = "",
 ) -> None:
@@ -90,7 +97,9 @@ def generate(
 
     async def run() -> None:
         async with _client(target, token) as client:
-            job = await client.create_job(prompt, model=model, sample_count=n, aspect_ratio=aspect, image_size=size)
+            job = await client.create_job(
+                prompt, model=model, sample_count=n, aspect_ratio=aspect, image_size=size, request_id=request_id
+            )
             console.print(f"job [bold]{job.id}[/bold] created")
             with Progress(
                 TextColumn("{task.description}"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -61,6 +62,12 @@ class TlsOptions:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
 
+def new_request_id() -> str:
+    """An idempotency key for one logical call: made once, sent unchanged with every retry of that call, so a retry
+    after a lost answer (the service committed, the connection dropped) returns the first result, never a second."""
+    return str(uuid.uuid4())
+
+
 def create_job_request(
     prompt: str,
     *,
@@ -75,13 +82,14 @@ def create_job_request(
     request_id: str,
     user_id: str,
 ) -> pb.CreateJobRequest:
-    """The CreateJobRequest both clients send (unset parameters stay unset: the service's defaults apply)."""
+    """The CreateJobRequest both clients send (unset parameters stay unset: the service's defaults apply), with a
+    new request_id when the caller gave none."""
     return pb.CreateJobRequest(
         prompt=prompt,
         model=model,
         template_id=template_id,
         template_variables=template_variables or {},
-        request_id=request_id,
+        request_id=request_id or new_request_id(),
         user_id=user_id,
         params=pb.GenerationParams(
             sample_count=sample_count,
@@ -93,8 +101,13 @@ def create_job_request(
     )
 
 
-def grant_credits_request(user_id: str, amount: int, reason: str, premium: bool | None) -> pb.GrantCreditsRequest:
-    request = pb.GrantCreditsRequest(user_id=user_id, amount=amount, reason=reason)
+def grant_credits_request(
+    user_id: str, amount: int, reason: str, premium: bool | None, request_id: str = ""
+) -> pb.GrantCreditsRequest:
+    """The GrantCreditsRequest both clients send, with a new request_id when the caller gave none."""
+    request = pb.GrantCreditsRequest(
+        user_id=user_id, amount=amount, reason=reason, request_id=request_id or new_request_id()
+    )
     if premium is not None:
         request.premium = premium
     return request
@@ -172,7 +185,8 @@ class ImageGenClient:
         user_id: str = "",
         timeout: float | None = None,
     ) -> pb.Job:
-        """Creates a job. Pass `request_id` to make retries safe: the same id never creates two jobs."""
+        """Creates a job. Retries (of UNAVAILABLE) resend the same `request_id`, so they never create two jobs; pass
+        your own `request_id` to extend that to retries of the whole call (the same id never creates two jobs)."""
         request = create_job_request(
             prompt,
             model=model,
@@ -231,9 +245,12 @@ class ImageGenClient:
         *,
         reason: str = "",
         premium: bool | None = None,
+        request_id: str = "",
         timeout: float | None = None,
     ) -> pb.GrantCreditsResponse:
-        request = grant_credits_request(user_id, amount, reason, premium)
+        """Adds credits (service role). Retries resend the same `request_id` (a new one per call unless given), so a
+        grant whose answer was lost is never granted twice."""
+        request = grant_credits_request(user_id, amount, reason, premium, request_id)
         response: pb.GrantCreditsResponse = await self._call(self._stub.GrantCredits, request, timeout)
         return response
 

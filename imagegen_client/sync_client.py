@@ -101,7 +101,8 @@ class ImageGenSyncClient:
         user_id: str = "",
         timeout: float | None = None,
     ) -> pb.Job:
-        """Creates a job. Pass `request_id` to make retries safe: the same id never creates two jobs."""
+        """Creates a job. Retries (of UNAVAILABLE) resend the same `request_id`, so they never create two jobs; pass
+        your own `request_id` to extend that to retries of the whole call (the same id never creates two jobs)."""
         request = create_job_request(
             prompt,
             model=model,
@@ -156,9 +157,12 @@ class ImageGenSyncClient:
         *,
         reason: str = "",
         premium: bool | None = None,
+        request_id: str = "",
         timeout: float | None = None,
     ) -> pb.GrantCreditsResponse:
-        request = grant_credits_request(user_id, amount, reason, premium)
+        """Adds credits (service role). Retries resend the same `request_id` (a new one per call unless given), so a
+        grant whose answer was lost is never granted twice."""
+        request = grant_credits_request(user_id, amount, reason, premium, request_id)
         response: pb.GrantCreditsResponse = self._call(self._stub.GrantCredits, request, timeout)
         return response
 

@@ -50,6 +50,14 @@ class JobSettings(BaseSettings):
     # ... and at once for a token naming an unknown kid (a rotation), but at most once per this interval,
     # so tokens with made-up kids cannot turn the service into a JWKS request flood.
     jwks_min_refetch_seconds: float = 30.0
+    # While JWKS fetches fail, the keys in hand stay trusted this long after the last successful fetch, then
+    # tokens signed with them are refused (UNAVAILABLE, JWKS_UNAVAILABLE) until a fetch succeeds: a key the project
+    # revoked meanwhile must not stay accepted for ever. At least jwks_max_age_seconds.
+    jwks_max_stale_seconds: float = 3600.0
+    # Supabase secret API keys (sb_secret_...) accepted as the service role, sent as `apikey` metadata (or as
+    # `authorization: Bearer sb_secret_...`), for projects without a legacy service_role JWT. A JSON list; never
+    # logged, compared in constant time.
+    service_api_keys: list[SecretStr] = Field(default_factory=list)
 
     # GeneratorService.
     generator_target: str = "localhost:50052"
@@ -76,6 +84,9 @@ class JobSettings(BaseSettings):
     model_prices: dict[str, int] = Field(default_factory=dict)
     # Credits granted the first time a user is seen (a ledger grant row records it).
     new_user_credits: int = 100
+    # ... and the first time a Supabase anonymous user (is_anonymous) is seen: anyone can sign in anonymously
+    # again and again, so anything above 0 is free credits for the asking.
+    anonymous_user_credits: int = Field(default=0, ge=0)
 
     # Dispatcher.
     max_in_flight: int = 256

@@ -64,6 +64,8 @@ class JobPolicy:
     default_price_per_image: int
     model_prices: Mapping[str, int]
     new_user_credits: int
+    # The welcome grant of a Supabase anonymous user (is_anonymous): a sign-in anyone can repeat at will.
+    anonymous_user_credits: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,16 @@ class JobManager:
                 f"only service-role callers may set {field}",
             )
         return principal.subject
+
+    def _welcome_credits(self, principal: Principal) -> int:
+        """The welcome grant for an account opened by this caller's call.
+
+        An anonymous sign-in costs nothing and can be repeated for ever, so it gets its own (default 0) grant;
+        a service-role caller acting for a user cannot tell, and the account gets the normal one.
+        """
+        if principal.is_anonymous and not principal.is_service:
+            return self._policy.anonymous_user_credits
+        return self._policy.new_user_credits
 
     async def _owned_job(self, principal: Principal, job_id: str) -> Job:
         job_uuid = parse_uuid(job_id, "job_id")
@@ -234,7 +246,7 @@ class JobManager:
                 price_per_image=price,
                 max_attempts=self._policy.max_attempts,
                 active_limit=self._policy.active_jobs_per_user,
-                new_user_credits=self._policy.new_user_credits,
+                new_user_credits=self._welcome_credits(principal),
                 claim=claim,
             )
 
@@ -370,10 +382,16 @@ class JobManager:
 
     async def credit_balance(self, principal: Principal, user_id: str) -> CreditBalance:
         owner = self._acting_user(principal, user_id)
-        return await self._store.credit_balance(owner, self._policy.new_user_credits)
+        return await self._store.credit_balance(owner, self._welcome_credits(principal))
 
     async def grant_credits(
-        self, principal: Principal, user_id: str, amount: int, reason: str, premium: bool | None
+        self,
+        principal: Principal,
+        user_id: str,
+        amount: int,
+        reason: str,
+        premium: bool | None,
+        request_id: str = "",
     ) -> tuple[int, bool]:
         if not principal.is_service:
             raise ServiceError(
@@ -388,13 +406,18 @@ class JobManager:
             violations.append(FieldViolation("amount", f"must be 1-{MAX_GRANT}"))
         if problem := _bad_text(reason, MAX_REASON_CHARS):
             violations.append(FieldViolation("reason", problem))
+        if request_id and not _REQUEST_ID.match(request_id):
+            violations.append(FieldViolation("request_id", "1-64 characters of A-Z a-z 0-9 _ . : -"))
         if violations:
             raise invalid_argument(violations)
         owner = parse_uuid(user_id, "user_id")
-        balance, is_premium = await self._store.grant_credits(
-            owner, amount, reason or "grant", premium, self._policy.new_user_credits
+        balance, is_premium, granted = await self._store.grant_credits(
+            owner, amount, reason or "grant", premium, self._policy.new_user_credits, request_id or None
         )
-        log.info("credits granted", user_id=owner, amount=amount, balance=balance)
+        if granted:
+            log.info("credits granted", user_id=owner, amount=amount, balance=balance)
+        else:
+            log.info("credit grant replayed", user_id=owner, amount=amount, request_id=request_id)
         return balance, is_premium
 
 

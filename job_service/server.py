@@ -24,7 +24,7 @@ from imagegen_common.metrics import MetricsServer, RpcMetrics
 from imagegen_common.migrate import migrate
 from imagegen_common.rpc_observability import OutgoingCalls, ServerObservability
 from imagegen_common.transport import check_client, check_listener, target_is_local
-from job_service.auth import JwksKeys, TokenVerifier
+from job_service.auth import JwksKeys, ServiceApiKeys, TokenVerifier
 from job_service.config import ConfigurationError, JobSettings
 from job_service.dispatcher import Dispatcher, DispatcherConfig
 from job_service.domain import Job, JobEvent
@@ -52,12 +52,16 @@ def build_verifier(settings: JobSettings, http: httpx.AsyncClient) -> TokenVerif
     issuer = settings.jwt_issuer
     if settings.supabase_url:
         base = settings.supabase_url.rstrip("/")
-        jwks = JwksKeys(
-            f"{base}/auth/v1/.well-known/jwks.json",
-            http,
-            max_age_seconds=settings.jwks_max_age_seconds,
-            min_refetch_seconds=settings.jwks_min_refetch_seconds,
-        )
+        try:
+            jwks = JwksKeys(
+                f"{base}/auth/v1/.well-known/jwks.json",
+                http,
+                max_age_seconds=settings.jwks_max_age_seconds,
+                min_refetch_seconds=settings.jwks_min_refetch_seconds,
+                max_stale_seconds=settings.jwks_max_stale_seconds,
+            )
+        except ValueError as exc:
+            raise ConfigurationError(f"JOB_JWKS_MAX_STALE_SECONDS: {exc}") from None
         issuer = issuer or f"{base}/auth/v1"
     secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
     if secret == DEV_JWT_SECRET and settings.supabase_url and "jwt_secret" not in settings.model_fields_set:
@@ -71,7 +75,12 @@ def build_verifier(settings: JobSettings, http: httpx.AsyncClient) -> TokenVerif
             "accepting tokens signed with the local development secret; set SUPABASE_JWT_SECRET or "
             "SUPABASE_URL outside local development"
         )
+    try:
+        api_keys = ServiceApiKeys([key.get_secret_value() for key in settings.service_api_keys])
+    except ValueError as exc:
+        raise ConfigurationError(f"JOB_SERVICE_API_KEYS: {exc}") from None
     return TokenVerifier(
+        api_keys=api_keys,
         hs256_secret=secret or None,
         jwks=jwks,
         audience=settings.jwt_audience,
@@ -267,6 +276,7 @@ async def start(settings: JobSettings) -> JobApp:
             default_price_per_image=settings.default_price_per_image,
             model_prices=settings.model_prices,
             new_user_credits=settings.new_user_credits,
+            anonymous_user_credits=settings.anonymous_user_credits,
         ),
         starter=dispatcher,
     )

@@ -160,7 +160,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
     async def _principal(self, context: Any) -> Principal:
         metadata = dict(context.invocation_metadata() or ())
-        return await self._verifier.verify_header(metadata.get("authorization"))
+        return await self._verifier.verify_header(metadata.get("authorization"), metadata.get("apikey"))
 
     @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def CreateJob(self, request: pb.CreateJobRequest, context: Any) -> pb.CreateJobResponse:
@@ -243,5 +243,6 @@ class JobServicer(pb_grpc.JobServiceServicer):
             request.amount,
             request.reason,
             request.premium if request.HasField("premium") else None,
+            request.request_id,
         )
         return pb.GrantCreditsResponse(balance=balance, premium=premium)

@@ -605,15 +605,30 @@ class JobStore:
         return CreditBalance(user_id, row["balance"], int(row["reserved"]), row["is_premium"])
 
     async def grant_credits(
-        self, user_id: str, amount: int, reason: str, premium: bool | None, new_user_credits: int
-    ) -> tuple[int, bool]:
-        row = await self._pool.fetchrow(
-            "SELECT balance, is_premium FROM imagegen_grant_credits($1, $2, $3, $4, $5)",
-            user_id,
-            amount,
-            reason,
-            premium,
-            new_user_credits,
-        )
+        self,
+        user_id: str,
+        amount: int,
+        reason: str,
+        premium: bool | None,
+        new_user_credits: int,
+        request_id: str | None = None,
+    ) -> tuple[int, bool, bool]:
+        """(balance, premium, granted): the account after the grant; granted False for a replay of request_id,
+        which answers the account as the first grant with that key left it."""
+        try:
+            row = await self._pool.fetchrow(
+                "SELECT balance, is_premium, granted FROM imagegen_grant_credits_v2($1, $2, $3, $4, $5, $6)",
+                user_id,
+                amount,
+                reason,
+                premium,
+                new_user_credits,
+                request_id,
+            )
+        except asyncpg.PostgresError as exc:
+            refusal = _create_refusal(getattr(exc, "sqlstate", None), str(exc))
+            if refusal is None:
+                raise
+            raise refusal from None
         assert row is not None
-        return row["balance"], row["is_premium"]
+        return row["balance"], row["is_premium"], row["granted"]

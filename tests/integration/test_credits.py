@@ -12,9 +12,11 @@ import pytest
 from imagegen.job.v1 import job_service_pb2 as pb
 
 from generator_service.config import ModelSpec
+from imagegen_common.dev_tokens import DEV_JWT_SECRET, mint_token
 from imagegen_common.grpc_errors import from_grpc_error
 from tests.generator.fake_google import FakeGeminiImagen
 from tests.support.ledger import assert_credits_consistent
+from tests.support.rpc_errors import failure_of
 from tests.support.services import new_user, running_services
 
 IMAGEN = "gemini-api/imagen-4.0-generate-001"
@@ -263,3 +265,38 @@ async def test_the_ledger_is_append_only(database_url: str, tmp_path: Path, db: 
         await db.execute("TRUNCATE credit_ledger CASCADE")
     assert truncate_refused.value.sqlstate == "IG004"
     assert await ledger(db, user) == before == [("grant", 100, 0)]
+
+
+def anonymous_token(user: str) -> str:
+    """A Supabase anonymous sign-in's access token: role authenticated, is_anonymous true."""
+    return mint_token(DEV_JWT_SECRET, user_id=user, extra_claims={"is_anonymous": True})
+
+
+async def test_anonymous_users_get_their_own_welcome_credits(
+    database_url: str, tmp_path: Path, db: asyncpg.Connection
+) -> None:
+    """An anonymous sign-in is free and repeatable: it must not open an account with JOB_NEW_USER_CREDITS."""
+    anonymous, creator, signed_up = new_user(), new_user(), new_user()
+    async with running_services(database_url, tmp_path) as services:  # the defaults: 100, and 0 for anonymous
+        async with services.client(token=anonymous_token(anonymous)) as client:
+            anonymous_balance = await client.credit_balance()
+        async with services.client(token=anonymous_token(creator)) as client:
+            refused = await failure_of(client.create_job("free pictures?", sample_count=1))
+        async with services.client(signed_up) as client:
+            signed_up_balance = await client.credit_balance()
+
+    assert anonymous_balance.balance == 0
+    assert (refused.code, refused.reason) == ("RESOURCE_EXHAUSTED", "INSUFFICIENT_CREDITS")
+    assert signed_up_balance.balance == 100, "a normal user still gets JOB_NEW_USER_CREDITS"
+    assert await ledger(db, anonymous) == [] and await ledger(db, creator) == []
+    assert await ledger(db, signed_up) == [("grant", 100, 0)]
+
+    generous = new_user()
+    async with (
+        running_services(database_url, tmp_path, job={"anonymous_user_credits": 3}) as services,
+        services.client(token=anonymous_token(generous)) as client,
+    ):
+        generous_balance = await client.credit_balance()
+    assert generous_balance.balance == 3
+    assert await ledger(db, generous) == [("grant", 3, 0)]
+    await assert_credits_consistent(db)

@@ -10,11 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import jwt
 import pytest
 from imagegen.job.v1 import job_service_pb2 as pb
 
-from imagegen_client import ImageGenClient
+from imagegen_client import ImageGenClient, RetryPolicy
 from tests.support.jwks import JwksServer, SigningKey, jwks_server, user_claims
 from tests.support.rpc_errors import failure_of
 from tests.support.services import Services, new_user, running_services
@@ -207,3 +208,43 @@ async def test_claims_are_checked(
 
     assert outcomes == expected
     assert job.state == pb.JOB_STATE_PENDING
+
+
+async def test_while_the_jwks_fails_its_keys_are_trusted_up_to_the_stale_bound(
+    database_url: str, tmp_path: Path, jwks: JwksServer, ec_key: SigningKey
+) -> None:
+    """The key set is served, then the JWKS server fails: tokens are accepted until JOB_JWKS_MAX_STALE_SECONDS after
+    the last good fetch, then refused with UNAVAILABLE / JWKS_UNAVAILABLE (the token may be fine; it cannot be
+    checked), and accepted again once the JWKS answers."""
+    max_stale = 1.5
+    settings = supabase_auth(
+        jwks, jwks_max_age_seconds=0.3, jwks_min_refetch_seconds=0.1, jwks_max_stale_seconds=max_stale
+    )
+    token = ec_key.sign(user_claims(jwks.issuer))
+    async with (
+        running_services(database_url, tmp_path, job=settings) as services,
+        ImageGenClient(services.target, token, retry=RetryPolicy(attempts=1)) as user,
+    ):
+        await user.credit_balance()
+        jwks.status = 503
+        failing_since = time.monotonic()
+        accepted_while_failing = 0
+        while True:
+            try:
+                await user.credit_balance()
+                accepted_while_failing += 1
+            except grpc.aio.AioRpcError:
+                break
+            assert time.monotonic() - failing_since < max_stale + 5, "the stale keys stayed trusted"
+            await asyncio.sleep(0.05)
+        refused_after = time.monotonic() - failing_since
+        refused = await failure_of(user.credit_balance())
+        jwks.status = 200
+        await asyncio.sleep(0.3)
+        back = await user.credit_balance()
+
+    assert accepted_while_failing > 0, "the keys in hand were trusted while the JWKS failed"
+    # The last good fetch was at most max_age (0.3 s) before the failure began.
+    assert refused_after >= max_stale - 0.3 - 0.1
+    assert (refused.code, refused.reason) == ("UNAVAILABLE", "JWKS_UNAVAILABLE")
+    assert back.user_id

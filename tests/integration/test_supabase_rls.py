@@ -247,3 +247,105 @@ async def test_on_plain_postgresql_the_migration_is_recorded_and_changes_nothing
         "AND confdeltype::text <> 'a'"
     )
     assert cascading_ledger_keys == 0
+
+
+async def ledger_of(conn: asyncpg.Connection, user: str) -> list[tuple[str, int]]:
+    rows = await conn.fetch("SELECT kind, amount FROM credit_ledger WHERE user_id = $1 ORDER BY id", user)
+    return [(r["kind"], r["amount"]) for r in rows]
+
+
+async def refused_any(conn: asyncpg.Connection, role: str, sql: str, *args: object) -> str | None:
+    """The SQLSTATE the statement was refused with as `role`, or None if it went through."""
+    try:
+        async with as_role(conn, role):
+            await conn.execute(sql, *args)
+    except asyncpg.PostgresError as error:
+        return str(error.sqlstate)
+    return None
+
+
+async def test_service_role_cannot_change_a_balance_or_the_ledger(admin: asyncpg.Connection) -> None:
+    """balance = sum(ledger) holds against service_role too: it reads the money tables and writes none of them."""
+    alice = await new_auth_user(admin)
+    job = await create_job(admin, alice, "mine")
+    before = await ledger_of(admin, alice)
+
+    writes = [
+        ("UPDATE credit_accounts SET balance = 1000000 WHERE user_id = $1", alice),
+        ("UPDATE credit_accounts SET is_premium = true WHERE user_id = $1", alice),
+        ("INSERT INTO credit_accounts (user_id, balance) VALUES ($1, 1000000)", str(uuid.uuid4())),
+        ("DELETE FROM credit_accounts WHERE user_id = $1", alice),
+        ("INSERT INTO credit_ledger (user_id, kind, amount) VALUES ($1, 'grant', 1000000)", alice),
+        ("UPDATE credit_ledger SET amount = 1000000 WHERE user_id = $1", alice),
+        ("DELETE FROM credit_ledger WHERE user_id = $1", alice),
+        ("SELECT imagegen_grant_credits_v2($1, 1000000, 'free money', true, 0, NULL)", alice),
+    ]
+    for sql, arg in writes:
+        assert await refused_any(admin, "service_role", sql, arg) is not None, f"service_role may not: {sql}"
+    for table in ("credit_accounts", "credit_ledger", "generation_jobs"):
+        # A trigger runs as whoever writes the row, and JobService writes as the tables' owner: a trigger of
+        # service_role's on any of our tables would act as the owner.
+        sql = (
+            f"CREATE TRIGGER sneaky BEFORE UPDATE ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION imagegen_ledger_append_only()"
+        )
+        assert await refused(admin, "service_role", None, sql), f"service_role may not add triggers to {table}"
+    async with as_role(admin, "service_role"):  # reading stays allowed
+        assert await admin.fetchval("SELECT balance FROM credit_accounts WHERE user_id = $1", alice) == 9
+
+    assert await admin.fetchval("SELECT balance FROM credit_accounts WHERE user_id = $1", alice) == 9
+    assert await ledger_of(admin, alice) == before
+    assert await admin.fetchval("SELECT status FROM generation_jobs WHERE id = $1", job) == "pending"
+    await assert_credits_consistent(admin)
+
+
+async def test_a_delete_from_inside_a_nested_trigger_is_refused(admin: asyncpg.Connection) -> None:
+    """A trigger (anyone's, on any table) runs one level down like a foreign-key action; it gets no pass for that."""
+    alice = await new_auth_user(admin)
+    await create_job(admin, alice, "mine")
+    before = await ledger_of(admin, alice)
+    await admin.execute(
+        """CREATE TABLE ledger_probe (user_id uuid);
+           CREATE FUNCTION ledger_probe_wipe() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+               DELETE FROM credit_ledger WHERE user_id = NEW.user_id;
+               UPDATE credit_ledger SET job_id = NULL WHERE user_id = NEW.user_id;
+               RETURN NEW;
+           END $$;
+           CREATE TRIGGER ledger_probe_wipe AFTER INSERT ON ledger_probe
+               FOR EACH ROW EXECUTE FUNCTION ledger_probe_wipe();
+           GRANT INSERT ON ledger_probe TO service_role"""
+    )
+    try:
+        assert await refused_any(admin, "service_role", "INSERT INTO ledger_probe VALUES ($1)", alice) is not None
+        with pytest.raises(asyncpg.PostgresError) as as_owner:  # even the owner's own trigger
+            await admin.execute("INSERT INTO ledger_probe VALUES ($1)", alice)
+        assert as_owner.value.sqlstate == "IG004"
+    finally:
+        await admin.execute("DROP TABLE ledger_probe; DROP FUNCTION ledger_probe_wipe()")
+    assert await ledger_of(admin, alice) == before
+    await assert_credits_consistent(admin)
+
+
+async def test_the_foreign_key_actions_on_the_ledger_still_work(admin: asyncpg.Connection) -> None:
+    """What the append-only rule lets through: deleting a job detaches its ledger rows (also when service_role
+    deletes it), and deleting a user takes their account and ledger along."""
+    alice, bob = await new_auth_user(admin), await new_auth_user(admin)
+    by_owner, by_service = await create_job(admin, alice, "one"), await create_job(admin, alice, "two")
+    await create_job(admin, bob, "bob's")
+    await admin.execute("DELETE FROM generation_jobs WHERE id = $1", by_owner)
+    async with as_role(admin, "service_role"):
+        await admin.execute("DELETE FROM generation_jobs WHERE id = $1", by_service)
+
+    rows = await admin.fetch("SELECT kind, amount, job_id FROM credit_ledger WHERE user_id = $1 ORDER BY id", alice)
+    assert [(r["kind"], r["amount"], r["job_id"]) for r in rows] == [
+        ("grant", 10, None),
+        ("reserve", -1, None),
+        ("reserve", -1, None),
+    ], "the rows stay, detached from the deleted jobs"
+    await assert_credits_consistent(admin)
+
+    await admin.execute("DELETE FROM auth.users WHERE id = $1", bob)
+    assert await admin.fetchval("SELECT count(*) FROM credit_ledger WHERE user_id = $1", bob) == 0
+    assert await admin.fetchval("SELECT count(*) FROM credit_accounts WHERE user_id = $1", bob) == 0
+    await assert_credits_consistent(admin)

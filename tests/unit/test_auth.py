@@ -18,7 +18,7 @@ import jwt
 import pytest
 
 from imagegen_common.errors import ErrorKind, ServiceError
-from job_service.auth import JwksKeys, TokenVerifier
+from job_service.auth import JwksKeys, ServiceApiKeys, TokenVerifier
 from tests.support.jwks import (
     JwksServer,
     SigningKey,
@@ -32,6 +32,7 @@ from tests.support.jwks import (
 SECRET = "legacy-hs256-secret-for-tests-0123456789"
 MAX_AGE = 600.0
 MIN_REFETCH = 30.0
+MAX_STALE = 3600.0
 
 
 class Clock:
@@ -308,3 +309,101 @@ async def test_verified_tokens_are_cached_until_they_expire(
     wall.now += 60 + 30 + 1  # past exp plus the leeway: the cache entry is over
     await verifier.verify(token)  # (PyJWT itself still runs on real time, so the token verifies again)
     assert decodes == 2
+
+
+async def test_a_stale_key_set_is_trusted_up_to_the_bound_then_refused(
+    server: JwksServer, http: httpx.AsyncClient, ec_key: SigningKey
+) -> None:
+    """While JWKS fetches fail, the keys in hand are trusted for max_stale after the last good fetch, then not: a key
+    revoked during the outage must not stay accepted for ever."""
+    clock = Clock()
+    jwks = JwksKeys(
+        server.jwks_url,
+        http,
+        max_age_seconds=MAX_AGE,
+        min_refetch_seconds=MIN_REFETCH,
+        max_stale_seconds=MAX_STALE,
+        clock=clock,
+    )
+    verifier = make_verifier(server, http, clock, jwks=jwks)
+    cached = ec_key.sign(user_claims(server.issuer))
+    assert await verifier.verify(cached)  # the key set is served ...
+    server.status = 503  # ... then the server fails
+    clock.now += MAX_STALE - 1
+    assert await verifier.verify(cached), "a cached token, within the bound"
+    assert await verifier.verify(ec_key.sign(user_claims(server.issuer))), "a new token, within the bound"
+    failed_fetches = server.requests - 1
+    assert failed_fetches >= 1
+
+    clock.now += 2  # past the bound
+    for token in (cached, ec_key.sign(user_claims(server.issuer))):
+        refused_now = await refused(verifier, token)
+        assert (refused_now.kind, refused_now.reason) == (ErrorKind.UNAVAILABLE, "JWKS_UNAVAILABLE")
+    hs256 = jwt.encode(user_claims(server.issuer), SECRET, algorithm="HS256")
+    assert await verifier.verify(hs256), "HS256 tokens do not depend on the JWKS"
+
+    server.status = 200  # the JWKS is back: the next fetch (at most min_refetch later) restores the keys
+    clock.now += MIN_REFETCH + 1
+    assert await verifier.verify(cached)
+
+
+async def test_failed_jwks_fetches_are_retried_every_min_refetch(
+    server: JwksServer, http: httpx.AsyncClient, ec_key: SigningKey
+) -> None:
+    clock = Clock()
+    verifier = make_verifier(server, http, clock)
+    token = ec_key.sign(user_claims(server.issuer))
+    assert await verifier.verify(token)
+    server.status = 503
+    clock.now += MAX_AGE + 1
+    assert await verifier.verify(token)
+    assert server.requests == 2
+    clock.now += MIN_REFETCH / 2
+    assert await verifier.verify(token)
+    assert server.requests == 2, "not more often than min_refetch"
+    clock.now += MIN_REFETCH
+    assert await verifier.verify(token)
+    assert server.requests == 3, "but not only every max_age either"
+
+
+async def test_no_successful_fetch_yet_is_unavailable_not_a_bad_token(
+    server: JwksServer, http: httpx.AsyncClient, ec_key: SigningKey
+) -> None:
+    server.status = 503
+    verifier = make_verifier(server, http, Clock())
+    failure = await refused(verifier, ec_key.sign(user_claims(server.issuer)))
+    assert (failure.kind, failure.reason) == (ErrorKind.UNAVAILABLE, "JWKS_UNAVAILABLE")
+
+
+def test_the_stale_bound_cannot_be_below_the_max_age(server: JwksServer, http: httpx.AsyncClient) -> None:
+    with pytest.raises(ValueError):
+        JwksKeys(server.jwks_url, http, max_age_seconds=600, max_stale_seconds=599)
+
+
+async def test_service_api_keys_match_only_the_configured_ones() -> None:
+    keys = ServiceApiKeys(["sb_secret_one", "sb_secret_two"])
+    assert keys.matches("sb_secret_one") and keys.matches("sb_secret_two")
+    for other in ("sb_secret_on", "sb_secret_one ", "", "sb_publishable_one", "x" * 10_000, "sb_secret_\udcff"):
+        assert not keys.matches(other), other
+    for bad in (["sb_publishable_abc"], [""], ["  "]):
+        with pytest.raises(ValueError):
+            ServiceApiKeys(bad)
+    verifier = TokenVerifier(
+        hs256_secret=SECRET,
+        jwks=None,
+        audience="authenticated",
+        issuer=None,
+        leeway_seconds=30,
+        allow_anonymous=True,
+        api_keys=keys,
+    )
+    assert (await verifier.verify_header(None, "sb_secret_two")).is_service
+    assert (await verifier.verify_header("Bearer sb_secret_one", None)).is_service
+    with pytest.raises(ServiceError) as wrong:
+        await verifier.verify_header(None, "sb_secret_three")
+    assert (wrong.value.kind, wrong.value.reason) == (ErrorKind.UNAUTHENTICATED, "API_KEY_INVALID")
+    user = str(uuid.uuid4())
+    as_user = await verifier.verify_header(
+        "Bearer " + jwt.encode(user_claims("x", user), SECRET, algorithm="HS256"), "sb_secret_one"
+    )
+    assert (as_user.subject, as_user.is_service) == (user, False), "authorization decides, as on Supabase"

@@ -885,6 +885,7 @@ class GrantCreditsRequest(_message.Message):
     AMOUNT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     PREMIUM_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """Required. The user to credit (a UUID)."""
     amount: _builtins.int
@@ -893,6 +894,13 @@ class GrantCreditsRequest(_message.Message):
     """Optional. Recorded in the ledger."""
     premium: _builtins.bool
     """Optional. Sets the account's premium flag as well."""
+    request_id: _builtins.str
+    """Optional. An idempotency key (1-64 characters of [A-Za-z0-9_.:-], a UUID
+    recommended), unique across all grants. A retry with the same key and
+    request grants nothing more and returns the first grant's result (the
+    balance and premium flag just after it); the same key with a different
+    `user_id`, `amount`, `reason` or `premium` answers `ALREADY_EXISTS`.
+    """
     def __init__(
         self,
         *,
@@ -900,10 +908,11 @@ class GrantCreditsRequest(_message.Message):
         amount: _builtins.int = ...,
         reason: _builtins.str = ...,
         premium: _builtins.bool | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_premium", b"_premium", "premium", b"premium"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_premium", b"_premium", "amount", b"amount", "premium", b"premium", "reason", b"reason", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_premium", b"_premium", "amount", b"amount", "premium", b"premium", "reason", b"reason", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__premium: _TypeAlias = _typing.Literal["premium"]  # noqa: Y015
     _WhichOneofArgType__premium: _TypeAlias = _typing.Literal["_premium", b"_premium"]  # noqa: Y015

@@ -163,6 +163,9 @@ class JobServiceServicer:
 
     def GrantCredits(self, request, context):
         """Adds credits to a user's account. Service role only.
+
+        With the same `request_id`, an identical request grants nothing more and
+        returns the first grant's result.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -74,7 +74,11 @@ class JobServiceStub:
     GetCreditBalance: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.GetCreditBalanceRequest, _job_service_pb2.GetCreditBalanceResponse]
     """Returns the caller's credit balance."""
     GrantCredits: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.GrantCreditsRequest, _job_service_pb2.GrantCreditsResponse]
-    """Adds credits to a user's account. Service role only."""
+    """Adds credits to a user's account. Service role only.
+
+    With the same `request_id`, an identical request grants nothing more and
+    returns the first grant's result.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -122,7 +126,11 @@ class JobServiceAsyncStub(JobServiceStub):
     GetCreditBalance: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GetCreditBalanceRequest, _job_service_pb2.GetCreditBalanceResponse]  # type: ignore[assignment]
     """Returns the caller's credit balance."""
     GrantCredits: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GrantCreditsRequest, _job_service_pb2.GrantCreditsResponse]  # type: ignore[assignment]
-    """Adds credits to a user's account. Service role only."""
+    """Adds credits to a user's account. Service role only.
+
+    With the same `request_id`, an identical request grants nothing more and
+    returns the first grant's result.
+    """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     """JobService turns a text prompt into stored images, asynchronously.
@@ -215,6 +223,10 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _job_service_pb2.GrantCreditsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_job_service_pb2.GrantCreditsResponse, _abc.Awaitable[_job_service_pb2.GrantCreditsResponse]]:
-        """Adds credits to a user's account. Service role only."""
+        """Adds credits to a user's account. Service role only.
+
+        With the same `request_id`, an identical request grants nothing more and
+        returns the first grant's result.
+        """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
