@@ -248,7 +248,7 @@ async def start(settings: JobSettings) -> JobApp:
         # Only the job's latest event concerns the dispatcher: the 'created' of a job claimed as it was created
         # (attempt_started came with it) must not wake a claim for a job that is no longer pending.
         if event.seq == job.last_event_seq:
-            dispatcher.on_notification(job.id, event.seq, event.type)
+            dispatcher.on_written(job, event.type)
 
     store.on_event_written(written_here)
     await notifications.start()
