@@ -51,6 +51,11 @@ class JobSettings(BaseSettings):
     # so tokens with made-up kids cannot turn the service into a JWKS request flood.
     jwks_min_refetch_seconds: float = 30.0
 
+    # The key that signs ListJobs page tokens is derived from this secret, and from the JWT secret when this is
+    # unset; every replica must have the same one, or a page token made by one is refused by another. With
+    # neither set (JWKS-only auth), each process picks a random key: tokens then work only on their replica.
+    page_token_secret: SecretStr | None = None
+
     # GeneratorService.
     generator_target: str = "localhost:50052"
     generator_token: SecretStr | None = None

@@ -206,7 +206,10 @@ class Dispatcher:
             # says whether a cancel was really requested for the attempt this replica runs.
             check = asyncio.create_task(self._cancel_if_row_says_so(job_id), name=f"cancel-check-{job_id}")
             self._cancel_checks[job_id] = check
-            check.add_done_callback(lambda _t, job_id=job_id: self._cancel_checks.pop(job_id, None))
+            check.add_done_callback(functools.partial(self._cancel_checked, job_id))
+
+    def _cancel_checked(self, job_id: str, _task: asyncio.Task[None]) -> None:
+        self._cancel_checks.pop(job_id, None)
 
     def on_written(self, job: Job, event: EventType) -> None:
         """An event this process just committed, with the job's row as the write returned it.

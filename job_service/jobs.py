@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime
 from typing import Protocol
 
 import structlog
@@ -29,6 +26,7 @@ from job_service.domain import (
     Template,
 )
 from job_service.notifications import JobNotifications
+from job_service.page_tokens import PageTokens
 from job_service.store import ClaimAtCreate, JobStore
 from job_service.templates import render
 
@@ -123,9 +121,11 @@ class JobManager:
         models: ModelCatalog,
         notifications: JobNotifications,
         policy: JobPolicy,
+        page_tokens: PageTokens,
         starter: JobStarter | None = None,
     ) -> None:
         self._store = store
+        self._page_tokens = page_tokens
         self._models = models
         self._notifications = notifications
         self._policy = policy
@@ -296,9 +296,11 @@ class JobManager:
         if page_size < 0:
             raise invalid_argument([FieldViolation("page_size", "must not be negative")])
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        after = _decode_page_token(page_token, owner, status) if page_token else None
+        status_name = status.value if status else ""
+        after = self._page_tokens.decode(page_token, owner, status_name) if page_token else None
         jobs = await self._store.list_jobs(owner, status=status, after=after, limit=size + 1)
-        next_token = _encode_page_token(jobs[size - 1], owner, status) if len(jobs) > size else ""
+        last = jobs[size - 1] if len(jobs) > size else None
+        next_token = self._page_tokens.encode(last.created_at, last.id, owner, status_name) if last else ""
         return jobs[:size], next_token
 
     async def watch(self, principal: Principal, job_id: str) -> AsyncIterator[tuple[Job, JobEvent | None]]:
@@ -396,30 +398,3 @@ class JobManager:
         )
         log.info("credits granted", user_id=owner, amount=amount, balance=balance)
         return balance, is_premium
-
-
-def _encode_page_token(last: Job, owner: str, status: JobStatus | None) -> str:
-    body = {"t": last.created_at.isoformat(), "id": last.id, "u": owner, "s": status.value if status else ""}
-    return base64.urlsafe_b64encode(json.dumps(body).encode()).decode().rstrip("=")
-
-
-def _decode_page_token(token: str, owner: str, status: JobStatus | None) -> tuple[datetime, str]:
-    bad = invalid_argument(
-        [FieldViolation("page_token", "not a token from a previous ListJobs call")],
-        reason="INVALID_PAGE_TOKEN",
-    )
-    try:
-        body = json.loads(base64.urlsafe_b64decode(token.encode("ascii") + b"=" * (-len(token) % 4)))
-        if not isinstance(body, dict) or not isinstance(body.get("t"), str) or not isinstance(body.get("id"), str):
-            raise ValueError("not a page token")
-        created_at, job_id = datetime.fromisoformat(body["t"]), str(uuid.UUID(body["id"]))
-        if created_at.tzinfo is None:
-            raise ValueError("not a page token")
-    except (ValueError, binascii.Error):  # UnicodeError is a ValueError
-        raise bad from None
-    if body.get("u") != owner or body.get("s") != (status.value if status else ""):
-        raise invalid_argument(
-            [FieldViolation("page_token", "was made for a different filter; start without it")],
-            reason="INVALID_PAGE_TOKEN",
-        )
-    return created_at, job_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import socket
 import uuid
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from job_service.generator_client import GeneratorClient
 from job_service.jobs import JobManager, JobPolicy
 from job_service.metrics import InstrumentedJobStore, JobMetrics
 from job_service.notifications import JobNotifications
+from job_service.page_tokens import PageTokens, derive_key
 from job_service.servicer import JobServicer
 from job_service.store import CONNECTION_ERRORS, create_pool
 
@@ -79,6 +81,18 @@ def build_verifier(settings: JobSettings, http: httpx.AsyncClient) -> TokenVerif
         leeway_seconds=settings.jwt_leeway_seconds,
         allow_anonymous=settings.allow_anonymous_users,
     )
+
+
+def page_tokens(settings: JobSettings) -> PageTokens:
+    """Page tokens signed with a key every replica derives alike (see JobSettings.page_token_secret)."""
+    for secret in (settings.page_token_secret, settings.jwt_secret):
+        if secret is not None and secret.get_secret_value():
+            return PageTokens(derive_key(secret.get_secret_value()))
+    log.warning(
+        "no JOB_PAGE_TOKEN_SECRET or SUPABASE_JWT_SECRET: ListJobs page tokens are signed with a key of this "
+        "process only, so a token works only on the replica that made it"
+    )
+    return PageTokens(secrets.token_bytes(32))
 
 
 class HealthReporter:
@@ -268,6 +282,7 @@ async def start(settings: JobSettings) -> JobApp:
             model_prices=settings.model_prices,
             new_user_credits=settings.new_user_credits,
         ),
+        page_tokens(settings),
         starter=dispatcher,
     )
     servicer = JobServicer(jobs, build_verifier(settings, http))
