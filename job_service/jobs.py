@@ -160,11 +160,15 @@ class JobManager:
         violations: list[FieldViolation] = []
         template: Template | None = None
         prompt = request.prompt
-        for name, value in (("template_id", request.template_id), ("model", request.model)):
-            problem = _bad_text(value, MAX_NAME_CHARS)
-            if problem:
-                raise invalid_argument([FieldViolation(name, problem)])
-        if request.template_id:
+        # Every problem of the request is reported at once: a bad name is not looked up, and the rest is
+        # still checked (params against the static limits when the model cannot be named).
+        bad_names = {
+            name: problem
+            for name, value in (("template_id", request.template_id), ("model", request.model))
+            if (problem := _bad_text(value, MAX_NAME_CHARS))
+        }
+        violations += [FieldViolation(name, problem) for name, problem in bad_names.items()]
+        if request.template_id and "template_id" not in bad_names:
             template = await self._store.get_template(request.template_id)
             if template is None:
                 raise ServiceError(
@@ -188,18 +192,11 @@ class JobManager:
                 for name, value in variables.items()
                 if name in template.variables and (problem := _bad_text(value))
             ]
-        elif request.template_variables:
+        elif request.template_variables and not request.template_id:
             violations.append(FieldViolation("template_variables", "only allowed with template_id"))
 
-        if not prompt.strip():
-            violations.append(FieldViolation("prompt", "required (or set template_id)"))
-        elif len(prompt) > self._policy.max_prompt_chars:
-            field = "prompt" if not template else "template_variables"
-            violations.append(
-                FieldViolation(field, f"the prompt may have at most {self._policy.max_prompt_chars} characters")
-            )
-        elif not template and _CONTROL_CHARS.search(prompt):
-            violations.append(FieldViolation("prompt", "must not contain control characters"))
+        if "template_id" not in bad_names:  # else the prompt comes from a template that cannot be named
+            violations += self._prompt_violations(prompt, template)
         if request.request_id and not _REQUEST_ID.match(request.request_id):
             violations.append(FieldViolation("request_id", "1-64 characters of A-Z a-z 0-9 _ . : -"))
 
@@ -208,7 +205,9 @@ class JobManager:
         count_is_default = "sample_count" not in request.params_set and not (
             template and "sample_count" in template.default_params
         )
-        params, model_violations = await self._check_model(model, params, count_is_default)
+        params, model_violations = await self._check_model(
+            model, params, count_is_default, look_up="model" not in bad_names
+        )
         violations += model_violations
         if violations:
             raise invalid_argument(violations)
@@ -241,6 +240,16 @@ class JobManager:
         job, created = await (self._starter.run_when_created(create) if self._starter else create(None))
         return as_created(job) if created else job
 
+    def _prompt_violations(self, prompt: str, template: Template | None) -> list[FieldViolation]:
+        if not prompt.strip():
+            return [FieldViolation("prompt", "required (or set template_id)")]
+        if len(prompt) > self._policy.max_prompt_chars:
+            field = "prompt" if not template else "template_variables"
+            return [FieldViolation(field, f"the prompt may have at most {self._policy.max_prompt_chars} characters")]
+        if not template and _CONTROL_CHARS.search(prompt):
+            return [FieldViolation("prompt", "must not contain control characters")]
+        return []
+
     def _merge_params(self, request: CreateJobInput, template: Template | None) -> Params:
         """Request over template defaults over the documented defaults."""
         merged = Params()
@@ -252,16 +261,20 @@ class JobManager:
         return merged
 
     async def _check_model(
-        self, model: str, params: Params, count_is_default: bool
+        self, model: str, params: Params, count_is_default: bool, *, look_up: bool = True
     ) -> tuple[Params, list[FieldViolation]]:
-        """The params (the default image count fitted to the model) and what the model cannot do."""
+        """The params (the default image count fitted to the model) and what the model cannot do.
+
+        With `look_up` false (a model name that is itself invalid) only the static limits are checked.
+        """
         violations: list[FieldViolation] = []
+        catalog: dict[str, ModelInfo] | None = None
         try:
-            catalog = await self._models.list_models()
+            if look_up:
+                catalog = await self._models.list_models()
         except GenerationFailure as failure:
             # Cannot ask the generator now: check the static limits; it re-validates each attempt.
             log.warning("model catalogue unavailable; static validation only", error=failure.message)
-            catalog = None
         info = catalog.get(model) if catalog is not None else None
         if catalog is not None and info is None:
             return params, [FieldViolation("model", f"unknown model {model!r}; one of: {', '.join(sorted(catalog))}")]
