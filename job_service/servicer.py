@@ -12,6 +12,7 @@ from google.protobuf import timestamp_pb2
 from imagegen.job.v1 import job_service_pb2 as pb
 from imagegen.job.v1 import job_service_pb2_grpc as pb_grpc
 
+from imagegen_common.decoding import decoded
 from imagegen_common.errors import FieldViolation, invalid_argument
 from imagegen_common.grpc_errors import stream_errors, unary_errors
 from job_service.auth import TokenVerifier
@@ -158,13 +159,16 @@ class JobServicer(pb_grpc.JobServiceServicer):
         self._verifier = verifier
         self._watch_responses = _WatchResponses()
 
-    async def _principal(self, context: Any) -> Principal:
+    async def _principal(self, context: Any, request: object) -> Principal:
+        """The caller, from its token; then, only for a caller let in, INVALID_ARGUMENT if its body did not parse."""
         metadata = dict(context.invocation_metadata() or ())
-        return await self._verifier.verify_header(metadata.get("authorization"))
+        principal = await self._verifier.verify_header(metadata.get("authorization"))
+        decoded(request)
+        return principal
 
     @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def CreateJob(self, request: pb.CreateJobRequest, context: Any) -> pb.CreateJobResponse:
-        principal = await self._principal(context)
+        principal = await self._principal(context, request)
         params_set = frozenset(
             name for name in _PARAM_FIELDS if request.HasField("params") and getattr(request.params, name)
         )
@@ -186,12 +190,12 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
     @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.GetJobResponse:
-        principal = await self._principal(context)
+        principal = await self._principal(context, request)
         return pb.GetJobResponse(job=job_to_pb(await self._jobs.get_job(principal, request.job_id)))
 
     @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
-        principal = await self._principal(context)
+        principal = await self._principal(context, request)
         if request.state != pb.JOB_STATE_UNSPECIFIED and request.state not in _STATE_FROM_PB:
             # proto3 enums are open: a newer or buggy client can send a number this server does not know.
             raise invalid_argument([FieldViolation("state", f"unknown job state {request.state}")])
@@ -206,7 +210,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
     @stream_errors(DOMAIN, CONNECTION_ERRORS)
     async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[pb.WatchJobResponse]:
-        principal = await self._principal(context)
+        principal = await self._principal(context, request)
         async for job, event in self._jobs.watch(principal, request.job_id):
             if event is None:
                 yield pb.WatchJobResponse(job=job_to_pb(job))
@@ -215,17 +219,17 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
     @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.CancelJobResponse:
-        principal = await self._principal(context)
+        principal = await self._principal(context, request)
         return pb.CancelJobResponse(job=job_to_pb(await self._jobs.cancel_job(principal, request.job_id)))
 
     @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def ListTemplates(self, request: pb.ListTemplatesRequest, context: Any) -> pb.ListTemplatesResponse:
-        await self._principal(context)
+        await self._principal(context, request)
         return pb.ListTemplatesResponse(templates=[template_to_pb(t) for t in await self._jobs.list_templates()])
 
     @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def GetCreditBalance(self, request: pb.GetCreditBalanceRequest, context: Any) -> pb.GetCreditBalanceResponse:
-        principal = await self._principal(context)
+        principal = await self._principal(context, request)
         balance = await self._jobs.credit_balance(principal, request.user_id)
         return pb.GetCreditBalanceResponse(
             user_id=balance.user_id,
@@ -236,7 +240,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
     @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def GrantCredits(self, request: pb.GrantCreditsRequest, context: Any) -> pb.GrantCreditsResponse:
-        principal = await self._principal(context)
+        principal = await self._principal(context, request)
         balance, premium = await self._jobs.grant_credits(
             principal,
             request.user_id,
