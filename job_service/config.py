@@ -82,6 +82,11 @@ class JobSettings(BaseSettings):
     # Credits granted the first time a user is seen (a ledger grant row records it).
     new_user_credits: int = 100
 
+    # WatchJob streams one user (service-role callers are not counted per user), and one connection (by peer
+    # address: behind a proxy, all of its users), may hold open at once; beyond, RESOURCE_EXHAUSTED. 0: no cap.
+    watch_streams_per_user: int = 100
+    watch_streams_per_connection: int = 1000
+
     # Dispatcher.
     max_in_flight: int = 256
     poll_interval_seconds: float = 1.0

@@ -36,6 +36,7 @@ from job_service.notifications import JobNotifications
 from job_service.page_tokens import PageTokens, derive_key
 from job_service.servicer import JobServicer
 from job_service.store import CONNECTION_ERRORS, create_pool
+from job_service.watch_limits import WatchStreams
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
@@ -165,6 +166,8 @@ class JobApp:
     health: HealthReporter | None = None
     registry: CollectorRegistry | None = None
     metrics: MetricsServer | None = None
+    servicer: JobServicer | None = None
+    watch_streams: WatchStreams | None = None
 
     @property
     def port(self) -> int:
@@ -285,7 +288,8 @@ async def start(settings: JobSettings) -> JobApp:
         page_tokens(settings),
         starter=dispatcher,
     )
-    servicer = JobServicer(jobs, build_verifier(settings, http))
+    watch_streams = WatchStreams(settings.watch_streams_per_user, settings.watch_streams_per_connection)
+    servicer = JobServicer(jobs, build_verifier(settings, http), watch_streams)
     tls = (
         TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
         if settings.tls_cert and settings.tls_key
@@ -320,7 +324,7 @@ async def start(settings: JobSettings) -> JobApp:
         database="embedded" if embedded else "DATABASE_URL",
     )
     app = JobApp(settings, running, dispatcher, notifications, pool, generator, http, embedded, owner, health)
-    app.registry, app.metrics = registry, metrics
+    app.registry, app.metrics, app.servicer, app.watch_streams = registry, metrics, servicer, watch_streams
     return app
 
 

@@ -15,10 +15,12 @@ from imagegen.job.v1 import job_service_pb2_grpc as pb_grpc
 from imagegen_common.decoding import decoded
 from imagegen_common.errors import FieldViolation, invalid_argument
 from imagegen_common.grpc_errors import stream_errors, unary_errors
+from imagegen_common.rpc_observability import peer_of
 from job_service.auth import TokenVerifier
 from job_service.domain import EventType, Job, JobEvent, JobStatus, Params, Principal, Template
 from job_service.jobs import CreateJobInput, JobManager
 from job_service.store import CONNECTION_ERRORS
+from job_service.watch_limits import WatchStreams
 
 DOMAIN = "imagegen.job.v1"
 
@@ -154,10 +156,14 @@ class _WatchResponses:
 
 
 class JobServicer(pb_grpc.JobServiceServicer):
-    def __init__(self, jobs: JobManager, verifier: TokenVerifier) -> None:
+    def __init__(self, jobs: JobManager, verifier: TokenVerifier, watch_streams: WatchStreams) -> None:
         self._jobs = jobs
         self._verifier = verifier
+        self._watch_streams = watch_streams
         self._watch_responses = _WatchResponses()
+
+    def cached_watch_responses(self) -> int:
+        return len(self._watch_responses)
 
     async def _principal(self, context: Any, request: object) -> Principal:
         """The caller, from its token; then, only for a caller let in, INVALID_ARGUMENT if its body did not parse."""
@@ -211,11 +217,15 @@ class JobServicer(pb_grpc.JobServiceServicer):
     @stream_errors(DOMAIN, CONNECTION_ERRORS)
     async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[pb.WatchJobResponse]:
         principal = await self._principal(context, request)
-        async for job, event in self._jobs.watch(principal, request.job_id):
-            if event is None:
-                yield pb.WatchJobResponse(job=job_to_pb(job))
-            else:
-                yield self._watch_responses.get(job, event)  # shared: never modified after it is made
+        # Per connection by peer address (one HTTP/2 connection each); a service role acts for many users, so it
+        # is counted per connection only.
+        user = None if principal.is_service else principal.subject
+        with self._watch_streams.holding(user, peer_of(context)):
+            async for job, event in self._jobs.watch(principal, request.job_id):
+                if event is None:
+                    yield pb.WatchJobResponse(job=job_to_pb(job))
+                else:
+                    yield self._watch_responses.get(job, event)  # shared: never modified after it is made
 
     @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.CancelJobResponse:
