@@ -17,7 +17,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -113,9 +113,16 @@ class ServerObservability(grpc.aio.ServerInterceptor):
     user is taken from the answer instead.
     """
 
-    def __init__(self, metrics: RpcMetrics, *, trust_request_user_id: bool = False) -> None:
+    def __init__(
+        self, metrics: RpcMetrics, *, trust_request_user_id: bool = False, services: Collection[str] | None = None
+    ) -> None:
         self._metrics = metrics
         self._trust_user_id = trust_request_user_id
+        # The services this server has (None: whatever reaches this interceptor). A method of any other one
+        # still reaches it when an inner interceptor answers every call (the generator's token check refuses
+        # unknown methods too): its name is the caller's choice, so it is measured as "unknown" instead of
+        # adding a metric series per name made up.
+        self._services = frozenset(services) if services is not None else None
 
     async def intercept_service(
         self,
@@ -236,8 +243,14 @@ class ServerObservability(grpc.aio.ServerInterceptor):
             finally:
                 self._finished(full_method, "attempt", started, call.code, peer, {})
 
+    def _labels(self, full_method: str) -> tuple[str, str]:
+        service, method = _split_method(full_method)
+        if self._services is not None and service not in self._services:
+            return "unknown", "unknown"
+        return service, method
+
     def _started(self, full_method: str) -> float:
-        self._metrics.server_in_flight.labels(*_split_method(full_method)).inc()
+        self._metrics.server_in_flight.labels(*self._labels(full_method)).inc()
         return time.perf_counter()
 
     def _finished(
@@ -250,7 +263,7 @@ class ServerObservability(grpc.aio.ServerInterceptor):
         extra: Mapping[str, Any],
     ) -> None:
         seconds = time.perf_counter() - started
-        service, method = _split_method(full_method)
+        service, method = self._labels(full_method)
         self._metrics.server_in_flight.labels(service, method).dec()
         self._metrics.server_seconds.labels(service, method, kind, code).observe(seconds)
         line = log.warning if code in _SERVER_FAULTS else log.info

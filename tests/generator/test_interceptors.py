@@ -122,3 +122,23 @@ async def test_a_health_check_that_does_not_parse_is_invalid_argument(channel: g
     assert failure.code == "INVALID_ARGUMENT"
     assert not [word for word in DECODER_WORDS if word in failure.message.lower()], failure.message
     assert not logs.tracebacks()
+
+
+async def test_made_up_method_names_refused_without_the_token_add_no_metric_series(tmp_path: Path) -> None:
+    app = await start(settings_for(tmp_path, auth_token=TOKEN))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            for n in range(20):
+                call = channel.unary_unary(f"/made.up.Service{n}/Method{n}")
+                assert (await failure_of(call(b"", timeout=10))).code == "UNAUTHENTICATED"
+        assert app.registry is not None
+        methods = {
+            (sample.labels["grpc_service"], sample.labels["grpc_method"])
+            for metric in app.registry.collect()
+            if metric.name.startswith("grpc_server")
+            for sample in metric.samples
+            if "grpc_method" in sample.labels
+        }
+    finally:
+        await app.stop()
+    assert methods == {("unknown", "unknown")}
