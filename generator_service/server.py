@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection
 from imagegen.generator.v1 import generator_service_pb2 as pb
 from imagegen.generator.v1 import generator_service_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry
@@ -201,7 +203,8 @@ async def _start(settings: GeneratorSettings, closers: list[Any]) -> GeneratorAp
         if settings.tls_cert and settings.tls_key
         else None
     )
-    observability = ServerObservability(rpc_metrics, trust_request_user_id=True)
+    served = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    observability = ServerObservability(rpc_metrics, trust_request_user_id=True, services=served)
     servicer = GeneratorServicer(generator, observability)
     metrics.generate_streams.set_function(servicer.open_streams)
     interceptors: list[Any] = [observability]

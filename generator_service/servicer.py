@@ -13,6 +13,7 @@ from imagegen.generator.v1 import generator_service_pb2_grpc as pb_grpc
 
 from generator_service.domain import Completed, GenerationEvent, GenerationRequest, Started, Stored
 from generator_service.generation import Generator
+from imagegen_common.decoding import decoded
 from imagegen_common.errors import ErrorKind, ServiceError
 from imagegen_common.grpc_errors import service_error, stream_errors, to_status_proto, unary_errors
 from imagegen_common.rpc_observability import ServerObservability, peer_of
@@ -99,10 +100,11 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
     @stream_errors(DOMAIN)
     async def Generate(self, request: pb.GenerateRequest, context: Any) -> AsyncIterator[pb.GenerateResponse]:
         # aclosing: closing this stream closes the attempt (and its provider calls) at once, not at collection.
-        async with contextlib.aclosing(self._generator.run(request_from_proto(request))) as events:
+        async with contextlib.aclosing(self._generator.run(request_from_proto(decoded(request)))) as events:
             async for event in events:
                 yield response_of(event)
 
+    @stream_errors(DOMAIN)  # a start or stop that does not parse ends the stream INVALID_ARGUMENT
     async def GenerateMany(
         self, requests: AsyncIterator[pb.GenerateManyRequest], context: Any
     ) -> AsyncIterator[pb.GenerateManyResponse]:
@@ -144,7 +146,14 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
             task.add_done_callback(ended)
 
         async def read() -> None:
-            async for request in requests:
+            try:
+                await read_all()
+            finally:
+                outbox.put_nowait(_CHANGED)  # ended, or failed (a message that does not parse): look now
+
+        async def read_all() -> None:
+            async for message in requests:
+                request = decoded(message)
                 if request.HasField("start"):
                     job_id, number = request.start.request.job_id, request.start.request.attempt
                     if self._draining:
@@ -169,19 +178,18 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
                     if task is not None:
                         stopping.add(task)
                         task.cancel()
-            outbox.put_nowait(_CHANGED)
 
         reader = asyncio.create_task(read(), name="generate-many-reader")
         self._streams.add(outbox)
         try:
             while True:
                 item = await outbox.get()
+                failed = reader.exception() if reader.done() and not reader.cancelled() else None
+                if failed is not None:
+                    raise failed  # the caller's side of the stream broke: its attempts stop (finally) with it
                 if item is not _CHANGED:
                     yield item
                 elif not running and outbox.empty() and (reader.done() or self._draining):
-                    failed = reader.exception() if reader.done() and not reader.cancelled() else None
-                    if failed is not None:
-                        raise failed
                     return
         finally:
             self._streams.discard(outbox)
@@ -192,6 +200,7 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
 
     @unary_errors(DOMAIN)
     async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+        decoded(request)
         return pb.ListModelsResponse(
             models=[
                 pb.Model(

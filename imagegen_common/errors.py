@@ -49,7 +49,13 @@ class ServiceError(Exception):
         return f"{self.kind} {self.reason}: {self.message}"
 
 
+_SUMMARISED = 3
+
+
 def invalid_argument(violations: list[FieldViolation], reason: str = "INVALID_ARGUMENT") -> ServiceError:
     """One error carrying every bad field, so a caller fixes them all in one go."""
-    summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+    # The first few in the message; the BadRequest detail has them all (as many as a status can carry).
+    summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:_SUMMARISED])
+    if len(violations) > _SUMMARISED:
+        summary += f"; and {len(violations) - _SUMMARISED} more (see the BadRequest detail)"
     return ServiceError(ErrorKind.INVALID_ARGUMENT, reason, f"invalid request: {summary}", violations)

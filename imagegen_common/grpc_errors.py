@@ -13,6 +13,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from imagegen_common.bounds import clip
 from imagegen_common.errors import ErrorKind, FieldViolation, ServiceError
 
 log = structlog.get_logger(__name__)
@@ -22,15 +23,43 @@ Resp = TypeVar("Resp")
 Transient = tuple[type[BaseException], ...]
 
 
+# What a status may hold. Its message travels as grpc-message and its details as grpc-status-details-bin
+# (base64) in the trailers, which a default client accepts up to 8 KiB in all: an error that echoes what the
+# caller sent (50 unknown template variables, one 5 kB variable name) must stay well inside that, or the
+# caller sees RESOURCE_EXHAUSTED instead of the error. With these, a status takes at most about 6 KiB (a
+# message of non-ASCII text triples when percent-encoded; the details grow by a third in base64).
+MAX_MESSAGE_BYTES = 600
+MAX_VIOLATIONS = 10
+MAX_FIELD_BYTES = 100
+MAX_DESCRIPTION_BYTES = 160
+MAX_METADATA_VALUE_BYTES = 200
+
+
+def bounded_violations(violations: list[FieldViolation]) -> list[FieldViolation]:
+    """At most MAX_VIOLATIONS, each clipped; when some are left out, a last one says how many."""
+    shown = [
+        FieldViolation(clip(v.field, MAX_FIELD_BYTES), clip(v.description, MAX_DESCRIPTION_BYTES))
+        for v in violations[:MAX_VIOLATIONS]
+    ]
+    if len(violations) > MAX_VIOLATIONS:
+        # An empty field is the request as a whole (google.rpc.BadRequest).
+        shown.append(FieldViolation("", f"{len(violations) - MAX_VIOLATIONS} more field violations not shown"))
+    return shown
+
+
 def to_status_proto(err: ServiceError, domain: str) -> status_pb2.Status:
-    """The google.rpc.Status of an error: its ErrorInfo, and a BadRequest and RetryInfo when it has them."""
-    packed: list[Any] = [error_details_pb2.ErrorInfo(reason=err.reason, domain=domain, metadata=err.metadata)]
+    """The google.rpc.Status of an error: its ErrorInfo, and a BadRequest and RetryInfo when it has them.
+
+    Everything in it is bounded (see MAX_MESSAGE_BYTES): messages and violations may quote the caller.
+    """
+    metadata = {key: clip(value, MAX_METADATA_VALUE_BYTES) for key, value in err.metadata.items()}
+    packed: list[Any] = [error_details_pb2.ErrorInfo(reason=err.reason, domain=domain, metadata=metadata)]
     if err.violations:
         packed.append(
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in err.violations
+                    for v in bounded_violations(err.violations)
                 ]
             )
         )
@@ -43,7 +72,8 @@ def to_status_proto(err: ServiceError, domain: str) -> status_pb2.Status:
         wrapped = any_pb2.Any()
         wrapped.Pack(message)
         anys.append(wrapped)
-    return status_pb2.Status(code=getattr(code_pb2, err.kind.value), message=err.message, details=anys)
+    message = clip(err.message, MAX_MESSAGE_BYTES)
+    return status_pb2.Status(code=getattr(code_pb2, err.kind.value), message=message, details=anys)
 
 
 def to_grpc_status(err: ServiceError, domain: str) -> grpc.Status:

@@ -17,13 +17,15 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import grpc
 import structlog
 
+from imagegen_common.bounds import bounded
+from imagegen_common.decoding import Undecodable, tolerant, undecodable_error
 from imagegen_common.metrics import RpcMetrics
 
 log = structlog.get_logger("imagegen.rpc")
@@ -35,6 +37,8 @@ REQUEST_ID = "x-request-id"
 _TRACEPARENT_RE = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 # Answers to these are expected to be frequent and boring (orchestrators probe health every few seconds).
 _QUIET_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Methods open to every caller (no token): a body of theirs that does not parse is refused by this interceptor.
+_OPEN_PREFIXES = _QUIET_PREFIXES
 # Codes that mean "the server has a problem" rather than "the caller asked for something it cannot have".
 _SERVER_FAULTS = {"UNKNOWN", "INTERNAL", "DATA_LOSS", "UNIMPLEMENTED"}
 
@@ -75,11 +79,12 @@ def _code_name(code: object, default: str) -> str:
 
 
 def _request_fields(request: object, trust_user_id: bool) -> dict[str, Any]:
+    # Bounded: the caller chose these, and every line of the call carries them (a 1 MiB job_id was 1 MiB a line).
     fields: dict[str, Any] = {}
     for name in ("job_id", "attempt", *(("user_id",) if trust_user_id else ())):
         value = getattr(request, name, None)
         if value:
-            fields[name] = value
+            fields[name] = bounded(value)
     return fields
 
 
@@ -108,9 +113,16 @@ class ServerObservability(grpc.aio.ServerInterceptor):
     user is taken from the answer instead.
     """
 
-    def __init__(self, metrics: RpcMetrics, *, trust_request_user_id: bool = False) -> None:
+    def __init__(
+        self, metrics: RpcMetrics, *, trust_request_user_id: bool = False, services: Collection[str] | None = None
+    ) -> None:
         self._metrics = metrics
         self._trust_user_id = trust_request_user_id
+        # The services this server has (None: whatever reaches this interceptor). A method of any other one
+        # still reaches it when an inner interceptor answers every call (the generator's token check refuses
+        # unknown methods too): its name is the caller's choice, so it is measured as "unknown" instead of
+        # adding a metric series per name made up.
+        self._services = frozenset(services) if services is not None else None
 
     async def intercept_service(
         self,
@@ -118,19 +130,33 @@ class ServerObservability(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[RequestT, ResponseT] | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming:
-            return handler  # unknown method, or reflection's bidirectional stream: nothing of ours
+        if handler is None:
+            return None  # unknown method
         full_method = handler_call_details.method or ""
+        # A body that does not parse reaches the handler as an Undecodable (see imagegen_common.decoding): our
+        # services reject it once the caller is authenticated; the open ones (health, reflection) right here.
+        deserializer = tolerant(handler.request_deserializer)
+        open_method = full_method.startswith(_OPEN_PREFIXES)
+        if handler.request_streaming:
+            # Not observed (reflection's stream; GenerateMany, whose attempts are observed one by one instead).
+            if not handler.response_streaming:
+                return handler
+            stream = cast(Any, handler.stream_stream)
+            return grpc.stream_stream_rpc_method_handler(
+                _checking_each_request(stream) if open_method else stream, deserializer, handler.response_serializer
+            )
         metadata: Mapping[str, Any] = dict(handler_call_details.invocation_metadata or ())
         if handler.response_streaming:
+            stream = cast(Any, handler.unary_stream)
             return grpc.unary_stream_rpc_method_handler(
-                self._streaming(cast(Any, handler.unary_stream), full_method, metadata),
-                handler.request_deserializer,
+                self._streaming(_checking_stream(stream) if open_method else stream, full_method, metadata),
+                deserializer,
                 handler.response_serializer,
             )
+        unary = cast(Any, handler.unary_unary)
         return grpc.unary_unary_rpc_method_handler(
-            self._unary(cast(Any, handler.unary_unary), full_method, metadata),
-            handler.request_deserializer,
+            self._unary(_checking_unary(unary) if open_method else unary, full_method, metadata),
+            deserializer,
             handler.response_serializer,
         )
 
@@ -217,8 +243,14 @@ class ServerObservability(grpc.aio.ServerInterceptor):
             finally:
                 self._finished(full_method, "attempt", started, call.code, peer, {})
 
+    def _labels(self, full_method: str) -> tuple[str, str]:
+        service, method = _split_method(full_method)
+        if self._services is not None and service not in self._services:
+            return "unknown", "unknown"
+        return service, method
+
     def _started(self, full_method: str) -> float:
-        self._metrics.server_in_flight.labels(*_split_method(full_method)).inc()
+        self._metrics.server_in_flight.labels(*self._labels(full_method)).inc()
         return time.perf_counter()
 
     def _finished(
@@ -231,13 +263,56 @@ class ServerObservability(grpc.aio.ServerInterceptor):
         extra: Mapping[str, Any],
     ) -> None:
         seconds = time.perf_counter() - started
-        service, method = _split_method(full_method)
+        service, method = self._labels(full_method)
         self._metrics.server_in_flight.labels(service, method).dec()
         self._metrics.server_seconds.labels(service, method, kind, code).observe(seconds)
         line = log.warning if code in _SERVER_FAULTS else log.info
         if full_method.startswith(_QUIET_PREFIXES):
             line = log.debug
-        line("rpc", method=full_method, code=code, duration_ms=round(seconds * 1000, 2), peer=peer, **extra)
+        line("rpc", method=bounded(full_method), code=code, duration_ms=round(seconds * 1000, 2), peer=peer, **extra)
+
+
+async def _abort_undecodable(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, undecodable_error().message)
+
+
+def _checking_unary(
+    inner: Callable[[Any, Any], Awaitable[Any]],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+    async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, Undecodable):
+            await _abort_undecodable(context)
+        return await inner(request, context)
+
+    return behavior
+
+
+def _checking_stream(
+    inner: Callable[[Any, Any], AsyncIterator[Any]],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
+    async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        if isinstance(request, Undecodable):
+            await _abort_undecodable(context)
+        async for response in inner(request, context):
+            yield response
+
+    return behavior
+
+
+def _checking_each_request(
+    inner: Callable[[Any, Any], AsyncIterator[Any]],
+) -> Callable[[AsyncIterator[Any], grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
+    async def behavior(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async def checked() -> AsyncIterator[Any]:
+            async for request in requests:
+                if isinstance(request, Undecodable):
+                    await _abort_undecodable(context)
+                yield request
+
+        async for response in inner(checked(), context):
+            yield response
+
+    return behavior
 
 
 def peer_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:

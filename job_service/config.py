@@ -59,6 +59,11 @@ class JobSettings(BaseSettings):
     # logged, compared in constant time.
     service_api_keys: list[SecretStr] = Field(default_factory=list)
 
+    # The key that signs ListJobs page tokens is derived from this secret, and from the JWT secret when this is
+    # unset; every replica must have the same one, or a page token made by one is refused by another. With
+    # neither set (JWKS-only auth), each process picks a random key: tokens then work only on their replica.
+    page_token_secret: SecretStr | None = None
+
     # GeneratorService.
     generator_target: str = "localhost:50052"
     generator_token: SecretStr | None = None
@@ -87,6 +92,11 @@ class JobSettings(BaseSettings):
     # ... and the first time a Supabase anonymous user (is_anonymous) is seen: anyone can sign in anonymously
     # again and again, so anything above 0 is free credits for the asking.
     anonymous_user_credits: int = Field(default=0, ge=0)
+
+    # WatchJob streams one user (service-role callers are not counted per user), and one connection (by peer
+    # address: behind a proxy, all of its users), may hold open at once; beyond, RESOURCE_EXHAUSTED. 0: no cap.
+    watch_streams_per_user: int = 100
+    watch_streams_per_connection: int = 1000
 
     # Dispatcher.
     max_in_flight: int = 256

@@ -143,6 +143,8 @@ class Dispatcher:
         self._config = config
         self._running: dict[str, tuple[Job, asyncio.Task[None]]] = {}
         self._cancel_reasons: dict[str, CancelReason] = {}
+        # Reads of a job's row after a cancel_requested notification (at most one per job at a time).
+        self._cancel_checks: dict[str, asyncio.Task[None]] = {}
         # Jobs whose Generate stream is open: only then does a cancel interrupt the attempt's task.
         # Afterwards the task is writing the attempt's outcome, which must not be cut in half.
         self._streaming: set[str] = set()
@@ -207,8 +209,47 @@ class Dispatcher:
             EventType.LEASE_EXPIRED,
         ):
             self.wake()
-        elif event is EventType.CANCEL_REQUESTED:
-            self.cancel(job_id, "user")
+        elif event is EventType.CANCEL_REQUESTED and job_id in self._running and job_id not in self._cancel_checks:
+            # Any database login can NOTIFY on the channel, so a notification is only a hint: the job's row
+            # says whether a cancel was really requested for the attempt this replica runs.
+            check = asyncio.create_task(self._cancel_if_row_says_so(job_id), name=f"cancel-check-{job_id}")
+            self._cancel_checks[job_id] = check
+            check.add_done_callback(functools.partial(self._cancel_checked, job_id))
+
+    def _cancel_checked(self, job_id: str, _task: asyncio.Task[None]) -> None:
+        self._cancel_checks.pop(job_id, None)
+
+    def on_written(self, job: Job, event: EventType) -> None:
+        """An event this process just committed, with the job's row as the write returned it.
+
+        The row is the database's word, so a cancel it records stops the attempt without another read;
+        anything else is handled as its notification would be.
+        """
+        if event is EventType.CANCEL_REQUESTED:
+            self._cancel_if_requested_for(job)
+        else:
+            self.on_notification(job.id, job.last_event_seq, event)
+
+    async def _cancel_if_row_says_so(self, job_id: str) -> None:
+        try:
+            current = await self._store.get_job(job_id)
+        except CONNECTION_ERRORS as exc:
+            # The lease renewal reads cancel_requested too: a real cancel is still acted on within a renewal.
+            log.warning("could not read a job to check a cancel", job_id=job_id, error=str(exc) or type(exc).__name__)
+            return
+        if current is not None:
+            self._cancel_if_requested_for(current)
+
+    def _cancel_if_requested_for(self, current: Job) -> None:
+        """Stops this replica's attempt of `current` if its row, for that very attempt, asks for a cancel."""
+        entry = self._running.get(current.id)
+        if (
+            entry is not None
+            and current.cancel_requested
+            and current.status is JobStatus.GENERATING
+            and current.attempt == entry[0].attempt
+        ):
+            self.cancel(current.id, "user")
 
     def cancel(self, job_id: str, reason: CancelReason) -> None:
         entry = self._running.get(job_id)
@@ -250,9 +291,10 @@ class Dispatcher:
                     self._cancel_reasons[job_id] = "lost"
                     task.cancel()
                 await asyncio.wait(still_running, timeout=self._config.handback_seconds)
-        for loop in self._loops:
-            loop.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        checks = [*self._loops, *self._cancel_checks.values()]
+        for task in checks:
+            task.cancel()
+        await asyncio.gather(*checks, return_exceptions=True)
 
     async def _claim_loop(self) -> None:
         backoff = self._config.poll_interval

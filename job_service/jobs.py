@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime
 from typing import Protocol
 
 import structlog
@@ -29,6 +26,7 @@ from job_service.domain import (
     Template,
 )
 from job_service.notifications import JobNotifications
+from job_service.page_tokens import PageTokens
 from job_service.store import ClaimAtCreate, JobStore
 from job_service.templates import render
 
@@ -125,9 +123,11 @@ class JobManager:
         models: ModelCatalog,
         notifications: JobNotifications,
         policy: JobPolicy,
+        page_tokens: PageTokens,
         starter: JobStarter | None = None,
     ) -> None:
         self._store = store
+        self._page_tokens = page_tokens
         self._models = models
         self._notifications = notifications
         self._policy = policy
@@ -172,11 +172,15 @@ class JobManager:
         violations: list[FieldViolation] = []
         template: Template | None = None
         prompt = request.prompt
-        for name, value in (("template_id", request.template_id), ("model", request.model)):
-            problem = _bad_text(value, MAX_NAME_CHARS)
-            if problem:
-                raise invalid_argument([FieldViolation(name, problem)])
-        if request.template_id:
+        # Every problem of the request is reported at once: a bad name is not looked up, and the rest is
+        # still checked (params against the static limits when the model cannot be named).
+        bad_names = {
+            name: problem
+            for name, value in (("template_id", request.template_id), ("model", request.model))
+            if (problem := _bad_text(value, MAX_NAME_CHARS))
+        }
+        violations += [FieldViolation(name, problem) for name, problem in bad_names.items()]
+        if request.template_id and "template_id" not in bad_names:
             template = await self._store.get_template(request.template_id)
             if template is None:
                 raise ServiceError(
@@ -200,18 +204,11 @@ class JobManager:
                 for name, value in variables.items()
                 if name in template.variables and (problem := _bad_text(value))
             ]
-        elif request.template_variables:
+        elif request.template_variables and not request.template_id:
             violations.append(FieldViolation("template_variables", "only allowed with template_id"))
 
-        if not prompt.strip():
-            violations.append(FieldViolation("prompt", "required (or set template_id)"))
-        elif len(prompt) > self._policy.max_prompt_chars:
-            field = "prompt" if not template else "template_variables"
-            violations.append(
-                FieldViolation(field, f"the prompt may have at most {self._policy.max_prompt_chars} characters")
-            )
-        elif not template and _CONTROL_CHARS.search(prompt):
-            violations.append(FieldViolation("prompt", "must not contain control characters"))
+        if "template_id" not in bad_names:  # else the prompt comes from a template that cannot be named
+            violations += self._prompt_violations(prompt, template)
         if request.request_id and not _REQUEST_ID.match(request.request_id):
             violations.append(FieldViolation("request_id", "1-64 characters of A-Z a-z 0-9 _ . : -"))
 
@@ -220,7 +217,9 @@ class JobManager:
         count_is_default = "sample_count" not in request.params_set and not (
             template and "sample_count" in template.default_params
         )
-        params, model_violations = await self._check_model(model, params, count_is_default)
+        params, model_violations = await self._check_model(
+            model, params, count_is_default, look_up="model" not in bad_names
+        )
         violations += model_violations
         if violations:
             raise invalid_argument(violations)
@@ -253,6 +252,16 @@ class JobManager:
         job, created = await (self._starter.run_when_created(create) if self._starter else create(None))
         return as_created(job) if created else job
 
+    def _prompt_violations(self, prompt: str, template: Template | None) -> list[FieldViolation]:
+        if not prompt.strip():
+            return [FieldViolation("prompt", "required (or set template_id)")]
+        if len(prompt) > self._policy.max_prompt_chars:
+            field = "prompt" if not template else "template_variables"
+            return [FieldViolation(field, f"the prompt may have at most {self._policy.max_prompt_chars} characters")]
+        if not template and _CONTROL_CHARS.search(prompt):
+            return [FieldViolation("prompt", "must not contain control characters")]
+        return []
+
     def _merge_params(self, request: CreateJobInput, template: Template | None) -> Params:
         """Request over template defaults over the documented defaults."""
         merged = Params()
@@ -264,16 +273,20 @@ class JobManager:
         return merged
 
     async def _check_model(
-        self, model: str, params: Params, count_is_default: bool
+        self, model: str, params: Params, count_is_default: bool, *, look_up: bool = True
     ) -> tuple[Params, list[FieldViolation]]:
-        """The params (the default image count fitted to the model) and what the model cannot do."""
+        """The params (the default image count fitted to the model) and what the model cannot do.
+
+        With `look_up` false (a model name that is itself invalid) only the static limits are checked.
+        """
         violations: list[FieldViolation] = []
+        catalog: dict[str, ModelInfo] | None = None
         try:
-            catalog = await self._models.list_models()
+            if look_up:
+                catalog = await self._models.list_models()
         except GenerationFailure as failure:
             # Cannot ask the generator now: check the static limits; it re-validates each attempt.
             log.warning("model catalogue unavailable; static validation only", error=failure.message)
-            catalog = None
         info = catalog.get(model) if catalog is not None else None
         if catalog is not None and info is None:
             return params, [FieldViolation("model", f"unknown model {model!r}; one of: {', '.join(sorted(catalog))}")]
@@ -308,9 +321,11 @@ class JobManager:
         if page_size < 0:
             raise invalid_argument([FieldViolation("page_size", "must not be negative")])
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        after = _decode_page_token(page_token, owner, status) if page_token else None
+        status_name = status.value if status else ""
+        after = self._page_tokens.decode(page_token, owner, status_name) if page_token else None
         jobs = await self._store.list_jobs(owner, status=status, after=after, limit=size + 1)
-        next_token = _encode_page_token(jobs[size - 1], owner, status) if len(jobs) > size else ""
+        last = jobs[size - 1] if len(jobs) > size else None
+        next_token = self._page_tokens.encode(last.created_at, last.id, owner, status_name) if last else ""
         return jobs[:size], next_token
 
     async def watch(self, principal: Principal, job_id: str) -> AsyncIterator[tuple[Job, JobEvent | None]]:
@@ -419,30 +434,3 @@ class JobManager:
         else:
             log.info("credit grant replayed", user_id=owner, amount=amount, request_id=request_id)
         return balance, is_premium
-
-
-def _encode_page_token(last: Job, owner: str, status: JobStatus | None) -> str:
-    body = {"t": last.created_at.isoformat(), "id": last.id, "u": owner, "s": status.value if status else ""}
-    return base64.urlsafe_b64encode(json.dumps(body).encode()).decode().rstrip("=")
-
-
-def _decode_page_token(token: str, owner: str, status: JobStatus | None) -> tuple[datetime, str]:
-    bad = invalid_argument(
-        [FieldViolation("page_token", "not a token from a previous ListJobs call")],
-        reason="INVALID_PAGE_TOKEN",
-    )
-    try:
-        body = json.loads(base64.urlsafe_b64decode(token.encode("ascii") + b"=" * (-len(token) % 4)))
-        if not isinstance(body, dict) or not isinstance(body.get("t"), str) or not isinstance(body.get("id"), str):
-            raise ValueError("not a page token")
-        created_at, job_id = datetime.fromisoformat(body["t"]), str(uuid.UUID(body["id"]))
-        if created_at.tzinfo is None:
-            raise ValueError("not a page token")
-    except (ValueError, binascii.Error):  # UnicodeError is a ValueError
-        raise bad from None
-    if body.get("u") != owner or body.get("s") != (status.value if status else ""):
-        raise invalid_argument(
-            [FieldViolation("page_token", "was made for a different filter; start without it")],
-            reason="INVALID_PAGE_TOKEN",
-        )
-    return created_at, job_id

@@ -98,6 +98,10 @@ class JobNotifications:
             if feed.task:
                 feed.task.cancel()
 
+    def watched_jobs(self) -> int:
+        """Jobs with a watcher: each has a feed, kept only while one of its watchers is open."""
+        return len(self._feeds)
+
     def subscribe(self, job_id: str) -> Subscription:
         feed = self._feeds.get(job_id)
         if feed is None:

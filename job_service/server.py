@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import socket
 import uuid
 from dataclasses import dataclass
@@ -32,8 +33,10 @@ from job_service.generator_client import GeneratorClient
 from job_service.jobs import JobManager, JobPolicy
 from job_service.metrics import InstrumentedJobStore, JobMetrics
 from job_service.notifications import JobNotifications
+from job_service.page_tokens import PageTokens, derive_key
 from job_service.servicer import JobServicer
 from job_service.store import CONNECTION_ERRORS, create_pool
+from job_service.watch_limits import WatchStreams
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
@@ -88,6 +91,18 @@ def build_verifier(settings: JobSettings, http: httpx.AsyncClient) -> TokenVerif
         leeway_seconds=settings.jwt_leeway_seconds,
         allow_anonymous=settings.allow_anonymous_users,
     )
+
+
+def page_tokens(settings: JobSettings) -> PageTokens:
+    """Page tokens signed with a key every replica derives alike (see JobSettings.page_token_secret)."""
+    for secret in (settings.page_token_secret, settings.jwt_secret):
+        if secret is not None and secret.get_secret_value():
+            return PageTokens(derive_key(secret.get_secret_value()))
+    log.warning(
+        "no JOB_PAGE_TOKEN_SECRET or SUPABASE_JWT_SECRET: ListJobs page tokens are signed with a key of this "
+        "process only, so a token works only on the replica that made it"
+    )
+    return PageTokens(secrets.token_bytes(32))
 
 
 class HealthReporter:
@@ -160,6 +175,8 @@ class JobApp:
     health: HealthReporter | None = None
     registry: CollectorRegistry | None = None
     metrics: MetricsServer | None = None
+    servicer: JobServicer | None = None
+    watch_streams: WatchStreams | None = None
 
     @property
     def port(self) -> int:
@@ -257,7 +274,7 @@ async def start(settings: JobSettings) -> JobApp:
         # Only the job's latest event concerns the dispatcher: the 'created' of a job claimed as it was created
         # (attempt_started came with it) must not wake a claim for a job that is no longer pending.
         if event.seq == job.last_event_seq:
-            dispatcher.on_notification(job.id, event.seq, event.type)
+            dispatcher.on_written(job, event.type)
 
     store.on_event_written(written_here)
     await notifications.start()
@@ -278,9 +295,11 @@ async def start(settings: JobSettings) -> JobApp:
             new_user_credits=settings.new_user_credits,
             anonymous_user_credits=settings.anonymous_user_credits,
         ),
+        page_tokens(settings),
         starter=dispatcher,
     )
-    servicer = JobServicer(jobs, build_verifier(settings, http))
+    watch_streams = WatchStreams(settings.watch_streams_per_user, settings.watch_streams_per_connection)
+    servicer = JobServicer(jobs, build_verifier(settings, http), watch_streams)
     tls = (
         TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
         if settings.tls_cert and settings.tls_key
@@ -315,7 +334,7 @@ async def start(settings: JobSettings) -> JobApp:
         database="embedded" if embedded else "DATABASE_URL",
     )
     app = JobApp(settings, running, dispatcher, notifications, pool, generator, http, embedded, owner, health)
-    app.registry, app.metrics = registry, metrics
+    app.registry, app.metrics, app.servicer, app.watch_streams = registry, metrics, servicer, watch_streams
     return app
 
 

@@ -12,12 +12,15 @@ from google.protobuf import timestamp_pb2
 from imagegen.job.v1 import job_service_pb2 as pb
 from imagegen.job.v1 import job_service_pb2_grpc as pb_grpc
 
+from imagegen_common.decoding import decoded
 from imagegen_common.errors import FieldViolation, invalid_argument
 from imagegen_common.grpc_errors import stream_errors, unary_errors
+from imagegen_common.rpc_observability import peer_of
 from job_service.auth import TokenVerifier
 from job_service.domain import EventType, Job, JobEvent, JobStatus, Params, Principal, Template
 from job_service.jobs import CreateJobInput, JobManager
 from job_service.store import CONNECTION_ERRORS
+from job_service.watch_limits import WatchStreams
 
 DOMAIN = "imagegen.job.v1"
 
@@ -153,18 +156,25 @@ class _WatchResponses:
 
 
 class JobServicer(pb_grpc.JobServiceServicer):
-    def __init__(self, jobs: JobManager, verifier: TokenVerifier) -> None:
+    def __init__(self, jobs: JobManager, verifier: TokenVerifier, watch_streams: WatchStreams) -> None:
         self._jobs = jobs
         self._verifier = verifier
+        self._watch_streams = watch_streams
         self._watch_responses = _WatchResponses()
 
-    async def _principal(self, context: Any) -> Principal:
+    def cached_watch_responses(self) -> int:
+        return len(self._watch_responses)
+
+    async def _principal(self, context: Any, request: object) -> Principal:
+        """The caller, from its token; then, only for a caller let in, INVALID_ARGUMENT if its body did not parse."""
         metadata = dict(context.invocation_metadata() or ())
-        return await self._verifier.verify_header(metadata.get("authorization"), metadata.get("apikey"))
+        principal = await self._verifier.verify_header(metadata.get("authorization"), metadata.get("apikey"))
+        decoded(request)
+        return principal
 
     @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def CreateJob(self, request: pb.CreateJobRequest, context: Any) -> pb.CreateJobResponse:
-        principal = await self._principal(context)
+        principal = await self._principal(context, request)
         params_set = frozenset(
             name for name in _PARAM_FIELDS if request.HasField("params") and getattr(request.params, name)
         )
@@ -186,12 +196,12 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
     @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.GetJobResponse:
-        principal = await self._principal(context)
+        principal = await self._principal(context, request)
         return pb.GetJobResponse(job=job_to_pb(await self._jobs.get_job(principal, request.job_id)))
 
     @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
-        principal = await self._principal(context)
+        principal = await self._principal(context, request)
         if request.state != pb.JOB_STATE_UNSPECIFIED and request.state not in _STATE_FROM_PB:
             # proto3 enums are open: a newer or buggy client can send a number this server does not know.
             raise invalid_argument([FieldViolation("state", f"unknown job state {request.state}")])
@@ -206,26 +216,30 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
     @stream_errors(DOMAIN, CONNECTION_ERRORS)
     async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[pb.WatchJobResponse]:
-        principal = await self._principal(context)
-        async for job, event in self._jobs.watch(principal, request.job_id):
-            if event is None:
-                yield pb.WatchJobResponse(job=job_to_pb(job))
-            else:
-                yield self._watch_responses.get(job, event)  # shared: never modified after it is made
+        principal = await self._principal(context, request)
+        # Per connection by peer address (one HTTP/2 connection each); a service role acts for many users, so it
+        # is counted per connection only.
+        user = None if principal.is_service else principal.subject
+        with self._watch_streams.holding(user, peer_of(context)):
+            async for job, event in self._jobs.watch(principal, request.job_id):
+                if event is None:
+                    yield pb.WatchJobResponse(job=job_to_pb(job))
+                else:
+                    yield self._watch_responses.get(job, event)  # shared: never modified after it is made
 
     @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.CancelJobResponse:
-        principal = await self._principal(context)
+        principal = await self._principal(context, request)
         return pb.CancelJobResponse(job=job_to_pb(await self._jobs.cancel_job(principal, request.job_id)))
 
     @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def ListTemplates(self, request: pb.ListTemplatesRequest, context: Any) -> pb.ListTemplatesResponse:
-        await self._principal(context)
+        await self._principal(context, request)
         return pb.ListTemplatesResponse(templates=[template_to_pb(t) for t in await self._jobs.list_templates()])
 
     @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def GetCreditBalance(self, request: pb.GetCreditBalanceRequest, context: Any) -> pb.GetCreditBalanceResponse:
-        principal = await self._principal(context)
+        principal = await self._principal(context, request)
         balance = await self._jobs.credit_balance(principal, request.user_id)
         return pb.GetCreditBalanceResponse(
             user_id=balance.user_id,
@@ -236,7 +250,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
     @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def GrantCredits(self, request: pb.GrantCreditsRequest, context: Any) -> pb.GrantCreditsResponse:
-        principal = await self._principal(context)
+        principal = await self._principal(context, request)
         balance, premium = await self._jobs.grant_credits(
             principal,
             request.user_id,

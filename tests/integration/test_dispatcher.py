@@ -27,6 +27,7 @@ from job_service.domain import (
     Params,
     StoredImage,
 )
+from job_service.notifications import JobNotifications
 from job_service.store import ClaimAtCreate, JobStore, create_pool
 from tests.support.cluster import events_of, eventually, fresh_database
 from tests.support.ledger import assert_credits_consistent
@@ -892,4 +893,73 @@ async def test_a_job_whose_creator_went_away_still_runs_here(store: JobStore, co
     assert caller.cancelled()
     assert done is not None and (done.status, done.attempt) == (JobStatus.COMPLETED, 1)
     assert sum(claimed for _, claimed in claims) == 0, "it ran from its create, not from a claim"
+    await assert_credits_consistent(conn)
+
+
+@dataclass
+class GatedGenerator:
+    """Starts, then waits for `gate` before storing every image and completing; `closed_early` as above."""
+
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    opened: list[str] = field(default_factory=list)
+    closed_early: list[str] = field(default_factory=list)
+
+    async def generate(self, job: Job) -> AsyncGenerator[GenerationEvent, None]:
+        self.opened.append(job.id)
+        finished = False
+        try:
+            yield GenerationStarted("gated")
+            await self.gate.wait()
+            for index in range(job.params.sample_count):
+                path = f"{job.user_id}/{job.id}/{job.attempt}-{index}.png"
+                yield ImageStored(StoredImage(index, f"http://storage/{path}", path, "image/png", 8, 8, 100))
+            finished = True
+            yield GenerationDone(job.params.sample_count, 0, [])
+        finally:
+            if not finished:
+                self.closed_early.append(job.id)
+
+
+async def test_a_forged_cancel_notification_changes_nothing_and_a_real_cancel_still_stops_at_once(
+    store: JobStore, conn: asyncpg.Connection, dispatcher_db: str
+) -> None:
+    # Any database login may NOTIFY on the jobs channel. The dispatcher hears of cancels only through
+    # its LISTEN connection here (the lease is long: the renewal does not see them within the test).
+    generator = GatedGenerator()
+    dispatcher = Dispatcher(store, generator, config(lease_seconds=60.0))
+    notifications = JobNotifications(dispatcher_db, store, on_event=dispatcher.on_notification)
+    await notifications.start()
+    forged, real = await new_job(store, sample_count=3), await new_job(store, sample_count=1)
+    try:
+        await asyncio.wait_for(notifications.connected.wait(), timeout=10)
+        dispatcher.start()
+        await eventually(lambda: asyncio.sleep(0, len(generator.opened)), lambda n: n == 2, within=10)
+
+        await conn.execute("SELECT pg_notify('imagegen_jobs', $1)", f"{forged.id}:999:cancel_requested")
+        running = await store.get_job(real.id)
+        assert running is not None
+        await store.advance(
+            real.id,
+            attempt=running.attempt,
+            from_statuses=(JobStatus.GENERATING,),
+            event=EventType.CANCEL_REQUESTED,
+            cancel_requested=True,
+        )
+        # The real cancel stops its attempt promptly (long before any lease renewal would see it)...
+        cancelled = await eventually(
+            lambda: store.get_job(real.id), lambda j: j is not None and j.status.terminal, within=5
+        )
+        assert cancelled is not None and cancelled.status is JobStatus.CANCELLED
+        # ...while the attempt named in the forged notification (sent first, so heard first) runs on.
+        assert generator.closed_early == [real.id]
+        generator.gate.set()
+        done = await eventually(
+            lambda: store.get_job(forged.id), lambda j: j is not None and j.status.terminal, within=10
+        )
+    finally:
+        await dispatcher.drain(0.5)
+        await notifications.stop()
+    assert done is not None and done.status is JobStatus.COMPLETED
+    assert len(done.images) == 3 and not done.cancel_requested
+    assert await balance(conn, forged.user_id) == 100 - 3
     await assert_credits_consistent(conn)

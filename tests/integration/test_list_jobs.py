@@ -3,6 +3,8 @@ a state filter, and tokens that only work with the filter they were made for."""
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -10,6 +12,9 @@ import pytest
 from imagegen.job.v1 import job_service_pb2 as pb
 
 from imagegen_client import ImageGenClient
+from imagegen_common.dev_tokens import DEV_JWT_SECRET, mint_token
+from job_service import server as job_server
+from tests.support.logs import captured_logs
 from tests.support.rpc_errors import failure_of
 from tests.support.services import Services, new_user, running_services
 
@@ -138,3 +143,52 @@ async def test_service_role_lists_a_given_users_jobs(listing: Listing) -> None:
         response = await service.list_jobs(user_id=listing.user, page_size=10)
     assert [j.id for j in response.jobs] == listing.newest_first[:10]
     assert all(j.user_id == listing.user for j in response.jobs)
+
+
+def tampered(token: str) -> str:
+    """The token with the position it names moved a year on, its other parts (a signature, if any) left as made."""
+    body_text = token.split(".")[0]
+    body = json.loads(base64.urlsafe_b64decode(body_text + "=" * (-len(body_text) % 4)))
+    body["t"] = body["t"].replace("20", "21", 1)
+    forged = base64.urlsafe_b64encode(json.dumps(body).encode()).decode().rstrip("=")
+    return forged + token[len(body_text) :]
+
+
+async def test_page_tokens_not_made_for_this_caller_and_filter_are_refused_without_a_traceback(
+    listing: Listing,
+) -> None:
+    async with listing.services.client(listing.user) as client:
+        token = (await client.list_jobs(page_size=5)).next_page_token
+        deep = base64.urlsafe_b64encode(b"[" * 100_000).decode()
+        with captured_logs() as logs:
+            failures = {
+                "nested": await failure_of(client.list_jobs(page_token=deep)),
+                "raw brackets": await failure_of(client.list_jobs(page_token="[" * 100_000)),
+                "over-long": await failure_of(client.list_jobs(page_token=token + "A" * 1000)),
+                "tampered": await failure_of(client.list_jobs(page_token=tampered(token))),
+            }
+    async with listing.services.client(new_user()) as stranger:
+        failures["another user's"] = await failure_of(stranger.list_jobs(page_token=token))
+
+    for name, failure in failures.items():
+        assert (failure.code, failure.reason, list(failure.violations)) == (
+            "INVALID_ARGUMENT",
+            "INVALID_PAGE_TOKEN",
+            ["page_token"],
+        ), name
+        assert len(failure.message) < 300, name
+    assert not logs.tracebacks()
+
+
+async def test_a_page_token_from_one_replica_pages_on_another(listing: Listing) -> None:
+    # A second JobService with the same settings (the same secret): a token one made, the other reads.
+    other = await job_server.start(listing.services.job.settings)
+    token = mint_token(DEV_JWT_SECRET, user_id=listing.user)
+    try:
+        async with listing.services.client(listing.user) as here:
+            first = await here.list_jobs(page_size=50)
+        async with ImageGenClient(f"127.0.0.1:{other.port}", token) as there:
+            rest = await walk_from(there, first.next_page_token, page_size=50)
+    finally:
+        await other.stop()
+    assert [j.id for j in first.jobs] + rest == listing.newest_first

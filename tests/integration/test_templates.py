@@ -7,11 +7,19 @@ import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
+import grpc
 import pytest
 from imagegen.job.v1 import job_service_pb2 as pb
+from imagegen.job.v1 import job_service_pb2_grpc as pb_grpc
 
 from generator_service.config import ModelSpec
+from imagegen_common.dev_tokens import DEV_JWT_SECRET, mint_token
+from tests.support.rpc_errors import RpcFailure, failure_of
 from tests.support.services import Services, new_user, running_services
+
+
+def as_user(user: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {mint_token(DEV_JWT_SECRET, user_id=user)}"),)
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +140,44 @@ async def test_request_ids_are_per_user(services: Services) -> None:
     assert job_a.id != job_b.id
     assert again_a.id == job_a.id
     assert job_b.state == pb.JOB_STATE_PENDING
+
+
+async def create_through_a_default_client(services: Services, request: pb.CreateJobRequest) -> RpcFailure:
+    """CreateJob through a channel with gRPC's default options (8 KiB of metadata, trailers included)."""
+    async with grpc.aio.insecure_channel(services.target) as channel:
+        stub = pb_grpc.JobServiceStub(channel)
+        return await failure_of(stub.CreateJob(request, metadata=as_user(new_user()), timeout=10))
+
+
+async def test_fifty_unknown_template_variables_are_reported_in_bounded_details(services: Services) -> None:
+    variables = {"style": "flat", "subject": "a fox", **{f"extra_{i}": "x" for i in range(50)}}
+    failure = await create_through_a_default_client(
+        services, pb.CreateJobRequest(template_id="avatar", template_variables=variables)
+    )
+    assert (failure.code, failure.reason) == ("INVALID_ARGUMENT", "INVALID_ARGUMENT")
+    assert len(failure.violations) <= 11 and len(failure.message) <= 600
+    shown = [field for field in failure.violations if field.startswith("template_variables[extra_")]
+    assert shown and all("not a variable of this template" in failure.violations[f] for f in shown)
+    assert f"{50 - len(shown)} more field violations not shown" in failure.violations[""]
+
+
+async def test_a_five_kilobyte_variable_name_is_cut_in_the_details_with_a_marker(services: Services) -> None:
+    name = "n" * 5_000
+    failure = await create_through_a_default_client(
+        services,
+        pb.CreateJobRequest(template_id="avatar", template_variables={"style": "flat", "subject": "a", name: "x"}),
+    )
+    assert (failure.code, failure.reason) == ("INVALID_ARGUMENT", "INVALID_ARGUMENT")
+    [field] = failure.violations
+    assert field.startswith("template_variables[nnnn") and "characters cut]" in field and len(field) <= 100
+    assert len(failure.message) <= 600 and "characters cut]" in failure.message
+
+
+async def test_an_over_long_model_and_a_bad_sample_count_are_reported_together(services: Services) -> None:
+    failure = await create_through_a_default_client(
+        services,
+        pb.CreateJobRequest(prompt="a fox", model="m" * 200, params=pb.GenerationParams(sample_count=9)),
+    )
+    assert failure.code == "INVALID_ARGUMENT"
+    assert sorted(failure.violations) == ["model", "params.sample_count"]
+    assert failure.violations["model"] == "at most 128 characters"

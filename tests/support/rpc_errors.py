@@ -19,6 +19,7 @@ class RpcFailure:
     reasons: list[str] = field(default_factory=list)  # one per ErrorInfo in the status
     domains: list[str] = field(default_factory=list)
     violations: dict[str, str] = field(default_factory=dict)  # field -> description
+    metadata: dict[str, str] = field(default_factory=dict)  # the ErrorInfo's
 
     @property
     def reason(self) -> str:
@@ -39,6 +40,7 @@ def read_failure(error: grpc.aio.AioRpcError) -> RpcFailure:
                 detail.Unpack(info)
                 failure.reasons.append(info.reason)
                 failure.domains.append(info.domain)
+                failure.metadata.update(info.metadata)
             elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
