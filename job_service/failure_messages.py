@@ -45,6 +45,7 @@ USER_MESSAGES: dict[str, str] = {
     "DEADLINE_EXCEEDED": "The image generator did not answer in time.",
     "STREAM_ENDED": "The image generator stopped before finishing.",
     "ATTEMPT_RUNNING": "The attempt was already running.",
+    "UNDECODABLE_REQUEST": "An internal error stopped the generation.",
     "INTERNAL": "An internal error stopped the generation.",
 }
 
