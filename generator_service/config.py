@@ -14,6 +14,10 @@ ALL_ASPECT_RATIOS = ["1:1", "3:4", "4:3", "9:16", "16:9"]
 PERSON_GENERATION = ["dont_allow", "allow_adult", "allow_all"]
 
 
+class ConfigurationError(RuntimeError):
+    """Settings that cannot work (or must not run together); the generator refuses to start and says why."""
+
+
 class ModelSpec(BaseModel):
     """A model this generator serves and what it accepts."""
 

@@ -11,7 +11,7 @@ from imagegen.generator.v1 import generator_service_pb2 as pb
 from imagegen.generator.v1 import generator_service_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry
 
-from generator_service.config import GeneratorSettings, ModelSpec
+from generator_service.config import ConfigurationError, GeneratorSettings, ModelSpec
 from generator_service.generation import Generator
 from generator_service.interceptors import SharedTokenInterceptor
 from generator_service.metrics import GeneratorMetrics, MeteredProvider, MeteredStorage
@@ -150,6 +150,10 @@ async def start(settings: GeneratorSettings) -> GeneratorApp:
     closers: list[Any] = []
     try:
         return await _start(settings, closers)
+    except ConfigurationError as error:
+        log.error("refusing to start", reason=str(error))
+        await close_all(closers)
+        raise
     except BaseException:
         await close_all(closers)
         raise
@@ -174,7 +178,13 @@ async def _start(settings: GeneratorSettings, closers: list[Any]) -> GeneratorAp
         base = settings.storage_public_base_url or f"http://{settings.storage_http_host}:{http.port}"
         storage = LocalStorage(settings.storage_dir, settings.storage_bucket, base, settings.storage_prefix)
     else:
-        storage = build_supabase_storage(settings)
+        supabase = build_supabase_storage(settings)
+        try:
+            await supabase.check_bucket()
+        except BaseException:
+            await supabase.aclose()
+            raise
+        storage = supabase
     storage = MeteredStorage(storage, settings.storage_backend, metrics)
     closers.append(storage.aclose)
 
