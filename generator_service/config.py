@@ -124,8 +124,13 @@ class GeneratorSettings(BaseSettings):
     # Plaintext gRPC. Unset: allowed only on loopback; true: allowed anywhere (a private network, with
     # auth_token); false: never.
     allow_plaintext: bool | None = None
+    # Beyond loopback, callers must prove who they are (auth_token, or tls_client_ca for mutual TLS): anyone
+    # else could spend the provider's money and write images. true: serve unauthenticated callers anyway
+    # (something in front authenticates them).
+    allow_unauthenticated: bool = False
     metrics_port: int = 0  # 0: no metrics endpoint
-    metrics_host: str = "0.0.0.0"
+    # Loopback unless set: a scraper on another machine needs e.g. 0.0.0.0.
+    metrics_host: str = "127.0.0.1"
     # When set, event-loop lag (a histogram, see imagegen_common.loop_lag) is written to this file every second.
     loop_lag_file: Path | None = None
     log_format: LogFormat = "console"

@@ -143,6 +143,25 @@ async def close_all(closers: list[Any]) -> None:
             log.exception("closing failed", closer=getattr(close, "__qualname__", repr(close)))
 
 
+def check_callers_authenticated(settings: GeneratorSettings) -> None:
+    """A generator reachable beyond loopback must authenticate its callers, unless told otherwise."""
+    if is_loopback_host(settings.host):
+        return
+    token = settings.auth_token.get_secret_value() if settings.auth_token else ""
+    mutual_tls = bool(settings.tls_cert and settings.tls_key and settings.tls_client_ca)
+    if token or mutual_tls:
+        return
+    if settings.allow_unauthenticated:
+        log.warning("serving unauthenticated callers beyond loopback (GEN_ALLOW_UNAUTHENTICATED=true)")
+        return
+    raise ConfigurationError(
+        f"GEN_HOST={settings.host} is reachable beyond loopback but callers are not authenticated: anyone who "
+        "can reach it could generate (at the provider's price) and store images under any user; set "
+        "GEN_AUTH_TOKEN (and JOB_GENERATOR_TOKEN to the same value), or mutual TLS (GEN_TLS_CERT, GEN_TLS_KEY "
+        "and GEN_TLS_CLIENT_CA), or GEN_ALLOW_UNAUTHENTICATED=true if something in front authenticates them"
+    )
+
+
 async def start(settings: GeneratorSettings) -> GeneratorApp:
     """Builds and starts everything. If a step fails (a port in use, unreadable TLS files...), what was
     already built (storage HTTP server, storage, providers, gRPC server) is closed before the error
@@ -163,9 +182,7 @@ async def _start(settings: GeneratorSettings, closers: list[Any]) -> GeneratorAp
     """`closers` receives a closer for each part as soon as it is built."""
     tls_configured = bool(settings.tls_cert and settings.tls_key)
     check_listener(settings.host, tls_configured, settings.allow_plaintext, "GEN_ALLOW_PLAINTEXT")
-    open_to_network = not is_loopback_host(settings.host)
-    if open_to_network and not (settings.auth_token or (tls_configured and settings.tls_client_ca)):
-        log.warning("callers are not authenticated: set GEN_AUTH_TOKEN or GEN_TLS_CLIENT_CA (docs/security.md)")
+    check_callers_authenticated(settings)
     # One registry per app: several apps (tests) can live in one process.
     registry = CollectorRegistry()
     rpc_metrics = RpcMetrics.create(registry)
