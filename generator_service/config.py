@@ -187,5 +187,13 @@ class GeneratorSettings(BaseSettings):
     storage_dir: Path = Path(".data/storage")
     storage_http_host: str = "127.0.0.1"
     storage_http_port: int = 8088  # 0: any free port
+    # The storage HTTP server drops a connection whose request head has not arrived within this long (and an
+    # idle keep-alive connection after as long) ...
+    storage_http_request_timeout_seconds: float = Field(default=10.0, gt=0)
+    # ... and one that has not taken an answer within this long (a client that stopped reading).
+    storage_http_send_timeout_seconds: float = Field(default=120.0, gt=0)
+    # At most this many connections at once; past it a new one closes the one that has waited longest for a
+    # request head, or, if every one is busy answering, gets 503.
+    storage_http_max_connections: int = Field(default=256, ge=1)
     # The base URL that local storage URLs start with; default http://{storage_http_host}:{port}.
     storage_public_base_url: str | None = None
