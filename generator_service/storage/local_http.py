@@ -168,6 +168,7 @@ class LocalStorageServer:
         self.port = int(self._socket.getsockname()[1])
         self._thread = threading.Thread(target=self._run, name="storage-http", daemon=True)
         self._ready = threading.Event()
+        self._failed: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         # Connections waiting for a request head, oldest first: the ones to close when the cap is reached.
@@ -178,6 +179,8 @@ class LocalStorageServer:
     def start(self) -> None:
         self._thread.start()
         self._ready.wait()
+        if self._failed is not None:
+            raise RuntimeError("the storage HTTP server could not start") from self._failed
 
     def stop(self) -> None:
         if self._loop is not None and self._stopping is not None and self._thread.is_alive():
@@ -186,7 +189,12 @@ class LocalStorageServer:
         self._socket.close()
 
     def _run(self) -> None:
-        asyncio.run(self._serve())
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # start() reports it; nothing else would see it in this thread
+            self._failed = exc
+        finally:
+            self._ready.set()  # also when it failed before it was ready, so start() does not wait forever
 
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
