@@ -14,6 +14,10 @@ ALL_ASPECT_RATIOS = ["1:1", "3:4", "4:3", "9:16", "16:9"]
 PERSON_GENERATION = ["dont_allow", "allow_adult", "allow_all"]
 
 
+class ConfigurationError(RuntimeError):
+    """Settings that cannot work (or must not run together); the generator refuses to start and says why."""
+
+
 class ModelSpec(BaseModel):
     """A model this generator serves and what it accepts."""
 
@@ -120,8 +124,13 @@ class GeneratorSettings(BaseSettings):
     # Plaintext gRPC. Unset: allowed only on loopback; true: allowed anywhere (a private network, with
     # auth_token); false: never.
     allow_plaintext: bool | None = None
+    # Beyond loopback, callers must prove who they are (auth_token, or tls_client_ca for mutual TLS): anyone
+    # else could spend the provider's money and write images. true: serve unauthenticated callers anyway
+    # (something in front authenticates them).
+    allow_unauthenticated: bool = False
     metrics_port: int = 0  # 0: no metrics endpoint
-    metrics_host: str = "0.0.0.0"
+    # Loopback unless set: a scraper on another machine needs e.g. 0.0.0.0.
+    metrics_host: str = "127.0.0.1"
     # When set, event-loop lag (a histogram, see imagegen_common.loop_lag) is written to this file every second.
     loop_lag_file: Path | None = None
     log_format: LogFormat = "console"
@@ -184,5 +193,13 @@ class GeneratorSettings(BaseSettings):
     storage_dir: Path = Path(".data/storage")
     storage_http_host: str = "127.0.0.1"
     storage_http_port: int = 8088  # 0: any free port
+    # The storage HTTP server drops a connection whose request head has not arrived within this long (and an
+    # idle keep-alive connection after as long) ...
+    storage_http_request_timeout_seconds: float = Field(default=10.0, gt=0)
+    # ... and one that has not taken an answer within this long (a client that stopped reading).
+    storage_http_send_timeout_seconds: float = Field(default=120.0, gt=0)
+    # At most this many connections at once; past it a new one closes the one that has waited longest for a
+    # request head, or, if every one is busy answering, gets 503.
+    storage_http_max_connections: int = Field(default=256, ge=1)
     # The base URL that local storage URLs start with; default http://{storage_http_host}:{port}.
     storage_public_base_url: str | None = None

@@ -2,14 +2,53 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
-from imagegen_common.errors import ErrorKind, ServiceError
+from imagegen_common.errors import ErrorKind, FieldViolation, ServiceError
 
 # Imagen's output sizes per aspect ratio (Vertex AI model cards), in pixels.
 SIZES_1K = {"1:1": (1024, 1024), "3:4": (896, 1280), "4:3": (1280, 896), "9:16": (768, 1408), "16:9": (1408, 768)}
 SIZES_2K = {"1:1": (2048, 2048), "3:4": (1792, 2560), "4:3": (2560, 1792), "9:16": (1536, 2816), "16:9": (2816, 1536)}
 MIME_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg"}
+# Every extension an object key can end with, and the content type it is served with (local storage).
+EXTENSION_TYPES = {**{ext: mime for mime, ext in MIME_EXTENSIONS.items()}, "bin": "application/octet-stream"}
+
+
+def is_canonical_uuid(value: str) -> bool:
+    """A UUID in its one canonical spelling (lower-case, hyphenated), so that one id names one folder."""
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
+def id_violations(user_id: str, job_id: str) -> list[FieldViolation]:
+    """What is wrong with a (user, job) pair that names a folder in storage; empty when both are usable."""
+    problems: list[FieldViolation] = []
+    for name, value in (("user_id", user_id), ("job_id", job_id)):
+        if not is_canonical_uuid(value):
+            problems.append(FieldViolation(name, "must be a UUID (lower-case, hyphenated)"))
+    return problems
+
+
+def job_folder(user_id: str, job_id: str) -> str:
+    """The storage folder of one job, `{user}/{job}`, built only from ids that are UUIDs.
+
+    Ids come from the caller: anything else ("../<other user>/<job>") could name another user's folder,
+    so this refuses it (INVALID_ARGUMENT with BadRequest) instead of building a key from it.
+    """
+    problems = id_violations(user_id, job_id)
+    if problems:
+        summary = "; ".join(f"{p.field}: {p.description}" for p in problems)
+        raise ServiceError(
+            ErrorKind.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+            f"invalid request: {summary}",
+            problems,
+            metadata={"retryable": "false"},
+        )
+    return f"{user_id}/{job_id}"
 
 
 def image_dimensions(aspect_ratio: str, image_size: str) -> tuple[int, int]:
@@ -30,8 +69,12 @@ class GenerationRequest:
     output_mime_type: str = "image/png"
 
     def storage_path(self, index: int, mime_type: str) -> str:
-        """Deterministic per (job, attempt, index): a rerun of the same attempt overwrites its own objects."""
-        return f"{self.user_id}/{self.job_id}/{self.attempt}-{index}.{MIME_EXTENSIONS.get(mime_type, 'bin')}"
+        """Deterministic per (job, attempt, index): a rerun of the same attempt overwrites its own objects.
+
+        Built only from checked parts: the ids (UUIDs, checked again here), integers and a fixed extension.
+        """
+        extension = MIME_EXTENSIONS.get(mime_type, "bin")
+        return f"{job_folder(self.user_id, self.job_id)}/{int(self.attempt)}-{int(index)}.{extension}"
 
 
 @dataclass(frozen=True)

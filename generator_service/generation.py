@@ -20,6 +20,7 @@ from generator_service.domain import (
     Started,
     Stored,
     generation_error,
+    id_violations,
 )
 from generator_service.providers.base import Provider
 from generator_service.providers.memory import AttemptHoldings
@@ -30,13 +31,10 @@ log = structlog.get_logger(__name__)
 
 
 def validate(request: GenerationRequest, model: ModelSpec) -> None:
-    problems: list[FieldViolation] = []
-    if not request.job_id:
-        problems.append(FieldViolation("job_id", "required"))
+    # The ids name the folder the images are stored in: UUIDs only (see domain.job_folder).
+    problems = id_violations(request.user_id, request.job_id)
     if request.attempt < 1:
         problems.append(FieldViolation("attempt", "must be at least 1"))
-    if not request.user_id or "/" in request.user_id:
-        problems.append(FieldViolation("user_id", "required, without '/'"))
     if not request.prompt.strip():
         problems.append(FieldViolation("prompt", "required"))
     if not 1 <= request.sample_count <= model.max_sample_count:

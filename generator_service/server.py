@@ -13,7 +13,7 @@ from imagegen.generator.v1 import generator_service_pb2 as pb
 from imagegen.generator.v1 import generator_service_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry
 
-from generator_service.config import GeneratorSettings, ModelSpec
+from generator_service.config import ConfigurationError, GeneratorSettings, ModelSpec
 from generator_service.generation import Generator
 from generator_service.interceptors import SharedTokenInterceptor
 from generator_service.metrics import GeneratorMetrics, MeteredProvider, MeteredStorage
@@ -29,7 +29,8 @@ from generator_service.providers.vertex_imagen import VertexImagenProvider
 from generator_service.retry import RetryPolicy
 from generator_service.servicer import GeneratorServicer
 from generator_service.storage.base import Storage
-from generator_service.storage.local import LocalStorage, LocalStorageServer
+from generator_service.storage.local import LocalStorage
+from generator_service.storage.local_http import LocalStorageServer
 from generator_service.storage.supabase import SupabaseStorage
 from imagegen_common.grpc_server import RunningServer, TlsFiles, start_server
 from imagegen_common.lifecycle import run_until_signalled
@@ -154,6 +155,25 @@ async def close_all(closers: list[Any]) -> None:
             log.exception("closing failed", closer=getattr(close, "__qualname__", repr(close)))
 
 
+def check_callers_authenticated(settings: GeneratorSettings) -> None:
+    """A generator reachable beyond loopback must authenticate its callers, unless told otherwise."""
+    if is_loopback_host(settings.host):
+        return
+    token = settings.auth_token.get_secret_value() if settings.auth_token else ""
+    mutual_tls = bool(settings.tls_cert and settings.tls_key and settings.tls_client_ca)
+    if token or mutual_tls:
+        return
+    if settings.allow_unauthenticated:
+        log.warning("serving unauthenticated callers beyond loopback (GEN_ALLOW_UNAUTHENTICATED=true)")
+        return
+    raise ConfigurationError(
+        f"GEN_HOST={settings.host} is reachable beyond loopback but callers are not authenticated: anyone who "
+        "can reach it could generate (at the provider's price) and store images under any user; set "
+        "GEN_AUTH_TOKEN (and JOB_GENERATOR_TOKEN to the same value), or mutual TLS (GEN_TLS_CERT, GEN_TLS_KEY "
+        "and GEN_TLS_CLIENT_CA), or GEN_ALLOW_UNAUTHENTICATED=true if something in front authenticates them"
+    )
+
+
 async def start(settings: GeneratorSettings) -> GeneratorApp:
     """Builds and starts everything. If a step fails (a port in use, unreadable TLS files...), what was
     already built (storage HTTP server, storage, providers, gRPC server) is closed before the error
@@ -161,6 +181,10 @@ async def start(settings: GeneratorSettings) -> GeneratorApp:
     closers: list[Any] = []
     try:
         return await _start(settings, closers)
+    except ConfigurationError as error:
+        log.error("refusing to start", reason=str(error))
+        await close_all(closers)
+        raise
     except BaseException:
         await close_all(closers)
         raise
@@ -170,22 +194,35 @@ async def _start(settings: GeneratorSettings, closers: list[Any]) -> GeneratorAp
     """`closers` receives a closer for each part as soon as it is built."""
     tls_configured = bool(settings.tls_cert and settings.tls_key)
     check_listener(settings.host, tls_configured, settings.allow_plaintext, "GEN_ALLOW_PLAINTEXT")
-    open_to_network = not is_loopback_host(settings.host)
-    if open_to_network and not (settings.auth_token or (tls_configured and settings.tls_client_ca)):
-        log.warning("callers are not authenticated: set GEN_AUTH_TOKEN or GEN_TLS_CLIENT_CA (docs/security.md)")
+    check_callers_authenticated(settings)
     # One registry per app: several apps (tests) can live in one process.
     registry = CollectorRegistry()
     rpc_metrics = RpcMetrics.create(registry)
     metrics = GeneratorMetrics(registry)
     storage: Storage
     if settings.storage_backend == "local":
-        http = LocalStorageServer(settings.storage_dir, settings.storage_http_host, settings.storage_http_port)
+        http = LocalStorageServer(
+            settings.storage_dir,
+            settings.storage_http_host,
+            settings.storage_http_port,
+            bucket=settings.storage_bucket,
+            prefix=settings.storage_prefix,
+            request_timeout_seconds=settings.storage_http_request_timeout_seconds,
+            send_timeout_seconds=settings.storage_http_send_timeout_seconds,
+            max_connections=settings.storage_http_max_connections,
+        )
         http.start()
         closers.append(http.stop)
         base = settings.storage_public_base_url or f"http://{settings.storage_http_host}:{http.port}"
         storage = LocalStorage(settings.storage_dir, settings.storage_bucket, base, settings.storage_prefix)
     else:
-        storage = build_supabase_storage(settings)
+        supabase = build_supabase_storage(settings)
+        try:
+            await supabase.check_bucket()
+        except BaseException:
+            await supabase.aclose()
+            raise
+        storage = supabase
     storage = MeteredStorage(storage, settings.storage_backend, metrics)
     closers.append(storage.aclose)
 

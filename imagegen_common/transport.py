@@ -7,16 +7,22 @@ from pathlib import Path
 
 import grpc
 
-_LOCAL_NAMES = {"localhost", "ip6-localhost"}
-
 
 class PlaintextRefusedError(ValueError):
     """The configuration would serve (or call) plaintext gRPC beyond this machine without saying so."""
 
 
 def is_loopback_host(host: str) -> bool:
-    host = host.strip().strip("[]").lower()
-    if host in _LOCAL_NAMES or host.endswith(".localhost"):
+    """Whether `host` can only mean this machine: an IP literal in 127.0.0.0/8 or ::1, or the name `localhost`.
+
+    Strict on purpose, because it decides whether plaintext and the development defaults are safe: other
+    names (`*.localhost`, `ip6-localhost`, anything resolved by a DNS server) may resolve elsewhere, and
+    0.0.0.0 / :: listen on every interface.
+    """
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -40,10 +46,14 @@ def target_is_local(target: str) -> bool:
     for scheme in ("ipv4:", "ipv6:"):
         if target.startswith(scheme):
             return all(is_loopback_host(_split_host(a)) for a in target[len(scheme) :].split(",") if a)
-    if target.startswith("dns:"):
-        target = target[4:].lstrip("/")
-        if "/" in target:  # dns://authority/host:port
-            target = target.split("/", 1)[1]
+    if target.startswith("dns://"):
+        authority, _, target = target[len("dns://") :].partition("/")
+        if authority:  # dns://8.8.8.8/localhost: that server says where "localhost" is
+            return False
+    elif target.startswith("dns:"):
+        target = target[len("dns:") :]
+    if "/" in target:  # another scheme, or not a target at all
+        return False
     return is_loopback_host(_split_host(target))
 
 

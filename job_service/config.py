@@ -33,7 +33,8 @@ class JobSettings(BaseSettings):
     migrate_on_start: bool = True
 
     # Auth (Supabase JWTs). The default secret is the local development one (see dev_tokens); set a
-    # real secret, or SUPABASE_URL for JWKS, anywhere else. The service warns when it runs with it.
+    # real secret, or SUPABASE_URL for JWKS, anywhere else. The service warns when it runs with it, and refuses
+    # to start with it when SUPABASE_URL is set or any listener (host, metrics_host) is beyond loopback.
     jwt_secret: SecretStr | None = Field(
         default=SecretStr(DEV_JWT_SECRET),
         validation_alias=AliasChoices("SUPABASE_JWT_SECRET", "JOB_JWT_SECRET"),
@@ -112,9 +113,10 @@ class JobSettings(BaseSettings):
     # (host 127.0.0.1 / a generator on this machine); true: allowed anywhere (a private network, a proxy
     # that terminates TLS); false: never.
     allow_plaintext: bool | None = None
-    # Prometheus /metrics on this port (0: off), on metrics_host.
+    # Prometheus /metrics on this port (0: off), on metrics_host: loopback unless set (a scraper elsewhere needs
+    # e.g. 0.0.0.0, which also makes the development secret refused, as for host).
     metrics_port: int = 0
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"
     # When set, event-loop lag (a histogram, see imagegen_common.loop_lag) is written to this file every second.
     loop_lag_file: Path | None = None
     log_format: LogFormat = "console"

@@ -24,7 +24,7 @@ from imagegen_common.lifecycle import run_until_signalled
 from imagegen_common.metrics import MetricsServer, RpcMetrics
 from imagegen_common.migrate import migrate
 from imagegen_common.rpc_observability import OutgoingCalls, ServerObservability
-from imagegen_common.transport import check_client, check_listener, target_is_local
+from imagegen_common.transport import check_client, check_listener, is_loopback_host, target_is_local
 from job_service.auth import JwksKeys, ServiceApiKeys, TokenVerifier
 from job_service.config import ConfigurationError, JobSettings
 from job_service.dispatcher import Dispatcher, DispatcherConfig
@@ -50,6 +50,40 @@ def resolve_database_url(settings: JobSettings) -> tuple[str, EmbeddedPostgres |
     return embedded.url(), embedded
 
 
+def exposed_listeners(settings: JobSettings) -> list[str]:
+    """Every listener bound beyond loopback, as the setting that binds it (the gRPC and the metrics one)."""
+    exposed = []
+    if not is_loopback_host(settings.host):
+        exposed.append(f"JOB_HOST={settings.host}")
+    if settings.metrics_port and not is_loopback_host(settings.metrics_host):
+        exposed.append(f"JOB_METRICS_HOST={settings.metrics_host}")
+    return exposed
+
+
+def check_jwt_secret(settings: JobSettings) -> None:
+    """Refuses the public development secret anywhere but a service only this machine can reach.
+
+    Anyone can mint tokens with it, a `role: service_role` one included (every job, any credit grant).
+    """
+    secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
+    if secret != DEV_JWT_SECRET:
+        return
+    if settings.supabase_url and "jwt_secret" not in settings.model_fields_set:
+        # A real project left on the default (public) development secret.
+        raise ConfigurationError(
+            "SUPABASE_URL is set but SUPABASE_JWT_SECRET is the public development secret; set it to the "
+            "project's JWT secret, or to an empty value to accept only JWKS-signed (ES256/RS256) tokens"
+        )
+    exposed = exposed_listeners(settings)
+    if exposed:
+        raise ConfigurationError(
+            f"SUPABASE_JWT_SECRET is the public development secret, with which anyone can mint a service_role "
+            f"token, and this service listens beyond loopback ({', '.join(exposed)}); set SUPABASE_JWT_SECRET to a "
+            "secret of your own (e.g. `openssl rand -base64 48`; the project's JWT secret with Supabase), or to an "
+            "empty value with SUPABASE_URL to accept only JWKS-signed tokens, or bind to 127.0.0.1"
+        )
+
+
 def build_verifier(settings: JobSettings, http: httpx.AsyncClient) -> TokenVerifier:
     jwks = None
     issuer = settings.jwt_issuer
@@ -67,12 +101,7 @@ def build_verifier(settings: JobSettings, http: httpx.AsyncClient) -> TokenVerif
             raise ConfigurationError(f"JOB_JWKS_MAX_STALE_SECONDS: {exc}") from None
         issuer = issuer or f"{base}/auth/v1"
     secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
-    if secret == DEV_JWT_SECRET and settings.supabase_url and "jwt_secret" not in settings.model_fields_set:
-        # A real project left on the default (public) development secret: anyone could mint tokens.
-        raise ConfigurationError(
-            "SUPABASE_URL is set but SUPABASE_JWT_SECRET is the public development secret; set it to the "
-            "project's JWT secret, or to an empty value to accept only JWKS-signed (ES256/RS256) tokens"
-        )
+    check_jwt_secret(settings)
     if secret == DEV_JWT_SECRET:
         log.warning(
             "accepting tokens signed with the local development secret; set SUPABASE_JWT_SECRET or "
@@ -230,7 +259,9 @@ async def connect_database(settings: JobSettings, dsn: str) -> asyncpg.Pool:
 
 
 async def start(settings: JobSettings) -> JobApp:
+    # Both before anything starts, so a refused configuration leaves nothing running.
     check_transport(settings)
+    check_jwt_secret(settings)
     dsn, embedded = resolve_database_url(settings)
     pool = await connect_database(settings, dsn)
     # One registry per app: several apps (tests) can live in one process.

@@ -2,17 +2,14 @@
 
 URLs look like {base}/storage/v1/object/public/{bucket}/{key}, so a client that handles Supabase
 public URLs handles these the same way. The key is the path under the storage prefix, if one is set,
-as in Supabase storage.
+as in Supabase storage. The HTTP server that serves them is local_http.LocalStorageServer.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 from generator_service.blocking import run_sized
 from generator_service.storage.base import UploadedObject
@@ -64,39 +61,3 @@ class LocalStorage:
 
     async def aclose(self) -> None:
         return None
-
-
-class _PublicObjectHandler(SimpleHTTPRequestHandler):
-    """Serves GET {PUBLIC_PREFIX}{bucket}/{path} from the storage folder; nothing else."""
-
-    def translate_path(self, path: str) -> str:
-        clean = path.split("?", 1)[0].split("#", 1)[0]
-        if not clean.startswith(PUBLIC_PREFIX):
-            return "/nonexistent"
-        return super().translate_path("/" + clean[len(PUBLIC_PREFIX) :])
-
-    def list_directory(self, path: str | os.PathLike[str]) -> Any:
-        self.send_error(404, "Object not found")
-        return None
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return None
-
-
-class LocalStorageServer:
-    """A small threaded HTTP server for the storage folder (stdlib; reads are file copies)."""
-
-    def __init__(self, root: Path, host: str, port: int) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        handler = partial(_PublicObjectHandler, directory=str(root))
-        self._httpd = ThreadingHTTPServer((host, port), handler)
-        self._httpd.daemon_threads = True
-        self.port = int(self._httpd.server_address[1])
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="storage-http", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()

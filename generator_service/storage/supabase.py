@@ -23,6 +23,7 @@ from storage3 import AsyncStorageClient
 from storage3.exceptions import StorageApiError
 
 from generator_service import timeouts
+from generator_service.config import ConfigurationError
 from generator_service.domain import generation_error
 from generator_service.retry import RetryPolicy
 from generator_service.storage.base import UploadedObject
@@ -106,6 +107,21 @@ def _service_error(exc: Exception, action: str, key: str) -> ServiceError:
     return generation_error(ErrorKind.FAILED_PRECONDITION, "STORAGE_REJECTED", f"{what}: {said}", retryable=False)
 
 
+async def _refuse_redirects(response: httpx.Response) -> None:
+    """Storage's API never redirects; a redirect (a proxy, a wrong GEN_SUPABASE_URL) is not followed, because
+    following it would carry the service key (`apikey`, `Authorization`) to wherever it points."""
+    if response.is_redirect:
+        target = response.headers.get("location", "")[:200]
+        raise generation_error(
+            ErrorKind.FAILED_PRECONDITION,
+            "STORAGE_REDIRECTED",
+            f"storage answered {response.request.method} {response.request.url.path[:200]} with a redirect "
+            f"(HTTP {response.status_code}) to {target!r}; redirects are not followed so the service key stays "
+            "with GEN_SUPABASE_URL: set GEN_SUPABASE_URL to the Storage origin itself",
+            retryable=False,
+        )
+
+
 class SupabaseStorage:
     def __init__(
         self,
@@ -144,7 +160,12 @@ class SupabaseStorage:
         signed_url_ttl_seconds: int = 3600,
     ) -> SupabaseStorage:
         # Our own httpx client, so the timeout is ours and closing it is ours (storage3 deprecates `timeout`).
-        http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_seconds), follow_redirects=True)
+        # Redirects are refused, not followed: the client sends the service key with every request.
+        http = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_seconds),
+            follow_redirects=False,
+            event_hooks={"response": [_refuse_redirects]},
+        )
         client = AsyncStorageClient(
             f"{supabase_url.rstrip('/')}/storage/v1/",
             {"apikey": service_key, "Authorization": f"Bearer {service_key}"},
@@ -159,6 +180,39 @@ class SupabaseStorage:
             signed_url_ttl_seconds=signed_url_ttl_seconds,
             http=http,
         )
+
+    async def check_bucket(self) -> None:
+        """At start: the bucket exists and is as public as GEN_STORAGE_PUBLIC says.
+
+        Otherwise the first job would find out: a missing bucket fails every upload, and public URLs of a
+        private bucket answer 400 to whoever opens them while the jobs complete (and are charged).
+        """
+        setting = f"GEN_STORAGE_BUCKET={self._bucket!r}"
+        try:
+            bucket = await self._retrying("check", self._bucket, lambda: self._client.get_bucket(self._bucket))
+        except ServiceError as error:
+            if error.reason == "STORAGE_BUCKET_NOT_FOUND":
+                raise ConfigurationError(
+                    f"{setting}: bucket not found in the project at GEN_SUPABASE_URL; create it (public or "
+                    "private, matching GEN_STORAGE_PUBLIC) or set GEN_STORAGE_BUCKET to one that exists"
+                ) from error
+            if error.reason == "STORAGE_PERMISSION_DENIED":
+                raise ConfigurationError(
+                    f"{setting}: Storage refused GEN_SUPABASE_SERVICE_KEY (it needs the service-role or secret "
+                    f"key): {error.message}"
+                ) from error
+            raise ConfigurationError(f"{setting}: the bucket could not be checked: {error.message}") from error
+        if bucket.public != self._public:
+            actual = "public" if bucket.public else "private"
+            result = (
+                "public URLs, which a private bucket answers with 400"
+                if self._public
+                else "signed URLs, although anyone can read the public bucket's objects"
+            )
+            raise ConfigurationError(
+                f"{setting} is {actual} but GEN_STORAGE_PUBLIC={str(self._public).lower()} would hand out "
+                f"{result}; set GEN_STORAGE_PUBLIC={str(bucket.public).lower()} or change the bucket"
+            )
 
     def object_key(self, path: str) -> str:
         return f"{self._prefix}/{path}" if self._prefix else path

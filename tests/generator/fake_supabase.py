@@ -6,7 +6,11 @@ Stands in for `{SUPABASE_URL}/storage/v1` (external-apis.md §3 and §6):
 - POST /storage/v1/object/sign/{bucket}/{path} with {"expiresIn"}: answers
   {"signedURL": "/object/sign/{bucket}/{path}?token=..."} (relative, as the real server does).
 - GET /storage/v1/object/public/{bucket}/{path} (public buckets only), GET /storage/v1/object/sign/...?token=.
-Errors come back as HTTP 400 with the real status in the body's `statusCode` string, like the real server.
+- GET /storage/v1/bucket/{id}: the bucket (`id`, `name`, `owner`, `public`, `file_size_limit`,
+  `allowed_mime_types`, `created_at`, `updated_at`, `type`), as storage3's `get_bucket` reads it.
+Errors come back as HTTP 400 with the real status in the body's `statusCode` string, like the real server: a
+missing bucket is statusCode "404" "Bucket not found"; a request without an Authorization header statusCode "400"
+(InvalidRequest); a wrong key statusCode "403".
 """
 
 from __future__ import annotations
@@ -70,8 +74,14 @@ class FakeSupabaseStorage(FakeService):
             return self._read_public(path.removeprefix("/object/public/"))
         if request.method == "GET" and path.startswith("/object/sign/"):
             return self._read_signed(path.removeprefix("/object/sign/"), request)
+        if "authorization" not in request.headers:
+            return storage_error(
+                "400", "Error", "headers must have required property 'authorization'", "InvalidRequest"
+            )
         if not self._authorized(request):
             return storage_error("403", "Unauthorized", "signature verification failed", "AccessDenied")
+        if request.method == "GET" and path.startswith("/bucket/"):
+            return self._bucket(path.removeprefix("/bucket/"))
         if request.method == "POST" and path.startswith("/object/sign/"):
             return self._sign(path.removeprefix("/object/sign/"), request)
         if request.method == "POST" and path.startswith("/object/"):
@@ -84,6 +94,24 @@ class FakeSupabaseStorage(FakeService):
         return (
             request.headers.get("authorization") == f"Bearer {self.service_key}"
             and request.headers.get("apikey") == self.service_key
+        )
+
+    def _bucket(self, bucket_id: str) -> Reply:
+        if bucket_id not in self.buckets:
+            return storage_error("404", "Bucket not found", "Bucket not found", "NoSuchBucket")
+        made = "2026-11-01T10:00:00.000Z"
+        return Reply.json(
+            {
+                "id": bucket_id,
+                "name": bucket_id,
+                "owner": "",
+                "public": self.buckets[bucket_id],
+                "file_size_limit": None,
+                "allowed_mime_types": None,
+                "created_at": made,
+                "updated_at": made,
+                "type": "STANDARD",
+            }
         )
 
     def _split(self, rest: str) -> tuple[str, str] | None:

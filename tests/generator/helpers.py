@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,6 +22,17 @@ from generator_service.retry import RetryPolicy
 from generator_service.server import GeneratorApp, start
 from tests.generator.fake_google import FakeGeminiImagen
 
+# The generator takes UUIDs only for the ids that name storage folders (user, job).
+USER_ID = "0b6c3f4e-2d5a-4c1b-9e8f-7a6d5c4b3a21"
+
+
+def job_uuid(name: str) -> str:
+    """A job id for a readable name: the same UUID for the same name, so a test can refer back to it."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"imagegen-test-job:{name}"))
+
+
+JOB_ID = job_uuid("job-1")
+
 FAST_RETRIES = RetryPolicy(
     max_retries=3, max_total_seconds=10.0, backoff_initial_seconds=0.01, backoff_max_seconds=0.05
 )
@@ -28,9 +40,9 @@ FAST_RETRIES = RetryPolicy(
 
 def make_request(**overrides: Any) -> GenerationRequest:
     fields: dict[str, Any] = {
-        "job_id": "job-1",
+        "job_id": JOB_ID,
         "attempt": 1,
-        "user_id": "user-1",
+        "user_id": USER_ID,
         "prompt": "a lighthouse at dusk",
         "model": "imagen-4.0-generate-001",
         "sample_count": 2,
@@ -116,9 +128,9 @@ def gemini_settings(tmp_path: Path, api: FakeGeminiImagen, **overrides: Any) -> 
 def generate_request(**overrides: Any) -> pb.GenerateRequest:
     """A valid GenerateRequest for the local model (two images), with the fields given replaced."""
     fields: dict[str, Any] = {
-        "job_id": "job-1",
+        "job_id": JOB_ID,
         "attempt": 1,
-        "user_id": "user-1",
+        "user_id": USER_ID,
         "prompt": "a lighthouse at dusk",
         "model": "local",
         "sample_count": 2,

@@ -21,7 +21,16 @@ from generator_service.server import GeneratorApp, start
 from imagegen_common.errors import ErrorKind, ServiceError
 from imagegen_common.grpc_errors import from_status_proto
 from tests.generator.fake_google import FakeGeminiImagen, hang
-from tests.generator.helpers import eventually, gemini_settings, generate_request, running, settings_for
+from tests.generator.helpers import (
+    JOB_ID,
+    USER_ID,
+    eventually,
+    gemini_settings,
+    generate_request,
+    job_uuid,
+    running,
+    settings_for,
+)
 
 SERVICE = "imagegen.generator.v1.GeneratorService"
 GENERATE_MANY = f"/{SERVICE}/GenerateMany"
@@ -171,7 +180,7 @@ def attempts_in_flight(app: GeneratorApp) -> float:
 
 async def test_attempts_on_one_stream_each_get_their_own_events_and_half_closing_ends_it_ok(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, local_latency_min_seconds=0.3, local_latency_max_seconds=0.6)
-    jobs = ["job-a", "job-b", "job-c"]
+    jobs = [job_uuid("job-a"), job_uuid("job-b"), job_uuid("job-c")]
     async with running(settings) as (_app, stub), many(stub) as stream:
         for job in jobs:
             stream.start(job_id=job, sample_count=2)
@@ -188,9 +197,9 @@ async def test_attempts_on_one_stream_each_get_their_own_events_and_half_closing
         mine = [r.event for r in responses if r.job_id == job]
         assert mine[0].started == pb.GenerationStarted(provider="local", model="local")
         paths = sorted(e.image_stored.storage_path for e in mine if e.HasField("image_stored"))
-        assert paths == [f"user-1/{job}/1-0.png", f"user-1/{job}/1-1.png"]
+        assert paths == [f"{USER_ID}/{job}/1-0.png", f"{USER_ID}/{job}/1-1.png"]
         assert mine[-1].completed == pb.GenerationCompleted(delivered_count=2, filtered_count=0)
-        assert sorted(p.name for p in (tmp_path / "storage" / "images" / "user-1" / job).iterdir()) == [
+        assert sorted(p.name for p in (tmp_path / "storage" / "images" / USER_ID / job).iterdir()) == [
             "1-0.png",
             "1-1.png",
         ]
@@ -199,22 +208,22 @@ async def test_attempts_on_one_stream_each_get_their_own_events_and_half_closing
 async def test_one_attempts_error_leaves_the_other_attempts_on_the_stream_alone(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, local_latency_min_seconds=0.3, local_latency_max_seconds=0.3)
     async with running(settings) as (_app, stub), many(stub) as stream:
-        stream.start(job_id="job-good", sample_count=1)
-        stream.start(job_id="job-bad", model="no-such-model")
-        await stream.read_until(ended(("job-bad", 1)))
+        stream.start(job_id=job_uuid("job-good"), sample_count=1)
+        stream.start(job_id=job_uuid("job-bad"), model="no-such-model")
+        await stream.read_until(ended((job_uuid("job-bad"), 1)))
         # The stream is still open after an attempt's error: another attempt can start on it.
-        stream.start(job_id="job-later", sample_count=1)
-        await stream.read_until(ended(("job-good", 1), ("job-later", 1)))
+        stream.start(job_id=job_uuid("job-later"), sample_count=1)
+        await stream.read_until(ended((job_uuid("job-good"), 1), (job_uuid("job-later"), 1)))
         stream.half_close()
         responses = await stream.read_to_end()
         assert await stream.call.code() == grpc.StatusCode.OK
 
     assert outcomes(responses) == {
-        ("job-good", 1): ["started", "image_stored", "completed"],
-        ("job-bad", 1): ["error"],
-        ("job-later", 1): ["started", "image_stored", "completed"],
+        (job_uuid("job-good"), 1): ["started", "image_stored", "completed"],
+        (job_uuid("job-bad"), 1): ["error"],
+        (job_uuid("job-later"), 1): ["started", "image_stored", "completed"],
     }
-    bad = the_error(responses, ("job-bad", 1))
+    bad = the_error(responses, (job_uuid("job-bad"), 1))
     assert code_pb2.Code.Name(bad.error.code) == "INVALID_ARGUMENT"
     error = error_of(bad)
     assert (error.kind, error.reason, error.metadata) == (
@@ -225,7 +234,7 @@ async def test_one_attempts_error_leaves_the_other_attempts_on_the_stream_alone(
     assert error_domain(bad) == "imagegen.generator.v1"
     assert [v.field for v in error.violations] == ["model"]
     assert "no-such-model" in error.message
-    assert not (tmp_path / "storage" / "images" / "user-1" / "job-bad").exists()
+    assert not (tmp_path / "storage" / "images" / USER_ID / job_uuid("job-bad")).exists()
 
 
 async def test_stopping_an_attempt_cancels_its_provider_request_and_nothing_more_comes_for_it(
@@ -236,61 +245,61 @@ async def test_stopping_an_attempt_cancels_its_provider_request_and_nothing_more
         tmp_path, gemini_imagen_api, local_latency_min_seconds=0.3, local_latency_max_seconds=0.3
     )
     async with running(settings) as (_app, stub), many(stub) as stream:
-        stream.start(job_id="job-stopped", model=GEMINI_MODEL)
-        await stream.read_until(got(("job-stopped", 1), "started"))
+        stream.start(job_id=job_uuid("job-stopped"), model=GEMINI_MODEL)
+        await stream.read_until(got((job_uuid("job-stopped"), 1), "started"))
         assert await eventually(lambda: len(gemini_imagen_api.requests) == 1)
-        stream.start(job_id="job-other", sample_count=1)
+        stream.start(job_id=job_uuid("job-other"), sample_count=1)
 
-        stream.stop("job-stopped", 1)
+        stream.stop(job_uuid("job-stopped"), 1)
 
         # The provider sees the generator hang up, while the other attempt goes on to complete.
         assert await eventually(lambda: gemini_imagen_api.http.disconnects == 1, within=10)
-        await stream.read_until(ended(("job-other", 1)))
+        await stream.read_until(ended((job_uuid("job-other"), 1)))
         # Stopping an attempt that does not run here, or one already stopped or ended, changes nothing:
         # no answer for it, and the stream still serves.
-        stream.stop("job-unknown", 7)
-        stream.stop("job-stopped", 1)
-        stream.stop("job-other", 1)
-        stream.start(job_id="job-after", sample_count=1)
-        await stream.read_until(ended(("job-after", 1)))
+        stream.stop(job_uuid("job-unknown"), 7)
+        stream.stop(job_uuid("job-stopped"), 1)
+        stream.stop(job_uuid("job-other"), 1)
+        stream.start(job_id=job_uuid("job-after"), sample_count=1)
+        await stream.read_until(ended((job_uuid("job-after"), 1)))
         stream.half_close()
         responses = await stream.read_to_end()
         assert await stream.call.code() == grpc.StatusCode.OK
 
     assert outcomes(responses) == {
-        ("job-stopped", 1): ["started"],
-        ("job-other", 1): ["started", "image_stored", "completed"],
-        ("job-after", 1): ["started", "image_stored", "completed"],
+        (job_uuid("job-stopped"), 1): ["started"],
+        (job_uuid("job-other"), 1): ["started", "image_stored", "completed"],
+        (job_uuid("job-after"), 1): ["started", "image_stored", "completed"],
     }
     assert len(gemini_imagen_api.requests) == 1  # not retried after the stop
-    assert not (tmp_path / "storage" / "images" / "user-1" / "job-stopped").exists()
+    assert not (tmp_path / "storage" / "images" / USER_ID / job_uuid("job-stopped")).exists()
 
 
 async def test_starting_an_attempt_that_runs_already_is_refused_and_the_first_goes_on(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, local_latency_min_seconds=1.0, local_latency_max_seconds=1.0)
     async with running(settings) as (_app, stub), many(stub) as stream:
-        stream.start(job_id="job-1", attempt=1, sample_count=2)
-        await stream.read_until(got(("job-1", 1), "started"))
-        stream.start(job_id="job-1", attempt=1, sample_count=2)
-        await stream.read_until(ended(("job-1", 1)))
+        stream.start(job_id=JOB_ID, attempt=1, sample_count=2)
+        await stream.read_until(got((JOB_ID, 1), "started"))
+        stream.start(job_id=JOB_ID, attempt=1, sample_count=2)
+        await stream.read_until(ended((JOB_ID, 1)))
         first = list(stream.received)
-        await stream.read_until(got(("job-1", 1), "completed"))
+        await stream.read_until(got((JOB_ID, 1), "completed"))
         # Once it has ended it no longer runs: starting it again runs it again.
-        stream.start(job_id="job-1", attempt=1, sample_count=1)
+        stream.start(job_id=JOB_ID, attempt=1, sample_count=1)
         await stream.read_until(lambda rs: [outcome(r) for r in rs].count("completed") == 2)
         stream.half_close()
         responses = await stream.read_to_end()
         assert await stream.call.code() == grpc.StatusCode.OK
 
     assert [outcome(r) for r in first] == ["started", "error"]
-    error = error_of(the_error(responses, ("job-1", 1)))
+    error = error_of(the_error(responses, (JOB_ID, 1)))
     assert (error.kind, error.reason, error.metadata["retryable"]) == (
         ErrorKind.ALREADY_EXISTS,
         "ATTEMPT_RUNNING",
         "false",
     )
     assert outcomes(responses) == {
-        ("job-1", 1): [
+        (JOB_ID, 1): [
             *["started", "error", "image_stored", "image_stored", "completed"],
             *["started", "image_stored", "completed"],
         ]
@@ -302,20 +311,20 @@ async def test_starting_an_attempt_that_runs_already_is_refused_and_the_first_go
 async def test_an_attempt_stopped_and_started_again_at_once_runs_again(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, local_latency_min_seconds=1.0, local_latency_max_seconds=1.0)
     async with running(settings) as (_app, stub), many(stub) as stream:
-        stream.start(job_id="job-1", attempt=1, sample_count=2)
-        await stream.read_until(got(("job-1", 1), "started"))
+        stream.start(job_id=JOB_ID, attempt=1, sample_count=2)
+        await stream.read_until(got((JOB_ID, 1), "started"))
         # Sent together: the stop must take effect before the start is looked at.
-        stream.stop("job-1", 1)
-        stream.start(job_id="job-1", attempt=1, sample_count=1)
-        await stream.read_until(got(("job-1", 1), "completed"))
+        stream.stop(JOB_ID, 1)
+        stream.start(job_id=JOB_ID, attempt=1, sample_count=1)
+        await stream.read_until(got((JOB_ID, 1), "completed"))
         # Stopped before its task ever ran: the stream still ends when asked.
-        stream.start(job_id="job-2", attempt=1, sample_count=1)
-        stream.stop("job-2", 1)
+        stream.start(job_id=job_uuid("job-2"), attempt=1, sample_count=1)
+        stream.stop(job_uuid("job-2"), 1)
         stream.half_close()
         responses = await stream.read_to_end()
         assert await stream.call.code() == grpc.StatusCode.OK
 
-    job_1 = outcomes(responses)[("job-1", 1)]
+    job_1 = outcomes(responses)[(JOB_ID, 1)]
     assert job_1 == ["started", "started", "image_stored", "completed"], job_1
     assert [r.event.completed.delivered_count for r in responses if outcome(r) == "completed"] == [1]
 
@@ -327,9 +336,9 @@ async def test_cancelling_the_call_stops_every_attempt_on_it(
     # The local attempt would wait 30 s before rendering: only a cancel ends it sooner.
     settings = gemini_settings(tmp_path, gemini_imagen_api, local_latency_min_seconds=30, local_latency_max_seconds=30)
     async with running(settings) as (app, stub), many(stub) as stream:
-        stream.start(job_id="job-g1", model=GEMINI_MODEL)
-        stream.start(job_id="job-g2", model=GEMINI_MODEL)
-        stream.start(job_id="job-local")
+        stream.start(job_id=job_uuid("job-g1"), model=GEMINI_MODEL)
+        stream.start(job_id=job_uuid("job-g2"), model=GEMINI_MODEL)
+        stream.start(job_id=job_uuid("job-local"))
         await stream.read_until(lambda rs: [outcome(r) for r in rs].count("started") == 3)
         assert await eventually(lambda: len(gemini_imagen_api.requests) == 2)
         assert attempts_in_flight(app) == 3
@@ -342,7 +351,7 @@ async def test_cancelling_the_call_stops_every_attempt_on_it(
         assert await stream.call.code() == grpc.StatusCode.CANCELLED
         await asyncio.sleep(0.2)
         assert len(gemini_imagen_api.requests) == 2  # nothing retried after the cancel
-    assert not (tmp_path / "storage" / "images" / "user-1").exists()
+    assert not (tmp_path / "storage" / "images" / USER_ID).exists()
 
 
 async def test_a_draining_generator_refuses_new_attempts_finishes_its_own_then_ends_the_stream_ok(
@@ -358,15 +367,15 @@ async def test_a_draining_generator_refuses_new_attempts_finishes_its_own_then_e
             stub = pb_grpc.GeneratorServiceStub(channel)
             async with many(stub) as idle, many(stub) as stream:
                 # A stream whose attempts are all done when the drain begins.
-                idle.start(job_id="job-early", sample_count=1)
-                await idle.read_until(ended(("job-early", 1)))
-                stream.start(job_id="job-a", sample_count=2)
-                stream.start(job_id="job-b", sample_count=1)
+                idle.start(job_id=job_uuid("job-early"), sample_count=1)
+                await idle.read_until(ended((job_uuid("job-early"), 1)))
+                stream.start(job_id=job_uuid("job-a"), sample_count=2)
+                stream.start(job_id=job_uuid("job-b"), sample_count=1)
                 await stream.read_until(lambda rs: [outcome(r) for r in rs].count("started") == 2)
 
                 stopping = asyncio.create_task(app.stop())
                 await asyncio.sleep(0)  # app.stop() starts the drain before its first await
-                stream.start(job_id="job-late", sample_count=1)
+                stream.start(job_id=job_uuid("job-late"), sample_count=1)
 
                 # Neither client half-closes: the generator ends each stream once its attempts are done, the
                 # idle one at once, well within the grace period (they end by themselves, not cut off by it).
@@ -381,13 +390,13 @@ async def test_a_draining_generator_refuses_new_attempts_finishes_its_own_then_e
         else:
             await stopping
 
-    assert outcomes(idle.received) == {("job-early", 1): ["started", "image_stored", "completed"]}
+    assert outcomes(idle.received) == {(job_uuid("job-early"), 1): ["started", "image_stored", "completed"]}
     assert outcomes(responses) == {
-        ("job-a", 1): ["started", "image_stored", "image_stored", "completed"],
-        ("job-b", 1): ["started", "image_stored", "completed"],
-        ("job-late", 1): ["error"],
+        (job_uuid("job-a"), 1): ["started", "image_stored", "image_stored", "completed"],
+        (job_uuid("job-b"), 1): ["started", "image_stored", "completed"],
+        (job_uuid("job-late"), 1): ["error"],
     }
-    late = the_error(responses, ("job-late", 1))
+    late = the_error(responses, (job_uuid("job-late"), 1))
     assert code_pb2.Code.Name(late.error.code) == "UNAVAILABLE"
     error = error_of(late)
     assert (error.kind, error.reason, error.metadata) == (ErrorKind.UNAVAILABLE, "DRAINING", {"retryable": "true"})
@@ -397,34 +406,36 @@ async def test_a_draining_generator_refuses_new_attempts_finishes_its_own_then_e
 async def test_generate_many_needs_the_shared_token(tmp_path: Path) -> None:
     async with running(settings_for(tmp_path, auth_token=TOKEN)) as (_app, stub):
         async with many(stub) as refused:
-            refused.start(job_id="job-1", sample_count=1)
+            refused.start(job_id=JOB_ID, sample_count=1)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await refused.read()
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
         async with many(stub, bearer("wrong-token")) as wrong:
-            wrong.start(job_id="job-1", sample_count=1)
+            wrong.start(job_id=JOB_ID, sample_count=1)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await wrong.read()
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert not (tmp_path / "storage" / "images" / "user-1").exists()
+        assert not (tmp_path / "storage" / "images" / USER_ID).exists()
 
         async with many(stub, bearer(TOKEN)) as allowed:
-            allowed.start(job_id="job-1", sample_count=1)
-            await allowed.read_until(ended(("job-1", 1)))
+            allowed.start(job_id=JOB_ID, sample_count=1)
+            await allowed.read_until(ended((JOB_ID, 1)))
             allowed.half_close()
             responses = await allowed.read_to_end()
             assert await allowed.call.code() == grpc.StatusCode.OK
-    assert outcomes(responses) == {("job-1", 1): ["started", "image_stored", "completed"]}
+    assert outcomes(responses) == {(JOB_ID, 1): ["started", "image_stored", "completed"]}
 
 
 async def test_each_attempt_is_measured_and_logged_as_its_own_call_continuing_its_trace(tmp_path: Path) -> None:
     trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
         async with running(settings_for(tmp_path)) as (app, stub), many(stub) as stream:
-            stream.start(job_id="job-traced", sample_count=1, traceparent=f"00-{trace_id}-{parent}-01")
-            stream.start(job_id="job-untraced", sample_count=1)
-            stream.start(job_id="job-bad", model="no-such-model")
-            await stream.read_until(ended(("job-traced", 1), ("job-untraced", 1), ("job-bad", 1)))
+            stream.start(job_id=job_uuid("job-traced"), sample_count=1, traceparent=f"00-{trace_id}-{parent}-01")
+            stream.start(job_id=job_uuid("job-untraced"), sample_count=1)
+            stream.start(job_id=job_uuid("job-bad"), model="no-such-model")
+            await stream.read_until(
+                ended((job_uuid("job-traced"), 1), (job_uuid("job-untraced"), 1), (job_uuid("job-bad"), 1))
+            )
             stream.half_close()
             await stream.read_to_end()
 
@@ -433,12 +444,12 @@ async def test_each_attempt_is_measured_and_logged_as_its_own_call_continuing_it
             assert attempts_in_flight(app) == 0
 
     lines = {line["job_id"]: line for line in logs if line["event"] == "rpc" and line.get("method") == GENERATE_MANY}
-    assert set(lines) == {"job-traced", "job-untraced", "job-bad"}
-    traced = lines["job-traced"]
+    assert set(lines) == {job_uuid("job-traced"), job_uuid("job-untraced"), job_uuid("job-bad")}
+    traced = lines[job_uuid("job-traced")]
     assert (traced["code"], traced["trace_id"], traced["parent_span_id"]) == ("OK", trace_id, parent)
-    assert traced["span_id"] != parent and traced["attempt"] == 1 and traced["user_id"] == "user-1"
+    assert traced["span_id"] != parent and traced["attempt"] == 1 and traced["user_id"] == USER_ID
     # Without a traceparent an attempt starts a trace of its own.
-    untraced = lines["job-untraced"]
+    untraced = lines[job_uuid("job-untraced")]
     assert untraced["code"] == "OK" and "parent_span_id" not in untraced
-    assert untraced["trace_id"] not in (trace_id, lines["job-bad"]["trace_id"])
-    assert lines["job-bad"]["code"] == "INVALID_ARGUMENT"
+    assert untraced["trace_id"] not in (trace_id, lines[job_uuid("job-bad")]["trace_id"])
+    assert lines[job_uuid("job-bad")]["code"] == "INVALID_ARGUMENT"

@@ -30,7 +30,7 @@ from imagegen_common.rpc_observability import ServerObservability
 from tests.generator.fake_google import FakeGeminiImage, hang
 from tests.generator.fake_http import Exchange, Reply
 from tests.generator.fake_supabase import FakeSupabaseStorage, storage_error, storage_fault
-from tests.generator.helpers import FAST_RETRIES, eventually, make_model, make_request, provider_http
+from tests.generator.helpers import FAST_RETRIES, JOB_ID, USER_ID, eventually, make_model, make_request, provider_http
 
 LOCAL = make_model("local", "local")
 FLASH_IMAGE = make_model("gemini-2.5-flash-image", "gemini-image")
@@ -160,7 +160,7 @@ async def test_closing_the_servicers_stream_closes_the_attempt_and_the_providers
     provider = SlowSecondImageProvider()
     generator = Generator({"local": LOCAL}, {"local": provider}, MemoryStorage())
     servicer = GeneratorServicer(generator, ServerObservability(RpcMetrics.create(CollectorRegistry())))
-    request = pb.GenerateRequest(job_id="j", attempt=1, user_id="u", prompt="p", model="local", sample_count=3)
+    request = pb.GenerateRequest(job_id=JOB_ID, attempt=1, user_id=USER_ID, prompt="p", model="local", sample_count=3)
     # The method itself, without imagegen_common's error-mapping decorator around it.
     stream: AsyncGenerator[pb.GenerateResponse, None] = inspect.unwrap(GeneratorServicer.Generate)(
         servicer, request, None

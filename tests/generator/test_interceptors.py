@@ -13,7 +13,7 @@ from imagegen.generator.v1 import generator_service_pb2 as pb
 from imagegen.generator.v1 import generator_service_pb2_grpc as pb_grpc
 
 from generator_service.server import start
-from tests.generator.helpers import settings_for
+from tests.generator.helpers import JOB_ID, USER_ID, settings_for
 from tests.support.logs import captured_logs
 from tests.support.rpc_errors import RpcFailure, failure_of
 
@@ -38,7 +38,7 @@ async def test_calls_with_the_token_are_served(channel: grpc.aio.Channel) -> Non
     stub = pb_grpc.GeneratorServiceStub(channel)
     reply = await stub.ListModels(pb.ListModelsRequest(), metadata=bearer(TOKEN))
     assert [m.id for m in reply.models] == ["local"]
-    request = pb.GenerateRequest(job_id="j", attempt=1, user_id="u", prompt="p", model="local", sample_count=1)
+    request = pb.GenerateRequest(job_id=JOB_ID, attempt=1, user_id=USER_ID, prompt="p", model="local", sample_count=1)
     events = [e async for e in stub.Generate(request, metadata=bearer(TOKEN))]
     assert events[-1].completed.delivered_count == 1
 
@@ -51,7 +51,7 @@ async def test_unary_and_streaming_calls_without_the_right_token_are_unauthentic
     with pytest.raises(grpc.aio.AioRpcError) as unary:
         await stub.ListModels(pb.ListModelsRequest(), metadata=metadata)
     assert unary.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    request = pb.GenerateRequest(job_id="j", attempt=1, user_id="u", prompt="p", model="local", sample_count=1)
+    request = pb.GenerateRequest(job_id=JOB_ID, attempt=1, user_id=USER_ID, prompt="p", model="local", sample_count=1)
     with pytest.raises(grpc.aio.AioRpcError) as streaming:
         _ = [e async for e in stub.Generate(request, metadata=metadata)]
     assert streaming.value.code() == grpc.StatusCode.UNAUTHENTICATED

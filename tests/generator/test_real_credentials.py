@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import uuid
 from pathlib import Path
 
 import grpc
@@ -25,6 +26,7 @@ from PIL import Image
 
 from generator_service.config import GeneratorSettings
 from generator_service.server import start
+from tests.generator.helpers import USER_ID
 
 HAS_VERTEX = bool(os.environ.get("GOOGLE_APPLICATION_CREDENTIALS") and os.environ.get("GEN_VERTEX_PROJECT"))
 HAS_GEMINI = bool(os.environ.get("GEN_GEMINI_API_KEY"))
@@ -63,9 +65,9 @@ async def test_real_provider_generates_and_real_storage_serves_the_image(tmp_pat
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
             stub = pb_grpc.GeneratorServiceStub(channel)
             request = pb.GenerateRequest(
-                job_id=f"opt-in-{os.getpid()}",
+                job_id=str(uuid.uuid4()),
                 attempt=1,
-                user_id="imagegen-test",
+                user_id=USER_ID,
                 model=model,
                 sample_count=1,
                 prompt="A watercolour painting of a red lighthouse on a rocky coast at dusk",

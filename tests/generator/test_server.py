@@ -24,7 +24,17 @@ from tests.generator import helpers
 from tests.generator.fake_google import FakeGeminiImagen, answer_json, fail, hang, image_bytes
 from tests.generator.fake_http import Reply
 from tests.generator.fake_supabase import FakeSupabaseStorage, storage_fault
-from tests.generator.helpers import eventually, gemini_settings, make_model, make_request, running, settings_for
+from tests.generator.helpers import (
+    JOB_ID,
+    USER_ID,
+    eventually,
+    gemini_settings,
+    job_uuid,
+    make_model,
+    make_request,
+    running,
+    settings_for,
+)
 
 FAST_MODEL_ID = "gemini-api/imagen-4.0-fast-generate-001"
 
@@ -76,12 +86,12 @@ async def test_generate_streams_events_and_stores_the_providers_bytes(
     assert events[0].started == pb.GenerationStarted(provider="gemini-imagen", model=FAST_MODEL_ID)
     stored = sorted((e.image_stored for e in events if e.HasField("image_stored")), key=lambda s: s.index)
     assert [(s.index, s.storage_path, s.mime_type, s.width, s.height) for s in stored] == [
-        (0, "user-1/job-1/1-0.png", "image/png", 768, 1408),
-        (1, "user-1/job-1/1-1.png", "image/png", 768, 1408),
+        (0, f"{USER_ID}/{JOB_ID}/1-0.png", "image/png", 768, 1408),
+        (1, f"{USER_ID}/{JOB_ID}/1-1.png", "image/png", 768, 1408),
     ]
     assert events[-1].completed == pb.GenerationCompleted(delivered_count=2, filtered_count=0)
     expected = image_bytes(768, 1408, "image/png")
-    assert (tmp_path / "storage" / "images" / "user-1" / "job-1" / "1-0.png").read_bytes() == expected
+    assert (tmp_path / "storage" / "images" / USER_ID / JOB_ID / "1-0.png").read_bytes() == expected
     assert gemini_imagen_api.requests[0].json()["parameters"]["aspectRatio"] == "9:16"
 
 
@@ -103,11 +113,12 @@ async def test_generate_stores_in_supabase_and_rides_out_a_storage_500(
     assert events[-1].completed.delivered_count == 2
     # storage_path is the object's real key in the bucket, prefix included.
     paths = sorted(e.image_stored.storage_path for e in events if e.HasField("image_stored"))
-    assert paths == [f"generated/user-1/job-1/1-{i}.png" for i in (0, 1)]
+    assert paths == [f"generated/{USER_ID}/{JOB_ID}/1-{i}.png" for i in (0, 1)]
     assert sorted(key for _bucket, key in supabase_storage_api.objects) == paths
     urls = sorted(e.image_stored.url for e in events if e.HasField("image_stored"))
     assert urls == [
-        f"{supabase_storage_api.url}/storage/v1/object/public/images/generated/user-1/job-1/1-{i}.png" for i in (0, 1)
+        f"{supabase_storage_api.url}/storage/v1/object/public/images/generated/{USER_ID}/{JOB_ID}/1-{i}.png"
+        for i in (0, 1)
     ]
     async with httpx.AsyncClient() as client:
         for url in urls:
@@ -125,11 +136,11 @@ async def test_local_storage_honours_the_prefix_and_reports_the_real_key(
         async with httpx.AsyncClient() as client:
             fetched = await client.get(stored.url)
 
-    assert stored.storage_path == "generated/user-1/job-1/1-0.png"
-    assert stored.url.endswith("/storage/v1/object/public/images/generated/user-1/job-1/1-0.png")
+    assert stored.storage_path == f"generated/{USER_ID}/{JOB_ID}/1-0.png"
+    assert stored.url.endswith(f"/storage/v1/object/public/images/generated/{USER_ID}/{JOB_ID}/1-0.png")
     expected = image_bytes(1024, 1024, "image/png")
     assert (fetched.status_code, fetched.content) == (200, expected)
-    assert (tmp_path / "storage" / "images" / "generated" / "user-1" / "job-1" / "1-0.png").read_bytes() == expected
+    assert (tmp_path / "storage" / "images" / "generated" / USER_ID / JOB_ID / "1-0.png").read_bytes() == expected
 
 
 async def test_supabase_storage_without_its_settings_refuses_to_start(tmp_path: Path) -> None:
@@ -157,7 +168,7 @@ async def test_all_images_filtered_is_a_permanent_failure(tmp_path: Path, gemini
         "false",
     )
     assert gemini_imagen_api.filter_reason in error.message
-    assert not (tmp_path / "storage" / "images" / "user-1").exists()
+    assert not (tmp_path / "storage" / "images" / USER_ID).exists()
 
 
 async def test_a_rate_limit_reaches_the_caller_with_its_retry_delay(
@@ -204,7 +215,7 @@ async def test_cancelling_the_stream_cancels_the_provider_request_in_flight(
         assert await eventually(lambda: gemini_imagen_api.http.disconnects == 1)
         await asyncio.sleep(0.2)
         assert len(gemini_imagen_api.requests) == 1
-    assert not (tmp_path / "storage" / "images" / "user-1").exists()
+    assert not (tmp_path / "storage" / "images" / USER_ID).exists()
 
 
 async def test_a_burst_of_50_queues_behind_the_concurrency_cap_and_all_succeed(
@@ -219,7 +230,7 @@ async def test_a_burst_of_50_queues_behind_the_concurrency_cap_and_all_succeed(
     settings = gemini_settings(tmp_path, gemini_imagen_api, models=[model])
     async with running(settings) as (_app, stub):
         results = await asyncio.gather(
-            *(generate(stub, job_id=f"job-{n}", sample_count=1) for n in range(50)), return_exceptions=True
+            *(generate(stub, job_id=job_uuid(f"job-{n}"), sample_count=1) for n in range(50)), return_exceptions=True
         )
 
     failures = [r for r in results if isinstance(r, BaseException)]
@@ -242,7 +253,7 @@ async def test_a_requests_per_minute_limit_paces_a_burst_under_the_providers_quo
     settings = gemini_settings(tmp_path, gemini_imagen_api, models=[model], provider_max_retries=0)
     async with running(settings) as (_app, stub):
         results = await asyncio.gather(
-            *(generate(stub, job_id=f"job-{n}", sample_count=1) for n in range(30)), return_exceptions=True
+            *(generate(stub, job_id=job_uuid(f"job-{n}"), sample_count=1) for n in range(30)), return_exceptions=True
         )
 
     assert [r for r in results if isinstance(r, BaseException)] == []

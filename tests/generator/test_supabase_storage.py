@@ -14,9 +14,10 @@ from imagegen_common.errors import ErrorKind, ServiceError
 from tests.generator.fake_google import image_bytes
 from tests.generator.fake_http import Reply
 from tests.generator.fake_supabase import FakeSupabaseStorage, StoredObject, storage_error, storage_fault
+from tests.generator.helpers import JOB_ID, USER_ID
 
 PNG = image_bytes(1024, 1024, "image/png")
-PATH = "user-1/job-1/1-0.png"
+PATH = f"{USER_ID}/{JOB_ID}/1-0.png"
 
 
 def storage(api: FakeSupabaseStorage, *, key: str = "test-service-key", **options: Any) -> SupabaseStorage:
