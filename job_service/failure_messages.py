@@ -40,6 +40,7 @@ USER_MESSAGES: dict[str, str] = {
     "STORAGE_PERMISSION_DENIED": _STORAGE,
     "STORAGE_BUCKET_NOT_FOUND": _STORAGE,
     "STORAGE_REJECTED": _STORAGE,
+    "STORAGE_REDIRECTED": _STORAGE,
     # Of the generator and JobService.
     "GENERATOR_UNAVAILABLE": "The image generator could not be reached.",
     "DEADLINE_EXCEEDED": "The image generator did not answer in time.",
