@@ -164,7 +164,9 @@ def assert_spread(done: list[pb.Job], label: str) -> dict[str, int]:
     say(f"{label}: {len(done)} jobs, attempts per replica {counts}")
     assert sum(counts.values()) >= len(done), f"{label}: some jobs were not found in any replica's log: {counts}"
     for name, count in counts.items():
-        assert count >= len(done) // 4, f"{label}: {name} served {count} of {len(done)} jobs: {counts}"
+        # An even split is 8/8 of 16; 6 allows for placement turns, and fails the 4/12 of streams left to age
+        # out after 60 s (the 2/10) instead of the 10 s docker-compose.yml sets.
+        assert count >= len(done) * 3 // 8, f"{label}: {name} served {count} of {len(done)} jobs: {counts}"
     return counts
 
 
