@@ -45,6 +45,7 @@ cleanup() {
   [ -z "$health_loop" ] || kill "$health_loop" 2>/dev/null || true
   say "down, with the volumes"
   compose down -v -t 5 >/dev/null 2>&1 || true
+  say "compose down returned"
   # Belt and braces: whatever podman-compose left (a failed start can leave a container or volume behind).
   for c in $(podman ps -aq --filter "label=io.podman.compose.project=$COMPOSE_PROJECT"); do podman rm -f "$c" >/dev/null 2>&1 || true; done
   for v in $(podman volume ls -q --filter "label=io.podman.compose.project=$COMPOSE_PROJECT"); do podman volume rm -f "$v" >/dev/null 2>&1 || true; done
