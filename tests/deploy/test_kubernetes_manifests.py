@@ -13,7 +13,9 @@ import os
 import re
 import shutil
 import subprocess
+import uuid
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -29,14 +31,37 @@ Object = dict[str, Any]
 
 
 @cache
-def render(overlay: str) -> list[Object]:
+def render(overlay: str, components: tuple[str, ...] = ()) -> list[Object]:
+    """An overlay as `kubectl kustomize` renders it; with components, through a temporary overlay over it."""
+    if components:
+        # kustomize refuses absolute paths to other kustomizations: the temporary one sits beside the overlays.
+        scratch = KUBERNETES / f".test-{uuid.uuid4().hex[:8]}"
+        scratch.mkdir()
+        try:
+            (scratch / "kustomization.yaml").write_text(
+                yaml.safe_dump(
+                    {
+                        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                        "kind": "Kustomization",
+                        "resources": [f"../overlays/{overlay}"],
+                        "components": [f"../components/{c}" for c in components],
+                    }
+                )
+            )
+            return kustomize(scratch)
+        finally:
+            shutil.rmtree(scratch)
+    return kustomize(KUBERNETES / "overlays" / overlay)
+
+
+def kustomize(folder: Path) -> list[Object]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         if os.environ.get("CI"):
             pytest.fail("kubectl (with its built-in kustomize) is needed to render deploy/kubernetes")
         pytest.skip("kubectl not installed: deploy/kubernetes is rendered and checked in CI")
     out = subprocess.run(
-        [kubectl, "kustomize", str(KUBERNETES / "overlays" / overlay)],
+        [kubectl, "kustomize", str(folder)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -295,3 +320,17 @@ def test_network_policies_only_job_service_reaches_the_generators_only_generator
 
     for pod in (job, migrate):
         assert allowed(policies, pod, 5432, address=provider)
+
+
+def test_the_jwks_component_lets_job_service_fetch_keys_over_https_and_validates() -> None:
+    objects = render("production", ("jwks-egress",))
+    for obj in objects:
+        kubernetes_validate.validate(obj, SCHEMA_VERSION, strict=True)
+    policies = list(of_kind(objects, "NetworkPolicy").values())
+    job = of_kind(objects, "Deployment")["imagegen-job"]["spec"]["template"]["metadata"]["labels"]
+    generator = of_kind(objects, "Deployment")["imagegen-generator"]["spec"]["template"]["metadata"]["labels"]
+    migrate = of_kind(objects, "Job")["imagegen-migrate"]["spec"]["template"]["metadata"]["labels"]
+    assert allowed(policies, job, 443, address="142.250.74.10")
+    assert not allowed(policies, job, 443, address="10.0.0.12")
+    assert not allowed(policies, migrate, 443, address="142.250.74.10")
+    assert allowed(policies, job, 50052, to=generator) and not allowed(policies, migrate, 50052, to=generator)
