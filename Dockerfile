@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # One image for both services and the migrate step (docker-compose.yml picks the command):
-#   python -m job_service serve | python -m job_service migrate | python -m generator_service
+#   python -m job_service serve | python -m job_service migrate | python -m generator_service [serve-images]
 # Build: docker build -t imagegen:local .
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm

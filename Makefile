@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.synced
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto proto-check lint typecheck test test-fast run bench clean
+.PHONY: help setup proto proto-check lint typecheck test test-fast compose-test run bench clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-12s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ typecheck: $(STAMP) ## mypy --strict on the services, the client and the scripts
 
 test: $(STAMP) proto-check lint typecheck ## Every check, then every test (embedded PostgreSQL unless DATABASE_URL is set)
 	$(VENV)/bin/pytest -q
+
+compose-test: $(STAMP) ## Build the image and prove docker-compose.yml with podman (root; ../shared beside the repo)
+	bash scripts/compose_test.sh
 
 run: $(STAMP) ## Embedded PostgreSQL + migrations + JobService (:50051) + GeneratorService (:50052)
 	$(PY) scripts/run_local.py

@@ -12,9 +12,8 @@ import sys  # noqa: E402
 import uvloop  # noqa: E402
 
 from imagegen_common.logs import configure_logging  # noqa: E402
-from imagegen_common.migrate import migrate  # noqa: E402
 from job_service.config import ConfigurationError, JobSettings  # noqa: E402
-from job_service.server import resolve_database_url, serve  # noqa: E402
+from job_service.server import DatabaseUnreachable, migrate_when_reachable, resolve_database_url, serve  # noqa: E402
 
 
 def main() -> None:
@@ -28,7 +27,10 @@ def main() -> None:
             sys.exit(f"job_service: {error}")
     elif command == "migrate":
         dsn, _embedded = resolve_database_url(settings)
-        applied = asyncio.run(migrate(dsn))
+        try:
+            applied = asyncio.run(migrate_when_reachable(dsn, settings.migrate_wait_seconds))
+        except DatabaseUnreachable as error:
+            sys.exit(f"job_service migrate: {error}")
         print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none needed'}")
     else:
         sys.exit(f"usage: python -m job_service [serve|migrate] (got {command!r})")

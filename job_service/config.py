@@ -31,6 +31,9 @@ class JobSettings(BaseSettings):
     # 0 for PgBouncer / Supabase's transaction-mode pooler, which cannot keep prepared statements.
     db_statement_cache_size: int = 100
     migrate_on_start: bool = True
+    # `python -m job_service migrate` waits this long for the database to accept connections (a one-shot step
+    # started with it, as compose and Kubernetes start it), then exits 1 with the reason.
+    migrate_wait_seconds: float = Field(default=60.0, ge=0)
 
     # Auth (Supabase JWTs). The default secret is the local development one (see dev_tokens); set a
     # real secret, or SUPABASE_URL for JWKS, anywhere else. The service warns when it runs with it, and refuses

@@ -258,6 +258,33 @@ async def connect_database(settings: JobSettings, dsn: str) -> asyncpg.Pool:
             delay = min(delay * 2, 5.0)
 
 
+class DatabaseUnreachable(RuntimeError):
+    """The database did not accept a connection within the wait `job_service migrate` allows."""
+
+
+async def migrate_when_reachable(dsn: str, wait_seconds: float) -> list[str]:
+    """`job_service migrate`: waits with backoff while the database cannot be reached, but only so long.
+
+    A one-shot step started together with its database (compose, a Kubernetes Job) would otherwise fail on its
+    first refused connection and stay failed; a bound keeps a wrong address from hanging the deploy for good.
+    As in connect_database, only connection errors are waited out: a wrong password fails at once.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_seconds
+    delay = 0.5
+    while True:
+        try:
+            return await migrate(dsn)
+        except CONNECTION_ERRORS as exc:
+            error = str(exc) or type(exc).__name__
+            left = deadline - loop.time()
+            if left <= 0:
+                raise DatabaseUnreachable(f"database not reachable within {wait_seconds:g} s: {error}") from exc
+            log.warning("database unreachable; waiting for it", error=error, retry_in_seconds=min(delay, left))
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, 5.0)
+
+
 async def start(settings: JobSettings) -> JobApp:
     # Both before anything starts, so a refused configuration leaves nothing running.
     check_transport(settings)

@@ -28,15 +28,25 @@ HEADER = """\
 # containers, and for ${...} in docker-compose.yml). Environment variables win over .env.
 #
 # docker-compose.yml sets a few of these itself (hosts, ports, DATABASE_URL, the generator target, plaintext on
-# its private network, JSON logs, metrics ports); its `environment:` entries win over this file. Values it takes
-# from here: POSTGRES_PASSWORD, GEN_AUTH_TOKEN (also used as JOB_GENERATOR_TOKEN), GEN_STORAGE_PUBLIC_BASE_URL.
+# its private network, JSON logs, metrics, drain times); its `environment:` entries win over this file. Values it
+# takes from here: SUPABASE_JWT_SECRET and GEN_AUTH_TOKEN (both required: `docker compose` refuses to start
+# without them), POSTGRES_PASSWORD, GEN_STORAGE_PUBLIC_BASE_URL, and the IMAGEGEN_* lines below.
 #
 # Secrets (tokens, keys, passwords) belong in .env, never in the compose file or the image. Leave a line commented
 # to keep its default: an empty value is not "unset" for every setting (an empty path is not "no file").
 
 # --- docker compose only ---
+# Required, no default: a random token for the JobService -> generator hop (openssl rand -hex 32).
+# GEN_AUTH_TOKEN=
 # POSTGRES_PASSWORD=imagegen
-# GEN_AUTH_TOKEN=compose-internal-token-change-me
+# The host address the published ports listen on (0.0.0.0: every interface; put TLS in front, docs/deploy.md).
+# IMAGEGEN_BIND=127.0.0.1
+# IMAGEGEN_JOB_PORT=50051
+# IMAGEGEN_IMAGES_PORT=8088
+# IMAGEGEN_METRICS_PORT=9101
+# The Python base image of the build (a stand-in where no registry is reachable, docs/deploy.md).
+# PYTHON_IMAGE=python:3.11-slim-bookworm
+# SUPABASE_JWT_SECRET is required too (no default in compose): see JobService below.
 """
 
 
