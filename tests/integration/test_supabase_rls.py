@@ -299,6 +299,36 @@ async def test_service_role_cannot_change_a_balance_or_the_ledger(admin: asyncpg
     await assert_credits_consistent(admin)
 
 
+async def test_service_role_cannot_write_the_job_rows_that_decide_a_charge(admin: asyncpg.Connection) -> None:
+    """A job's credits_reserved is released into the balance when it ends: service_role raising it, or writing
+    status or images, would mint credits or decide a charge outside JobService. It reads jobs and events and writes
+    neither (deleting a job stays allowed: that can only take credits away, see the foreign-key test below)."""
+    alice = await new_auth_user(admin)
+    job = await create_job(admin, alice, "mine")
+    writes = [
+        ("UPDATE generation_jobs SET credits_reserved = 1000000 WHERE id = $1", job),
+        ("UPDATE generation_jobs SET status = 'completed' WHERE id = $1", job),
+        (
+            "INSERT INTO generation_jobs (user_id, prompt, model, params, max_attempts, credits_reserved) "
+            "VALUES ($1, 'p', 'local', '{}', 1, 1000000)",
+            alice,
+        ),
+        ("DELETE FROM job_events WHERE job_id = $1", job),
+        (
+            "INSERT INTO job_events (job_id, seq, type, status, attempt) VALUES ($1, 99, 'completed', 'completed', 1)",
+            job,
+        ),
+    ]
+    for sql, arg in writes:
+        assert await refused_any(admin, "service_role", sql, arg) is not None, f"service_role may not: {sql}"
+    async with as_role(admin, "service_role"):  # reading stays allowed
+        assert await admin.fetchval("SELECT status FROM generation_jobs WHERE id = $1", job) == "pending"
+        assert await admin.fetchval("SELECT count(*) FROM job_events WHERE job_id = $1", job) == 1
+    row = await admin.fetchrow("SELECT status, credits_reserved FROM generation_jobs WHERE id = $1", job)
+    assert (row["status"], row["credits_reserved"]) == ("pending", 1)
+    await assert_credits_consistent(admin)
+
+
 async def test_a_delete_from_inside_a_nested_trigger_is_refused(admin: asyncpg.Connection) -> None:
     """A trigger (anyone's, on any table) runs one level down like a foreign-key action; it gets no pass for that."""
     alice = await new_auth_user(admin)
