@@ -183,7 +183,16 @@ class Sweeper:
             self._config.delay_seconds,
             self._config.call_timeout_seconds + _LEASE_MARGIN_SECONDS,
         )
-        await asyncio.gather(*(self._sweep(cleanup) for cleanup in cleanups))
+        # Each sweep ends on its own: one whose row write hit a database outage must not leave the others running
+        # unwatched (gather would raise at once); its row is taken again once its lease has run out.
+        outcomes = await asyncio.gather(*(self._sweep(cleanup) for cleanup in cleanups), return_exceptions=True)
+        for cleanup, outcome in zip(cleanups, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                log.warning(
+                    "storage sweep could not record its outcome; the row is retried after its lease",
+                    job_id=cleanup.job_id,
+                    error=str(outcome)[:MAX_ERROR_CHARS] or type(outcome).__name__,
+                )
         return len(cleanups)
 
     async def _sweep(self, cleanup: Cleanup) -> None:

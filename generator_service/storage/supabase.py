@@ -245,7 +245,10 @@ class SupabaseStorage:
 
     async def list_folder(self, folder: str) -> list[str]:
         # POST /object/list/{bucket} {"prefix", "limit", "offset", "sortBy"}: the entries directly in the folder
-        # named by `prefix`, by name; a sub-folder comes as an entry whose id is null (it is no object).
+        # named by `prefix` (Storage appends the "/"), by name, each named relative to it; a sub-folder comes as
+        # an entry whose id is null (it is no object). Storage matches the prefix with ILIKE, so an entry may come
+        # from a folder that differs in case or in a `_`; the keys built here are in our folder all the same, and
+        # deleting a key with no object is a no-op, so such an entry can never take anything outside the folder.
         key = self.object_key(folder.strip("/"))
         bucket = self._client.from_(self._bucket)
         keys: list[str] = []

@@ -105,7 +105,11 @@ async def test_a_failed_job_leaves_nothing_in_the_bucket_that_it_does_not_record
                 lambda: asyncio.sleep(0, keys_of(api, user, job.id)), lambda k: k == recorded, within=15
             )
             assert left == recorded, "the images of attempts 1 and 2 are gone, the recorded one stays"
-            assert await conn.fetchval("SELECT count(*) FROM storage_cleanups") == 0
+            # The row goes once the generator has answered: just after the objects.
+            rows = await eventually(
+                lambda: conn.fetchval("SELECT count(*) FROM storage_cleanups"), lambda n: n == 0, within=5
+            )
+            assert rows == 0
             assert services.job.registry is not None
             assert services.job.registry.get_sample_value("imagegen_storage_cleanup_objects_deleted_total") == 2
         async with httpx.AsyncClient() as http:
@@ -157,7 +161,10 @@ async def test_a_killed_attempts_objects_go_and_the_delivered_ones_stay_and_stil
                         assert fetched.status_code == 200 and fetched.content[:8] == b"\x89PNG\r\n\x1a\n"
             finally:
                 await generator.stop()
-        assert await conn.fetchval("SELECT count(*) FROM storage_cleanups") == 0
+        rows = await eventually(
+            lambda: conn.fetchval("SELECT count(*) FROM storage_cleanups"), lambda n: n == 0, within=5
+        )
+        assert rows == 0
     finally:
         await conn.close()
         await jobs.stop()
@@ -312,3 +319,47 @@ async def test_the_trigger_records_a_sweep_only_for_jobs_that_may_have_left_obje
     assert not await job_ending("pending", 2), "not ended"
     row = await db.fetchrow("SELECT * FROM storage_cleanups ORDER BY created_at DESC LIMIT 1")
     assert row["keep_all_recorded"] and row["tries"] == 0 and row["last_error"] is None
+
+
+async def test_a_folder_waits_for_the_delay_and_a_sweeper_whose_lease_ran_out_changes_nothing(
+    own_db: str, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    job, user = str(uuid.uuid4()), str(uuid.uuid4())
+    folder = storage / "images" / user / job
+    folder.mkdir(parents=True)
+    (folder / "1-0.png").write_bytes(b"orphan")
+    conn = await asyncpg.connect(own_db)
+    pool = await create_pool(own_db, min_size=1, max_size=2, statement_cache_size=100)
+    generator = await generator_server.start(generator_settings(storage, auth_token=TOKEN))
+    client = GeneratorClient(f"127.0.0.1:{generator.port}", token=TOKEN)
+    store = CleanupStore(pool)
+    try:
+        await conn.execute("INSERT INTO storage_cleanups (job_id, user_id) VALUES ($1, $2)", job, user)
+        # Ended just now: an attempt may still be storing into the folder.
+        assert await store.take_due(10, delay_seconds=3600, lease_seconds=60) == []
+
+        taken = await store.take_due(10, delay_seconds=0, lease_seconds=60)
+        assert [c.job_id for c in taken] == [job]
+        assert await store.take_due(10, delay_seconds=0, lease_seconds=60) == [], "leased: no one else takes it"
+
+        # The lease is taken over (it ran out and another sweeper took the row, or a new request replaced it).
+        await conn.execute(
+            "UPDATE storage_cleanups SET not_before = now() - interval '1 second' WHERE job_id = $1", job
+        )
+        assert not await store.failed(taken[0], "late", 1.0)
+        assert not await store.done(taken[0])
+        row = await conn.fetchrow("SELECT tries, last_error FROM storage_cleanups WHERE job_id = $1", job)
+        assert (row["tries"], row["last_error"]) == (0, None), "the stale sweeper changed nothing"
+
+        retaken = await store.take_due(10, delay_seconds=0, lease_seconds=60)
+        deleted = await client.delete_job_objects(user, job, retaken[0].keep_paths, timeout_seconds=10)
+        assert deleted == [f"{user}/{job}/1-0.png"]
+        assert await store.done(retaken[0])
+        assert await conn.fetchval("SELECT count(*) FROM storage_cleanups") == 0
+        assert not folder.exists()
+    finally:
+        await client.close()
+        await generator.stop()
+        await pool.close()
+        await conn.close()
