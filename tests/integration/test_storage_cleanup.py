@@ -45,18 +45,21 @@ async def own_db(pg_server: str) -> AsyncIterator[str]:
         yield url
 
 
-class SecondImageFails(FakeSupabaseStorage):
-    """Storage that stores every attempt's image 0 and fails its image 1 (HTTP 500) a moment later.
+class FirstImageAnswerLost(FakeSupabaseStorage):
+    """Storage that stores every image, but answers the upload of image 0 with a 500 a moment after storing it.
 
-    So each attempt records image 0 and then fails, retryably: attempt after attempt leaves its image 0 behind.
+    What a proxy timing out after the write, or a connection that broke before the answer, looks like: the
+    object is in the bucket, the generator saw the upload fail, so no IMAGE_STORED event records it (an orphan),
+    and the attempt fails, retryably, after its other images (stored and answered at once) were recorded.
     """
 
     async def _handle(self, exchange: Exchange) -> Reply:
         request = exchange.request
-        if request.method == "POST" and request.path.endswith("-1.png") and "/object/sign/" not in request.path:
+        stored = await super()._handle(exchange)
+        if request.method == "POST" and request.path.endswith("-0.png") and "/object/sign/" not in request.path:
             await asyncio.sleep(0.3)
             return Reply(500, b"Internal Server Error")
-        return await super()._handle(exchange)
+        return stored
 
 
 def supabase_generator(api: FakeSupabaseStorage, **overrides: Any) -> dict[str, Any]:
@@ -79,32 +82,36 @@ async def recorded_paths(conn: asyncpg.Connection, job: str) -> list[str]:
 
 
 async def fail_a_job(client: ImageGenClient) -> pb.Job:
-    job = await client.create_job("a lighthouse at dusk", model="local", sample_count=2)
+    """A job of 3 images with 2 attempts: attempt 1 delivers images 1 and 2 and leaves 1-0 behind, attempt 2 (for
+    the one image still owed) leaves 2-0 behind, and the job fails."""
+    job = await client.create_job("a lighthouse at dusk", model="local", sample_count=3)
     done = await client.wait(job.id, timeout=60)
     assert done.state == pb.JOB_STATE_FAILED
     return done
 
 
 async def test_a_failed_job_leaves_nothing_in_the_bucket_that_it_does_not_record(own_db: str, tmp_path: Path) -> None:
-    api = await SecondImageFails().start()
+    api = await FirstImageAnswerLost().start()
     user = str(uuid.uuid4())
     conn = await asyncpg.connect(own_db)
     try:
         async with running_services(
             own_db,
             tmp_path / "storage",
-            job={"max_attempts": 3, "generator_token": TOKEN, **SWEEP_NOW},
+            job={"max_attempts": 2, "generator_token": TOKEN, **SWEEP_NOW},
             generator=supabase_generator(api),
         ) as services:
             async with services.client(user) as client:
                 job = await fail_a_job(client)
             recorded = await recorded_paths(conn, job.id)
-            assert recorded == [f"{user}/{job.id}/3-0.png"], "the last attempt's image 0 is recorded"
+            assert recorded == [f"{user}/{job.id}/1-1.png", f"{user}/{job.id}/1-2.png"], "what attempt 1 delivered"
+            orphans = [f"{user}/{job.id}/1-0.png", f"{user}/{job.id}/2-0.png"]
+            assert keys_of(api, user, job.id) == sorted([*orphans, *recorded])
 
             left = await eventually(
                 lambda: asyncio.sleep(0, keys_of(api, user, job.id)), lambda k: k == recorded, within=15
             )
-            assert left == recorded, "the images of attempts 1 and 2 are gone, the recorded one stays"
+            assert left == recorded, "the unrecorded images of attempts 1 and 2 are gone, the recorded ones stay"
             # The row goes once the generator has answered: just after the objects.
             rows = await eventually(
                 lambda: conn.fetchval("SELECT count(*) FROM storage_cleanups"), lambda n: n == 0, within=5
@@ -113,8 +120,9 @@ async def test_a_failed_job_leaves_nothing_in_the_bucket_that_it_does_not_record
             assert services.job.registry is not None
             assert services.job.registry.get_sample_value("imagegen_storage_cleanup_objects_deleted_total") == 2
         async with httpx.AsyncClient() as http:
-            kept = await http.get(f"{api.url}/storage/v1/object/public/images/{recorded[0]}")
-        assert kept.status_code == 200
+            for path in recorded:
+                kept = await http.get(f"{api.url}/storage/v1/object/public/images/{path}")
+                assert kept.status_code == 200
     finally:
         await conn.close()
         await api.stop()
@@ -173,7 +181,7 @@ async def test_a_killed_attempts_objects_go_and_the_delivered_ones_stay_and_stil
 async def test_storage_failures_keep_the_row_with_its_error_and_a_later_sweep_succeeds(
     own_db: str, tmp_path: Path
 ) -> None:
-    api = await SecondImageFails().start()
+    api = await FirstImageAnswerLost().start()
 
     async def hang(exchange: Exchange) -> Reply:
         await exchange.client_disconnected(within=5.0)
@@ -203,7 +211,9 @@ async def test_storage_failures_keep_the_row_with_its_error_and_a_later_sweep_su
             assert row is not None and row["tries"] >= 3, "each failed sweep counted, the row kept"
             assert row["last_error"].startswith("STORAGE_UNAVAILABLE")
             assert len(row["last_error"]) <= 1000
-            assert keys_of(api, user, job.id) == [f"{user}/{job.id}/1-0.png", f"{user}/{job.id}/2-0.png"]
+            recorded = await recorded_paths(conn, job.id)
+            orphans = [f"{user}/{job.id}/1-0.png", f"{user}/{job.id}/2-0.png"]
+            assert keys_of(api, user, job.id) == sorted([*orphans, *recorded]), "nothing deleted yet"
             assert services.job.registry is not None
             failures = services.job.registry.get_sample_value("imagegen_storage_cleanup_failures_total")
             assert failures is not None and failures >= 3
@@ -215,7 +225,7 @@ async def test_storage_failures_keep_the_row_with_its_error_and_a_later_sweep_su
                 within=10,
             )
             assert gone == 0
-            assert keys_of(api, user, job.id) == [f"{user}/{job.id}/2-0.png"] == await recorded_paths(conn, job.id)
+            assert keys_of(api, user, job.id) == recorded
     finally:
         await conn.close()
         await api.stop()
