@@ -159,7 +159,7 @@ async def test_ids_that_are_not_uuids_are_refused_and_nothing_is_deleted(
     tmp_path: Path, user_id: str, job_id: str, bad: str
 ) -> None:
     async with running(settings_for(tmp_path, auth_token=TOKEN)) as (_app, stub):
-        victim = await stored_paths(stub, "user-1", "job-1", 1)
+        victim = await stored_paths(stub, str(uuid.uuid4()), str(uuid.uuid4()), 1)
         failure = await failure_of(
             stub.DeleteJobObjects(pb.DeleteJobObjectsRequest(user_id=user_id, job_id=job_id), metadata=AUTH)
         )
