@@ -114,5 +114,12 @@ class MeteredStorage:
         finally:
             self._metrics.storage_seconds.labels(self._backend, outcome).observe(time.perf_counter() - started)
 
+    # Deletions are JobService's (imagegen_storage_cleanup_* there); timing here is only for the uploads.
+    async def list_folder(self, folder: str) -> list[str]:
+        return await self._inner.list_folder(folder)
+
+    async def delete(self, keys: list[str]) -> None:
+        await self._inner.delete(keys)
+
     async def aclose(self) -> None:
         await self._inner.aclose()

@@ -13,6 +13,7 @@ from imagegen.generator.v1 import generator_service_pb2 as pb
 from imagegen.generator.v1 import generator_service_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry
 
+from generator_service.cleanup import ObjectCleaner
 from generator_service.config import ConfigurationError, GeneratorSettings, ModelSpec
 from generator_service.generation import Generator
 from generator_service.interceptors import SharedTokenInterceptor
@@ -242,7 +243,7 @@ async def _start(settings: GeneratorSettings, closers: list[Any]) -> GeneratorAp
     )
     served = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     observability = ServerObservability(rpc_metrics, trust_request_user_id=True, services=served)
-    servicer = GeneratorServicer(generator, observability)
+    servicer = GeneratorServicer(generator, observability, ObjectCleaner(storage))
     metrics.generate_streams.set_function(servicer.open_streams)
     interceptors: list[Any] = [observability]
     if settings.auth_token:

@@ -11,6 +11,7 @@ from google.rpc import code_pb2
 from imagegen.generator.v1 import generator_service_pb2 as pb
 from imagegen.generator.v1 import generator_service_pb2_grpc as pb_grpc
 
+from generator_service.cleanup import ObjectCleaner
 from generator_service.domain import Completed, GenerationEvent, GenerationRequest, Started, Stored
 from generator_service.generation import Generator
 from imagegen_common.decoding import decoded
@@ -82,8 +83,9 @@ def draining_error() -> pb.AttemptError:
 
 
 class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
-    def __init__(self, generator: Generator, observability: ServerObservability) -> None:
+    def __init__(self, generator: Generator, observability: ServerObservability, cleaner: ObjectCleaner) -> None:
         self._generator = generator
+        self._cleaner = cleaner
         self._observability = observability
         self._draining = False
         self._streams: set[asyncio.Queue[Any]] = set()  # the outboxes of the GenerateMany streams open
@@ -216,3 +218,8 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
                 for m in self._generator.list_models()
             ]
         )
+
+    @unary_errors(DOMAIN)
+    async def DeleteJobObjects(self, request: pb.DeleteJobObjectsRequest, context: Any) -> pb.DeleteJobObjectsResponse:
+        deleted = await self._cleaner.delete_job_objects(request.user_id, request.job_id, list(request.keep_paths))
+        return pb.DeleteJobObjectsResponse(deleted_paths=deleted)

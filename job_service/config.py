@@ -108,6 +108,22 @@ class JobSettings(BaseSettings):
     lease_seconds: float = 30.0
     shutdown_grace_seconds: float = 60.0
 
+    # Storage sweeper (docs/durability.md): the objects of attempts that did not deliver are deleted from the
+    # bucket once the job has ended. A folder is swept this long after its job ended, so that an attempt still
+    # running at a generator for a replica that died or lost its lease has ended first: such an attempt runs at
+    # most the 600 s deadline JobService gives every attempt (a replica that died is noticed by the generator
+    # within its keepalive, about 40 s), so 15 minutes leaves room to spare.
+    cleanup_delay_seconds: float = Field(default=900.0, ge=0)
+    # How often each replica looks for folders due (a full batch is followed by the next at once).
+    cleanup_interval_seconds: float = Field(default=30.0, gt=0)
+    # Folders one look takes (and sweeps concurrently).
+    cleanup_batch_size: int = Field(default=16, ge=1, le=1000)
+    # Deadline of one DeleteJobObjects call; a folder is leased to its sweeper for this plus 30 s.
+    cleanup_call_timeout_seconds: float = Field(default=120.0, gt=0)
+    # After a failed sweep the folder waits base * 2^(tries-1) seconds, jittered, at most the cap.
+    cleanup_backoff_base_seconds: float = Field(default=30.0, gt=0)
+    cleanup_backoff_max_seconds: float = Field(default=3600.0, gt=0)
+
     tls_cert: Path | None = None
     tls_key: Path | None = None
     # With TLS: also require client certificates signed by this CA (mutual TLS).

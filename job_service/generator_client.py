@@ -33,6 +33,7 @@ from job_service.mailbox import Mailbox
 _SERVICE = pb.DESCRIPTOR.services_by_name["GeneratorService"].full_name
 GENERATE_MANY = f"/{_SERVICE}/GenerateMany"
 LIST_MODELS = f"/{_SERVICE}/ListModels"
+DELETE_JOB_OBJECTS = f"/{_SERVICE}/DeleteJobObjects"
 
 # Codes after which another attempt can help, when the generator did not say either way.
 _RETRYABLE_CODES = {
@@ -287,6 +288,26 @@ class GeneratorClient:
                 }
                 self._models_at = time.monotonic()
         return self._models
+
+    async def delete_job_objects(
+        self, user_id: str, job_id: str, keep_paths: list[str], *, timeout_seconds: float
+    ) -> list[str]:
+        """Deletes the job's objects but `keep_paths` at the generator; the keys deleted.
+
+        Raises GenerationFailure (reason and message from the generator's ErrorInfo) when it fails.
+        """
+        request = pb.DeleteJobObjectsRequest(user_id=user_id, job_id=job_id, keep_paths=keep_paths)
+        try:
+            response = await self._calls.send(
+                DELETE_JOB_OBJECTS,
+                "unary",
+                request,
+                self._metadata,
+                lambda metadata: self._stub.DeleteJobObjects(request, timeout=timeout_seconds, metadata=metadata),
+            )
+        except grpc.aio.AioRpcError as error:
+            raise _failure(error) from None
+        return list(response.deleted_paths)
 
 
 def _event(response: pb.GenerateResponse) -> GenerationEvent | None:

@@ -14,6 +14,7 @@ import asyncpg
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from job_service.cleanup import CleanupStore
 from job_service.domain import EventType, Job, JobEvent, JobStatus
 from job_service.store import JobStore
 
@@ -71,6 +72,31 @@ class JobMetrics:
         self.in_flight = Gauge(
             "imagegen_dispatcher_in_flight", "Attempts this replica is running right now.", registry=registry
         )
+        self.cleanup_deleted = Counter(
+            "imagegen_storage_cleanup_objects_deleted",
+            "Objects this replica's storage sweeper had the generator delete (orphans of ended jobs).",
+            registry=registry,
+        )
+        self.cleanup_failures = Counter(
+            "imagegen_storage_cleanup_failures",
+            "Sweeps of a job's folder by this replica that failed (the row stays and is retried with backoff).",
+            registry=registry,
+        )
+        self.cleanups_waiting = Gauge(
+            "imagegen_storage_cleanups_waiting",
+            "Job folders still to be swept (storage_cleanups rows, all replicas), due or not.",
+            registry=registry,
+        )
+
+    # SweepObserver (job_service.cleanup): what the sweeper reports as it goes.
+    def objects_deleted(self, count: int) -> None:
+        self.cleanup_deleted.inc(count)
+
+    def sweep_failed(self) -> None:
+        self.cleanup_failures.inc()
+
+    async def refresh_cleanups(self, cleanups: CleanupStore) -> None:
+        self.cleanups_waiting.set(await cleanups.waiting())
 
     def transition(self, job: Job, event: JobEvent) -> None:
         """`event` was just written; `job` is as the write left it (for a job claimed as it was created, already

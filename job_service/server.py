@@ -26,6 +26,7 @@ from imagegen_common.migrate import migrate
 from imagegen_common.rpc_observability import OutgoingCalls, ServerObservability
 from imagegen_common.transport import check_client, check_listener, is_loopback_host, target_is_local
 from job_service.auth import JwksKeys, ServiceApiKeys, TokenVerifier
+from job_service.cleanup import CleanupStore, Sweeper, SweeperConfig
 from job_service.config import ConfigurationError, JobSettings
 from job_service.dispatcher import Dispatcher, DispatcherConfig
 from job_service.domain import Job, JobEvent
@@ -206,6 +207,7 @@ class JobApp:
     metrics: MetricsServer | None = None
     servicer: JobServicer | None = None
     watch_streams: WatchStreams | None = None
+    sweeper: Sweeper | None = None
 
     @property
     def port(self) -> int:
@@ -219,7 +221,8 @@ class JobApp:
             await self.health.stop(self.running)
         else:
             await self.running.set_serving(False)
-        await asyncio.gather(self.dispatcher.drain(grace), self.running.stop(min(grace, 5.0)))
+        sweeping = self.sweeper.stop() if self.sweeper is not None else asyncio.sleep(0)
+        await asyncio.gather(self.dispatcher.drain(grace), self.running.stop(min(grace, 5.0)), sweeping)
         await self.notifications.stop()
         await self.generator.close()
         await self.http.aclose()
@@ -373,6 +376,21 @@ async def start(settings: JobSettings) -> JobApp:
     )
     health.start(running)
     dispatcher.start()
+    cleanups = CleanupStore(pool)
+    sweeper = Sweeper(
+        cleanups,
+        generator,
+        SweeperConfig(
+            delay_seconds=settings.cleanup_delay_seconds,
+            interval_seconds=settings.cleanup_interval_seconds,
+            batch_size=settings.cleanup_batch_size,
+            call_timeout_seconds=settings.cleanup_call_timeout_seconds,
+            backoff_base_seconds=settings.cleanup_backoff_base_seconds,
+            backoff_max_seconds=settings.cleanup_backoff_max_seconds,
+        ),
+        job_metrics,
+    )
+    sweeper.start()
     job_metrics.in_flight.set_function(lambda: dispatcher.in_flight)
     metrics = None
     if settings.metrics_port:
@@ -380,7 +398,7 @@ async def start(settings: JobSettings) -> JobApp:
             registry,
             settings.metrics_host,
             settings.metrics_port,
-            refreshers=[lambda: job_metrics.refresh_queue(pool)],
+            refreshers=[lambda: job_metrics.refresh_queue(pool), lambda: job_metrics.refresh_cleanups(cleanups)],
         )
         await metrics.start()
         log.info("metrics serving", url=f"http://{settings.metrics_host}:{metrics.port}/metrics")
@@ -393,6 +411,7 @@ async def start(settings: JobSettings) -> JobApp:
     )
     app = JobApp(settings, running, dispatcher, notifications, pool, generator, http, embedded, owner, health)
     app.registry, app.metrics, app.servicer, app.watch_streams = registry, metrics, servicer, watch_streams
+    app.sweeper = sweeper
     return app
 
 

@@ -7,12 +7,14 @@ as in Supabase storage. The HTTP server that serves them is local_http.LocalStor
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import threading
 from pathlib import Path
 
 from generator_service.blocking import run_sized
-from generator_service.storage.base import UploadedObject
+from generator_service.storage.base import MAX_LISTED, UploadedObject
 
 PUBLIC_PREFIX = "/storage/v1/object/public/"
 
@@ -59,5 +61,38 @@ class LocalStorage:
         await run_sized(len(data), _write_atomically, target, data)
         return UploadedObject(f"{self._base}{PUBLIC_PREFIX}{self._bucket}/{key}", key)
 
+    async def list_folder(self, folder: str) -> list[str]:
+        key = self.object_key(folder.strip("/"))
+        return await asyncio.to_thread(_list_files, self._target(key), key)
+
+    async def delete(self, keys: list[str]) -> None:
+        targets = [self._target(key) for key in keys]  # every key checked before anything is deleted
+        await asyncio.to_thread(_delete_files, targets, self._bucket_dir)
+
     async def aclose(self) -> None:
         return None
+
+
+def _list_files(directory: str, key: str) -> list[str]:
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    # Dot files are uploads being written (_write_atomically's temporaries): not objects yet.
+    names = sorted(
+        entry.name for entry in entries if not entry.name.startswith(".") and entry.is_file(follow_symlinks=False)
+    )
+    return [f"{key}/{name}" for name in names[:MAX_LISTED]]
+
+
+def _delete_files(targets: list[str], bucket_dir: str) -> None:
+    folders = set()
+    for target in targets:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)
+        folders.add(os.path.dirname(target))
+    # A job folder left empty goes too (Supabase has no folders: an empty one does not exist there either).
+    for folder in folders:
+        if folder != bucket_dir:
+            with contextlib.suppress(OSError):  # not empty (kept objects), or already gone
+                os.rmdir(folder)

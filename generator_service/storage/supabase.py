@@ -13,6 +13,7 @@ surfaces it as `StorageApiError.status`, which is what decides here whether to r
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -21,18 +22,23 @@ import httpx
 import structlog
 from storage3 import AsyncStorageClient
 from storage3.exceptions import StorageApiError
+from storage3.types import ListBucketFilesOptions
 
 from generator_service import timeouts
 from generator_service.config import ConfigurationError
 from generator_service.domain import generation_error
 from generator_service.retry import RetryPolicy
-from generator_service.storage.base import UploadedObject
+from generator_service.storage.base import MAX_LISTED, UploadedObject
 from imagegen_common.errors import ErrorKind, ServiceError
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 _RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# A folder listing reads pages of this many entries (storage3's default page), up to MAX_LISTED keys in all;
+# a deletion sends at most _DELETE_CHUNK keys a request.
+_LIST_PAGE = 100
+_DELETE_CHUNK = 1_000
 
 
 def _status(error: StorageApiError) -> int | None:
@@ -236,6 +242,34 @@ class SupabaseStorage:
                 retryable=True,
             )
         return UploadedObject(url, key)
+
+    async def list_folder(self, folder: str) -> list[str]:
+        # POST /object/list/{bucket} {"prefix", "limit", "offset", "sortBy"}: the entries directly in the folder
+        # named by `prefix` (Storage appends the "/"), by name, each named relative to it; a sub-folder comes as
+        # an entry whose id is null (it is no object). Storage matches the prefix with ILIKE, so an entry may come
+        # from a folder that differs in case or in a `_`; the keys built here are in our folder all the same, and
+        # deleting a key with no object is a no-op, so such an entry can never take anything outside the folder.
+        key = self.object_key(folder.strip("/"))
+        bucket = self._client.from_(self._bucket)
+        keys: list[str] = []
+        while len(keys) < MAX_LISTED:
+            options: ListBucketFilesOptions = {
+                "limit": _LIST_PAGE,
+                "offset": len(keys),
+                "sortBy": {"column": "name", "order": "asc"},
+            }
+            page = await self._retrying("listing", key, functools.partial(bucket.list, key, options))
+            keys += [f"{key}/{entry['name']}" for entry in page if entry.get("id") is not None and entry.get("name")]
+            if len(page) < _LIST_PAGE:
+                break
+        return keys[:MAX_LISTED]
+
+    async def delete(self, keys: list[str]) -> None:
+        # DELETE /object/{bucket} {"prefixes": [keys]}; keys without an object are skipped by Storage, not refused.
+        bucket = self._client.from_(self._bucket)
+        for start in range(0, len(keys), _DELETE_CHUNK):
+            chunk = keys[start : start + _DELETE_CHUNK]
+            await self._retrying("delete", chunk[0], functools.partial(bucket.remove, chunk))
 
     async def _retrying(self, action: str, key: str, call: Callable[[], Awaitable[T]]) -> T:
         started = self._clock()

@@ -6,6 +6,10 @@ Stands in for `{SUPABASE_URL}/storage/v1` (external-apis.md §3 and §6):
 - POST /storage/v1/object/sign/{bucket}/{path} with {"expiresIn"}: answers
   {"signedURL": "/object/sign/{bucket}/{path}?token=..."} (relative, as the real server does).
 - GET /storage/v1/object/public/{bucket}/{path} (public buckets only), GET /storage/v1/object/sign/...?token=.
+- POST /storage/v1/object/list/{bucket} with {"prefix", "limit", "offset", "sortBy"}: the entries directly in the
+  folder `prefix`, sorted by name; a sub-folder is an entry whose id (and metadata) is null.
+- DELETE /storage/v1/object/{bucket} with {"prefixes": [keys]}: deletes those objects and answers the rows of the
+  ones it deleted (a key without an object is skipped, not an error).
 - GET /storage/v1/bucket/{id}: the bucket (`id`, `name`, `owner`, `public`, `file_size_limit`,
   `allowed_mime_types`, `created_at`, `updated_at`, `type`), as storage3's `get_bucket` reads it.
 Errors come back as HTTP 400 with the real status in the body's `statusCode` string, like the real server: a
@@ -65,6 +69,8 @@ class FakeSupabaseStorage(FakeService):
         # A misconfigured proxy that drops x-upsert: every upload then behaves as a first upload.
         self.ignore_upsert = False
         self.upload_faults: deque[Fault] = deque()
+        self.list_faults: deque[Fault] = deque()
+        self.delete_faults: deque[Fault] = deque()
         super().__init__()
 
     async def _handle(self, exchange: Exchange) -> Reply:
@@ -84,6 +90,14 @@ class FakeSupabaseStorage(FakeService):
             return self._bucket(path.removeprefix("/bucket/"))
         if request.method == "POST" and path.startswith("/object/sign/"):
             return self._sign(path.removeprefix("/object/sign/"), request)
+        if request.method == "POST" and path.startswith("/object/list/"):
+            if self.list_faults:
+                return await self.list_faults.popleft()(exchange)
+            return self._list(path.removeprefix("/object/list/"), request)
+        if request.method == "DELETE" and path.startswith("/object/") and "/" not in path.removeprefix("/object/"):
+            if self.delete_faults:
+                return await self.delete_faults.popleft()(exchange)
+            return self._delete(path.removeprefix("/object/"), request)
         if request.method == "POST" and path.startswith("/object/"):
             if self.upload_faults:
                 return await self.upload_faults.popleft()(exchange)
@@ -127,6 +141,38 @@ class FakeSupabaseStorage(FakeService):
             return storage_error("409", "Duplicate", "The resource already exists", "KeyAlreadyExists")
         self.objects[where] = _file_part(request)
         return Reply.json({"Key": f"{where[0]}/{where[1]}", "Id": secrets.token_hex(8)})
+
+    def _list(self, bucket: str, request: RecordedRequest) -> Reply:
+        if bucket not in self.buckets:
+            return storage_error("404", "Bucket not found", "Bucket not found", "NoSuchBucket")
+        body = request.json()
+        folder = str(body.get("prefix", "")).strip("/")
+        inside = f"{folder}/" if folder else ""
+        entries: dict[str, dict[str, object]] = {}
+        for (in_bucket, key), stored in self.objects.items():
+            if in_bucket != bucket or not key.startswith(inside):
+                continue
+            name, _, deeper = key[len(inside) :].partition("/")
+            if deeper:
+                entries.setdefault(name, {"name": name, "id": None, "metadata": None})
+            else:
+                entries[name] = {
+                    "name": name,
+                    "id": f"id-{abs(hash((bucket, key))):x}",
+                    "metadata": {"size": len(stored.data), "mimetype": stored.content_type},
+                }
+        names = sorted(entries)
+        offset, limit = int(body.get("offset", 0)), int(body.get("limit", 100))
+        return Reply.json([entries[name] for name in names[offset : offset + limit]])
+
+    def _delete(self, bucket: str, request: RecordedRequest) -> Reply:
+        if bucket not in self.buckets:
+            return storage_error("404", "Bucket not found", "Bucket not found", "NoSuchBucket")
+        deleted = []
+        for key in request.json().get("prefixes", []):
+            if self.objects.pop((bucket, key), None) is not None:
+                deleted.append({"bucket_id": bucket, "name": key})
+        return Reply.json(deleted)
 
     def _sign(self, rest: str, request: RecordedRequest) -> Reply:
         where = self._split(rest)

@@ -10,6 +10,7 @@ import pytest
 from imagegen.generator.v1 import generator_service_pb2 as pb
 from prometheus_client import CollectorRegistry
 
+from generator_service.cleanup import ObjectCleaner
 from generator_service.config import ModelSpec
 from generator_service.domain import (
     FilteredImage,
@@ -159,7 +160,9 @@ async def test_closing_the_event_stream_closes_the_providers_generator_before_ac
 async def test_closing_the_servicers_stream_closes_the_attempt_and_the_providers_generator() -> None:
     provider = SlowSecondImageProvider()
     generator = Generator({"local": LOCAL}, {"local": provider}, MemoryStorage())
-    servicer = GeneratorServicer(generator, ServerObservability(RpcMetrics.create(CollectorRegistry())))
+    servicer = GeneratorServicer(
+        generator, ServerObservability(RpcMetrics.create(CollectorRegistry())), ObjectCleaner(MemoryStorage())
+    )
     request = pb.GenerateRequest(job_id=JOB_ID, attempt=1, user_id=USER_ID, prompt="p", model="local", sample_count=3)
     # The method itself, without imagegen_common's error-mapping decorator around it.
     stream: AsyncGenerator[pb.GenerateResponse, None] = inspect.unwrap(GeneratorServicer.Generate)(

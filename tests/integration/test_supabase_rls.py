@@ -379,3 +379,17 @@ async def test_the_foreign_key_actions_on_the_ledger_still_work(admin: asyncpg.C
     assert await admin.fetchval("SELECT count(*) FROM credit_ledger WHERE user_id = $1", bob) == 0
     assert await admin.fetchval("SELECT count(*) FROM credit_accounts WHERE user_id = $1", bob) == 0
     await assert_credits_consistent(admin)
+
+
+async def test_storage_cleanups_are_internal_app_clients_neither_read_nor_write_them(admin: asyncpg.Connection) -> None:
+    alice = await new_auth_user(admin)
+    await admin.execute("INSERT INTO storage_cleanups (job_id, user_id) VALUES ($1, $2)", str(uuid.uuid4()), alice)
+    for role, user in (("anon", None), ("authenticated", alice)):
+        assert await refused(admin, role, user, "SELECT 1 FROM storage_cleanups"), f"{role} may not read them"
+        assert await refused(admin, role, user, "DELETE FROM storage_cleanups"), f"{role} may not delete them"
+        assert await refused(
+            admin, role, user, "INSERT INTO storage_cleanups (job_id, user_id) VALUES ($1, $1)", alice
+        ), f"{role} may not add one"
+    assert await admin.fetchval("SELECT relrowsecurity FROM pg_class WHERE oid = 'storage_cleanups'::regclass")
+    async with as_role(admin, "service_role"):
+        assert await admin.fetchval("SELECT count(*) FROM storage_cleanups WHERE user_id = $1", alice) == 1

@@ -391,6 +391,66 @@ class GenerationCompleted(_message.Message):
 Global___GenerationCompleted: _TypeAlias = GenerationCompleted  # noqa: Y015
 
 @_typing.final
+class DeleteJobObjectsRequest(_message.Message):
+    """Request message for `DeleteJobObjects`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    KEEP_PATHS_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """Required. The job's owner, a UUID (the first segment of the job's folder)."""
+    job_id: _builtins.str
+    """Required. The job's id, a UUID."""
+    @_builtins.property
+    def keep_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional. Keys to keep, as `ImageStored.storage_path` gives them (the
+        storage prefix included); at most 1,000. Empty: delete everything.
+        """
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        keep_paths: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "keep_paths", b"keep_paths", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteJobObjectsRequest: _TypeAlias = DeleteJobObjectsRequest  # noqa: Y015
+
+@_typing.final
+class DeleteJobObjectsResponse(_message.Message):
+    """Response message for `DeleteJobObjects`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_PATHS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deleted_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The keys deleted by this call (storage prefix included); empty when there
+        was nothing left to delete.
+        """
+
+    def __init__(
+        self,
+        *,
+        deleted_paths: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_paths", b"deleted_paths"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteJobObjectsResponse: _TypeAlias = DeleteJobObjectsResponse  # noqa: Y015
+
+@_typing.final
 class ListModelsRequest(_message.Message):
     """Request message for `ListModels`."""
 

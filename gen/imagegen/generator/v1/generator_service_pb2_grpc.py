@@ -57,6 +57,11 @@ class GeneratorServiceStub:
                 request_serializer=imagegen_dot_generator_dot_v1_dot_generator__service__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=imagegen_dot_generator_dot_v1_dot_generator__service__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.DeleteJobObjects = channel.unary_unary(
+                '/imagegen.generator.v1.GeneratorService/DeleteJobObjects',
+                request_serializer=imagegen_dot_generator_dot_v1_dot_generator__service__pb2.DeleteJobObjectsRequest.SerializeToString,
+                response_deserializer=imagegen_dot_generator_dot_v1_dot_generator__service__pb2.DeleteJobObjectsResponse.FromString,
+                _registered_method=True)
 
 
 class GeneratorServiceServicer:
@@ -99,6 +104,17 @@ class GeneratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteJobObjects(self, request, context):
+        """Deletes every object under a job's folder in the bucket
+        ([{prefix}/]{user_id}/{job_id}/) except those in `keep_paths`: the objects
+        of attempts that did not deliver, or all of them with an empty list.
+        Idempotent: objects already gone are not an error. Storage failures are
+        the `STORAGE_*` errors of `Generate`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GeneratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -116,6 +132,11 @@ def add_GeneratorServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=imagegen_dot_generator_dot_v1_dot_generator__service__pb2.ListModelsRequest.FromString,
                     response_serializer=imagegen_dot_generator_dot_v1_dot_generator__service__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'DeleteJobObjects': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJobObjects,
+                    request_deserializer=imagegen_dot_generator_dot_v1_dot_generator__service__pb2.DeleteJobObjectsRequest.FromString,
+                    response_serializer=imagegen_dot_generator_dot_v1_dot_generator__service__pb2.DeleteJobObjectsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -207,6 +228,33 @@ class GeneratorService:
             '/imagegen.generator.v1.GeneratorService/ListModels',
             imagegen_dot_generator_dot_v1_dot_generator__service__pb2.ListModelsRequest.SerializeToString,
             imagegen_dot_generator_dot_v1_dot_generator__service__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJobObjects(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.generator.v1.GeneratorService/DeleteJobObjects',
+            imagegen_dot_generator_dot_v1_dot_generator__service__pb2.DeleteJobObjectsRequest.SerializeToString,
+            imagegen_dot_generator_dot_v1_dot_generator__service__pb2.DeleteJobObjectsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,13 @@ class GeneratorServiceStub:
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_generator_service_pb2.ListModelsRequest, _generator_service_pb2.ListModelsResponse]
     """Lists the models this generator serves, with their capabilities."""
+    DeleteJobObjects: _grpc.UnaryUnaryMultiCallable[_generator_service_pb2.DeleteJobObjectsRequest, _generator_service_pb2.DeleteJobObjectsResponse]
+    """Deletes every object under a job's folder in the bucket
+    ([{prefix}/]{user_id}/{job_id}/) except those in `keep_paths`: the objects
+    of attempts that did not deliver, or all of them with an empty list.
+    Idempotent: objects already gone are not an error. Storage failures are
+    the `STORAGE_*` errors of `Generate`.
+    """
 
 @_typing.type_check_only
 class GeneratorServiceAsyncStub(GeneratorServiceStub):
@@ -87,6 +94,13 @@ class GeneratorServiceAsyncStub(GeneratorServiceStub):
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_generator_service_pb2.ListModelsRequest, _generator_service_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Lists the models this generator serves, with their capabilities."""
+    DeleteJobObjects: _aio.UnaryUnaryMultiCallable[_generator_service_pb2.DeleteJobObjectsRequest, _generator_service_pb2.DeleteJobObjectsResponse]  # type: ignore[assignment]
+    """Deletes every object under a job's folder in the bucket
+    ([{prefix}/]{user_id}/{job_id}/) except those in `keep_paths`: the objects
+    of attempts that did not deliver, or all of them with an empty list.
+    Idempotent: objects already gone are not an error. Storage failures are
+    the `STORAGE_*` errors of `Generate`.
+    """
 
 class GeneratorServiceServicer(metaclass=_abc_1.ABCMeta):
     """GeneratorService runs one attempt at one job: it calls the image provider,
@@ -132,5 +146,18 @@ class GeneratorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_generator_service_pb2.ListModelsResponse, _abc.Awaitable[_generator_service_pb2.ListModelsResponse]]:
         """Lists the models this generator serves, with their capabilities."""
+
+    @_abc_1.abstractmethod
+    def DeleteJobObjects(
+        self,
+        request: _generator_service_pb2.DeleteJobObjectsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generator_service_pb2.DeleteJobObjectsResponse, _abc.Awaitable[_generator_service_pb2.DeleteJobObjectsResponse]]:
+        """Deletes every object under a job's folder in the bucket
+        ([{prefix}/]{user_id}/{job_id}/) except those in `keep_paths`: the objects
+        of attempts that did not deliver, or all of them with an empty list.
+        Idempotent: objects already gone are not an error. Storage failures are
+        the `STORAGE_*` errors of `Generate`.
+        """
 
 def add_GeneratorServiceServicer_to_server(servicer: GeneratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
