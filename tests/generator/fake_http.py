@@ -82,8 +82,9 @@ class FakeHttpServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self) -> FakeHttpServer:
-        self._server = await asyncio.start_server(self._serve_connection, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> FakeHttpServer:
+        """Listens on `port` (0: any free one); a fixed port lets a test bring a receiver back where it was."""
+        self._server = await asyncio.start_server(self._serve_connection, "127.0.0.1", port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
