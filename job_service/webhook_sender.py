@@ -18,7 +18,7 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -42,6 +42,16 @@ from job_service.webhooks import (
 log = structlog.get_logger(__name__)
 
 JobRenderer = Callable[[Job], dict[str, Any]]
+# host, port -> the addresses it resolves to (as text); the default asks the system resolver.
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def system_resolve(host: str, port: int) -> list[str]:
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise OSError(f"cannot resolve {host}: {exc.strerror}") from None
+    return [str(info[4][0]) for info in infos]
 
 
 @dataclass(frozen=True)
@@ -102,7 +112,9 @@ class WebhookSender:
         config: SenderConfig,
         metrics: WebhookMetricsSink | None = None,
         http: httpx.AsyncClient | None = None,
+        resolve: Resolver = system_resolve,
     ) -> None:
+        self._resolve = resolve
         self._store = store
         self._signer = signer
         self._render = render
@@ -178,7 +190,7 @@ class WebhookSender:
 
     async def _send(self, delivery: Delivery) -> None:
         try:
-            outcome = await self._attempt(delivery)
+            outcome = await self.send_once(delivery)
             for pause in (0.2, 0.5, 1.0, 2.0, 5.0):
                 try:
                     state = await self._store.record(delivery, self._config.owner, outcome)
@@ -205,7 +217,8 @@ class WebhookSender:
             self._sending.pop(delivery.id, None)
             self.wake()  # the job's next delivery may now be due, and a slot is free
 
-    async def _attempt(self, delivery: Delivery) -> Outcome:
+    async def send_once(self, delivery: Delivery) -> Outcome:
+        """One send of `delivery` (nothing recorded): what it came to, and when to try again."""
         started = time.monotonic()
         status: int | None = None
         retry_after: float | None = None
@@ -269,14 +282,9 @@ class WebhookSender:
         if literal is not None:
             addresses: list[Address] = [literal]
         else:
-            loop = asyncio.get_running_loop()
-            try:
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except socket.gaierror as exc:
-                raise OSError(f"cannot resolve {host}: {exc.strerror}") from None
             addresses = []
-            for info in infos:
-                parsed = literal_address(str(info[4][0]).split("%", 1)[0])
+            for resolved in await self._resolve(host, port):
+                parsed = literal_address(resolved.split("%", 1)[0])  # no IPv6 zone
                 if parsed is not None and parsed not in addresses:
                     addresses.append(parsed)
             if not addresses:
