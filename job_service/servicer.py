@@ -109,7 +109,9 @@ def job_to_pb(job: Job) -> pb.Job:
         end_time=_timestamp(job.completed_at),
         webhook_url=job.webhook_url or "",
         webhook_events=[
-            _WEBHOOK_EVENT_TO_PB[WebhookEvent(name)] for name in job.webhook_events if name in _WEBHOOK_EVENT_NAMES
+            _WEBHOOK_EVENT_TO_PB[WebhookEvent(name)]
+            for name in job.webhook_events or ()
+            if name in _WEBHOOK_EVENT_NAMES
         ],
     )
     if job.error_code and job.status in (JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PENDING):
