@@ -194,19 +194,18 @@ def jobs_webhooks(job_id: str, target: Target = "localhost:50051", token: Token 
 
     async def run() -> None:
         async with _client(target, token) as client:
-            table = Table()
-            table.add_column("webhook-id", no_wrap=True)
-            for column in ("event", "state", "sends (HTTP status)", "last error"):
-                table.add_column(column)
+            # One line per delivery, never cut to the terminal's width: ids are what people copy.
             for delivery in await client.list_webhook_deliveries(job_id):
-                table.add_row(
+                sends = " ".join(str(a.http_status or "-") for a in delivery.attempts) or "-"
+                line = [
                     delivery.id,
                     pb.WebhookEvent.Name(delivery.event).removeprefix("WEBHOOK_EVENT_").lower(),
                     pb.WebhookDeliveryState.Name(delivery.state).removeprefix("WEBHOOK_DELIVERY_STATE_"),
-                    " ".join(str(a.http_status or "-") for a in delivery.attempts),
-                    delivery.last_error,
-                )
-            Console().print(table)
+                    f"sends: {sends}",
+                ]
+                if delivery.last_error:
+                    line.append(f"last error: {delivery.last_error}")
+                print("  ".join(line))
 
     _run(run())
 

@@ -329,3 +329,63 @@ async def test_webhooks_are_refused_when_no_secret_is_configured(database_url: s
     async with running_services(database_url, tmp_path) as services, services.client() as client:
         failure = await failure_of(client.create_job("x", webhook_url="https://example.com/hook"))
     assert failure.code == "FAILED_PRECONDITION" and failure.reason == "WEBHOOKS_DISABLED"
+
+
+async def test_cli_generate_with_webhook_and_jobs_webhooks(
+    services: Services, receiver: Receiver, tmp_path: Path
+) -> None:
+    from imagegen_common.dev_tokens import DEV_JWT_SECRET, mint_token
+    from tests.integration.test_clients_and_cli import cli
+
+    token = mint_token(DEV_JWT_SECRET, user_id=new_user())
+    code, out, err = await cli(
+        services.target,
+        token,
+        "generate",
+        "a fox",
+        "-n",
+        "1",
+        "--out",
+        str(tmp_path / "images"),
+        "--webhook",
+        receiver.url,
+        "--webhook-event",
+        "started",
+        "--webhook-event",
+        "job.completed",
+    )
+    assert code == 0, err
+    job_id = next(line.split()[1] for line in err.splitlines() if line.startswith("job "))
+    await settled_deliveries(services, job_id, 2, within=20)
+    assert [p["type"] for p in receiver.payloads()] == ["job.started", "job.completed"]
+
+    code, listed, err = await cli(services.target, token, "jobs", "webhooks", job_id)
+    assert code == 0, err
+    assert listed.count("DELIVERED") == 2 and "200" in listed and "completed" in listed
+
+    code, _, err = await cli(services.target, token, "generate", "x", "--webhook", receiver.url, "--webhook-event", "x")
+    assert code != 0 and "unknown webhook event" in err
+
+
+async def test_sync_client_lists_deliveries(services: Services, receiver: Receiver) -> None:
+    from imagegen_client import ImageGenSyncClient
+    from imagegen_common.dev_tokens import DEV_JWT_SECRET, mint_token
+
+    token = mint_token(DEV_JWT_SECRET, user_id=new_user())
+
+    def session() -> list[pb.WebhookDelivery]:
+        with ImageGenSyncClient(services.target, token) as client:
+            job = client.create_job("a fox", sample_count=1, webhook_url=receiver.url, webhook_events=["completed"])
+            client.wait(job.id, timeout=30)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                deliveries = client.list_webhook_deliveries(job.id)
+                if deliveries and deliveries[0].state == pb.WEBHOOK_DELIVERY_STATE_DELIVERED:
+                    return deliveries
+                time.sleep(0.1)
+            return client.list_webhook_deliveries(job.id)
+
+    deliveries = await asyncio.to_thread(session)
+    assert [(d.event, d.state) for d in deliveries] == [
+        (pb.WEBHOOK_EVENT_COMPLETED, pb.WEBHOOK_DELIVERY_STATE_DELIVERED)
+    ]
