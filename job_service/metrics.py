@@ -166,11 +166,12 @@ class WebhookMetrics(WebhookMetricsSink):
         self.attempts = Counter(
             "imagegen_webhook_attempts",
             "Webhook sends by this replica, by outcome: delivered (2xx), http_error (any other status), timeout, "
-            "network_error (refused, reset, TLS, DNS), refused (the host resolves to a forbidden address).",
+            "network_error (refused, reset, TLS, DNS), refused (the host resolves to a forbidden address), "
+            "internal_error (a fault of the service's own).",
             ["outcome"],
             registry=registry,
         )
-        for outcome in ("delivered", "http_error", "timeout", "network_error", "refused"):
+        for outcome in ("delivered", "http_error", "timeout", "network_error", "refused", "internal_error"):
             self.attempts.labels(outcome)
         self.deliveries = Counter(
             "imagegen_webhook_deliveries",

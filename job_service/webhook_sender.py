@@ -235,6 +235,11 @@ class WebhookSender:
             error, kind = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, "network_error"
         except OSError as exc:
             error, kind = f"{type(exc).__name__}: {exc}", "network_error"
+        except Exception as exc:
+            # A fault of ours (a snapshot that does not render, ...): recorded and retried like any failed send,
+            # never a delivery leased again and again without a trace.
+            log.exception("webhook send failed", job_id=delivery.job_id, webhook_id=message_id(delivery.id))
+            error, kind = f"internal error: {type(exc).__name__}", "internal_error"
         seconds = time.monotonic() - started
         self._metrics.attempt(kind, seconds)
         delivered = kind == "delivered"

@@ -244,3 +244,17 @@ async def test_redirects_are_not_followed() -> None:
         await redirecting.stop()
     assert not outcome.delivered and outcome.http_status == 307 and outcome.retry_in is not None
     assert target.requests == []
+
+
+def test_a_bad_secret_stops_the_service_at_start() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from job_service.config import ConfigurationError, JobSettings
+    from job_service.metrics import WebhookMetrics
+    from job_service.server import build_webhook_sender
+
+    settings = JobSettings(_env_file=None, webhook_secrets=["whsec_dG9vIHNob3J0"])  # type: ignore[call-arg]
+    with pytest.raises(ConfigurationError, match="JOB_WEBHOOK_SECRETS"):
+        build_webhook_sender(settings, WebhookStore(None), "test", WebhookMetrics(CollectorRegistry()))  # type: ignore[arg-type]
+    off = JobSettings(_env_file=None)  # type: ignore[call-arg]
+    assert build_webhook_sender(off, WebhookStore(None), "t", WebhookMetrics(CollectorRegistry())) is None  # type: ignore[arg-type]
