@@ -338,7 +338,7 @@ async def test_cli_generate_with_webhook_and_jobs_webhooks(
     from tests.integration.test_clients_and_cli import cli
 
     token = mint_token(DEV_JWT_SECRET, user_id=new_user())
-    code, out, err = await cli(
+    code, _out, err = await cli(
         services.target,
         token,
         "generate",
