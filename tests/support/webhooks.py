@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -55,8 +56,8 @@ class Receiver:
             return await self._answer(exchange)
         return Reply(self.status)
 
-    async def start(self, port: int = 0) -> Receiver:
-        await self.http.start(port)
+    async def start(self, port: int = 0, tls: ssl.SSLContext | None = None) -> Receiver:
+        await self.http.start(port, tls)
         return self
 
     async def stop(self) -> None:

@@ -7,10 +7,13 @@ import hashlib
 import hmac
 import ipaddress
 import random
+import ssl
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
+import httpx
 import pytest
 
 from imagegen_client import WebhookVerificationError, verify_webhook
@@ -26,6 +29,7 @@ from job_service.webhooks import (
     url_violations,
 )
 from tests.generator.fake_http import Exchange, Reply
+from tests.support.certs import CertificateAuthority
 from tests.support.jobs import a_job
 from tests.support.webhooks import Receiver, new_secret
 
@@ -258,3 +262,38 @@ def test_a_bad_secret_stops_the_service_at_start() -> None:
         build_webhook_sender(settings, WebhookStore(None), "test", WebhookMetrics(CollectorRegistry()))  # type: ignore[arg-type]
     off = JobSettings(_env_file=None)  # type: ignore[call-arg]
     assert build_webhook_sender(off, WebhookStore(None), "t", WebhookMetrics(CollectorRegistry())) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("certified", "delivered"), [("hooks.example.test", True), ("other.example.test", False)])
+async def test_tls_is_checked_against_the_name_while_connecting_to_the_checked_address(
+    tmp_path: Path, certified: str, delivered: bool
+) -> None:
+    ca = CertificateAuthority(tmp_path, "webhook-ca")
+    leaf = ca.issue("receiver", server=True, dns_names=(certified,))
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(leaf.cert, leaf.key)
+    receiver = await Receiver().start(tls=server_tls)
+
+    async def resolve(host: str, port: int) -> list[str]:
+        return ["127.0.0.1"]
+
+    http = httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(ca.pem.cert)), trust_env=False)
+    sender = WebhookSender(
+        WebhookStore(None),  # type: ignore[arg-type]
+        Signer([new_secret()]),
+        lambda job: {},
+        SenderConfig("test", 1, 2.0, 1.0, RetrySchedule(1, 2, 10), LENIENT),
+        http=http,
+        resolve=resolve,
+    )
+    try:
+        outcome = await sender.send_once(_delivery(f"https://hooks.example.test:{receiver.http.port}/in"))
+    finally:
+        await sender.stop()
+        await receiver.stop()
+    assert outcome.delivered is delivered, outcome
+    if delivered:
+        assert receiver.requests[0].headers["host"] == f"hooks.example.test:{receiver.http.port}"
+    else:
+        assert "CERTIFICATE_VERIFY_FAILED" in outcome.error or "certificate" in outcome.error.lower(), outcome.error
+        assert receiver.requests == []
