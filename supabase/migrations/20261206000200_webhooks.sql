@@ -81,29 +81,25 @@ CREATE TABLE IF NOT EXISTS webhook_attempts (
     PRIMARY KEY (delivery_id, attempt)
 );
 
+-- One statement: a jobs row read by primary key, and nothing else for the events of jobs without a webhook (nearly
+-- all of them). Measured on this project's shared 2-core machine, inserting 20,000 events of the types the WHEN
+-- clause lets through: about 10-20 us more per event than without the trigger (noisy figures); other event types
+-- do not call it at all.
 CREATE OR REPLACE FUNCTION imagegen_enqueue_webhook() RETURNS trigger
 LANGUAGE plpgsql AS $$
-DECLARE
-    kind text;
-    g    generation_jobs;
 BEGIN
-    kind := CASE NEW.type
-        WHEN 'attempt_started' THEN 'job.started'
-        WHEN 'image_stored' THEN 'job.image_stored'
-        WHEN 'completed' THEN 'job.completed'
-        WHEN 'failed' THEN 'job.failed'
-        WHEN 'cancelled' THEN 'job.cancelled'
-        WHEN 'expired' THEN 'job.expired'
-    END;
-    IF kind IS NULL THEN
-        RETURN NULL;
-    END IF;
-    SELECT * INTO g FROM generation_jobs WHERE id = NEW.job_id;
-    IF g.webhook_url IS NULL OR NOT (kind = ANY (g.webhook_events)) THEN
-        RETURN NULL;
-    END IF;
     INSERT INTO webhook_deliveries (job_id, seq, type, url, job, event_at)
-        VALUES (NEW.job_id, NEW.seq, kind, g.webhook_url, to_jsonb(g), NEW.at)
+        SELECT g.id, NEW.seq, k.kind, g.webhook_url, to_jsonb(g), NEW.at
+        FROM generation_jobs g
+        CROSS JOIN LATERAL (SELECT CASE NEW.type
+            WHEN 'attempt_started' THEN 'job.started'
+            WHEN 'image_stored' THEN 'job.image_stored'
+            WHEN 'completed' THEN 'job.completed'
+            WHEN 'failed' THEN 'job.failed'
+            WHEN 'cancelled' THEN 'job.cancelled'
+            WHEN 'expired' THEN 'job.expired'
+        END AS kind) k
+        WHERE g.id = NEW.job_id AND g.webhook_url IS NOT NULL AND k.kind = ANY (g.webhook_events)
         ON CONFLICT (job_id, seq) DO NOTHING;
     -- No NOTIFY of its own: the event's NOTIFY on imagegen_jobs (same transaction) wakes every replica's sender.
     RETURN NULL;
