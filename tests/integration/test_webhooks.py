@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from imagegen.job.v1 import job_service_pb2 as pb
 
@@ -30,6 +31,14 @@ FAST_RETRIES = {
     "webhook_retry_max_seconds": 0.5,
     "webhook_timeout_seconds": 2.0,
 }
+
+
+@pytest.fixture(autouse=True)
+async def no_delivery_outlives_its_test(db: asyncpg.Connection) -> AsyncIterator[None]:
+    """Ends whatever a test left pending: the database is shared, and a later test's receiver may get a port an
+    earlier one had, so a stray retry must not reach it."""
+    yield
+    await db.execute("UPDATE webhook_deliveries SET state = 'failed', ended_at = now() WHERE state = 'pending'")
 
 
 @pytest.fixture
@@ -208,7 +217,13 @@ async def test_a_receiver_that_never_answers_ends_as_a_recorded_failure_without_
         return Reply(200)
 
     silent = await Receiver(never).start()
-    settings = {**FAST_RETRIES, "webhook_timeout_seconds": 0.5, "webhook_retry_for_seconds": 2.0}
+    healthy = await Receiver().start()
+    settings = {
+        **FAST_RETRIES,
+        "webhook_timeout_seconds": 0.5,
+        "webhook_retry_for_seconds": 2.0,
+        "active_jobs_per_user": 10,
+    }
     try:
         async with running_services(database_url, tmp_path, job=settings) as services:
             async with services.client() as client:
@@ -220,10 +235,14 @@ async def test_a_receiver_that_never_answers_ends_as_a_recorded_failure_without_
                     for _ in range(3)
                 ]
                 plain = await client.create_job("a lighthouse", sample_count=1)
-                ends = await asyncio.gather(*(finished(services, j.id) for j in [*hooked, plain]))
+                other = await client.create_job("a lighthouse", sample_count=1, webhook_url=healthy.url)
+                ends = await asyncio.gather(*(finished(services, j.id) for j in [*hooked, plain, other]))
                 took = time.monotonic() - began
                 assert all(j.state == pb.JOB_STATE_COMPLETED for j in ends)
                 assert took < 5.0, f"jobs took {took:.1f}s with a receiver that never answers"
+                # Another job's webhook goes out while the silent receiver's sends hang.
+                await asyncio.wait_for(healthy.arrived.wait(), timeout=2.0)
+                assert silent.http.in_flight >= 1, "the silent receiver still holds sends"
 
                 deliveries = await settled_deliveries(services, hooked[0].id, 1, within=20)
             first = deliveries[0]
@@ -237,6 +256,39 @@ async def test_a_receiver_that_never_answers_ends_as_a_recorded_failure_without_
             timeouts = services.job.registry.get_sample_value("imagegen_webhook_attempts_total", {"outcome": "timeout"})
             assert failed is not None and failed >= 1
             assert timeouts is not None and timeouts >= 2
+    finally:
+        hung.set()
+        await silent.stop()
+        await healthy.stop()
+
+
+async def test_sends_are_bounded_per_replica_and_handed_back_at_shutdown(
+    database_url: str, tmp_path: Path, db: asyncpg.Connection
+) -> None:
+    hung = asyncio.Event()
+
+    async def never(exchange: Exchange) -> Reply:
+        await hung.wait()
+        return Reply(200)
+
+    silent = await Receiver(never).start()
+    settings = {**FAST_RETRIES, "webhook_concurrency": 2, "webhook_timeout_seconds": 30.0}
+    try:
+        async with running_services(database_url, tmp_path, job=settings) as services:
+            async with services.client() as client:
+                jobs = [await client.create_job("x", sample_count=1, webhook_url=silent.url) for _ in range(4)]
+                await asyncio.gather(*(finished(services, j.id) for j in jobs))
+            await eventually(lambda: _has(silent, 2), 10, "two sends under way")
+            await asyncio.sleep(1.0)
+            assert silent.http.max_in_flight == 2, "JOB_WEBHOOK_CONCURRENCY=2 sends at once"
+        ids = [j.id for j in jobs]
+        held = await db.fetchval(
+            "SELECT count(*) FROM webhook_deliveries WHERE job_id = ANY($1::uuid[]) AND lease_owner IS NOT NULL", ids
+        )
+        pending = await db.fetchval(
+            "SELECT count(*) FROM webhook_deliveries WHERE job_id = ANY($1::uuid[]) AND state = 'pending'", ids
+        )
+        assert (held, pending) == (0, 4), "a stopping replica hands its sends back, due at once elsewhere"
     finally:
         hung.set()
         await silent.stop()
