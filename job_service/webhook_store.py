@@ -169,11 +169,18 @@ class WebhookStore:
             )
 
     async def next_due_in(self) -> float | None:
-        """Seconds until the earliest pending delivery is due (<= 0: now); None when none is pending."""
+        """Seconds until the earliest claimable delivery is due (<= 0: now); None when none is pending.
+
+        Only the earliest pending delivery of each job counts: the ones behind it are not claimable however
+        overdue they are, and counting them would have a sender poll in a loop while the first waits to retry.
+        """
         value = await self._pool.fetchval(
-            """SELECT extract(epoch FROM min(greatest(next_attempt_at, coalesce(lease_expires_at, next_attempt_at)))
-                      - now())
-               FROM webhook_deliveries WHERE state = 'pending'"""
+            """SELECT extract(epoch FROM min(greatest(d.next_attempt_at,
+                                                      coalesce(d.lease_expires_at, d.next_attempt_at))) - now())
+               FROM webhook_deliveries d
+               WHERE d.state = 'pending'
+                 AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p
+                                 WHERE p.job_id = d.job_id AND p.state = 'pending' AND p.seq < d.seq)"""
         )
         return float(value) if value is not None else None
 
