@@ -116,12 +116,13 @@ BEGIN
     IF EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'auth')
        AND (SELECT count(*) FROM pg_roles WHERE rolname IN ('anon', 'authenticated', 'service_role')) = 3 THEN
         -- Deliveries hold the webhook URL (which may carry the receiver's own token) and job snapshots: only
-        -- JobService (the owner) and service_role read them; ListWebhookDeliveries is the users' way in.
+        -- JobService (the owner) writes them, and only it and service_role read them (ListWebhookDeliveries is
+        -- the users' way in). service_role reads only, as for the job tables (20261206000092): a row it could
+        -- insert would be sent by JobService without CreateJob's checks of the URL.
         ALTER TABLE webhook_deliveries ENABLE ROW LEVEL SECURITY;
         ALTER TABLE webhook_attempts ENABLE ROW LEVEL SECURITY;
-        REVOKE ALL ON webhook_deliveries, webhook_attempts FROM PUBLIC, anon, authenticated;
-        GRANT ALL ON webhook_deliveries, webhook_attempts TO service_role;
-        REVOKE TRIGGER ON webhook_deliveries, webhook_attempts FROM service_role;
+        REVOKE ALL ON webhook_deliveries, webhook_attempts FROM PUBLIC, anon, authenticated, service_role;
+        GRANT SELECT ON webhook_deliveries, webhook_attempts TO service_role;
         REVOKE ALL ON FUNCTION imagegen_take_webhook() FROM PUBLIC, anon, authenticated;
         REVOKE ALL ON FUNCTION imagegen_enqueue_webhook() FROM PUBLIC, anon, authenticated;
     END IF;
