@@ -220,8 +220,9 @@ async def test_a_receiver_that_never_answers_ends_as_a_recorded_failure_without_
     healthy = await Receiver().start()
     settings = {
         **FAST_RETRIES,
-        "webhook_timeout_seconds": 0.5,
-        "webhook_retry_for_seconds": 2.0,
+        # A job that waited for its webhooks would take at least the 10 s a delivery is retried for.
+        "webhook_timeout_seconds": 1.0,
+        "webhook_retry_for_seconds": 10.0,
         "active_jobs_per_user": 10,
     }
     try:
@@ -239,17 +240,19 @@ async def test_a_receiver_that_never_answers_ends_as_a_recorded_failure_without_
                 ends = await asyncio.gather(*(finished(services, j.id) for j in [*hooked, plain, other]))
                 took = time.monotonic() - began
                 assert all(j.state == pb.JOB_STATE_COMPLETED for j in ends)
-                assert took < 5.0, f"jobs took {took:.1f}s with a receiver that never answers"
-                # Another job's webhook goes out while the silent receiver's sends hang.
-                await asyncio.wait_for(healthy.arrived.wait(), timeout=2.0)
-                assert silent.http.in_flight >= 1, "the silent receiver still holds sends"
+                assert took < 8.0, f"jobs took {took:.1f}s with a receiver that never answers"
+                # Another job's webhook goes out while the silent receiver's deliveries are still being retried.
+                await asyncio.wait_for(healthy.arrived.wait(), timeout=5.0)
+                assert silent.requests, "the silent receiver was sent to"
+                undelivered = await client.list_webhook_deliveries(hooked[0].id)
+                assert undelivered[0].state == pb.WEBHOOK_DELIVERY_STATE_PENDING
 
-                deliveries = await settled_deliveries(services, hooked[0].id, 1, within=20)
+                deliveries = await settled_deliveries(services, hooked[0].id, 1, within=40)
             first = deliveries[0]
             assert first.state == pb.WEBHOOK_DELIVERY_STATE_FAILED
             assert len(first.attempts) >= 2
-            assert all(a.http_status == 0 and "no answer within 0.5s" in a.error for a in first.attempts)
-            assert all(a.duration_seconds < 1.5 for a in first.attempts), "each send is cut at the timeout"
+            assert all(a.http_status == 0 and "no answer within 1s" in a.error for a in first.attempts)
+            assert all(a.duration_seconds < 3.0 for a in first.attempts), "each send is cut at the timeout"
             assert first.last_error
             assert services.job.registry is not None
             failed = services.job.registry.get_sample_value("imagegen_webhook_deliveries_total", {"outcome": "failed"})
