@@ -91,6 +91,9 @@ class Job:
     completed_at: datetime | None
     next_attempt_at: datetime
     last_event_seq: int
+    webhook_url: str | None = None
+    # Event type names ('job.completed', ...) sent to webhook_url.
+    webhook_events: list[str] = field(default_factory=list)
 
     @property
     def images_owed(self) -> int:

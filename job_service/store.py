@@ -119,6 +119,8 @@ def job_from_row(row: asyncpg.Record | dict[str, Any]) -> Job:
         completed_at=row["completed_at"],
         next_attempt_at=row["next_attempt_at"],
         last_event_seq=row["last_event_seq"],
+        webhook_url=row.get("webhook_url"),
+        webhook_events=list(row.get("webhook_events") or []),
     )
 
 
@@ -318,8 +320,13 @@ class JobStore:
         active_limit: int,
         new_user_credits: int,
         claim: ClaimAtCreate | None = None,
+        webhook: dict[str, Any] | None = None,
     ) -> tuple[Job, bool]:
         """The job, and whether this call made it (False: an idempotent replay of an earlier request).
+
+        `webhook` ({"url", "events"}) travels in the params, under "webhook": the create functions insert params
+        as they are, and a trigger (migration 20261206000200) moves it into the job's webhook columns in that
+        same INSERT, so the webhook is as atomic as the job without another parameter on every create function.
 
         With `claim`, a job this call makes is also claimed, in the same transaction, and comes back generating
         (attempt 1, leased to claim.owner); a replay claims nothing.
@@ -329,7 +336,7 @@ class JobStore:
                 user=user_id,
                 prompt=prompt,
                 model=model,
-                params=params.as_dict(),
+                params=params.as_dict() | ({"webhook": webhook} if webhook else {}),
                 template_id=template_id,
                 request_id=request_id,
                 request_hash=request_hash,
