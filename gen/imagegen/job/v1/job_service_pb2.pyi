@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -38,6 +39,10 @@ class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.Val
     """Terminal. See `error`."""
     JOB_STATE_CANCELLED: _JobState.ValueType  # 5
     """Terminal. Cancelled by `CancelJob`."""
+    JOB_STATE_EXPIRED: _JobState.ValueType  # 6
+    """Terminal. Not started before its start deadline (`start_within`); its
+    credits were released. Clients that predate it see the number 6.
+    """
 
 class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper):
     """Where a job is in its lifecycle. New values may be added."""
@@ -54,6 +59,10 @@ JOB_STATE_FAILED: JobState.ValueType  # 4
 """Terminal. See `error`."""
 JOB_STATE_CANCELLED: JobState.ValueType  # 5
 """Terminal. Cancelled by `CancelJob`."""
+JOB_STATE_EXPIRED: JobState.ValueType  # 6
+"""Terminal. Not started before its start deadline (`start_within`); its
+credits were released. Clients that predate it see the number 6.
+"""
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
 class _JobEventType:
@@ -86,6 +95,8 @@ class _JobEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobEvent
     """The worker running the attempt lost its lease (it died or stalled)."""
     JOB_EVENT_TYPE_HANDED_BACK: _JobEventType.ValueType  # 11
     """The worker running the attempt shut down and handed the job back."""
+    JOB_EVENT_TYPE_EXPIRED: _JobEventType.ValueType  # 12
+    """The job did not start before its start deadline and ended expired."""
 
 class JobEventType(_JobEventType, metaclass=_JobEventTypeEnumTypeWrapper):
     """What a `JobEvent` records. New values may be added."""
@@ -114,6 +125,8 @@ JOB_EVENT_TYPE_LEASE_EXPIRED: JobEventType.ValueType  # 10
 """The worker running the attempt lost its lease (it died or stalled)."""
 JOB_EVENT_TYPE_HANDED_BACK: JobEventType.ValueType  # 11
 """The worker running the attempt shut down and handed the job back."""
+JOB_EVENT_TYPE_EXPIRED: JobEventType.ValueType  # 12
+"""The job did not start before its start deadline and ended expired."""
 Global___JobEventType: _TypeAlias = JobEventType  # noqa: Y015
 
 @_typing.final
@@ -144,6 +157,8 @@ class Job(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    START_DEADLINE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The job's id, a UUID."""
     user_id: _builtins.str
@@ -174,6 +189,14 @@ class Job(_message.Message):
     """
     cancel_requested: _builtins.bool
     """Output only. True once `CancelJob` was called on a generating job."""
+    priority: _builtins.int
+    """Fields 50-59: priority and start deadline.
+
+    Immutable. The job's priority, 0 (lowest) to 9 (highest). Dispatch takes
+    higher priorities first, then older jobs; a waiting job gains one step of
+    priority per aging period (`JOB_PRIORITY_AGING_SECONDS`), so it is never
+    passed by a job created more than (9 - priority) aging periods after it.
+    """
     @_builtins.property
     def params(self) -> Global___GenerationParams:
         """Immutable. The generation parameters, with defaults filled in."""
@@ -213,6 +236,12 @@ class Job(_message.Message):
     def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When a pending job becomes due for its next attempt."""
 
+    @_builtins.property
+    def start_deadline(self) -> _timestamp_pb2.Timestamp:
+        """Immutable. When the job ends `JOB_STATE_EXPIRED` if no attempt has
+        started by then; unset when the request set no `start_within`.
+        """
+
     def __init__(
         self,
         *,
@@ -238,10 +267,12 @@ class Job(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+        priority: _builtins.int = ...,
+        start_deadline: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "next_attempt_time", b"next_attempt_time", "params", b"params", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "next_attempt_time", b"next_attempt_time", "params", b"params", "start_deadline", b"start_deadline", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested", b"cancel_requested", "create_time", b"create_time", "credits_charged", b"credits_charged", "credits_reserved", b"credits_reserved", "end_time", b"end_time", "error", b"error", "filtered_count", b"filtered_count", "filtered_reasons", b"filtered_reasons", "id", b"id", "images", b"images", "max_attempts", b"max_attempts", "model", b"model", "next_attempt_time", b"next_attempt_time", "params", b"params", "prompt", b"prompt", "request_id", b"request_id", "start_time", b"start_time", "state", b"state", "template_id", b"template_id", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested", b"cancel_requested", "create_time", b"create_time", "credits_charged", b"credits_charged", "credits_reserved", b"credits_reserved", "end_time", b"end_time", "error", b"error", "filtered_count", b"filtered_count", "filtered_reasons", b"filtered_reasons", "id", b"id", "images", b"images", "max_attempts", b"max_attempts", "model", b"model", "next_attempt_time", b"next_attempt_time", "params", b"params", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "start_deadline", b"start_deadline", "start_time", b"start_time", "state", b"state", "template_id", b"template_id", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -498,6 +529,8 @@ class CreateJobRequest(_message.Message):
     TEMPLATE_VARIABLES_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    START_WITHIN_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """The prompt. Required unless `template_id` is set; at most the configured
     number of characters.
@@ -515,6 +548,14 @@ class CreateJobRequest(_message.Message):
     """
     user_id: _builtins.str
     """Optional. The user to create the job for. Service role only."""
+    priority: _builtins.int
+    """Fields 30-39: priority and start deadline.
+
+    Optional. 0 (lowest) to 9 (highest). Unset: the account's default (5,
+    or the premium default). A user may ask for at most the configured
+    maximum of their account (premium accounts may have a higher one); the
+    service role for any. Above the maximum answers `INVALID_ARGUMENT`.
+    """
     @_builtins.property
     def params(self) -> Global___GenerationParams:
         """Optional. Generation parameters."""
@@ -523,6 +564,14 @@ class CreateJobRequest(_message.Message):
     def template_variables(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Optional. Values for the template's `{placeholder}` variables; every
         variable is required and no other key is accepted.
+        """
+
+    @_builtins.property
+    def start_within(self) -> _duration_pb2.Duration:
+        """Optional. The job must start (its first attempt be claimed) within this
+        long of its creation, or it ends `JOB_STATE_EXPIRED` with its credits
+        released. 1 second to 7 days. A job that has started does not expire,
+        also while it waits between attempts.
         """
 
     def __init__(
@@ -535,12 +584,16 @@ class CreateJobRequest(_message.Message):
         template_variables: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         request_id: _builtins.str = ...,
         user_id: _builtins.str = ...,
+        priority: _builtins.int | None = ...,
+        start_within: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "params", b"params", "priority", b"priority", "start_within", b"start_within"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "params", b"params", "prompt", b"prompt", "request_id", b"request_id", "template_id", b"template_id", "template_variables", b"template_variables", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "model", b"model", "params", b"params", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "start_within", b"start_within", "template_id", b"template_id", "template_variables", b"template_variables", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
+    _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__priority) -> _WhichOneofReturnType__priority | None: ...
 
 Global___CreateJobRequest: _TypeAlias = CreateJobRequest  # noqa: Y015
 
