@@ -19,7 +19,7 @@ from imagegen.job.v1 import job_service_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 TokenSource = Callable[[], str]
-TERMINAL_STATES = (pb.JOB_STATE_COMPLETED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
+TERMINAL_STATES = (pb.JOB_STATE_COMPLETED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED, pb.JOB_STATE_EXPIRED)
 
 
 @dataclass(frozen=True)
@@ -81,10 +81,12 @@ def create_job_request(
     template_variables: dict[str, str] | None,
     request_id: str,
     user_id: str,
+    priority: int | None = None,
+    start_within: float | None = None,
 ) -> pb.CreateJobRequest:
     """The CreateJobRequest both clients send (unset parameters stay unset: the service's defaults apply), with a
-    new request_id when the caller gave none."""
-    return pb.CreateJobRequest(
+    new request_id when the caller gave none. `start_within` is in seconds."""
+    request = pb.CreateJobRequest(
         prompt=prompt,
         model=model,
         template_id=template_id,
@@ -99,6 +101,11 @@ def create_job_request(
             output_mime_type=output_mime_type,
         ),
     )
+    if priority is not None:
+        request.priority = priority
+    if start_within is not None:
+        request.start_within.FromNanoseconds(round(start_within * 1e9))
+    return request
 
 
 def grant_credits_request(
@@ -183,6 +190,8 @@ class ImageGenClient:
         template_variables: dict[str, str] | None = None,
         request_id: str = "",
         user_id: str = "",
+        priority: int | None = None,
+        start_within: float | None = None,
         timeout: float | None = None,
     ) -> pb.Job:
         """Creates a job. Retries (of UNAVAILABLE) resend the same `request_id`, so they never create two jobs; pass
@@ -199,6 +208,8 @@ class ImageGenClient:
             template_variables=template_variables,
             request_id=request_id,
             user_id=user_id,
+            priority=priority,
+            start_within=start_within,
         )
         response: pb.CreateJobResponse = await self._call(self._stub.CreateJob, request, timeout)
         return response.job

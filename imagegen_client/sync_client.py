@@ -99,6 +99,8 @@ class ImageGenSyncClient:
         template_variables: dict[str, str] | None = None,
         request_id: str = "",
         user_id: str = "",
+        priority: int | None = None,
+        start_within: float | None = None,
         timeout: float | None = None,
     ) -> pb.Job:
         """Creates a job. Retries (of UNAVAILABLE) resend the same `request_id`, so they never create two jobs; pass
@@ -115,6 +117,8 @@ class ImageGenSyncClient:
             template_variables=template_variables,
             request_id=request_id,
             user_id=user_id,
+            priority=priority,
+            start_within=start_within,
         )
         response: pb.CreateJobResponse = self._call(self._stub.CreateJob, request, timeout)
         return response.job
