@@ -14,6 +14,9 @@ import structlog
 
 from imagegen_common.errors import ErrorKind, FieldViolation, ServiceError, invalid_argument
 from job_service.domain import (
+    DEFAULT_PRIORITY,
+    MAX_PRIORITY,
+    MIN_PRIORITY,
     CreditBalance,
     EventType,
     GenerationFailure,
@@ -27,7 +30,7 @@ from job_service.domain import (
 )
 from job_service.notifications import JobNotifications
 from job_service.page_tokens import PageTokens
-from job_service.store import ClaimAtCreate, JobStore
+from job_service.store import ClaimAtCreate, CreateRules, JobStore
 from job_service.templates import render
 
 log = structlog.get_logger(__name__)
@@ -45,6 +48,8 @@ MAX_GRANT = 1_000_000_000
 MAX_REASON_CHARS = 200
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
+MIN_START_WITHIN_SECONDS = 1.0
+MAX_START_WITHIN_SECONDS = 7 * 86_400.0
 
 
 class ModelCatalog(Protocol):
@@ -64,6 +69,39 @@ class JobPolicy:
     new_user_credits: int
     # The welcome grant of a Supabase anonymous user (is_anonymous): a sign-in anyone can repeat at will.
     anonymous_user_credits: int = 0
+    # Priorities (0-9): the default and the most a user may ask for, and the same for premium accounts; the service
+    # role may set any.
+    priority_default: int = DEFAULT_PRIORITY
+    priority_max: int = DEFAULT_PRIORITY
+    premium_priority_default: int = DEFAULT_PRIORITY
+    premium_priority_max: int = 7
+    # A waiting job gains one step of priority per this many seconds (the bound on a low priority's wait).
+    priority_aging_seconds: float = 60.0
+    # Jobs a user may create per window (0: unlimited): users, premium users, the service role acting for a user.
+    create_rate_per_user: int = 0
+    create_rate_premium: int = 0
+    create_rate_service_role: int = 0
+    create_rate_window_seconds: float = 60.0
+
+    def rules_for(self, principal: Principal) -> CreateRules:
+        """What imagegen_create_job_v4 applies to this caller's create."""
+        if principal.is_service:
+            priorities = (self.priority_default, MAX_PRIORITY, self.premium_priority_default, MAX_PRIORITY)
+            rates = (self.create_rate_service_role, self.create_rate_service_role)
+        else:
+            priorities = (
+                self.priority_default,
+                self.priority_max,
+                self.premium_priority_default,
+                self.premium_priority_max,
+            )
+            rates = (self.create_rate_per_user, self.create_rate_premium)
+        return CreateRules(
+            priority_rules=priorities,
+            aging_seconds=self.priority_aging_seconds,
+            rate_limits=rates if any(rates) else None,
+            rate_window_seconds=self.create_rate_window_seconds,
+        )
 
 
 @dataclass(frozen=True)
@@ -77,6 +115,10 @@ class CreateJobInput:
     template_variables: Mapping[str, str] | None = None
     request_id: str = ""
     user_id: str = ""
+    # None: the account's default.
+    priority: int | None = None
+    # Seconds within which the job must start, or it ends EXPIRED; None: no deadline.
+    start_within: float | None = None
 
 
 def not_found(job_id: str) -> ServiceError:
@@ -211,6 +253,12 @@ class JobManager:
             violations += self._prompt_violations(prompt, template)
         if request.request_id and not _REQUEST_ID.match(request.request_id):
             violations.append(FieldViolation("request_id", "1-64 characters of A-Z a-z 0-9 _ . : -"))
+        if request.priority is not None and not MIN_PRIORITY <= request.priority <= MAX_PRIORITY:
+            violations.append(FieldViolation("priority", f"must be {MIN_PRIORITY}-{MAX_PRIORITY}"))
+        if request.start_within is not None and not (
+            MIN_START_WITHIN_SECONDS <= request.start_within <= MAX_START_WITHIN_SECONDS
+        ):
+            violations.append(FieldViolation("start_within", "must be between 1 second and 7 days"))
 
         model = request.model or (template.model if template and template.model else self._policy.default_model)
         params = self._merge_params(request, template)
@@ -229,9 +277,13 @@ class JobManager:
             if template and template.price_per_image is not None
             else self._policy.model_prices.get(model, self._policy.default_price_per_image)
         )
-        request_hash = hashlib.sha256(
-            json.dumps([prompt, model, params.as_dict(), request.template_id], sort_keys=True).encode()
-        ).hexdigest()
+        hashed: list[object] = [prompt, model, params.as_dict(), request.template_id]
+        if request.priority is not None or request.start_within is not None:
+            # Only when set, so that the digest of a request without them is the one it always was (a replay
+            # across an upgrade stays a replay).
+            hashed += [request.priority, request.start_within]
+        request_hash = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()
+        rules = self._policy.rules_for(principal)
 
         def create(claim: ClaimAtCreate | None) -> Awaitable[tuple[Job, bool]]:
             return self._store.create_job(
@@ -247,6 +299,9 @@ class JobManager:
                 active_limit=self._policy.active_jobs_per_user,
                 new_user_credits=self._welcome_credits(principal),
                 claim=claim,
+                priority=request.priority,
+                start_within=request.start_within,
+                rules=rules,
             )
 
         job, created = await (self._starter.run_when_created(create) if self._starter else create(None))
