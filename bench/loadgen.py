@@ -31,7 +31,7 @@ from imagegen.job.v1 import job_service_pb2_grpc as pb_grpc
 from bench.echo import METHOD as ECHO_METHOD
 
 CREATE_METHOD = "/imagegen.job.v1.JobService/CreateJob"
-TERMINAL = (pb.JOB_STATE_COMPLETED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
+TERMINAL = (pb.JOB_STATE_COMPLETED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED, pb.JOB_STATE_EXPIRED)
 STATE_NAMES: dict[int, str] = {int(v): k.removeprefix("JOB_STATE_").lower() for k, v in pb.JobState.items()}
 
 

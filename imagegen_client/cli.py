@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -28,7 +29,27 @@ Target = Annotated[str, typer.Option(envvar="IMAGEGEN_TARGET", help="JobService 
 Token = Annotated[
     str, typer.Option(envvar="IMAGEGEN_TOKEN", help="Bearer token; default: a dev token for the dev user.")
 ]
-STATE_NAMES = {v: k.removeprefix("JOB_STATE_") for k, v in pb.JobState.items()}
+STATE_NAMES: dict[int, str] = {int(v): k.removeprefix("JOB_STATE_") for k, v in pb.JobState.items()}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def state_name(state: int) -> str:
+    """The state's short name; a number for a state newer than this client (proto3 enums are open)."""
+    return STATE_NAMES.get(state, str(state))
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "90s", "10m", "1h30m", "2d" or plain seconds ("45")."""
+    text = text.strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        raise typer.BadParameter(f"{text!r} is not a duration like 90s, 10m, 1h30m or 2d")
+    return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
 
 
 def _token(token: str) -> str:
@@ -101,6 +122,15 @@ def generate(
             "expired. Default: the job's end (completed, failed, cancelled, expired)."
         ),
     ] = None,
+    priority: Annotated[
+        int | None, typer.Option(help="0 (lowest) to 9 (highest); default: your account's (5 unless premium).")
+    ] = None,
+    start_within: Annotated[
+        str,
+        typer.Option(
+            help="The job must start within this long (e.g. 90s, 10m, 1h) or it ends EXPIRED, its credits released."
+        ),
+    ] = "",
     target: Target = "localhost:50051",
     token: Token = "",
 ) -> None:
@@ -109,6 +139,7 @@ def generate(
         events = [webhook_event_number(name) for name in webhook_event or ()]
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--webhook-event") from None
+    within = parse_duration(start_within) if start_within else None
 
     async def run() -> None:
         async with _client(target, token) as client:
@@ -121,6 +152,8 @@ def generate(
                 request_id=request_id,
                 webhook_url=webhook,
                 webhook_events=events,
+                priority=priority,
+                start_within=within,
             )
             console.print(f"job [bold]{job.id}[/bold] created")
             with Progress(
@@ -134,9 +167,9 @@ def generate(
                 async with asyncio.timeout(timeout):
                     async for update in client.watch(job.id):
                         job = update.job
-                        progress.update(bar, description=STATE_NAMES[job.state].lower(), completed=len(job.images))
+                        progress.update(bar, description=state_name(job.state).lower(), completed=len(job.images))
             if job.state != pb.JOB_STATE_COMPLETED:
-                console.print(f"[red]job {STATE_NAMES[job.state]}[/red]: {job.error.reason} {job.error.message}")
+                console.print(f"[red]job {state_name(job.state)}[/red]: {job.error.reason} {job.error.message}")
                 raise typer.Exit(1)
             out.mkdir(parents=True, exist_ok=True)
             async with httpx.AsyncClient(timeout=60) as http:
@@ -158,12 +191,13 @@ def _job_table(jobs: list[pb.Job]) -> Table:
     # Full ids, never wrapped or cut: they are what people copy into the next command.
     table.add_column("id", no_wrap=True, min_width=36)
     table.add_column("state", no_wrap=True, min_width=10)  # CANCELLED, whole, even on an 80-column pipe
-    for column in ("images", "credits", "created", "prompt"):
+    for column in ("priority", "images", "credits", "created", "prompt"):
         table.add_column(column)
     for job in jobs:
         table.add_row(
             job.id,
-            STATE_NAMES[job.state],
+            state_name(job.state),
+            str(job.priority),
             f"{len(job.images)}/{job.params.sample_count}",
             str(job.credits_charged),
             job.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
@@ -240,7 +274,7 @@ def jobs_watch(job_id: str, target: Target = "localhost:50051", token: Token = "
                     if update.HasField("event")
                     else "SNAPSHOT"
                 )
-                print(f"{what:<20} {STATE_NAMES[update.job.state]:<11} images={len(update.job.images)}")
+                print(f"{what:<20} {state_name(update.job.state):<11} images={len(update.job.images)}")
 
     _run(run())
 
@@ -252,7 +286,7 @@ def jobs_cancel(job_id: str, target: Target = "localhost:50051", token: Token = 
     async def run() -> None:
         async with _client(target, token) as client:
             job = await client.cancel_job(job_id)
-            print(f"{job.id} {STATE_NAMES[job.state]}{' (cancel requested)' if job.cancel_requested else ''}")
+            print(f"{job.id} {state_name(job.state)}{' (cancel requested)' if job.cancel_requested else ''}")
 
     _run(run())
 

@@ -19,7 +19,7 @@ from imagegen.job.v1 import job_service_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 TokenSource = Callable[[], str]
-TERMINAL_STATES = (pb.JOB_STATE_COMPLETED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
+TERMINAL_STATES = (pb.JOB_STATE_COMPLETED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED, pb.JOB_STATE_EXPIRED)
 
 
 @dataclass(frozen=True)
@@ -83,10 +83,12 @@ def create_job_request(
     user_id: str,
     webhook_url: str = "",
     webhook_events: Sequence[int | str] = (),
+    priority: int | None = None,
+    start_within: float | None = None,
 ) -> pb.CreateJobRequest:
     """The CreateJobRequest both clients send (unset parameters stay unset: the service's defaults apply), with a
-    new request_id when the caller gave none."""
-    return pb.CreateJobRequest(
+    new request_id when the caller gave none. `start_within` is in seconds."""
+    request = pb.CreateJobRequest(
         webhook_url=webhook_url,
         webhook_events=[pb.WebhookEvent.ValueType(webhook_event(e)) for e in webhook_events],
         prompt=prompt,
@@ -103,6 +105,11 @@ def create_job_request(
             output_mime_type=output_mime_type,
         ),
     )
+    if priority is not None:
+        request.priority = priority
+    if start_within is not None:
+        request.start_within.FromNanoseconds(round(start_within * 1e9))
+    return request
 
 
 def webhook_event(value: int | str) -> int:
@@ -201,6 +208,8 @@ class ImageGenClient:
         user_id: str = "",
         webhook_url: str = "",
         webhook_events: Sequence[int | str] = (),
+        priority: int | None = None,
+        start_within: float | None = None,
         timeout: float | None = None,
     ) -> pb.Job:
         """Creates a job. Retries (of UNAVAILABLE) resend the same `request_id`, so they never create two jobs; pass
@@ -219,6 +228,8 @@ class ImageGenClient:
             user_id=user_id,
             webhook_url=webhook_url,
             webhook_events=webhook_events,
+            priority=priority,
+            start_within=start_within,
         )
         response: pb.CreateJobResponse = await self._call(self._stub.CreateJob, request, timeout)
         return response.job

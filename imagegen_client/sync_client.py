@@ -101,6 +101,8 @@ class ImageGenSyncClient:
         user_id: str = "",
         webhook_url: str = "",
         webhook_events: Sequence[int | str] = (),
+        priority: int | None = None,
+        start_within: float | None = None,
         timeout: float | None = None,
     ) -> pb.Job:
         """Creates a job. Retries (of UNAVAILABLE) resend the same `request_id`, so they never create two jobs; pass
@@ -119,6 +121,8 @@ class ImageGenSyncClient:
             user_id=user_id,
             webhook_url=webhook_url,
             webhook_events=webhook_events,
+            priority=priority,
+            start_within=start_within,
         )
         response: pb.CreateJobResponse = self._call(self._stub.CreateJob, request, timeout)
         return response.job

@@ -88,6 +88,27 @@ class JobSettings(BaseSettings):
     retry_base_seconds: float = 2.0
     retry_max_seconds: float = 120.0
 
+    # Priorities, 0 (lowest) to 9 (highest). A job created without one gets priority_default (a premium account's,
+    # premium_priority_default); a user may ask for at most priority_max (premium: premium_priority_max), the service
+    # role for any. Above the account's maximum: INVALID_ARGUMENT.
+    priority_default: int = Field(default=5, ge=0, le=9)
+    priority_max: int = Field(default=5, ge=0, le=9)
+    premium_priority_default: int = Field(default=5, ge=0, le=9)
+    premium_priority_max: int = Field(default=7, ge=0, le=9)
+    # Aging: a waiting job gains one step of priority per this many seconds, so a job of priority p is never passed
+    # by a job created more than (9 - p) * priority_aging_seconds after it. Applies to jobs created from then on.
+    priority_aging_seconds: float = Field(default=60.0, gt=0)
+    # Expiry of jobs not started before their start deadline (start_within): every replica sweeps this often.
+    expiry_sweep_seconds: float = Field(default=1.0, gt=0)
+
+    # CreateJob rate limits: jobs one user may create per create_rate_window_seconds (a sliding window counted in
+    # the database, so across replicas), for users, premium users and the service role acting for a user. 0: no
+    # limit. Past it: RESOURCE_EXHAUSTED (RATE_LIMITED) with RetryInfo.
+    create_rate_per_user: int = Field(default=0, ge=0)
+    create_rate_premium: int = Field(default=0, ge=0)
+    create_rate_service_role: int = Field(default=0, ge=0)
+    create_rate_window_seconds: float = Field(default=60.0, gt=0, le=86_400)
+
     # Credits: price per delivered image, per model; models not listed cost default_price_per_image.
     default_price_per_image: int = 1
     model_prices: dict[str, int] = Field(default_factory=dict)

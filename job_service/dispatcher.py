@@ -65,6 +65,10 @@ class DispatcherConfig:
     # before the completion; without the wait the first went to the database alone, then the rest, then
     # COMPLETED, each a transaction after the other.
     image_linger_seconds: float = 0.005
+    # How often this replica ends jobs past their start deadline that never started (imagegen_expire_jobs), and
+    # how many one sweep takes at most (a full sweep is followed by another at once).
+    expiry_interval: float = 1.0
+    expiry_batch: int = 100
 
 
 def retry_delay(attempt: int, base: float, cap: float, retry_after: float | None) -> float:
@@ -168,6 +172,7 @@ class Dispatcher:
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="claim"),
             asyncio.create_task(self._lease_loop(), name="leases"),
+            asyncio.create_task(self._expiry_loop(), name="expiry"),
         ]
 
     def wake(self) -> None:
@@ -359,6 +364,20 @@ class Dispatcher:
                 log.warning("lease upkeep failed; will retry", error=str(exc) or type(exc).__name__)
             except Exception:
                 log.exception("lease upkeep failed unexpectedly; will retry")
+
+    async def _expiry_loop(self) -> None:
+        """Ends the jobs past their start deadline that never started. Every replica runs it: SKIP LOCKED keeps
+        them off each other's jobs, and the claim itself never takes such a job, so a late sweep only delays
+        the EXPIRED state, never lets the job run."""
+        while True:
+            await asyncio.sleep(self._config.expiry_interval)
+            try:
+                while len(await self._store.expire_due(self._config.expiry_batch)) == self._config.expiry_batch:
+                    pass
+            except CONNECTION_ERRORS as exc:
+                log.warning("expiry sweep failed; will retry", error=str(exc) or type(exc).__name__)
+            except Exception:
+                log.exception("expiry sweep failed unexpectedly; will retry")
 
     async def _renew(self) -> None:
         held = [(job.id, job.attempt) for job, _ in self._running.values()]

@@ -14,10 +14,12 @@ class JobStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # Not started before its start deadline (see the migration 20261206000210).
+    EXPIRED = "expired"
 
     @property
     def terminal(self) -> bool:
-        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+        return self in TERMINAL_STATUSES
 
 
 class EventType(StrEnum):
@@ -32,6 +34,15 @@ class EventType(StrEnum):
     CANCELLED = "cancelled"
     LEASE_EXPIRED = "lease_expired"
     HANDED_BACK = "handed_back"
+    EXPIRED = "expired"
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED})
+
+# Priorities: 0 (lowest) to 9 (highest). The bounds are also the generation_jobs.priority CHECK constraint.
+MIN_PRIORITY = 0
+MAX_PRIORITY = 9
+DEFAULT_PRIORITY = 5
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,9 @@ class Job:
     webhook_url: str | None = None
     # Event type names ('job.completed', ...) sent to webhook_url.
     webhook_events: list[str] = field(default_factory=list)
+    priority: int = DEFAULT_PRIORITY
+    # A job not started (attempt 0) by then ends EXPIRED; None: no deadline.
+    start_deadline: datetime | None = None
 
     @property
     def images_owed(self) -> int:

@@ -14,6 +14,9 @@ import structlog
 
 from imagegen_common.errors import ErrorKind, FieldViolation, ServiceError, invalid_argument
 from job_service.domain import (
+    DEFAULT_PRIORITY,
+    MAX_PRIORITY,
+    MIN_PRIORITY,
     CreditBalance,
     EventType,
     GenerationFailure,
@@ -27,7 +30,7 @@ from job_service.domain import (
 )
 from job_service.notifications import JobNotifications
 from job_service.page_tokens import PageTokens
-from job_service.store import ClaimAtCreate, JobStore
+from job_service.store import ClaimAtCreate, CreateRules, JobStore
 from job_service.templates import render
 from job_service.webhook_store import DeliveryRecord, WebhookStore
 from job_service.webhooks import DEFAULT_EVENTS, WebhookPolicy, event_violations, url_violations
@@ -47,6 +50,8 @@ MAX_GRANT = 1_000_000_000
 MAX_REASON_CHARS = 200
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
+MIN_START_WITHIN_SECONDS = 1.0
+MAX_START_WITHIN_SECONDS = 7 * 86_400.0
 
 
 class ModelCatalog(Protocol):
@@ -68,6 +73,39 @@ class JobPolicy:
     anonymous_user_credits: int = 0
     # What a webhook URL may be; None: webhooks are off (no signing secret is configured).
     webhooks: WebhookPolicy | None = None
+    # Priorities (0-9): the default and the most a user may ask for, and the same for premium accounts; the service
+    # role may set any.
+    priority_default: int = DEFAULT_PRIORITY
+    priority_max: int = DEFAULT_PRIORITY
+    premium_priority_default: int = DEFAULT_PRIORITY
+    premium_priority_max: int = 7
+    # A waiting job gains one step of priority per this many seconds (the bound on a low priority's wait).
+    priority_aging_seconds: float = 60.0
+    # Jobs a user may create per window (0: unlimited): users, premium users, the service role acting for a user.
+    create_rate_per_user: int = 0
+    create_rate_premium: int = 0
+    create_rate_service_role: int = 0
+    create_rate_window_seconds: float = 60.0
+
+    def rules_for(self, principal: Principal) -> CreateRules:
+        """What imagegen_create_job_v4 applies to this caller's create."""
+        if principal.is_service:
+            priorities = (self.priority_default, MAX_PRIORITY, self.premium_priority_default, MAX_PRIORITY)
+            rates = (self.create_rate_service_role, self.create_rate_service_role)
+        else:
+            priorities = (
+                self.priority_default,
+                self.priority_max,
+                self.premium_priority_default,
+                self.premium_priority_max,
+            )
+            rates = (self.create_rate_per_user, self.create_rate_premium)
+        return CreateRules(
+            priority_rules=priorities,
+            aging_seconds=self.priority_aging_seconds,
+            rate_limits=rates if any(rates) else None,
+            rate_window_seconds=self.create_rate_window_seconds,
+        )
 
 
 @dataclass(frozen=True)
@@ -84,6 +122,10 @@ class CreateJobInput:
     webhook_url: str = ""
     # Event names (webhooks.WebhookEvent values); empty: DEFAULT_EVENTS.
     webhook_events: tuple[str, ...] = ()
+    # None: the account's default.
+    priority: int | None = None
+    # Seconds within which the job must start, or it ends EXPIRED; None: no deadline.
+    start_within: float | None = None
 
 
 # More distinct webhook events than there are is a client bug: one violation, not one per entry.
@@ -226,6 +268,12 @@ class JobManager:
             violations.append(FieldViolation("request_id", "1-64 characters of A-Z a-z 0-9 _ . : -"))
         webhook, webhook_violations = self._webhook(request)
         violations += webhook_violations
+        if request.priority is not None and not MIN_PRIORITY <= request.priority <= MAX_PRIORITY:
+            violations.append(FieldViolation("priority", f"must be {MIN_PRIORITY}-{MAX_PRIORITY}"))
+        if request.start_within is not None and not (
+            MIN_START_WITHIN_SECONDS <= request.start_within <= MAX_START_WITHIN_SECONDS
+        ):
+            violations.append(FieldViolation("start_within", "must be between 1 second and 7 days"))
 
         model = request.model or (template.model if template and template.model else self._policy.default_model)
         params = self._merge_params(request, template)
@@ -245,10 +293,14 @@ class JobManager:
             else self._policy.model_prices.get(model, self._policy.default_price_per_image)
         )
         identity: list[object] = [prompt, model, params.as_dict(), request.template_id]
+        # Each addition only when set, so the digest of a request without it is the one it always was (a replay
+        # across an upgrade stays a replay).
         if webhook is not None:
-            # Only when set: the digest of a request without a webhook is what it was before webhooks existed.
             identity.append(webhook)
+        if request.priority is not None or request.start_within is not None:
+            identity += [request.priority, request.start_within]
         request_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+        rules = self._policy.rules_for(principal)
 
         def create(claim: ClaimAtCreate | None) -> Awaitable[tuple[Job, bool]]:
             return self._store.create_job(
@@ -265,6 +317,9 @@ class JobManager:
                 new_user_credits=self._welcome_credits(principal),
                 claim=claim,
                 webhook=webhook,
+                priority=request.priority,
+                start_within=request.start_within,
+                rules=rules,
             )
 
         job, created = await (self._starter.run_when_created(create) if self._starter else create(None))

@@ -368,6 +368,7 @@ async def start(settings: JobSettings) -> JobApp:
             lease_seconds=settings.lease_seconds,
             retry_base_seconds=settings.retry_base_seconds,
             retry_max_seconds=settings.retry_max_seconds,
+            expiry_interval=settings.expiry_sweep_seconds,
         ),
     )
     health = HealthReporter()
@@ -414,6 +415,15 @@ async def start(settings: JobSettings) -> JobApp:
             new_user_credits=settings.new_user_credits,
             anonymous_user_credits=settings.anonymous_user_credits,
             webhooks=webhook_policy(settings) if webhooks is not None else None,
+            priority_default=settings.priority_default,
+            priority_max=settings.priority_max,
+            premium_priority_default=settings.premium_priority_default,
+            premium_priority_max=settings.premium_priority_max,
+            priority_aging_seconds=settings.priority_aging_seconds,
+            create_rate_per_user=settings.create_rate_per_user,
+            create_rate_premium=settings.create_rate_premium,
+            create_rate_service_role=settings.create_rate_service_role,
+            create_rate_window_seconds=settings.create_rate_window_seconds,
         ),
         page_tokens(settings),
         starter=dispatcher,

@@ -32,6 +32,7 @@ _STATE_TO_PB = {
     JobStatus.COMPLETED: pb.JOB_STATE_COMPLETED,
     JobStatus.FAILED: pb.JOB_STATE_FAILED,
     JobStatus.CANCELLED: pb.JOB_STATE_CANCELLED,
+    JobStatus.EXPIRED: pb.JOB_STATE_EXPIRED,
 }
 _STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
 _EVENT_TO_PB = {
@@ -46,6 +47,7 @@ _EVENT_TO_PB = {
     EventType.CANCELLED: pb.JOB_EVENT_TYPE_CANCELLED,
     EventType.LEASE_EXPIRED: pb.JOB_EVENT_TYPE_LEASE_EXPIRED,
     EventType.HANDED_BACK: pb.JOB_EVENT_TYPE_HANDED_BACK,
+    EventType.EXPIRED: pb.JOB_EVENT_TYPE_EXPIRED,
 }
 _WEBHOOK_EVENT_TO_PB = {
     WebhookEvent.STARTED: pb.WEBHOOK_EVENT_STARTED,
@@ -61,6 +63,9 @@ _DELIVERY_STATE_TO_PB = {
     "delivered": pb.WEBHOOK_DELIVERY_STATE_DELIVERED,
     "failed": pb.WEBHOOK_DELIVERY_STATE_FAILED,
 }
+# Every state with an error to show: why it failed, was cancelled or expired; on a pending job, the error of the
+# last attempt, which will be retried.
+_STATES_WITH_ERROR = (JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED, JobStatus.PENDING)
 _PARAM_FIELDS = ("sample_count", "aspect_ratio", "image_size", "person_generation", "output_mime_type")
 
 
@@ -113,9 +118,10 @@ def job_to_pb(job: Job) -> pb.Job:
             for name in job.webhook_events or ()
             if name in _WEBHOOK_EVENT_NAMES
         ],
+        priority=job.priority,
+        start_deadline=_timestamp(job.start_deadline),
     )
-    if job.error_code and job.status in (JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PENDING):
-        # On a pending job it is the error of the last attempt, which will be retried.
+    if job.error_code and job.status in _STATES_WITH_ERROR:
         message.error.CopyFrom(pb.JobError(reason=job.error_code, message=job.error_message or ""))
     if job.status is JobStatus.PENDING:
         message.next_attempt_time.CopyFrom(_stamp(job.next_attempt_at))
@@ -229,6 +235,13 @@ class JobServicer(pb_grpc.JobServiceServicer):
             name for name in _PARAM_FIELDS if request.HasField("params") and getattr(request.params, name)
         )
         params = Params(**{name: getattr(request.params, name) for name in params_set}) if params_set else None
+        start_within: float | None = None
+        if request.HasField("start_within"):
+            span = request.start_within
+            # A positive Duration has seconds >= 0 and nanos in [0, 1e9); anything else (negative, or not a valid
+            # Duration at all) becomes -1, which the range check refuses.
+            valid = span.seconds >= 0 and 0 <= span.nanos < 1_000_000_000
+            start_within = span.seconds + span.nanos / 1e9 if valid else -1.0
         job = await self._jobs.create_job(
             principal,
             CreateJobInput(
@@ -246,6 +259,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 webhook_events=tuple(
                     _WEBHOOK_EVENT_FROM_PB.get(number, f"#{number}") for number in request.webhook_events
                 ),
+                priority=request.priority if request.HasField("priority") else None,
+                start_within=start_within,
             ),
         )
         return pb.CreateJobResponse(job=job_to_pb(job))

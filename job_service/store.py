@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import asyncpg
 import structlog
 
-from imagegen_common.errors import ErrorKind, ServiceError
+from imagegen_common.errors import ErrorKind, FieldViolation, ServiceError, invalid_argument
 from job_service.domain import (
     CreditBalance,
     EventType,
@@ -47,13 +47,41 @@ _CREATE_ERRORS = {
     "IG001": (ErrorKind.RESOURCE_EXHAUSTED, "INSUFFICIENT_CREDITS"),
     "IG002": (ErrorKind.RESOURCE_EXHAUSTED, "TOO_MANY_ACTIVE_JOBS"),
     "IG003": (ErrorKind.ALREADY_EXISTS, "REQUEST_ID_REUSED"),
+    "IG005": (ErrorKind.RESOURCE_EXHAUSTED, "RATE_LIMITED"),
+    "IG006": (ErrorKind.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
 }
 
 
-def _create_refusal(sqlstate: str | None, message: str) -> ServiceError | None:
-    """The caller's error for a create the rules refused (credits, active jobs, request_id reuse), else None."""
+def _detail(detail: str | None) -> dict[str, Any]:
+    """The JSON object a refusal carries in its DETAIL (rate limit, priority), or {}."""
+    try:
+        value = json.loads(detail or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _create_refusal(sqlstate: str | None, message: str, detail: str | None = None) -> ServiceError | None:
+    """The caller's error for a create the rules refused (credits, active jobs, request_id reuse, rate limit,
+    priority above the account's maximum), else None."""
     mapped = _CREATE_ERRORS.get(sqlstate or "")
-    return ServiceError(mapped[0], mapped[1], message) if mapped is not None else None
+    if mapped is None:
+        return None
+    if sqlstate == "IG005":
+        facts = _detail(detail)
+        limit, window = int(facts.get("limit", 0)), float(facts.get("window_seconds", 60))
+        retry_after = float(facts.get("retry_after", window))
+        return ServiceError(
+            mapped[0],
+            mapped[1],
+            f"too many jobs: at most {limit} per {window:g} seconds; retry in {retry_after:.1f} s",
+            metadata={"limit": str(limit), "window_seconds": f"{window:g}"},
+            retry_after=retry_after,
+        )
+    if sqlstate == "IG006":
+        highest = int(_detail(detail).get("max", 0))
+        return invalid_argument([FieldViolation("priority", f"must be 0-{highest} for this account")])
+    return ServiceError(mapped[0], mapped[1], message)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -121,6 +149,8 @@ def job_from_row(row: asyncpg.Record | dict[str, Any]) -> Job:
         last_event_seq=row["last_event_seq"],
         webhook_url=row.get("webhook_url"),
         webhook_events=list(row.get("webhook_events") or []),
+        priority=row["priority"],
+        start_deadline=row["start_deadline"],
     )
 
 
@@ -201,7 +231,7 @@ class _Writes:
 
 
 class _NewJob(NamedTuple):
-    """One CreateJob's write: imagegen_create_job_v2's parameters, in its order, under their SQL names."""
+    """One CreateJob's write: imagegen_create_job_v4's parameters, in its order, under their SQL names."""
 
     user: str
     prompt: str
@@ -217,6 +247,26 @@ class _NewJob(NamedTuple):
     new_user_credits: int
     claim_owner: str | None
     lease_seconds: float | None
+    priority: int | None
+    priority_rules: list[int] | None
+    start_within: float | None
+    aging_seconds: float | None
+    rate_limits: list[int] | None
+    rate_window_seconds: float | None
+
+
+@dataclass(frozen=True)
+class CreateRules:
+    """The rules of the account a job is created for, applied by imagegen_create_job_v4 under the account's lock
+    (only the account knows whether the user is premium). None: no rule of that kind."""
+
+    # (default, max, premium default, premium max); None: any priority 0-9, default 5.
+    priority_rules: tuple[int, int, int, int] | None = None
+    # Seconds of waiting per step of priority gained (see the migration 20261206000210).
+    aging_seconds: float | None = None
+    # (jobs per window, premium jobs per window), 0 = unlimited; None: no limit.
+    rate_limits: tuple[int, int] | None = None
+    rate_window_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -321,6 +371,9 @@ class JobStore:
         new_user_credits: int,
         claim: ClaimAtCreate | None = None,
         webhook: dict[str, Any] | None = None,
+        priority: int | None = None,
+        start_within: float | None = None,
+        rules: CreateRules = CreateRules(),
     ) -> tuple[Job, bool]:
         """The job, and whether this call made it (False: an idempotent replay of an earlier request).
 
@@ -347,6 +400,12 @@ class JobStore:
                 new_user_credits=new_user_credits,
                 claim_owner=claim.owner if claim else None,
                 lease_seconds=claim.lease_seconds if claim else None,
+                priority=priority,
+                priority_rules=list(rules.priority_rules) if rules.priority_rules is not None else None,
+                start_within=start_within,
+                aging_seconds=rules.aging_seconds,
+                rate_limits=list(rules.rate_limits) if rules.rate_limits is not None else None,
+                rate_window_seconds=rules.rate_window_seconds,
             )
         )
         if created:
@@ -361,11 +420,12 @@ class JobStore:
         try:
             row = await self._pool.fetchrow(
                 """SELECT (r.job).*, r.created
-                   FROM imagegen_create_job_v3($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) r""",
+                   FROM imagegen_create_job_v4($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
+                                               $15, $16, $17, $18, $19, $20) r""",
                 *new,
             )
         except asyncpg.PostgresError as exc:
-            refusal = _create_refusal(exc.sqlstate, exc.args[0] if exc.args else str(exc))
+            refusal = _create_refusal(exc.sqlstate, exc.args[0] if exc.args else str(exc), getattr(exc, "detail", None))
             if refusal is None:
                 raise
             raise refusal from exc
@@ -378,8 +438,8 @@ class JobStore:
         order = sorted(range(len(batch)), key=lambda i: batch[i].user)
         try:
             rows = await self._pool.fetch(
-                """SELECT r.idx, (r.job).*, r.created, r.error_code, r.error_message
-                   FROM imagegen_create_jobs($1) r""",
+                """SELECT r.idx, (r.job).*, r.created, r.error_code, r.error_message, r.error_detail
+                   FROM imagegen_create_jobs_v2($1) r""",
                 [batch[i]._asdict() for i in order],
             )
         except asyncpg.PostgresError as exc:
@@ -397,9 +457,9 @@ class JobStore:
             if row["error_code"] is None:
                 outcomes[position] = (job_from_row(row), bool(row["created"]))
             else:
-                outcomes[position] = _create_refusal(row["error_code"], row["error_message"]) or RuntimeError(
-                    f"create failed: {row['error_code']} {row['error_message']}"
-                )
+                outcomes[position] = _create_refusal(
+                    row["error_code"], row["error_message"], row["error_detail"]
+                ) or RuntimeError(f"create failed: {row['error_code']} {row['error_message']}")
         return outcomes
 
     async def get_job(self, job_id: str) -> Job | None:
@@ -553,6 +613,17 @@ class JobStore:
         jobs = [job_from_row(r) for r in rows]
         for job in jobs:
             self._written(job, _event_of(job, EventType.ATTEMPT_STARTED, None))
+        return jobs
+
+    async def expire_due(self, limit: int) -> list[Job]:
+        """Ends up to `limit` jobs that never started and are past their start deadline (EXPIRED, reservation
+        released); safe on every replica at once (SKIP LOCKED)."""
+        rows = await self._pool.fetch(
+            "SELECT (e.job).*, e.released AS reserved_before FROM imagegen_expire_jobs($1) e", limit
+        )
+        jobs = [job_from_row(row) for row in rows]
+        for job, row in zip(jobs, rows, strict=True):
+            self._wrote(job, row, EventType.EXPIRED, job.error_message, JobStatus.EXPIRED)
         return jobs
 
     async def renew_leases(self, owner: str, held: Sequence[tuple[str, int]], lease_seconds: float) -> dict[str, bool]:

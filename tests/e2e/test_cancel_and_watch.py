@@ -24,7 +24,7 @@ from tests.support.processes import ServiceProcess, generator_process, job_proce
 from tests.support.replicas import close_clients, pid, service_client, start, stop
 
 FAST_IMAGEN = "gemini-api/imagen-4.0-fast-generate-001"
-TERMINAL_STATES = (pb.JOB_STATE_COMPLETED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
+TERMINAL_STATES = (pb.JOB_STATE_COMPLETED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED, pb.JOB_STATE_EXPIRED)
 STATE_NAMES = {
     "pending": pb.JOB_STATE_PENDING,
     "generating": pb.JOB_STATE_GENERATING,

@@ -51,6 +51,7 @@ def create(
     limit: int = 100,
     max_attempts: int = 3,
     claim: ClaimAtCreate | None = None,
+    priority: int | None = None,
 ) -> Any:
     return store.create_job(
         user_id=user,
@@ -65,6 +66,7 @@ def create(
         active_limit=limit,
         new_user_credits=0,
         claim=claim,
+        priority=priority,
     )
 
 
@@ -148,8 +150,12 @@ async def test_batched_creates_claim_the_jobs_they_are_asked_to_claim(store: tup
         await jobs.grant_credits(user, 10, "test", None, 0)
 
     # Every other create claims its job for replica "w" (as Dispatcher.run_when_created asks when it has room).
+    # The others stay pending: at a lower priority, so that they are not ahead of the claimed ones in the queue
+    # (a create does not claim its job while a due job ahead of it waits; see test_priority_and_deadlines).
     claims = [ClaimAtCreate("w", 30.0) if i % 2 else None for i in range(len(users))]
-    outcomes = await asyncio.gather(*(create(jobs, user, claim=c) for user, c in zip(users, claims, strict=True)))
+    outcomes = await asyncio.gather(
+        *(create(jobs, user, claim=c, priority=None if c else 0) for user, c in zip(users, claims, strict=True))
+    )
 
     assert jobs.batches and max(jobs.batches) > 1
     conn = await asyncpg.connect(url)

@@ -4,6 +4,7 @@ query of its own."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -144,3 +145,19 @@ async def test_each_settlement_counts_what_the_ledger_released_and_captured(
     assert (ledger["released"], ledger["captured"]) == (9, 2)
     assert (credits(registry, "released"), credits(registry, "captured")) == (9, 2)
     assert credits(registry, "reserved") == 9
+
+
+async def test_an_expired_job_is_counted_as_a_transition_and_its_whole_reservation_as_released(
+    instrumented: tuple[InstrumentedJobStore, CollectorRegistry],
+) -> None:
+    store, registry = instrumented
+    user = str(uuid.uuid4())
+    job, _ = await store.create_job(**request(user, None, sample_count=3), start_within=1.0)
+    await asyncio.sleep(1.2)
+
+    expired = await store.expire_due(10)
+
+    assert [j.id for j in expired] == [job.id] and expired[0].status is JobStatus.EXPIRED
+    transitions = registry.get_sample_value("imagegen_job_transitions_total", {"event": "expired", "state": "expired"})
+    assert transitions == 1
+    assert (credits(registry, "released"), credits(registry, "captured")) == (3, 0)

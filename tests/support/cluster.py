@@ -14,7 +14,7 @@ from imagegen_common.migrate import migrate
 from tests.support.database import create_database, drop_database
 
 T = TypeVar("T")
-TERMINAL = ("completed", "failed", "cancelled")
+TERMINAL = ("completed", "failed", "cancelled", "expired")
 
 
 @asynccontextmanager

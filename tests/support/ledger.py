@@ -24,9 +24,9 @@ async def assert_credits_consistent(conn: asyncpg.Connection) -> None:
            GROUP BY j.id
            HAVING count(*) FILTER (WHERE l.kind = 'reserve') <> 1
                OR count(*) FILTER (WHERE l.kind = 'release')
-                  <> CASE WHEN j.status IN ('completed', 'failed', 'cancelled') THEN 1 ELSE 0 END
+                  <> CASE WHEN j.status IN ('completed', 'failed', 'cancelled', 'expired') THEN 1 ELSE 0 END
                OR count(*) FILTER (WHERE l.kind = 'capture')
-                  <> CASE WHEN j.status IN ('completed', 'failed', 'cancelled') THEN 1 ELSE 0 END
+                  <> CASE WHEN j.status IN ('completed', 'failed', 'cancelled', 'expired') THEN 1 ELSE 0 END
                OR coalesce(sum(-l.amount) FILTER (WHERE l.kind = 'capture'), 0) <> j.credits_charged"""
     )
     assert not unsettled, f"jobs whose credits are not settled exactly once: {[dict(r) for r in unsettled]}"

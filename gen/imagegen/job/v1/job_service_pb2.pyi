@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -112,6 +113,10 @@ class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.Val
     """Terminal. See `error`."""
     JOB_STATE_CANCELLED: _JobState.ValueType  # 5
     """Terminal. Cancelled by `CancelJob`."""
+    JOB_STATE_EXPIRED: _JobState.ValueType  # 6
+    """Terminal. Not started before its start deadline (`start_within`); its
+    credits were released. Clients that predate it see the number 6.
+    """
 
 class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper):
     """Where a job is in its lifecycle. New values may be added."""
@@ -128,6 +133,10 @@ JOB_STATE_FAILED: JobState.ValueType  # 4
 """Terminal. See `error`."""
 JOB_STATE_CANCELLED: JobState.ValueType  # 5
 """Terminal. Cancelled by `CancelJob`."""
+JOB_STATE_EXPIRED: JobState.ValueType  # 6
+"""Terminal. Not started before its start deadline (`start_within`); its
+credits were released. Clients that predate it see the number 6.
+"""
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
 class _JobEventType:
@@ -160,6 +169,8 @@ class _JobEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobEvent
     """The worker running the attempt lost its lease (it died or stalled)."""
     JOB_EVENT_TYPE_HANDED_BACK: _JobEventType.ValueType  # 11
     """The worker running the attempt shut down and handed the job back."""
+    JOB_EVENT_TYPE_EXPIRED: _JobEventType.ValueType  # 12
+    """The job did not start before its start deadline and ended expired."""
 
 class JobEventType(_JobEventType, metaclass=_JobEventTypeEnumTypeWrapper):
     """What a `JobEvent` records. New values may be added."""
@@ -188,6 +199,8 @@ JOB_EVENT_TYPE_LEASE_EXPIRED: JobEventType.ValueType  # 10
 """The worker running the attempt lost its lease (it died or stalled)."""
 JOB_EVENT_TYPE_HANDED_BACK: JobEventType.ValueType  # 11
 """The worker running the attempt shut down and handed the job back."""
+JOB_EVENT_TYPE_EXPIRED: JobEventType.ValueType  # 12
+"""The job did not start before its start deadline and ended expired."""
 Global___JobEventType: _TypeAlias = JobEventType  # noqa: Y015
 
 @_typing.final
@@ -220,6 +233,8 @@ class Job(_message.Message):
     NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
     WEBHOOK_URL_FIELD_NUMBER: _builtins.int
     WEBHOOK_EVENTS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    START_DEADLINE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The job's id, a UUID."""
     user_id: _builtins.str
@@ -253,6 +268,14 @@ class Job(_message.Message):
     webhook_url: _builtins.str
     """Immutable. The webhook the job's events are sent to, if any (see
     `CreateJobRequest.webhook_url`).
+    """
+    priority: _builtins.int
+    """Fields 50-59: priority and start deadline.
+
+    Immutable. The job's priority, 0 (lowest) to 9 (highest). Dispatch takes
+    higher priorities first, then older jobs; a waiting job gains one step of
+    priority per aging period (`JOB_PRIORITY_AGING_SECONDS`), so it is never
+    passed by a job created more than (9 - priority) aging periods after it.
     """
     @_builtins.property
     def params(self) -> Global___GenerationParams:
@@ -297,6 +320,12 @@ class Job(_message.Message):
     def webhook_events(self) -> _containers.RepeatedScalarFieldContainer[Global___WebhookEvent.ValueType]:
         """Immutable. The events sent to `webhook_url`."""
 
+    @_builtins.property
+    def start_deadline(self) -> _timestamp_pb2.Timestamp:
+        """Immutable. When the job ends `JOB_STATE_EXPIRED` if no attempt has
+        started by then; unset when the request set no `start_within`.
+        """
+
     def __init__(
         self,
         *,
@@ -324,10 +353,12 @@ class Job(_message.Message):
         next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
         webhook_url: _builtins.str = ...,
         webhook_events: _abc.Iterable[Global___WebhookEvent.ValueType] | None = ...,
+        priority: _builtins.int = ...,
+        start_deadline: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "next_attempt_time", b"next_attempt_time", "params", b"params", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "next_attempt_time", b"next_attempt_time", "params", b"params", "start_deadline", b"start_deadline", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested", b"cancel_requested", "create_time", b"create_time", "credits_charged", b"credits_charged", "credits_reserved", b"credits_reserved", "end_time", b"end_time", "error", b"error", "filtered_count", b"filtered_count", "filtered_reasons", b"filtered_reasons", "id", b"id", "images", b"images", "max_attempts", b"max_attempts", "model", b"model", "next_attempt_time", b"next_attempt_time", "params", b"params", "prompt", b"prompt", "request_id", b"request_id", "start_time", b"start_time", "state", b"state", "template_id", b"template_id", "update_time", b"update_time", "user_id", b"user_id", "webhook_events", b"webhook_events", "webhook_url", b"webhook_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested", b"cancel_requested", "create_time", b"create_time", "credits_charged", b"credits_charged", "credits_reserved", b"credits_reserved", "end_time", b"end_time", "error", b"error", "filtered_count", b"filtered_count", "filtered_reasons", b"filtered_reasons", "id", b"id", "images", b"images", "max_attempts", b"max_attempts", "model", b"model", "next_attempt_time", b"next_attempt_time", "params", b"params", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "start_deadline", b"start_deadline", "start_time", b"start_time", "state", b"state", "template_id", b"template_id", "update_time", b"update_time", "user_id", b"user_id", "webhook_events", b"webhook_events", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -586,6 +617,8 @@ class CreateJobRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     WEBHOOK_URL_FIELD_NUMBER: _builtins.int
     WEBHOOK_EVENTS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    START_WITHIN_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """The prompt. Required unless `template_id` is set; at most the configured
     number of characters.
@@ -609,6 +642,14 @@ class CreateJobRequest(_message.Message):
     (Standard Webhooks; see docs/webhooks.md). Its host must not be, or
     resolve to, a loopback, private, link-local or metadata address.
     """
+    priority: _builtins.int
+    """Fields 30-39: priority and start deadline.
+
+    Optional. 0 (lowest) to 9 (highest). Unset: the account's default (5,
+    or the premium default). A user may ask for at most the configured
+    maximum of their account (premium accounts may have a higher one); the
+    service role for any. Above the maximum answers `INVALID_ARGUMENT`.
+    """
     @_builtins.property
     def params(self) -> Global___GenerationParams:
         """Optional. Generation parameters."""
@@ -625,6 +666,14 @@ class CreateJobRequest(_message.Message):
         end: COMPLETED, FAILED, CANCELLED and EXPIRED.
         """
 
+    @_builtins.property
+    def start_within(self) -> _duration_pb2.Duration:
+        """Optional. The job must start (its first attempt be claimed) within this
+        long of its creation, or it ends `JOB_STATE_EXPIRED` with its credits
+        released. 1 second to 7 days. A job that has started does not expire,
+        also while it waits between attempts.
+        """
+
     def __init__(
         self,
         *,
@@ -637,12 +686,16 @@ class CreateJobRequest(_message.Message):
         user_id: _builtins.str = ...,
         webhook_url: _builtins.str = ...,
         webhook_events: _abc.Iterable[Global___WebhookEvent.ValueType] | None = ...,
+        priority: _builtins.int | None = ...,
+        start_within: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "params", b"params", "priority", b"priority", "start_within", b"start_within"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "params", b"params", "prompt", b"prompt", "request_id", b"request_id", "template_id", b"template_id", "template_variables", b"template_variables", "user_id", b"user_id", "webhook_events", b"webhook_events", "webhook_url", b"webhook_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "model", b"model", "params", b"params", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "start_within", b"start_within", "template_id", b"template_id", "template_variables", b"template_variables", "user_id", b"user_id", "webhook_events", b"webhook_events", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
+    _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__priority) -> _WhichOneofReturnType__priority | None: ...
 
 Global___CreateJobRequest: _TypeAlias = CreateJobRequest  # noqa: Y015
 

@@ -134,7 +134,7 @@ class JobServiceServicer:
     def WatchJob(self, request, context):
         """Streams a job's state: the current state first, then one message per
         change, in order. The stream ends with OK after a terminal state
-        (`COMPLETED`, `FAILED` or `CANCELLED`). It is read-only, so a client may
+        (`COMPLETED`, `FAILED`, `CANCELLED` or `EXPIRED`). It is read-only, so a client may
         reconnect at any time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

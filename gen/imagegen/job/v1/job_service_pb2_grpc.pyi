@@ -59,7 +59,7 @@ class JobServiceStub:
     WatchJob: _grpc.UnaryStreamMultiCallable[_job_service_pb2.WatchJobRequest, _job_service_pb2.WatchJobResponse]
     """Streams a job's state: the current state first, then one message per
     change, in order. The stream ends with OK after a terminal state
-    (`COMPLETED`, `FAILED` or `CANCELLED`). It is read-only, so a client may
+    (`COMPLETED`, `FAILED`, `CANCELLED` or `EXPIRED`). It is read-only, so a client may
     reconnect at any time.
     """
     CancelJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.CancelJobRequest, _job_service_pb2.CancelJobResponse]
@@ -116,7 +116,7 @@ class JobServiceAsyncStub(JobServiceStub):
     WatchJob: _aio.UnaryStreamMultiCallable[_job_service_pb2.WatchJobRequest, _job_service_pb2.WatchJobResponse]  # type: ignore[assignment]
     """Streams a job's state: the current state first, then one message per
     change, in order. The stream ends with OK after a terminal state
-    (`COMPLETED`, `FAILED` or `CANCELLED`). It is read-only, so a client may
+    (`COMPLETED`, `FAILED`, `CANCELLED` or `EXPIRED`). It is read-only, so a client may
     reconnect at any time.
     """
     CancelJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.CancelJobRequest, _job_service_pb2.CancelJobResponse]  # type: ignore[assignment]
@@ -194,7 +194,7 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_job_service_pb2.WatchJobResponse], _abc.AsyncIterator[_job_service_pb2.WatchJobResponse]]:
         """Streams a job's state: the current state first, then one message per
         change, in order. The stream ends with OK after a terminal state
-        (`COMPLETED`, `FAILED` or `CANCELLED`). It is read-only, so a client may
+        (`COMPLETED`, `FAILED`, `CANCELLED` or `EXPIRED`). It is read-only, so a client may
         reconnect at any time.
         """
 
