@@ -91,6 +91,10 @@ class Job:
     completed_at: datetime | None
     next_attempt_at: datetime
     last_event_seq: int
+    # When the job's objects were queued for deletion (retention or DeleteJob): its images answer as deleted.
+    images_deleted_at: datetime | None = None
+    # When DeleteJob was called: the job is no one's to read any more; its row goes once its objects have.
+    deleted_at: datetime | None = None
 
     @property
     def images_owed(self) -> int:

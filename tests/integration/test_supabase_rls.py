@@ -242,11 +242,13 @@ async def test_on_plain_postgresql_the_migration_is_recorded_and_changes_nothing
     assert policies == 0
     assert await db.fetchval("SELECT relreplident::text FROM pg_class WHERE oid = 'generation_jobs'::regclass") == "d"
     assert await db.fetchval("SELECT count(*) FROM pg_publication WHERE pubname = 'supabase_realtime'") == 0
-    cascading_ledger_keys = await db.fetchval(
-        "SELECT count(*) FROM pg_constraint WHERE conrelid = 'credit_ledger'::regclass AND contype = 'f' "
-        "AND confdeltype::text <> 'a'"
+    ledger_keys = await db.fetch(
+        "SELECT confrelid::regclass::text AS parent, confdeltype::text AS on_delete FROM pg_constraint "
+        "WHERE conrelid = 'credit_ledger'::regclass AND contype = 'f' ORDER BY 1"
     )
-    assert cascading_ledger_keys == 0
+    # The account key does not cascade here (no auth.users to follow). The job key is SET NULL, as on Supabase:
+    # 20261206000220 made it so everywhere, so that a deleted job (DeleteJob, retention) leaves its ledger rows.
+    assert [tuple(r) for r in ledger_keys] == [("credit_accounts", "a"), ("generation_jobs", "n")]
 
 
 async def ledger_of(conn: asyncpg.Connection, user: str) -> list[tuple[str, int]]:
