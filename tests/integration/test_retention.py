@@ -438,3 +438,49 @@ async def test_retention_passes_on_two_replicas_at_once_delete_each_job_once(
     assert [p for p in (storage / "images").rglob("*") if p.is_file()] == []
     assert dict(await conn.fetch("SELECT user_id::text, balance FROM credit_accounts")) == balances
     await assert_credits_consistent(conn)
+
+
+async def test_deleting_a_job_whose_folder_is_being_swept_fences_that_sweep_and_its_row_waits(
+    own_db: str, conn: asyncpg.Connection
+) -> None:
+    # A bare job row (in a database of its own: it has no ledger rows) that failed on its second attempt: the
+    # trigger recorded a sweep that keeps its recorded image.
+    user = str(uuid.uuid4())
+    recorded = f"{user}/JOB/1-0.png"
+    job = await conn.fetchval(
+        """INSERT INTO generation_jobs (user_id, prompt, model, params, max_attempts, status, attempt)
+           VALUES ($1, 'p', 'local', '{}', 3, 'generating', 2) RETURNING id::text""",
+        user,
+    )
+    recorded = recorded.replace("JOB", job)
+    await conn.execute(
+        """UPDATE generation_jobs SET result_paths = ARRAY[$2], result_urls = ARRAY['http://x/' || $2],
+               images = jsonb_build_array(jsonb_build_object('index', 0, 'url', 'http://x/' || $2,
+                   'storage_path', $2, 'mime_type', 'image/png', 'width', 1, 'height', 1, 'size_bytes', 1))
+           WHERE id = $1""",
+        job,
+        recorded,
+    )
+    await conn.execute("UPDATE generation_jobs SET status = 'failed', completed_at = now() WHERE id = $1", job)
+    pool = await create_pool(own_db, min_size=1, max_size=2, statement_cache_size=100)
+    cleanups, retention = CleanupStore(pool), RetentionStore(pool)
+    try:
+        taken = await cleanups.take_due(10, delay_seconds=0, lease_seconds=60)
+        assert [(c.job_id, c.keep_paths) for c in taken] == [(job, [recorded])], "a sweep keeping the image runs"
+
+        assert await retention.mark_deleted(job) is True, "ended: its objects are queued at once"
+        assert not await cleanups.done(taken[0]), "the sweep in flight kept the image: it does not end the row"
+        row = await conn.fetchrow("SELECT keep_all_recorded FROM storage_cleanups WHERE job_id = $1", job)
+        assert row is not None and row["keep_all_recorded"] is False
+        assert await conn.fetchval("SELECT result_urls FROM generation_jobs WHERE id = $1", job) == []
+
+        assert await retention.delete_deleted(10) == 0, "the row waits while the objects are still to go"
+        retaken = await cleanups.take_due(10, delay_seconds=0, lease_seconds=60)
+        assert [(c.job_id, c.keep_paths) for c in retaken] == [(job, [])], "now nothing is kept"
+        assert await retention.delete_deleted(10) == 0, "nor while the sweep runs"
+        assert await cleanups.done(retaken[0])
+        assert await retention.delete_deleted(10) == 1, "gone from storage: the row goes"
+        assert await row_count(conn, job) == (0, 0, 0)
+        assert await retention.mark_deleted(job) is None
+    finally:
+        await pool.close()
