@@ -262,6 +262,14 @@ class JobManager:
             )
 
         job, created = await (self._starter.run_when_created(create) if self._starter else create(None))
+        if job.deleted_at is not None:
+            # A replay whose job was deleted since (its row waits for its objects to go): not shown any more, and
+            # no new job either, which a retry of a create that did commit must never make.
+            raise ServiceError(
+                ErrorKind.ALREADY_EXISTS,
+                "JOB_DELETED",
+                f"request_id {request.request_id!r} made a job that has since been deleted; use a new request_id",
+            )
         return as_created(job) if created else job
 
     def _prompt_violations(self, prompt: str, template: Template | None) -> list[FieldViolation]:

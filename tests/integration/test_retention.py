@@ -31,6 +31,7 @@ from tests.generator.fake_http import Exchange, Reply
 from tests.generator.fake_supabase import FakeSupabaseStorage
 from tests.support.cluster import eventually, fresh_database
 from tests.support.ledger import assert_credits_consistent
+from tests.support.rpc_errors import failure_of
 from tests.support.services import Services, generator_settings, new_user, running_services
 
 TOKEN = "internal-token"
@@ -311,11 +312,14 @@ async def test_a_storage_failure_during_deletion_keeps_the_record_and_a_later_sw
             running_services(own_db, tmp_path, job=FAST, generator=supabase_generator(api)) as services,
             services.client(user) as client,
         ):
-            job = await client.wait(
-                (await client.create_job("a lighthouse", model="local", sample_count=2)).id, timeout=60
-            )
+            first = await client.create_job("a lighthouse", model="local", sample_count=2, request_id="lighthouse-1")
+            job = await client.wait(first.id, timeout=60)
             api.list_faults.extend([server_error] * 500)  # storage is down
             await client.delete_job(job.id)
+            replay = await failure_of(
+                client.create_job("a lighthouse", model="local", sample_count=2, request_id="lighthouse-1")
+            )
+            assert (replay.code, replay.reason) == ("ALREADY_EXISTS", "JOB_DELETED"), "no new job, none shown"
 
             row = await eventually(
                 lambda: conn.fetchrow("SELECT * FROM storage_cleanups WHERE job_id = $1", job.id),
@@ -333,6 +337,8 @@ async def test_a_storage_failure_during_deletion_keeps_the_record_and_a_later_sw
             rows = await eventually(lambda: row_count(conn, job.id), lambda r: r == (0, 0, 0), within=20)
             assert rows == (0, 0, 0)
             assert keys_of(api, user, job.id) == []
+            again = await client.create_job("a lighthouse", model="local", sample_count=2, request_id="lighthouse-1")
+            assert again.id != job.id, "once the row is gone its request_id is free again"
         await assert_credits_consistent(conn)
     finally:
         await api.stop()
