@@ -46,3 +46,18 @@ BEGIN
     END LOOP;
 END
 $ledger$;
+
+-- Supabase: a job deleted by DeleteJob is gone for its owner's app as well (PostgREST, Realtime), not only for the
+-- gRPC API, while its row waits for its objects; its events go with it (their policy reads the job through this
+-- one). The policy of 20261128000030 otherwise unchanged. A no-op on plain PostgreSQL.
+DO $supabase$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'auth') THEN
+        RAISE NOTICE 'no auth schema: not a Supabase database, nothing to do';
+        RETURN;
+    END IF;
+    DROP POLICY IF EXISTS generation_jobs_read_own ON generation_jobs;
+    CREATE POLICY generation_jobs_read_own ON generation_jobs
+        FOR SELECT TO authenticated USING (user_id = (SELECT auth.uid()) AND deleted_at IS NULL);
+END
+$supabase$;

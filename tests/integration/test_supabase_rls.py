@@ -153,6 +153,19 @@ async def test_a_user_reads_only_their_own_jobs_events_and_credits(admin: asyncp
         assert await admin.fetchval("SELECT count(*) FROM generation_jobs WHERE user_id IN ($1, $2)", alice, bob) == 3
 
 
+async def test_a_job_deleted_by_delete_job_is_gone_for_its_owners_app_too(admin: asyncpg.Connection) -> None:
+    alice = await new_auth_user(admin)
+    kept, deleted = await create_job(admin, alice, "kept"), await create_job(admin, alice, "deleted")
+    # What DeleteJob writes (RetentionStore.mark_deleted); the row waits for its objects before it goes.
+    await admin.execute("UPDATE generation_jobs SET deleted_at = now() WHERE id = $1", deleted)
+    async with as_role(admin, "authenticated", alice):
+        jobs = [str(r["id"]) for r in await admin.fetch("SELECT id FROM generation_jobs")]
+        events = {str(r["job_id"]) for r in await admin.fetch("SELECT DISTINCT job_id FROM job_events")}
+    assert jobs == [kept] and events == {kept}
+    async with as_role(admin, "service_role"):  # operators still see it
+        assert await admin.fetchval("SELECT count(*) FROM generation_jobs WHERE id = $1", deleted) == 1
+
+
 async def test_app_clients_write_nothing_and_call_no_imagegen_function(admin: asyncpg.Connection) -> None:
     alice = await new_auth_user(admin)
     job = await create_job(admin, alice, "mine")
