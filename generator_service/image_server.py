@@ -21,9 +21,10 @@ from imagegen_common.lifecycle import run_until_signalled
 log = structlog.get_logger(__name__)
 
 
-async def serve_images(settings: GeneratorSettings) -> None:
-    """Serves the storage folder over HTTP until SIGTERM or SIGINT."""
-    server = LocalStorageServer(
+def local_storage_server(settings: GeneratorSettings) -> LocalStorageServer:
+    """The HTTP server of local storage as the settings describe it (bound, not started): the generator's own and
+    this command's are the same server."""
+    return LocalStorageServer(
         settings.storage_dir,
         settings.storage_http_host,
         settings.storage_http_port,
@@ -33,6 +34,11 @@ async def serve_images(settings: GeneratorSettings) -> None:
         send_timeout_seconds=settings.storage_http_send_timeout_seconds,
         max_connections=settings.storage_http_max_connections,
     )
+
+
+async def serve_images(settings: GeneratorSettings) -> None:
+    """Serves the storage folder over HTTP until SIGTERM or SIGINT."""
+    server = local_storage_server(settings)
     server.start()
     log.info(
         "images serving",

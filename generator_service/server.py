@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from generator_service.cleanup import ObjectCleaner
 from generator_service.config import ConfigurationError, GeneratorSettings, ModelSpec
 from generator_service.generation import Generator
+from generator_service.image_server import local_storage_server
 from generator_service.interceptors import SharedTokenInterceptor
 from generator_service.metrics import GeneratorMetrics, MeteredProvider, MeteredStorage
 from generator_service.providers.base import Provider
@@ -31,7 +32,6 @@ from generator_service.retry import RetryPolicy
 from generator_service.servicer import GeneratorServicer
 from generator_service.storage.base import Storage
 from generator_service.storage.local import LocalStorage
-from generator_service.storage.local_http import LocalStorageServer
 from generator_service.storage.supabase import SupabaseStorage
 from imagegen_common.grpc_server import RunningServer, TlsFiles, start_server
 from imagegen_common.lifecycle import run_until_signalled
@@ -202,16 +202,7 @@ async def _start(settings: GeneratorSettings, closers: list[Any]) -> GeneratorAp
     metrics = GeneratorMetrics(registry)
     storage: Storage
     if settings.storage_backend == "local":
-        http = LocalStorageServer(
-            settings.storage_dir,
-            settings.storage_http_host,
-            settings.storage_http_port,
-            bucket=settings.storage_bucket,
-            prefix=settings.storage_prefix,
-            request_timeout_seconds=settings.storage_http_request_timeout_seconds,
-            send_timeout_seconds=settings.storage_http_send_timeout_seconds,
-            max_connections=settings.storage_http_max_connections,
-        )
+        http = local_storage_server(settings)
         http.start()
         closers.append(http.stop)
         base = settings.storage_public_base_url or f"http://{settings.storage_http_host}:{http.port}"

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from imagegen_client.client import ImageGenClient
+from imagegen_client.client import webhook_event as webhook_event_number
 from imagegen_common.dev_tokens import DEV_JWT_SECRET, DEV_USER_ID, mint_token
 
 app = typer.Typer(help="Generate images through imagegen's JobService.", no_args_is_help=True)
@@ -90,15 +91,36 @@ def generate(
             "Default: a new UUID (kept across this command's own retries)."
         ),
     ] = "",
+    webhook: Annotated[
+        str, typer.Option(help="Also POST the job's events to this https:// URL (signed; see docs/webhooks.md).")
+    ] = "",
+    webhook_event: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="An event to send to --webhook (repeatable): started, image_stored, completed, failed, cancelled, "
+            "expired. Default: the job's end (completed, failed, cancelled, expired)."
+        ),
+    ] = None,
     target: Target = "localhost:50051",
     token: Token = "",
 ) -> None:
     """Create a job, show its progress live, download the images and print their paths."""
+    try:
+        events = [webhook_event_number(name) for name in webhook_event or ()]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--webhook-event") from None
 
     async def run() -> None:
         async with _client(target, token) as client:
             job = await client.create_job(
-                prompt, model=model, sample_count=n, aspect_ratio=aspect, image_size=size, request_id=request_id
+                prompt,
+                model=model,
+                sample_count=n,
+                aspect_ratio=aspect,
+                image_size=size,
+                request_id=request_id,
+                webhook_url=webhook,
+                webhook_events=events,
             )
             console.print(f"job [bold]{job.id}[/bold] created")
             with Progress(
@@ -166,6 +188,28 @@ def jobs_get(job_id: str, target: Target = "localhost:50051", token: Token = "")
                     print(image.url)
             if job.error.reason:
                 print(f"error: {job.error.reason}: {job.error.message}")
+
+    _run(run())
+
+
+@jobs_app.command("webhooks")
+def jobs_webhooks(job_id: str, target: Target = "localhost:50051", token: Token = "") -> None:
+    """List a job's webhook deliveries and each send's HTTP status."""
+
+    async def run() -> None:
+        async with _client(target, token) as client:
+            # One line per delivery, never cut to the terminal's width: ids are what people copy.
+            for delivery in await client.list_webhook_deliveries(job_id):
+                sends = " ".join(str(a.http_status or "-") for a in delivery.attempts) or "-"
+                line = [
+                    delivery.id,
+                    pb.WebhookEvent.Name(delivery.event).removeprefix("WEBHOOK_EVENT_").lower(),
+                    pb.WebhookDeliveryState.Name(delivery.state).removeprefix("WEBHOOK_DELIVERY_STATE_"),
+                    f"sends: {sends}",
+                ]
+                if delivery.last_error:
+                    line.append(f"last error: {delivery.last_error}")
+                print("  ".join(line))
 
     _run(run())
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -81,10 +81,14 @@ def create_job_request(
     template_variables: dict[str, str] | None,
     request_id: str,
     user_id: str,
+    webhook_url: str = "",
+    webhook_events: Sequence[int | str] = (),
 ) -> pb.CreateJobRequest:
     """The CreateJobRequest both clients send (unset parameters stay unset: the service's defaults apply), with a
     new request_id when the caller gave none."""
     return pb.CreateJobRequest(
+        webhook_url=webhook_url,
+        webhook_events=[pb.WebhookEvent.ValueType(webhook_event(e)) for e in webhook_events],
         prompt=prompt,
         model=model,
         template_id=template_id,
@@ -99,6 +103,18 @@ def create_job_request(
             output_mime_type=output_mime_type,
         ),
     )
+
+
+def webhook_event(value: int | str) -> int:
+    """A WebhookEvent from its number, its enum name, its JSON type or its short name ("completed",
+    "job.completed", "WEBHOOK_EVENT_COMPLETED" and pb.WEBHOOK_EVENT_COMPLETED are one event)."""
+    if isinstance(value, int):
+        return value
+    name = value.strip().upper().removeprefix("JOB.").replace(".", "_")
+    try:
+        return int(pb.WebhookEvent.Value(name if name.startswith("WEBHOOK_EVENT_") else f"WEBHOOK_EVENT_{name}"))
+    except ValueError:
+        raise ValueError(f"unknown webhook event {value!r}") from None
 
 
 def grant_credits_request(
@@ -183,6 +199,8 @@ class ImageGenClient:
         template_variables: dict[str, str] | None = None,
         request_id: str = "",
         user_id: str = "",
+        webhook_url: str = "",
+        webhook_events: Sequence[int | str] = (),
         timeout: float | None = None,
     ) -> pb.Job:
         """Creates a job. Retries (of UNAVAILABLE) resend the same `request_id`, so they never create two jobs; pass
@@ -199,9 +217,18 @@ class ImageGenClient:
             template_variables=template_variables,
             request_id=request_id,
             user_id=user_id,
+            webhook_url=webhook_url,
+            webhook_events=webhook_events,
         )
         response: pb.CreateJobResponse = await self._call(self._stub.CreateJob, request, timeout)
         return response.job
+
+    async def list_webhook_deliveries(self, job_id: str, *, timeout: float | None = None) -> list[pb.WebhookDelivery]:
+        """The job's webhook deliveries, in event order, each with its sends and their HTTP status."""
+        response: pb.ListWebhookDeliveriesResponse = await self._call(
+            self._stub.ListWebhookDeliveries, pb.ListWebhookDeliveriesRequest(job_id=job_id), timeout
+        )
+        return list(response.deliveries)
 
     async def get_job(self, job_id: str, *, timeout: float | None = None) -> pb.Job:
         response: pb.GetJobResponse = await self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id), timeout)

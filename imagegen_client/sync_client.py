@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -99,6 +99,8 @@ class ImageGenSyncClient:
         template_variables: dict[str, str] | None = None,
         request_id: str = "",
         user_id: str = "",
+        webhook_url: str = "",
+        webhook_events: Sequence[int | str] = (),
         timeout: float | None = None,
     ) -> pb.Job:
         """Creates a job. Retries (of UNAVAILABLE) resend the same `request_id`, so they never create two jobs; pass
@@ -115,9 +117,18 @@ class ImageGenSyncClient:
             template_variables=template_variables,
             request_id=request_id,
             user_id=user_id,
+            webhook_url=webhook_url,
+            webhook_events=webhook_events,
         )
         response: pb.CreateJobResponse = self._call(self._stub.CreateJob, request, timeout)
         return response.job
+
+    def list_webhook_deliveries(self, job_id: str, *, timeout: float | None = None) -> list[pb.WebhookDelivery]:
+        """The job's webhook deliveries, in event order, each with its sends and their HTTP status."""
+        response: pb.ListWebhookDeliveriesResponse = self._call(
+            self._stub.ListWebhookDeliveries, pb.ListWebhookDeliveriesRequest(job_id=job_id), timeout
+        )
+        return list(response.deliveries)
 
     def get_job(self, job_id: str, *, timeout: float | None = None) -> pb.Job:
         response: pb.GetJobResponse = self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id), timeout)

@@ -134,6 +134,23 @@ class JobSettings(BaseSettings):
     # this many jobs per step, and a full step is followed by the next pass at once.
     retention_interval_seconds: float = Field(default=60.0, gt=0)
     retention_batch_size: int = Field(default=100, ge=1, le=10_000)
+    # Webhooks (docs/webhooks.md). Standard Webhooks secrets (whsec_<base64 of 24-64 bytes>), a JSON list: the
+    # first is current, the others are old ones still signing during a rotation (each adds a v1 signature).
+    # Empty: CreateJob refuses webhook_url (WEBHOOKS_DISABLED).
+    webhook_secrets: list[SecretStr] = Field(default_factory=list)
+    # http:// webhook URLs (tests, a private network); otherwise https:// only.
+    webhook_allow_http: bool = False
+    # Webhooks to loopback, private, link-local and CGNAT addresses (tests only: anyone creating jobs could
+    # otherwise make the service POST into its own network). Metadata and multicast addresses stay refused.
+    webhook_allow_private: bool = False
+    # Sends under way at once per replica, and how long one may take in all (connect, TLS, headers).
+    webhook_concurrency: int = Field(default=16, ge=1)
+    webhook_timeout_seconds: float = Field(default=15.0, gt=0)
+    # Retries: exponential from base to max (jittered, at least a receiver's Retry-After) until this long after
+    # the event, then the delivery is given up and recorded as failed.
+    webhook_retry_base_seconds: float = Field(default=5.0, gt=0)
+    webhook_retry_max_seconds: float = Field(default=3600.0, gt=0)
+    webhook_retry_for_seconds: float = Field(default=86400.0, gt=0)
 
     tls_cert: Path | None = None
     tls_key: Path | None = None

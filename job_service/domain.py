@@ -95,6 +95,9 @@ class Job:
     images_deleted_at: datetime | None = None
     # When DeleteJob was called: the job is no one's to read any more; its row goes once its objects have.
     deleted_at: datetime | None = None
+    webhook_url: str | None = None
+    # Event type names ('job.completed', ...) sent to webhook_url.
+    webhook_events: list[str] = field(default_factory=list)
 
     @property
     def images_owed(self) -> int:

@@ -29,6 +29,8 @@ from job_service.notifications import JobNotifications
 from job_service.page_tokens import PageTokens
 from job_service.store import ClaimAtCreate, JobStore
 from job_service.templates import render
+from job_service.webhook_store import DeliveryRecord, WebhookStore
+from job_service.webhooks import DEFAULT_EVENTS, WebhookPolicy, event_violations, url_violations
 
 log = structlog.get_logger(__name__)
 
@@ -70,6 +72,8 @@ class JobPolicy:
     new_user_credits: int
     # The welcome grant of a Supabase anonymous user (is_anonymous): a sign-in anyone can repeat at will.
     anonymous_user_credits: int = 0
+    # What a webhook URL may be; None: webhooks are off (no signing secret is configured).
+    webhooks: WebhookPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,13 @@ class CreateJobInput:
     template_variables: Mapping[str, str] | None = None
     request_id: str = ""
     user_id: str = ""
+    webhook_url: str = ""
+    # Event names (webhooks.WebhookEvent values); empty: DEFAULT_EVENTS.
+    webhook_events: tuple[str, ...] = ()
+
+
+# More distinct webhook events than there are is a client bug: one violation, not one per entry.
+MAX_WEBHOOK_EVENTS = 16
 
 
 def not_found(job_id: str) -> ServiceError:
@@ -133,11 +144,13 @@ class JobManager:
         deletions: Deletions,
         starter: JobStarter | None = None,
         deletion_queued: Callable[[], None] = lambda: None,
+        webhooks: WebhookStore | None = None,
     ) -> None:
         self._store = store
         self._deletions = deletions
         # Told when DeleteJob marked a job: the retention and storage sweepers are woken, not left to their interval.
         self._deletion_queued = deletion_queued
+        self._webhooks = webhooks
         self._page_tokens = page_tokens
         self._models = models
         self._notifications = notifications
@@ -223,6 +236,8 @@ class JobManager:
             violations += self._prompt_violations(prompt, template)
         if request.request_id and not _REQUEST_ID.match(request.request_id):
             violations.append(FieldViolation("request_id", "1-64 characters of A-Z a-z 0-9 _ . : -"))
+        webhook, webhook_violations = self._webhook(request)
+        violations += webhook_violations
 
         model = request.model or (template.model if template and template.model else self._policy.default_model)
         params = self._merge_params(request, template)
@@ -241,9 +256,11 @@ class JobManager:
             if template and template.price_per_image is not None
             else self._policy.model_prices.get(model, self._policy.default_price_per_image)
         )
-        request_hash = hashlib.sha256(
-            json.dumps([prompt, model, params.as_dict(), request.template_id], sort_keys=True).encode()
-        ).hexdigest()
+        identity: list[object] = [prompt, model, params.as_dict(), request.template_id]
+        if webhook is not None:
+            # Only when set: the digest of a request without a webhook is what it was before webhooks existed.
+            identity.append(webhook)
+        request_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
         def create(claim: ClaimAtCreate | None) -> Awaitable[tuple[Job, bool]]:
             return self._store.create_job(
@@ -259,6 +276,7 @@ class JobManager:
                 active_limit=self._policy.active_jobs_per_user,
                 new_user_credits=self._welcome_credits(principal),
                 claim=claim,
+                webhook=webhook,
             )
 
         job, created = await (self._starter.run_when_created(create) if self._starter else create(None))
@@ -271,6 +289,27 @@ class JobManager:
                 f"request_id {request.request_id!r} made a job that has since been deleted; use a new request_id",
             )
         return as_created(job) if created else job
+
+    def _webhook(self, request: CreateJobInput) -> tuple[dict[str, object] | None, list[FieldViolation]]:
+        """The job's webhook ({"url", "events"}) as it is stored, or None; and what is wrong with the request's."""
+        if not request.webhook_url:
+            if request.webhook_events:
+                return None, [FieldViolation("webhook_events", "only allowed with webhook_url")]
+            return None, []
+        if self._policy.webhooks is None:
+            raise ServiceError(
+                ErrorKind.FAILED_PRECONDITION,
+                "WEBHOOKS_DISABLED",
+                "this service sends no webhooks (no JOB_WEBHOOK_SECRETS is configured)",
+            )
+        violations = url_violations(request.webhook_url, self._policy.webhooks)
+        events = sorted(set(request.webhook_events))
+        if len(events) > MAX_WEBHOOK_EVENTS:
+            violations.append(FieldViolation("webhook_events", f"at most {MAX_WEBHOOK_EVENTS} distinct events"))
+        else:
+            violations += event_violations(events)
+        chosen = events or sorted(e.value for e in DEFAULT_EVENTS)
+        return {"url": request.webhook_url, "events": chosen}, violations
 
     def _prompt_violations(self, prompt: str, template: Template | None) -> list[FieldViolation]:
         if not prompt.strip():
@@ -373,6 +412,12 @@ class JobManager:
                     return
         finally:
             subscription.close()
+
+    async def webhook_deliveries(self, principal: Principal, job_id: str) -> list[DeliveryRecord]:
+        job = await self._owned_job(principal, job_id)
+        if self._webhooks is None:
+            return []
+        return await self._webhooks.for_job(job.id)
 
     # -- CancelJob --------------------------------------------------------------------------------
 

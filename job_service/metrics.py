@@ -12,11 +12,13 @@ from typing import Any
 
 import asyncpg
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from job_service.cleanup import CleanupStore
 from job_service.domain import EventType, Job, JobEvent, JobStatus
 from job_service.store import JobStore
+from job_service.webhook_sender import WebhookMetricsSink
+from job_service.webhook_store import WebhookStore
 
 log = structlog.get_logger("job_service.transitions")
 
@@ -174,3 +176,69 @@ class InstrumentedJobStore(JobStore):
     def _settled(self, job: Job, released: int) -> None:
         self._metrics.credits.labels("released").inc(released)
         self._metrics.credits.labels("captured").inc(job.credits_charged)
+
+
+class WebhookMetrics(WebhookMetricsSink):
+    """Webhook sends and their ends, counted by the replica that made them (sum across replicas); the queue read
+    on scrape describes the shared database (take max)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.attempts = Counter(
+            "imagegen_webhook_attempts",
+            "Webhook sends by this replica, by outcome: delivered (2xx), http_error (any other status), timeout, "
+            "network_error (refused, reset, TLS, DNS), refused (the host resolves to a forbidden address), "
+            "internal_error (a fault of the service's own).",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("delivered", "http_error", "timeout", "network_error", "refused", "internal_error"):
+            self.attempts.labels(outcome)
+        self.deliveries = Counter(
+            "imagegen_webhook_deliveries",
+            "Webhook deliveries this replica ended: delivered, or failed (given up).",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("delivered", "failed"):
+            self.deliveries.labels(outcome)
+        self.send_seconds = Histogram(
+            "imagegen_webhook_send_seconds",
+            "How long one webhook send took (resolution, connection, request, the receiver's answer).",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+        self.delivery_delay = Histogram(
+            "imagegen_webhook_delivery_delay_seconds",
+            "From a job event to the end of its webhook delivery (delivered or given up).",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600, 21600, 86400),
+            registry=registry,
+        )
+        self.queue = Gauge(
+            "imagegen_webhook_queue_depth",
+            "Webhook deliveries not yet delivered or given up (all replicas).",
+            registry=registry,
+        )
+        self.queue_due = Gauge(
+            "imagegen_webhook_queue_due",
+            "Pending webhook deliveries due now (all replicas).",
+            registry=registry,
+        )
+        self.queue_oldest_age = Gauge(
+            "imagegen_webhook_queue_oldest_age_seconds",
+            "Age of the oldest pending webhook delivery; 0 when none is pending.",
+            registry=registry,
+        )
+
+    def attempt(self, outcome: str, seconds: float) -> None:
+        self.attempts.labels(outcome).inc()
+        self.send_seconds.observe(seconds)
+
+    def ended(self, state: str, seconds_since_event: float) -> None:
+        self.deliveries.labels(state).inc()
+        self.delivery_delay.observe(max(0.0, seconds_since_event))
+
+    async def refresh_queue(self, store: WebhookStore) -> None:
+        stats = await store.queue_stats()
+        self.queue.set(stats["pending"])
+        self.queue_due.set(stats["due"])
+        self.queue_oldest_age.set(max(0.0, stats["oldest"]))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import asyncpg
 import httpx
 import structlog
+from google.protobuf import json_format
 from imagegen.job.v1 import job_service_pb2 as pb
 from imagegen.job.v1 import job_service_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry
@@ -29,16 +30,19 @@ from job_service.auth import JwksKeys, ServiceApiKeys, TokenVerifier
 from job_service.cleanup import CleanupStore, Sweeper, SweeperConfig
 from job_service.config import ConfigurationError, JobSettings
 from job_service.dispatcher import Dispatcher, DispatcherConfig
-from job_service.domain import Job, JobEvent
+from job_service.domain import EventType, Job, JobEvent
 from job_service.generator_client import GeneratorClient
 from job_service.jobs import JobManager, JobPolicy
-from job_service.metrics import InstrumentedJobStore, JobMetrics
+from job_service.metrics import InstrumentedJobStore, JobMetrics, WebhookMetrics
 from job_service.notifications import JobNotifications
 from job_service.page_tokens import PageTokens, derive_key
 from job_service.retention import RetentionConfig, RetentionStore, RetentionSweeper
-from job_service.servicer import JobServicer
+from job_service.servicer import JobServicer, job_to_pb
 from job_service.store import CONNECTION_ERRORS, create_pool
 from job_service.watch_limits import WatchStreams
+from job_service.webhook_sender import SenderConfig, WebhookSender
+from job_service.webhook_store import WebhookStore
+from job_service.webhooks import RetrySchedule, Signer, WebhookPolicy
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
@@ -122,6 +126,47 @@ def build_verifier(settings: JobSettings, http: httpx.AsyncClient) -> TokenVerif
         leeway_seconds=settings.jwt_leeway_seconds,
         allow_anonymous=settings.allow_anonymous_users,
     )
+
+
+def build_webhook_sender(
+    settings: JobSettings, store: WebhookStore, owner: str, metrics: WebhookMetrics
+) -> WebhookSender | None:
+    """The replica's webhook sender, or None when no secret is configured (webhooks off)."""
+    if not settings.webhook_secrets:
+        return None
+    try:
+        signer = Signer([secret.get_secret_value() for secret in settings.webhook_secrets])
+    except ValueError as exc:
+        raise ConfigurationError(f"JOB_WEBHOOK_SECRETS: {exc}") from None
+    if settings.webhook_allow_private:
+        log.warning("JOB_WEBHOOK_ALLOW_PRIVATE is on: webhooks may reach loopback and private addresses")
+
+    def render(job: Job) -> dict[str, object]:
+        # The job exactly as GetJob returns it, in protobuf's JSON mapping.
+        return json_format.MessageToDict(job_to_pb(job))
+
+    return WebhookSender(
+        store,
+        signer,
+        render,
+        SenderConfig(
+            owner=owner,
+            concurrency=settings.webhook_concurrency,
+            timeout_seconds=settings.webhook_timeout_seconds,
+            poll_interval=max(settings.poll_interval_seconds, 0.1),
+            schedule=RetrySchedule(
+                settings.webhook_retry_base_seconds,
+                settings.webhook_retry_max_seconds,
+                settings.webhook_retry_for_seconds,
+            ),
+            policy=webhook_policy(settings),
+        ),
+        metrics,
+    )
+
+
+def webhook_policy(settings: JobSettings) -> WebhookPolicy:
+    return WebhookPolicy(allow_http=settings.webhook_allow_http, allow_private=settings.webhook_allow_private)
 
 
 def page_tokens(settings: JobSettings) -> PageTokens:
@@ -210,6 +255,7 @@ class JobApp:
     watch_streams: WatchStreams | None = None
     sweeper: Sweeper | None = None
     retention: RetentionSweeper | None = None
+    webhooks: WebhookSender | None = None
 
     @property
     def port(self) -> int:
@@ -226,6 +272,8 @@ class JobApp:
         sweeping = self.sweeper.stop() if self.sweeper is not None else asyncio.sleep(0)
         retaining = self.retention.stop() if self.retention is not None else asyncio.sleep(0)
         await asyncio.gather(self.dispatcher.drain(grace), self.running.stop(min(grace, 5.0)), sweeping, retaining)
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         await self.notifications.stop()
         await self.generator.close()
         await self.http.aclose()
@@ -326,9 +374,17 @@ async def start(settings: JobSettings) -> JobApp:
         ),
     )
     health = HealthReporter()
-    notifications = JobNotifications(
-        dsn, store, on_event=dispatcher.on_notification, on_connection_change=health.database_reachable
-    )
+    webhook_store = WebhookStore(pool)
+    webhook_metrics = WebhookMetrics(registry)
+    webhooks = build_webhook_sender(settings, webhook_store, owner, webhook_metrics)
+
+    def notified(job_id: str, seq: int, event: EventType | None) -> None:
+        dispatcher.on_notification(job_id, seq, event)
+        if webhooks is not None:
+            # Any replica's event may have queued a delivery (in its own transaction): look now, not at the poll.
+            webhooks.wake()
+
+    notifications = JobNotifications(dsn, store, on_event=notified, on_connection_change=health.database_reachable)
 
     def written_here(job: Job, event: JobEvent) -> None:
         # What this process commits reaches its own watchers without a read, and its dispatcher (a new job
@@ -339,6 +395,8 @@ async def start(settings: JobSettings) -> JobApp:
         # (attempt_started came with it) must not wake a claim for a job that is no longer pending.
         if event.seq == job.last_event_seq:
             dispatcher.on_written(job, event.type)
+        if webhooks is not None:
+            webhooks.wake()
 
     store.on_event_written(written_here)
     await notifications.start()
@@ -390,11 +448,13 @@ async def start(settings: JobSettings) -> JobApp:
             model_prices=settings.model_prices,
             new_user_credits=settings.new_user_credits,
             anonymous_user_credits=settings.anonymous_user_credits,
+            webhooks=webhook_policy(settings) if webhooks is not None else None,
         ),
         page_tokens(settings),
         retention_store,
         starter=dispatcher,
         deletion_queued=deletion_queued,
+        webhooks=webhook_store,
     )
     watch_streams = WatchStreams(settings.watch_streams_per_user, settings.watch_streams_per_connection)
     servicer = JobServicer(jobs, build_verifier(settings, http), watch_streams)
@@ -415,6 +475,8 @@ async def start(settings: JobSettings) -> JobApp:
     dispatcher.start()
     sweeper.start()
     retention.start()
+    if webhooks is not None:
+        webhooks.start()
     job_metrics.in_flight.set_function(lambda: dispatcher.in_flight)
     metrics = None
     if settings.metrics_port:
@@ -422,7 +484,11 @@ async def start(settings: JobSettings) -> JobApp:
             registry,
             settings.metrics_host,
             settings.metrics_port,
-            refreshers=[lambda: job_metrics.refresh_queue(pool), lambda: job_metrics.refresh_cleanups(cleanups)],
+            refreshers=[
+                lambda: job_metrics.refresh_queue(pool),
+                lambda: job_metrics.refresh_cleanups(cleanups),
+                lambda: webhook_metrics.refresh_queue(webhook_store),
+            ],
         )
         await metrics.start()
         log.info("metrics serving", url=f"http://{settings.metrics_host}:{metrics.port}/metrics")
@@ -436,6 +502,7 @@ async def start(settings: JobSettings) -> JobApp:
     app = JobApp(settings, running, dispatcher, notifications, pool, generator, http, embedded, owner, health)
     app.registry, app.metrics, app.servicer, app.watch_streams = registry, metrics, servicer, watch_streams
     app.sweeper, app.retention = sweeper, retention
+    app.webhooks = webhooks
     return app
 
 

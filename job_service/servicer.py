@@ -21,6 +21,8 @@ from job_service.domain import EventType, Job, JobEvent, JobStatus, Params, Prin
 from job_service.jobs import CreateJobInput, JobManager
 from job_service.store import CONNECTION_ERRORS
 from job_service.watch_limits import WatchStreams
+from job_service.webhook_store import DeliveryRecord
+from job_service.webhooks import WebhookEvent, message_id
 
 DOMAIN = "imagegen.job.v1"
 
@@ -44,6 +46,20 @@ _EVENT_TO_PB = {
     EventType.CANCELLED: pb.JOB_EVENT_TYPE_CANCELLED,
     EventType.LEASE_EXPIRED: pb.JOB_EVENT_TYPE_LEASE_EXPIRED,
     EventType.HANDED_BACK: pb.JOB_EVENT_TYPE_HANDED_BACK,
+}
+_WEBHOOK_EVENT_TO_PB = {
+    WebhookEvent.STARTED: pb.WEBHOOK_EVENT_STARTED,
+    WebhookEvent.IMAGE_STORED: pb.WEBHOOK_EVENT_IMAGE_STORED,
+    WebhookEvent.COMPLETED: pb.WEBHOOK_EVENT_COMPLETED,
+    WebhookEvent.FAILED: pb.WEBHOOK_EVENT_FAILED,
+    WebhookEvent.CANCELLED: pb.WEBHOOK_EVENT_CANCELLED,
+    WebhookEvent.EXPIRED: pb.WEBHOOK_EVENT_EXPIRED,
+}
+_WEBHOOK_EVENT_FROM_PB = {v: k.value for k, v in _WEBHOOK_EVENT_TO_PB.items()}
+_DELIVERY_STATE_TO_PB = {
+    "pending": pb.WEBHOOK_DELIVERY_STATE_PENDING,
+    "delivered": pb.WEBHOOK_DELIVERY_STATE_DELIVERED,
+    "failed": pb.WEBHOOK_DELIVERY_STATE_FAILED,
 }
 _PARAM_FIELDS = ("sample_count", "aspect_ratio", "image_size", "person_generation", "output_mime_type")
 
@@ -100,6 +116,12 @@ def job_to_pb(job: Job) -> pb.Job:
         update_time=_timestamp(job.updated_at),
         end_time=_timestamp(job.completed_at),
         images_delete_time=_timestamp(job.images_deleted_at),
+        webhook_url=job.webhook_url or "",
+        webhook_events=[
+            _WEBHOOK_EVENT_TO_PB[WebhookEvent(name)]
+            for name in job.webhook_events or ()
+            if name in _WEBHOOK_EVENT_NAMES
+        ],
     )
     if job.error_code and job.status in (JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PENDING):
         # On a pending job it is the error of the last attempt, which will be retried.
@@ -107,6 +129,34 @@ def job_to_pb(job: Job) -> pb.Job:
     if job.status is JobStatus.PENDING:
         message.next_attempt_time.CopyFrom(_stamp(job.next_attempt_at))
     return message
+
+
+_WEBHOOK_EVENT_NAMES = frozenset(e.value for e in WebhookEvent)
+
+
+def delivery_to_pb(record: DeliveryRecord) -> pb.WebhookDelivery:
+    return pb.WebhookDelivery(
+        id=message_id(record.id),
+        event=_WEBHOOK_EVENT_TO_PB.get(WebhookEvent(record.type), pb.WEBHOOK_EVENT_UNSPECIFIED)
+        if record.type in _WEBHOOK_EVENT_NAMES
+        else pb.WEBHOOK_EVENT_UNSPECIFIED,
+        event_seq=record.seq,
+        state=_DELIVERY_STATE_TO_PB.get(record.state, pb.WEBHOOK_DELIVERY_STATE_UNSPECIFIED),
+        attempts=[
+            pb.WebhookAttempt(
+                attempt=a.attempt,
+                time=_stamp(a.at),
+                http_status=a.http_status or 0,
+                error=a.error,
+                duration_seconds=a.duration_seconds,
+            )
+            for a in record.attempts
+        ],
+        create_time=_stamp(record.created_at),
+        end_time=_timestamp(record.ended_at),
+        next_attempt_time=_timestamp(record.next_attempt_at),
+        last_error=record.last_error,
+    )
 
 
 def event_to_pb(event: JobEvent) -> pb.JobEvent:
@@ -199,6 +249,12 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 template_variables=dict(request.template_variables),
                 request_id=request.request_id,
                 user_id=request.user_id,
+                webhook_url=request.webhook_url,
+                # proto3 enums are open: a number this server does not know is passed on as a name the
+                # validation refuses.
+                webhook_events=tuple(
+                    _WEBHOOK_EVENT_FROM_PB.get(number, f"#{number}") for number in request.webhook_events
+                ),
             ),
         )
         return pb.CreateJobResponse(job=job_to_pb(job))
@@ -275,3 +331,11 @@ class JobServicer(pb_grpc.JobServiceServicer):
             request.request_id,
         )
         return pb.GrantCreditsResponse(balance=balance, premium=premium)
+
+    @unary_errors(DOMAIN, CONNECTION_ERRORS)
+    async def ListWebhookDeliveries(
+        self, request: pb.ListWebhookDeliveriesRequest, context: Any
+    ) -> pb.ListWebhookDeliveriesResponse:
+        principal = await self._principal(context, request)
+        records = await self._jobs.webhook_deliveries(principal, request.job_id)
+        return pb.ListWebhookDeliveriesResponse(deliveries=[delivery_to_pb(r) for r in records])

@@ -122,6 +122,8 @@ def job_from_row(row: asyncpg.Record | dict[str, Any]) -> Job:
         # .get: rows built by hand (tests, older functions' column lists) may not carry them.
         images_deleted_at=row.get("images_deleted_at"),
         deleted_at=row.get("deleted_at"),
+        webhook_url=row.get("webhook_url"),
+        webhook_events=list(row.get("webhook_events") or []),
     )
 
 
@@ -321,8 +323,13 @@ class JobStore:
         active_limit: int,
         new_user_credits: int,
         claim: ClaimAtCreate | None = None,
+        webhook: dict[str, Any] | None = None,
     ) -> tuple[Job, bool]:
         """The job, and whether this call made it (False: an idempotent replay of an earlier request).
+
+        `webhook` ({"url", "events"}) travels in the params, under "webhook": the create functions insert params
+        as they are, and a trigger (migration 20261206000200) moves it into the job's webhook columns in that
+        same INSERT, so the webhook is as atomic as the job without another parameter on every create function.
 
         With `claim`, a job this call makes is also claimed, in the same transaction, and comes back generating
         (attempt 1, leased to claim.owner); a replay claims nothing.
@@ -332,7 +339,7 @@ class JobStore:
                 user=user_id,
                 prompt=prompt,
                 model=model,
-                params=params.as_dict(),
+                params=params.as_dict() | ({"webhook": webhook} if webhook else {}),
                 template_id=template_id,
                 request_id=request_id,
                 request_hash=request_hash,

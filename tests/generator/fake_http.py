@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -82,8 +83,10 @@ class FakeHttpServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self) -> FakeHttpServer:
-        self._server = await asyncio.start_server(self._serve_connection, "127.0.0.1", 0)
+    async def start(self, port: int = 0, tls: ssl.SSLContext | None = None) -> FakeHttpServer:
+        """Listens on `port` (0: any free one; a fixed port lets a test bring a receiver back where it was), with
+        TLS when `tls` is given."""
+        self._server = await asyncio.start_server(self._serve_connection, "127.0.0.1", port, ssl=tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

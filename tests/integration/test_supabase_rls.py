@@ -408,3 +408,33 @@ async def test_storage_cleanups_are_internal_app_clients_neither_read_nor_write_
     assert await admin.fetchval("SELECT relrowsecurity FROM pg_class WHERE oid = 'storage_cleanups'::regclass")
     async with as_role(admin, "service_role"):
         assert await admin.fetchval("SELECT count(*) FROM storage_cleanups WHERE user_id = $1", alice) == 1
+
+
+async def test_webhook_deliveries_are_internal_and_service_role_only_reads_them(admin: asyncpg.Connection) -> None:
+    alice = await new_auth_user(admin)
+    params = '{"sample_count": 1, "webhook": {"url": "https://hooks.example.com/x", "events": ["job.started"]}}'
+    job_id = await admin.fetchval(
+        """INSERT INTO generation_jobs (user_id, prompt, model, params, max_attempts)
+           VALUES ($1, 'p', 'local', $2::jsonb, 3) RETURNING id""",
+        alice,
+        params,
+    )
+    await admin.execute(
+        "INSERT INTO job_events (job_id, seq, type, status, attempt) "
+        "VALUES ($1, 1, 'attempt_started', 'generating', 1)",
+        job_id,
+    )
+    for role, user in (("anon", None), ("authenticated", alice)):
+        for table in ("webhook_deliveries", "webhook_attempts"):
+            assert await refused(admin, role, user, f"SELECT 1 FROM {table}"), f"{role} may not read {table}"
+        assert await refused(admin, role, user, "DELETE FROM webhook_deliveries"), f"{role} may not delete them"
+    for statement in (
+        "INSERT INTO webhook_deliveries (job_id, seq, type, url, job, event_at) "
+        "VALUES ($1, 9, 'job.completed', 'http://169.254.169.254/', '{}', now())",
+        "UPDATE webhook_deliveries SET url = 'http://10.0.0.1/' WHERE job_id = $1",
+    ):
+        assert await refused(admin, "service_role", None, statement, job_id), statement
+    for table in ("webhook_deliveries", "webhook_attempts"):
+        assert await admin.fetchval(f"SELECT relrowsecurity FROM pg_class WHERE oid = '{table}'::regclass")
+    async with as_role(admin, "service_role"):
+        assert await admin.fetchval("SELECT count(*) FROM webhook_deliveries WHERE job_id = $1", job_id) == 1

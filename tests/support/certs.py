@@ -74,8 +74,9 @@ class CertificateAuthority:
         )
         self.pem = _write(folder, name, self._cert, self._key)
 
-    def issue(self, name: str, *, server: bool) -> Pem:
-        """A leaf certificate: for a server (SANs 127.0.0.1, ::1, localhost) or for a client."""
+    def issue(self, name: str, *, server: bool, dns_names: tuple[str, ...] = ()) -> Pem:
+        """A leaf certificate: for a server (SANs 127.0.0.1, ::1, localhost, or only `dns_names` when given) or for
+        a client."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         builder = (
@@ -93,14 +94,14 @@ class CertificateAuthority:
             )
         )
         if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName(
-                    [
-                        x509.DNSName("localhost"),
-                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                        x509.IPAddress(ipaddress.ip_address("::1")),
-                    ]
-                ),
-                critical=False,
+            names: list[x509.GeneralName] = (
+                [x509.DNSName(n) for n in dns_names]
+                if dns_names
+                else [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.IPAddress(ipaddress.ip_address("::1")),
+                ]
             )
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         return _write(self._folder, f"{self._name}-{name}", builder.sign(self._key, hashes.SHA256()), key)

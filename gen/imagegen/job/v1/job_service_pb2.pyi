@@ -20,6 +20,80 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _WebhookDeliveryState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WebhookDeliveryStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WebhookDeliveryState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEBHOOK_DELIVERY_STATE_UNSPECIFIED: _WebhookDeliveryState.ValueType  # 0
+    """Not used."""
+    WEBHOOK_DELIVERY_STATE_PENDING: _WebhookDeliveryState.ValueType  # 1
+    """Queued, or waiting for its next send."""
+    WEBHOOK_DELIVERY_STATE_DELIVERED: _WebhookDeliveryState.ValueType  # 2
+    """The receiver answered 2xx."""
+    WEBHOOK_DELIVERY_STATE_FAILED: _WebhookDeliveryState.ValueType  # 3
+    """Given up: retried for the configured time without a 2xx, answered 410
+    Gone, or refused (the host resolves to a forbidden address).
+    """
+
+class WebhookDeliveryState(_WebhookDeliveryState, metaclass=_WebhookDeliveryStateEnumTypeWrapper):
+    """Where a webhook delivery is."""
+
+WEBHOOK_DELIVERY_STATE_UNSPECIFIED: WebhookDeliveryState.ValueType  # 0
+"""Not used."""
+WEBHOOK_DELIVERY_STATE_PENDING: WebhookDeliveryState.ValueType  # 1
+"""Queued, or waiting for its next send."""
+WEBHOOK_DELIVERY_STATE_DELIVERED: WebhookDeliveryState.ValueType  # 2
+"""The receiver answered 2xx."""
+WEBHOOK_DELIVERY_STATE_FAILED: WebhookDeliveryState.ValueType  # 3
+"""Given up: retried for the configured time without a 2xx, answered 410
+Gone, or refused (the host resolves to a forbidden address).
+"""
+Global___WebhookDeliveryState: _TypeAlias = WebhookDeliveryState  # noqa: Y015
+
+class _WebhookEvent:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WebhookEventEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WebhookEvent.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEBHOOK_EVENT_UNSPECIFIED: _WebhookEvent.ValueType  # 0
+    """Not used."""
+    WEBHOOK_EVENT_STARTED: _WebhookEvent.ValueType  # 1
+    """"job.started": an attempt started (again for each retry)."""
+    WEBHOOK_EVENT_IMAGE_STORED: _WebhookEvent.ValueType  # 2
+    """"job.image_stored": one image was stored."""
+    WEBHOOK_EVENT_COMPLETED: _WebhookEvent.ValueType  # 3
+    """"job.completed"."""
+    WEBHOOK_EVENT_FAILED: _WebhookEvent.ValueType  # 4
+    """"job.failed"."""
+    WEBHOOK_EVENT_CANCELLED: _WebhookEvent.ValueType  # 5
+    """"job.cancelled"."""
+    WEBHOOK_EVENT_EXPIRED: _WebhookEvent.ValueType  # 6
+    """"job.expired": not started before its start deadline."""
+
+class WebhookEvent(_WebhookEvent, metaclass=_WebhookEventEnumTypeWrapper):
+    """Events a webhook can be sent for; the delivery's JSON `type` is given with
+    each. New values may be added.
+    """
+
+WEBHOOK_EVENT_UNSPECIFIED: WebhookEvent.ValueType  # 0
+"""Not used."""
+WEBHOOK_EVENT_STARTED: WebhookEvent.ValueType  # 1
+""""job.started": an attempt started (again for each retry)."""
+WEBHOOK_EVENT_IMAGE_STORED: WebhookEvent.ValueType  # 2
+""""job.image_stored": one image was stored."""
+WEBHOOK_EVENT_COMPLETED: WebhookEvent.ValueType  # 3
+""""job.completed"."""
+WEBHOOK_EVENT_FAILED: WebhookEvent.ValueType  # 4
+""""job.failed"."""
+WEBHOOK_EVENT_CANCELLED: WebhookEvent.ValueType  # 5
+""""job.cancelled"."""
+WEBHOOK_EVENT_EXPIRED: WebhookEvent.ValueType  # 6
+""""job.expired": not started before its start deadline."""
+Global___WebhookEvent: _TypeAlias = WebhookEvent  # noqa: Y015
+
 class _JobState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -144,6 +218,8 @@ class Job(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    WEBHOOK_URL_FIELD_NUMBER: _builtins.int
+    WEBHOOK_EVENTS_FIELD_NUMBER: _builtins.int
     IMAGES_DELETE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The job's id, a UUID."""
@@ -175,6 +251,10 @@ class Job(_message.Message):
     """
     cancel_requested: _builtins.bool
     """Output only. True once `CancelJob` was called on a generating job."""
+    webhook_url: _builtins.str
+    """Immutable. The webhook the job's events are sent to, if any (see
+    `CreateJobRequest.webhook_url`).
+    """
     @_builtins.property
     def params(self) -> Global___GenerationParams:
         """Immutable. The generation parameters, with defaults filled in."""
@@ -215,6 +295,10 @@ class Job(_message.Message):
         """Output only. When a pending job becomes due for its next attempt."""
 
     @_builtins.property
+    def webhook_events(self) -> _containers.RepeatedScalarFieldContainer[Global___WebhookEvent.ValueType]:
+        """Immutable. The events sent to `webhook_url`."""
+
+    @_builtins.property
     def images_delete_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. Set once the job's images were deleted (their retention
         period, `JOB_IMAGE_RETENTION_DAYS`, ran out): `images` still lists them,
@@ -246,11 +330,13 @@ class Job(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+        webhook_url: _builtins.str = ...,
+        webhook_events: _abc.Iterable[Global___WebhookEvent.ValueType] | None = ...,
         images_delete_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "images_delete_time", b"images_delete_time", "next_attempt_time", b"next_attempt_time", "params", b"params", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested", b"cancel_requested", "create_time", b"create_time", "credits_charged", b"credits_charged", "credits_reserved", b"credits_reserved", "end_time", b"end_time", "error", b"error", "filtered_count", b"filtered_count", "filtered_reasons", b"filtered_reasons", "id", b"id", "images", b"images", "images_delete_time", b"images_delete_time", "max_attempts", b"max_attempts", "model", b"model", "next_attempt_time", b"next_attempt_time", "params", b"params", "prompt", b"prompt", "request_id", b"request_id", "start_time", b"start_time", "state", b"state", "template_id", b"template_id", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested", b"cancel_requested", "create_time", b"create_time", "credits_charged", b"credits_charged", "credits_reserved", b"credits_reserved", "end_time", b"end_time", "error", b"error", "filtered_count", b"filtered_count", "filtered_reasons", b"filtered_reasons", "id", b"id", "images", b"images", "images_delete_time", b"images_delete_time", "max_attempts", b"max_attempts", "model", b"model", "next_attempt_time", b"next_attempt_time", "params", b"params", "prompt", b"prompt", "request_id", b"request_id", "start_time", b"start_time", "state", b"state", "template_id", b"template_id", "update_time", b"update_time", "user_id", b"user_id", "webhook_events", b"webhook_events", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -508,6 +594,8 @@ class CreateJobRequest(_message.Message):
     TEMPLATE_VARIABLES_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
+    WEBHOOK_URL_FIELD_NUMBER: _builtins.int
+    WEBHOOK_EVENTS_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """The prompt. Required unless `template_id` is set; at most the configured
     number of characters.
@@ -525,6 +613,12 @@ class CreateJobRequest(_message.Message):
     """
     user_id: _builtins.str
     """Optional. The user to create the job for. Service role only."""
+    webhook_url: _builtins.str
+    """Optional. An https:// URL (at most 2048 characters; http:// only where
+    the service allows it) that receives the job's events as signed POSTs
+    (Standard Webhooks; see docs/webhooks.md). Its host must not be, or
+    resolve to, a loopback, private, link-local or metadata address.
+    """
     @_builtins.property
     def params(self) -> Global___GenerationParams:
         """Optional. Generation parameters."""
@@ -533,6 +627,12 @@ class CreateJobRequest(_message.Message):
     def template_variables(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Optional. Values for the template's `{placeholder}` variables; every
         variable is required and no other key is accepted.
+        """
+
+    @_builtins.property
+    def webhook_events(self) -> _containers.RepeatedScalarFieldContainer[Global___WebhookEvent.ValueType]:
+        """Optional, only with `webhook_url`. The events to send; default the job's
+        end: COMPLETED, FAILED, CANCELLED and EXPIRED.
         """
 
     def __init__(
@@ -545,10 +645,12 @@ class CreateJobRequest(_message.Message):
         template_variables: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         request_id: _builtins.str = ...,
         user_id: _builtins.str = ...,
+        webhook_url: _builtins.str = ...,
+        webhook_events: _abc.Iterable[Global___WebhookEvent.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "params", b"params", "prompt", b"prompt", "request_id", b"request_id", "template_id", b"template_id", "template_variables", b"template_variables", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "params", b"params", "prompt", b"prompt", "request_id", b"request_id", "template_id", b"template_id", "template_variables", b"template_variables", "user_id", b"user_id", "webhook_events", b"webhook_events", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -994,3 +1096,155 @@ class GrantCreditsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GrantCreditsResponse: _TypeAlias = GrantCreditsResponse  # noqa: Y015
+
+@_typing.final
+class ListWebhookDeliveriesRequest(_message.Message):
+    """Request message for `ListWebhookDeliveries`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Required. The job's id."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookDeliveriesRequest: _TypeAlias = ListWebhookDeliveriesRequest  # noqa: Y015
+
+@_typing.final
+class ListWebhookDeliveriesResponse(_message.Message):
+    """Response message for `ListWebhookDeliveries`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookDelivery]:
+        """The job's deliveries, in event order."""
+
+    def __init__(
+        self,
+        *,
+        deliveries: _abc.Iterable[Global___WebhookDelivery] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookDeliveriesResponse: _TypeAlias = ListWebhookDeliveriesResponse  # noqa: Y015
+
+@_typing.final
+class WebhookDelivery(_message.Message):
+    """One event's delivery to a job's webhook."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    EVENT_SEQ_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Output only. The `webhook-id` header of every send of it (the
+    receiver's idempotency key).
+    """
+    event: Global___WebhookEvent.ValueType
+    """Output only. The event sent."""
+    event_seq: _builtins.int
+    """Output only. The `seq` of the job event it reports."""
+    state: Global___WebhookDeliveryState.ValueType
+    """Output only. Where it is."""
+    last_error: _builtins.str
+    """Output only. The last send's error, if it failed."""
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookAttempt]:
+        """Output only. Every send that ended, oldest first."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When it was queued (with its event)."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When it was delivered or given up."""
+
+    @_builtins.property
+    def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When a pending delivery is sent next."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        event: Global___WebhookEvent.ValueType = ...,
+        event_seq: _builtins.int = ...,
+        state: Global___WebhookDeliveryState.ValueType = ...,
+        attempts: _abc.Iterable[Global___WebhookAttempt] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+        last_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "next_attempt_time", b"next_attempt_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "create_time", b"create_time", "end_time", b"end_time", "event", b"event", "event_seq", b"event_seq", "id", b"id", "last_error", b"last_error", "next_attempt_time", b"next_attempt_time", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookDelivery: _TypeAlias = WebhookDelivery  # noqa: Y015
+
+@_typing.final
+class WebhookAttempt(_message.Message):
+    """One send of a webhook delivery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    DURATION_SECONDS_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    """Output only. The send's number, from 1."""
+    http_status: _builtins.int
+    """Output only. The receiver's HTTP status; 0 when it gave none (refused,
+    timed out, or the address was forbidden).
+    """
+    error: _builtins.str
+    """Output only. Why it failed; empty when it was delivered."""
+    duration_seconds: _builtins.float
+    """Output only. How long the send took, in seconds."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When it ended."""
+
+    def __init__(
+        self,
+        *,
+        attempt: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        http_status: _builtins.int = ...,
+        error: _builtins.str = ...,
+        duration_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "duration_seconds", b"duration_seconds", "error", b"error", "http_status", b"http_status", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookAttempt: _TypeAlias = WebhookAttempt  # noqa: Y015

@@ -89,6 +89,11 @@ class JobServiceStub:
                 request_serializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.GrantCreditsRequest.SerializeToString,
                 response_deserializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.GrantCreditsResponse.FromString,
                 _registered_method=True)
+        self.ListWebhookDeliveries = channel.unary_unary(
+                '/imagegen.job.v1.JobService/ListWebhookDeliveries',
+                request_serializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.ListWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -189,6 +194,15 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWebhookDeliveries(self, request, context):
+        """Lists a job's webhook deliveries, in event order, with every send and the
+        receiver's HTTP status. The job's owner or the service role; a job of
+        another user answers `NOT_FOUND`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -236,6 +250,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.GrantCredits,
                     request_deserializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.GrantCreditsRequest.FromString,
                     response_serializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.GrantCreditsResponse.SerializeToString,
+            ),
+            'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeliveries,
+                    request_deserializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.ListWebhookDeliveriesRequest.FromString,
+                    response_serializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.ListWebhookDeliveriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -491,6 +510,33 @@ class JobService:
             '/imagegen.job.v1.JobService/GrantCredits',
             imagegen_dot_job_dot_v1_dot_job__service__pb2.GrantCreditsRequest.SerializeToString,
             imagegen_dot_job_dot_v1_dot_job__service__pb2.GrantCreditsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.job.v1.JobService/ListWebhookDeliveries',
+            imagegen_dot_job_dot_v1_dot_job__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+            imagegen_dot_job_dot_v1_dot_job__service__pb2.ListWebhookDeliveriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -88,6 +88,11 @@ class JobServiceStub:
     With the same `request_id`, an identical request grants nothing more and
     returns the first grant's result.
     """
+    ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListWebhookDeliveriesRequest, _job_service_pb2.ListWebhookDeliveriesResponse]
+    """Lists a job's webhook deliveries, in event order, with every send and the
+    receiver's HTTP status. The job's owner or the service role; a job of
+    another user answers `NOT_FOUND`.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -148,6 +153,11 @@ class JobServiceAsyncStub(JobServiceStub):
 
     With the same `request_id`, an identical request grants nothing more and
     returns the first grant's result.
+    """
+    ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListWebhookDeliveriesRequest, _job_service_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
+    """Lists a job's webhook deliveries, in event order, with every send and the
+    receiver's HTTP status. The job's owner or the service role; a job of
+    another user answers `NOT_FOUND`.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -260,6 +270,17 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
 
         With the same `request_id`, an identical request grants nothing more and
         returns the first grant's result.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWebhookDeliveries(
+        self,
+        request: _job_service_pb2.ListWebhookDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.ListWebhookDeliveriesResponse, _abc.Awaitable[_job_service_pb2.ListWebhookDeliveriesResponse]]:
+        """Lists a job's webhook deliveries, in event order, with every send and the
+        receiver's HTTP status. The job's owner or the service role; a job of
+        another user answers `NOT_FOUND`.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
