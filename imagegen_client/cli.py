@@ -214,8 +214,12 @@ def jobs_get(job_id: str, target: Target = "localhost:50051", token: Token = "")
         async with _client(target, token) as client:
             job = await client.get_job(job_id)
             Console().print(_job_table([job]))
+            if job.HasField("images_delete_time"):
+                deleted = job.images_delete_time.ToDatetime().strftime("%Y-%m-%d %H:%M UTC")
+                print(f"{len(job.images)} image(s) deleted {deleted} (retention)")
             for image in job.images:
-                print(image.url)
+                if image.url:
+                    print(image.url)
             if job.error.reason:
                 print(f"error: {job.error.reason}: {job.error.message}")
 
@@ -287,6 +291,18 @@ def jobs_cancel(job_id: str, target: Target = "localhost:50051", token: Token = 
         async with _client(target, token) as client:
             job = await client.cancel_job(job_id)
             print(f"{job.id} {state_name(job.state)}{' (cancel requested)' if job.cancel_requested else ''}")
+
+    _run(run())
+
+
+@jobs_app.command("delete")
+def jobs_delete(job_id: str, target: Target = "localhost:50051", token: Token = "") -> None:
+    """Delete a job and its images (a running job is cancelled first; delivered images are charged)."""
+
+    async def run() -> None:
+        async with _client(target, token) as client:
+            await client.delete_job(job_id)
+            print(f"{job_id} deleted")
 
     _run(run())
 

@@ -264,6 +264,11 @@ class ImageGenClient:
         )
         return response.job
 
+    async def delete_job(self, job_id: str, *, timeout: float | None = None) -> None:
+        """Deletes a job and its images; a running one is cancelled first. A job already deleted (or another
+        user's) raises NOT_FOUND: a call retried after UNAVAILABLE that gets NOT_FOUND found its job deleted."""
+        await self._call(self._stub.DeleteJob, pb.DeleteJobRequest(job_id=job_id), timeout)
+
     async def list_templates(self, *, timeout: float | None = None) -> list[pb.Template]:
         response: pb.ListTemplatesResponse = await self._call(
             self._stub.ListTemplates, pb.ListTemplatesRequest(), timeout

@@ -155,6 +155,10 @@ class ImageGenSyncClient:
         response: pb.CancelJobResponse = self._call(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id), timeout)
         return response.job
 
+    def delete_job(self, job_id: str, *, timeout: float | None = None) -> None:
+        """Deletes a job and its images; see ImageGenClient.delete_job."""
+        self._call(self._stub.DeleteJob, pb.DeleteJobRequest(job_id=job_id), timeout)
+
     def list_templates(self, *, timeout: float | None = None) -> list[pb.Template]:
         response: pb.ListTemplatesResponse = self._call(self._stub.ListTemplates, pb.ListTemplatesRequest(), timeout)
         return list(response.templates)

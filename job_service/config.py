@@ -145,6 +145,16 @@ class JobSettings(BaseSettings):
     cleanup_backoff_base_seconds: float = Field(default=30.0, gt=0)
     cleanup_backoff_max_seconds: float = Field(default=3600.0, gt=0)
 
+    # Retention (docs/durability.md): days after a job ended that its images are deleted from storage (the job
+    # then shows them as deleted, without URLs), and that the job itself (row and events; never its credit ledger
+    # rows) is deleted, after its images. 0 keeps them for ever: the default, so an upgrade deletes nothing anyone
+    # did not ask for. Fractions of a day are allowed. Images go at the shorter of the two.
+    image_retention_days: float = Field(default=0.0, ge=0, le=36_500)
+    job_retention_days: float = Field(default=0.0, ge=0, le=36_500)
+    # How often each replica runs a retention pass (the DeleteJob'd jobs' rows go by it too); a pass takes at most
+    # this many jobs per step, and a full step is followed by the next pass at once.
+    retention_interval_seconds: float = Field(default=60.0, gt=0)
+    retention_batch_size: int = Field(default=100, ge=1, le=10_000)
     # Webhooks (docs/webhooks.md). Standard Webhooks secrets (whsec_<base64 of 24-64 bytes>), a JSON list: the
     # first is current, the others are old ones still signing during a rotation (each adds a v1 signature).
     # Empty: CreateJob refuses webhook_url (WEBHOOKS_DISABLED).

@@ -102,6 +102,10 @@ class Job:
     completed_at: datetime | None
     next_attempt_at: datetime
     last_event_seq: int
+    # When the job's objects were queued for deletion (retention or DeleteJob): its images answer as deleted.
+    images_deleted_at: datetime | None = None
+    # When DeleteJob was called: the job is no one's to read any more; its row goes once its objects have.
+    deleted_at: datetime | None = None
     webhook_url: str | None = None
     # Event type names ('job.completed', ...) sent to webhook_url.
     webhook_events: list[str] = field(default_factory=list)

@@ -58,6 +58,12 @@ class ModelCatalog(Protocol):
     async def list_models(self) -> dict[str, ModelInfo]: ...
 
 
+class Deletions(Protocol):
+    """Marks a job deleted and queues its objects (job_service.retention.RetentionStore)."""
+
+    async def mark_deleted(self, job_id: str) -> bool | None: ...
+
+
 @dataclass(frozen=True)
 class JobPolicy:
     """The rules CreateJob applies, from settings."""
@@ -177,10 +183,15 @@ class JobManager:
         notifications: JobNotifications,
         policy: JobPolicy,
         page_tokens: PageTokens,
+        deletions: Deletions,
         starter: JobStarter | None = None,
+        deletion_queued: Callable[[], None] = lambda: None,
         webhooks: WebhookStore | None = None,
     ) -> None:
         self._store = store
+        self._deletions = deletions
+        # Told when DeleteJob marked a job: the retention and storage sweepers are woken, not left to their interval.
+        self._deletion_queued = deletion_queued
         self._webhooks = webhooks
         self._page_tokens = page_tokens
         self._models = models
@@ -216,7 +227,8 @@ class JobManager:
     async def _owned_job(self, principal: Principal, job_id: str) -> Job:
         job_uuid = parse_uuid(job_id, "job_id")
         job = await self._store.get_job(job_uuid)
-        if job is None or (not principal.is_service and job.user_id != principal.subject):
+        # A deleted job is no one's to read or act on (its row waits only for its objects to go).
+        if job is None or job.deleted_at is not None or (not principal.is_service and job.user_id != principal.subject):
             raise not_found(job_id)
         return job
 
@@ -323,6 +335,14 @@ class JobManager:
             )
 
         job, created = await (self._starter.run_when_created(create) if self._starter else create(None))
+        if job.deleted_at is not None:
+            # A replay whose job was deleted since (its row waits for its objects to go): not shown any more, and
+            # no new job either, which a retry of a create that did commit must never make.
+            raise ServiceError(
+                ErrorKind.ALREADY_EXISTS,
+                "JOB_DELETED",
+                f"request_id {request.request_id!r} made a job that has since been deleted; use a new request_id",
+            )
         return as_created(job) if created else job
 
     def _webhook(self, request: CreateJobInput) -> tuple[dict[str, object] | None, list[FieldViolation]]:
@@ -457,8 +477,13 @@ class JobManager:
     # -- CancelJob --------------------------------------------------------------------------------
 
     async def cancel_job(self, principal: Principal, job_id: str) -> Job:
+        return await self._cancel(principal, job_id, finished_ok=False)
+
+    async def _cancel(self, principal: Principal, job_id: str, *, finished_ok: bool) -> Job:
         for _ in range(5):  # the job can move between our read and our write; a few rounds settle it
             job = await self._owned_job(principal, job_id)
+            if job.status.terminal and finished_ok:
+                return job
             if job.status.terminal:
                 raise ServiceError(
                     ErrorKind.FAILED_PRECONDITION,
@@ -489,6 +514,21 @@ class JobManager:
                 log.info("cancel", job_id=job.id, status=updated.status.value)
                 return updated
         raise ServiceError(ErrorKind.UNAVAILABLE, "JOB_BUSY", "the job kept changing; try again")
+
+    # -- DeleteJob ----------------------------------------------------------------------------------
+
+    async def delete_job(self, principal: Principal, job_id: str) -> None:
+        """Cancels the job if it still runs (the cancel path: what was delivered is charged), then marks it deleted.
+
+        From then on it answers NOT_FOUND; its objects are queued for deletion now if it has ended (else by the
+        retention pass once it has), and its row goes after them. A job already deleted answers NOT_FOUND.
+        """
+        job = await self._cancel(principal, job_id, finished_ok=True)
+        ended = await self._deletions.mark_deleted(job.id)
+        if ended is None:  # deleted meanwhile by another call
+            raise not_found(job_id)
+        log.info("job deleted", job_id=job.id, user_id=job.user_id, objects_queued=ended)
+        self._deletion_queued()
 
     # -- templates and credits ------------------------------------------------------------------------
 

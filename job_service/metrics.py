@@ -90,6 +90,26 @@ class JobMetrics:
             registry=registry,
         )
 
+        self.retention_images_expired = Counter(
+            "imagegen_retention_images_expired",
+            "Jobs whose images this replica's retention pass queued for deletion (JOB_IMAGE_RETENTION_DAYS).",
+            registry=registry,
+        )
+        self.retention_jobs_deleted = Counter(
+            "imagegen_retention_jobs_deleted",
+            "Job rows (with their events) this replica deleted after their objects were gone, by why: retention "
+            "(JOB_JOB_RETENTION_DAYS) or delete_job (DeleteJob).",
+            ["reason"],
+            registry=registry,
+        )
+
+    # RetentionObserver (job_service.retention).
+    def images_expired(self, count: int) -> None:
+        self.retention_images_expired.inc(count)
+
+    def jobs_deleted(self, reason: str, count: int) -> None:
+        self.retention_jobs_deleted.labels(reason).inc(count)
+
     # SweepObserver (job_service.cleanup): what the sweeper reports as it goes.
     def objects_deleted(self, count: int) -> None:
         self.cleanup_deleted.inc(count)

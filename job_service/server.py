@@ -36,6 +36,7 @@ from job_service.jobs import JobManager, JobPolicy
 from job_service.metrics import InstrumentedJobStore, JobMetrics, WebhookMetrics
 from job_service.notifications import JobNotifications
 from job_service.page_tokens import PageTokens, derive_key
+from job_service.retention import RetentionConfig, RetentionStore, RetentionSweeper
 from job_service.servicer import JobServicer, job_to_pb
 from job_service.store import CONNECTION_ERRORS, create_pool
 from job_service.watch_limits import WatchStreams
@@ -253,6 +254,7 @@ class JobApp:
     servicer: JobServicer | None = None
     watch_streams: WatchStreams | None = None
     sweeper: Sweeper | None = None
+    retention: RetentionSweeper | None = None
     webhooks: WebhookSender | None = None
 
     @property
@@ -268,7 +270,8 @@ class JobApp:
         else:
             await self.running.set_serving(False)
         sweeping = self.sweeper.stop() if self.sweeper is not None else asyncio.sleep(0)
-        await asyncio.gather(self.dispatcher.drain(grace), self.running.stop(min(grace, 5.0)), sweeping)
+        retaining = self.retention.stop() if self.retention is not None else asyncio.sleep(0)
+        await asyncio.gather(self.dispatcher.drain(grace), self.running.stop(min(grace, 5.0)), sweeping, retaining)
         if self.webhooks is not None:
             await self.webhooks.stop()
         await self.notifications.stop()
@@ -401,6 +404,38 @@ async def start(settings: JobSettings) -> JobApp:
     with contextlib.suppress(TimeoutError):  # if not yet, health says NOT_SERVING until it is
         await asyncio.wait_for(notifications.connected.wait(), timeout=10.0)
     http = httpx.AsyncClient()
+    cleanups = CleanupStore(pool)
+    sweeper = Sweeper(
+        cleanups,
+        generator,
+        SweeperConfig(
+            delay_seconds=settings.cleanup_delay_seconds,
+            interval_seconds=settings.cleanup_interval_seconds,
+            batch_size=settings.cleanup_batch_size,
+            call_timeout_seconds=settings.cleanup_call_timeout_seconds,
+            backoff_base_seconds=settings.cleanup_backoff_base_seconds,
+            backoff_max_seconds=settings.cleanup_backoff_max_seconds,
+        ),
+        job_metrics,
+    )
+    retention_store = RetentionStore(pool)
+    retention = RetentionSweeper(
+        retention_store,
+        RetentionConfig(
+            image_retention_days=settings.image_retention_days,
+            job_retention_days=settings.job_retention_days,
+            interval_seconds=settings.retention_interval_seconds,
+            batch_size=settings.retention_batch_size,
+        ),
+        job_metrics,
+        queued=sweeper.wake,
+    )
+
+    def deletion_queued() -> None:
+        # DeleteJob queued objects (or will once its job has ended): sweep them, then remove the row, soon.
+        sweeper.wake()
+        retention.wake()
+
     jobs = JobManager(
         store,
         generator,
@@ -426,7 +461,9 @@ async def start(settings: JobSettings) -> JobApp:
             create_rate_window_seconds=settings.create_rate_window_seconds,
         ),
         page_tokens(settings),
+        retention_store,
         starter=dispatcher,
+        deletion_queued=deletion_queued,
         webhooks=webhook_store,
     )
     watch_streams = WatchStreams(settings.watch_streams_per_user, settings.watch_streams_per_connection)
@@ -446,21 +483,8 @@ async def start(settings: JobSettings) -> JobApp:
     )
     health.start(running)
     dispatcher.start()
-    cleanups = CleanupStore(pool)
-    sweeper = Sweeper(
-        cleanups,
-        generator,
-        SweeperConfig(
-            delay_seconds=settings.cleanup_delay_seconds,
-            interval_seconds=settings.cleanup_interval_seconds,
-            batch_size=settings.cleanup_batch_size,
-            call_timeout_seconds=settings.cleanup_call_timeout_seconds,
-            backoff_base_seconds=settings.cleanup_backoff_base_seconds,
-            backoff_max_seconds=settings.cleanup_backoff_max_seconds,
-        ),
-        job_metrics,
-    )
     sweeper.start()
+    retention.start()
     if webhooks is not None:
         webhooks.start()
     job_metrics.in_flight.set_function(lambda: dispatcher.in_flight)
@@ -487,7 +511,7 @@ async def start(settings: JobSettings) -> JobApp:
     )
     app = JobApp(settings, running, dispatcher, notifications, pool, generator, http, embedded, owner, health)
     app.registry, app.metrics, app.servicer, app.watch_streams = registry, metrics, servicer, watch_streams
-    app.sweeper = sweeper
+    app.sweeper, app.retention = sweeper, retention
     app.webhooks = webhooks
     return app
 

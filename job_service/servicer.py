@@ -17,7 +17,7 @@ from imagegen_common.errors import FieldViolation, invalid_argument
 from imagegen_common.grpc_errors import stream_errors, unary_errors
 from imagegen_common.rpc_observability import peer_of
 from job_service.auth import TokenVerifier
-from job_service.domain import EventType, Job, JobEvent, JobStatus, Params, Principal, Template
+from job_service.domain import EventType, Job, JobEvent, JobStatus, Params, Principal, StoredImage, Template
 from job_service.jobs import CreateJobInput, JobManager
 from job_service.store import CONNECTION_ERRORS
 from job_service.watch_limits import WatchStreams
@@ -90,6 +90,14 @@ def params_to_pb(params: Params | dict[str, Any]) -> pb.GenerationParams:
     return pb.GenerationParams(**{k: v for k, v in values.items() if k in _PARAM_FIELDS})
 
 
+def _image_to_pb(image: StoredImage, *, deleted: bool) -> pb.Image:
+    message = pb.Image(**image.__dict__)
+    if deleted:
+        # Gone (or going) from storage: no URL that would answer 404; the rest still says what there was.
+        message.url = ""
+    return message
+
+
 def job_to_pb(job: Job) -> pb.Job:
     message = pb.Job(
         id=job.id,
@@ -100,7 +108,7 @@ def job_to_pb(job: Job) -> pb.Job:
         params=params_to_pb(job.params),
         template_id=job.template_id or "",
         request_id=job.request_id or "",
-        images=[pb.Image(**image.__dict__) for image in job.images],
+        images=[_image_to_pb(image, deleted=job.images_deleted_at is not None) for image in job.images],
         filtered_count=job.filtered_count,
         filtered_reasons=job.filtered_reasons,
         attempt=job.attempt,
@@ -112,6 +120,7 @@ def job_to_pb(job: Job) -> pb.Job:
         start_time=_timestamp(job.started_at),
         update_time=_timestamp(job.updated_at),
         end_time=_timestamp(job.completed_at),
+        images_delete_time=_timestamp(job.images_deleted_at),
         webhook_url=job.webhook_url or "",
         webhook_events=[
             _WEBHOOK_EVENT_TO_PB[WebhookEvent(name)]
@@ -302,6 +311,12 @@ class JobServicer(pb_grpc.JobServiceServicer):
     async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.CancelJobResponse:
         principal = await self._principal(context, request)
         return pb.CancelJobResponse(job=job_to_pb(await self._jobs.cancel_job(principal, request.job_id)))
+
+    @unary_errors(DOMAIN, CONNECTION_ERRORS)
+    async def DeleteJob(self, request: pb.DeleteJobRequest, context: Any) -> pb.DeleteJobResponse:
+        principal = await self._principal(context, request)
+        await self._jobs.delete_job(principal, request.job_id)
+        return pb.DeleteJobResponse()
 
     @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def ListTemplates(self, request: pb.ListTemplatesRequest, context: Any) -> pb.ListTemplatesResponse:

@@ -147,6 +147,9 @@ def job_from_row(row: asyncpg.Record | dict[str, Any]) -> Job:
         completed_at=row["completed_at"],
         next_attempt_at=row["next_attempt_at"],
         last_event_seq=row["last_event_seq"],
+        # .get: rows built by hand (tests, older functions' column lists) may not carry them.
+        images_deleted_at=row.get("images_deleted_at"),
+        deleted_at=row.get("deleted_at"),
         webhook_url=row.get("webhook_url"),
         webhook_events=list(row.get("webhook_events") or []),
         priority=row["priority"],
@@ -477,7 +480,7 @@ class JobStore:
         """A user's jobs newest first, keyset-paginated on (created_at, id)."""
         rows = await self._pool.fetch(
             """SELECT * FROM generation_jobs
-               WHERE user_id = $1
+               WHERE user_id = $1 AND deleted_at IS NULL
                  AND ($2::text IS NULL OR status = $2)
                  AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4::uuid))
                ORDER BY created_at DESC, id DESC

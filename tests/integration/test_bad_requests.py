@@ -502,6 +502,19 @@ CASES = [
         ("job_id",),
     ),
     Case(
+        "DeleteJob with a malformed id",
+        lambda w, u: w.stub.DeleteJob(pb.DeleteJobRequest(job_id="../../etc"), metadata=as_user(u), timeout=10),
+        "INVALID_ARGUMENT",
+        "INVALID_ARGUMENT",
+        ("job_id",),
+    ),
+    Case(
+        "DeleteJob of another user's job",
+        lambda w, u: w.stub.DeleteJob(pb.DeleteJobRequest(job_id=w.owner_job), metadata=as_user(u), timeout=10),
+        "NOT_FOUND",
+        "JOB_NOT_FOUND",
+    ),
+    Case(
         "CancelJob of a finished job",
         lambda w, u: w.stub.CancelJob(
             pb.CancelJobRequest(job_id=w.finished_job), metadata=as_user(w.owner), timeout=10
@@ -665,23 +678,26 @@ async def test_the_ledger_is_consistent_after_all_of_it(world: World, db: asyncp
     await assert_credits_consistent(db)
 
 
-async def test_another_users_job_is_not_found_for_get_watch_and_cancel(world: World) -> None:
+async def test_another_users_job_is_not_found_for_get_watch_cancel_and_delete(world: World) -> None:
     stranger = as_user(new_user())
     unknown = str(uuid.uuid4())
     for job_id in (world.owner_job, unknown):
         request_get = pb.GetJobRequest(job_id=job_id)
         request_watch = pb.WatchJobRequest(job_id=job_id)
         request_cancel = pb.CancelJobRequest(job_id=job_id)
+        request_delete = pb.DeleteJobRequest(job_id=job_id)
         answers = [
             await failure_of(world.stub.GetJob(request_get, metadata=stranger, timeout=10)),
             await failure_of(first_message(world.stub.WatchJob(request_watch, metadata=stranger, timeout=10))),
             await failure_of(world.stub.CancelJob(request_cancel, metadata=stranger, timeout=10)),
+            await failure_of(world.stub.DeleteJob(request_delete, metadata=stranger, timeout=10)),
         ]
         # Exactly what a job that does not exist answers: nothing tells the stranger the job is there.
         assert [(a.code, a.reason, a.message.replace(job_id, "ID")) for a in answers] == [
             ("NOT_FOUND", "JOB_NOT_FOUND", "job ID not found")
-        ] * 3
+        ] * 4
 
     async with world.services.client(world.owner) as client:
         still = await client.get_job(world.owner_job)
     assert still.state == pb.JOB_STATE_PENDING and not still.cancel_requested, "the stranger's cancel did nothing"
+    assert still.id == world.owner_job, "nor the stranger's delete"

@@ -121,3 +121,29 @@ async def test_cli_lists_watches_cancels_and_shows_credits_and_templates(databas
 
         code, _, err = await cli(services.target, token, "jobs", "get", "00000000-0000-4000-8000-000000000000")
         assert code == 1 and "NOT_FOUND" in err
+
+
+async def test_cli_and_sync_client_delete_jobs(database_url: str, tmp_path: Path) -> None:
+    user = new_user()
+    token = mint_token(DEV_JWT_SECRET, user_id=user)
+    async with running_services(database_url, tmp_path) as services:
+        async with services.client(token=token) as client:
+            by_cli = await client.wait((await client.create_job("to delete", sample_count=1)).id, timeout=60)
+            by_sync = await client.wait((await client.create_job("also to delete", sample_count=1)).id, timeout=60)
+
+        code, out, err = await cli(services.target, token, "jobs", "delete", by_cli.id)
+        assert code == 0, err
+        assert out.strip() == f"{by_cli.id} deleted"
+        code, _, err = await cli(services.target, token, "jobs", "get", by_cli.id)
+        assert code == 1 and "NOT_FOUND" in err
+        code, _, err = await cli(services.target, token, "jobs", "delete", by_cli.id)
+        assert code == 1 and "NOT_FOUND" in err, "a deleted job is not there to delete again"
+
+        def sync_session() -> grpc.StatusCode:
+            with ImageGenSyncClient(services.target, token) as sync:
+                sync.delete_job(by_sync.id)
+                with pytest.raises(grpc.RpcError) as gone:
+                    sync.get_job(by_sync.id)
+                return gone.value.code()  # type: ignore[attr-defined]
+
+        assert await asyncio.to_thread(sync_session) == grpc.StatusCode.NOT_FOUND

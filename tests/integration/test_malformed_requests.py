@@ -29,6 +29,7 @@ UNARY = {
     "GetJob": pb.GetJobRequest,
     "ListJobs": pb.ListJobsRequest,
     "CancelJob": pb.CancelJobRequest,
+    "DeleteJob": pb.DeleteJobRequest,
     "ListTemplates": pb.ListTemplatesRequest,
     "GetCreditBalance": pb.GetCreditBalanceRequest,
     "GrantCredits": pb.GrantCreditsRequest,

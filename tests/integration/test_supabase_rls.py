@@ -153,6 +153,19 @@ async def test_a_user_reads_only_their_own_jobs_events_and_credits(admin: asyncp
         assert await admin.fetchval("SELECT count(*) FROM generation_jobs WHERE user_id IN ($1, $2)", alice, bob) == 3
 
 
+async def test_a_job_deleted_by_delete_job_is_gone_for_its_owners_app_too(admin: asyncpg.Connection) -> None:
+    alice = await new_auth_user(admin)
+    kept, deleted = await create_job(admin, alice, "kept"), await create_job(admin, alice, "deleted")
+    # What DeleteJob writes (RetentionStore.mark_deleted); the row waits for its objects before it goes.
+    await admin.execute("UPDATE generation_jobs SET deleted_at = now() WHERE id = $1", deleted)
+    async with as_role(admin, "authenticated", alice):
+        jobs = [str(r["id"]) for r in await admin.fetch("SELECT id FROM generation_jobs")]
+        events = {str(r["job_id"]) for r in await admin.fetch("SELECT DISTINCT job_id FROM job_events")}
+    assert jobs == [kept] and events == {kept}
+    async with as_role(admin, "service_role"):  # operators still see it
+        assert await admin.fetchval("SELECT count(*) FROM generation_jobs WHERE id = $1", deleted) == 1
+
+
 async def test_app_clients_write_nothing_and_call_no_imagegen_function(admin: asyncpg.Connection) -> None:
     alice = await new_auth_user(admin)
     job = await create_job(admin, alice, "mine")
@@ -242,11 +255,13 @@ async def test_on_plain_postgresql_the_migration_is_recorded_and_changes_nothing
     assert policies == 0
     assert await db.fetchval("SELECT relreplident::text FROM pg_class WHERE oid = 'generation_jobs'::regclass") == "d"
     assert await db.fetchval("SELECT count(*) FROM pg_publication WHERE pubname = 'supabase_realtime'") == 0
-    cascading_ledger_keys = await db.fetchval(
-        "SELECT count(*) FROM pg_constraint WHERE conrelid = 'credit_ledger'::regclass AND contype = 'f' "
-        "AND confdeltype::text <> 'a'"
+    ledger_keys = await db.fetch(
+        "SELECT confrelid::regclass::text AS parent, confdeltype::text AS on_delete FROM pg_constraint "
+        "WHERE conrelid = 'credit_ledger'::regclass AND contype = 'f' ORDER BY 1"
     )
-    assert cascading_ledger_keys == 0
+    # The account key does not cascade here (no auth.users to follow). The job key is SET NULL, as on Supabase:
+    # 20261206000220 made it so everywhere, so that a deleted job (DeleteJob, retention) leaves its ledger rows.
+    assert [tuple(r) for r in ledger_keys] == [("credit_accounts", "a"), ("generation_jobs", "n")]
 
 
 async def ledger_of(conn: asyncpg.Connection, user: str) -> list[tuple[str, int]]:

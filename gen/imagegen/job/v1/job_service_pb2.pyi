@@ -235,6 +235,7 @@ class Job(_message.Message):
     WEBHOOK_EVENTS_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     START_DEADLINE_FIELD_NUMBER: _builtins.int
+    IMAGES_DELETE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The job's id, a UUID."""
     user_id: _builtins.str
@@ -326,6 +327,13 @@ class Job(_message.Message):
         started by then; unset when the request set no `start_within`.
         """
 
+    @_builtins.property
+    def images_delete_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. Set once the job's images were deleted (their retention
+        period, `JOB_IMAGE_RETENTION_DAYS`, ran out): `images` still lists them,
+        each with an empty `url`, and the objects are gone or about to go.
+        """
+
     def __init__(
         self,
         *,
@@ -355,10 +363,11 @@ class Job(_message.Message):
         webhook_events: _abc.Iterable[Global___WebhookEvent.ValueType] | None = ...,
         priority: _builtins.int = ...,
         start_deadline: _timestamp_pb2.Timestamp | None = ...,
+        images_delete_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "next_attempt_time", b"next_attempt_time", "params", b"params", "start_deadline", b"start_deadline", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "images_delete_time", b"images_delete_time", "next_attempt_time", b"next_attempt_time", "params", b"params", "start_deadline", b"start_deadline", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested", b"cancel_requested", "create_time", b"create_time", "credits_charged", b"credits_charged", "credits_reserved", b"credits_reserved", "end_time", b"end_time", "error", b"error", "filtered_count", b"filtered_count", "filtered_reasons", b"filtered_reasons", "id", b"id", "images", b"images", "max_attempts", b"max_attempts", "model", b"model", "next_attempt_time", b"next_attempt_time", "params", b"params", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "start_deadline", b"start_deadline", "start_time", b"start_time", "state", b"state", "template_id", b"template_id", "update_time", b"update_time", "user_id", b"user_id", "webhook_events", b"webhook_events", "webhook_url", b"webhook_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested", b"cancel_requested", "create_time", b"create_time", "credits_charged", b"credits_charged", "credits_reserved", b"credits_reserved", "end_time", b"end_time", "error", b"error", "filtered_count", b"filtered_count", "filtered_reasons", b"filtered_reasons", "id", b"id", "images", b"images", "images_delete_time", b"images_delete_time", "max_attempts", b"max_attempts", "model", b"model", "next_attempt_time", b"next_attempt_time", "params", b"params", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "start_deadline", b"start_deadline", "start_time", b"start_time", "state", b"state", "template_id", b"template_id", "update_time", b"update_time", "user_id", b"user_id", "webhook_events", b"webhook_events", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -427,7 +436,8 @@ class Image(_message.Message):
     """
     url: _builtins.str
     """Output only. Where to download the image (a public URL, or a signed URL
-    that expires for a private bucket).
+    that expires for a private bucket). Empty once the job's images were
+    deleted (see `Job.images_delete_time`).
     """
     storage_path: _builtins.str
     """Output only. The object's path in the storage bucket."""
@@ -906,6 +916,45 @@ class CancelJobRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelJobRequest: _TypeAlias = CancelJobRequest  # noqa: Y015
+
+@_typing.final
+class DeleteJobRequest(_message.Message):
+    """Request message for `DeleteJob`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Required. The job's id."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteJobRequest: _TypeAlias = DeleteJobRequest  # noqa: Y015
+
+@_typing.final
+class DeleteJobResponse(_message.Message):
+    """Response message for `DeleteJob`. Empty: the job is no longer readable."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteJobResponse: _TypeAlias = DeleteJobResponse  # noqa: Y015
 
 @_typing.final
 class CancelJobResponse(_message.Message):

@@ -69,6 +69,11 @@ class JobServiceStub:
                 request_serializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/imagegen.job.v1.JobService/DeleteJob',
+                request_serializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
         self.ListTemplates = channel.unary_unary(
                 '/imagegen.job.v1.JobService/ListTemplates',
                 request_serializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.ListTemplatesRequest.SerializeToString,
@@ -152,6 +157,19 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteJob(self, request, context):
+        """Deletes a job and its stored images. From the answer on, the job answers
+        `NOT_FOUND` (GetJob, WatchJob, CancelJob, DeleteJob) and ListJobs leaves
+        it out; its objects are deleted from storage and then its row and events
+        (its credit ledger rows stay, detached, so balances are unchanged). A job
+        still pending or generating is cancelled first, as by `CancelJob` (images
+        delivered before the cancel are charged), and deleted once it has ended.
+        A job of another user, or one already deleted, answers `NOT_FOUND`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListTemplates(self, request, context):
         """Lists the prompt templates that `CreateJob` accepts as `template_id`.
         """
@@ -212,6 +230,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.CancelJobRequest.FromString,
                     response_serializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.DeleteJobRequest.FromString,
+                    response_serializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.DeleteJobResponse.SerializeToString,
             ),
             'ListTemplates': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTemplates,
@@ -379,6 +402,33 @@ class JobService:
             '/imagegen.job.v1.JobService/CancelJob',
             imagegen_dot_job_dot_v1_dot_job__service__pb2.CancelJobRequest.SerializeToString,
             imagegen_dot_job_dot_v1_dot_job__service__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.job.v1.JobService/DeleteJob',
+            imagegen_dot_job_dot_v1_dot_job__service__pb2.DeleteJobRequest.SerializeToString,
+            imagegen_dot_job_dot_v1_dot_job__service__pb2.DeleteJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,6 +69,15 @@ class JobServiceStub:
     job's and are charged; the rest of the reservation is released. A job in
     a terminal state answers `FAILED_PRECONDITION`.
     """
+    DeleteJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.DeleteJobRequest, _job_service_pb2.DeleteJobResponse]
+    """Deletes a job and its stored images. From the answer on, the job answers
+    `NOT_FOUND` (GetJob, WatchJob, CancelJob, DeleteJob) and ListJobs leaves
+    it out; its objects are deleted from storage and then its row and events
+    (its credit ledger rows stay, detached, so balances are unchanged). A job
+    still pending or generating is cancelled first, as by `CancelJob` (images
+    delivered before the cancel are charged), and deleted once it has ended.
+    A job of another user, or one already deleted, answers `NOT_FOUND`.
+    """
     ListTemplates: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListTemplatesRequest, _job_service_pb2.ListTemplatesResponse]
     """Lists the prompt templates that `CreateJob` accepts as `template_id`."""
     GetCreditBalance: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.GetCreditBalanceRequest, _job_service_pb2.GetCreditBalanceResponse]
@@ -125,6 +134,15 @@ class JobServiceAsyncStub(JobServiceStub):
     ends `JOB_STATE_CANCELLED`. Images delivered before the cancel stay the
     job's and are charged; the rest of the reservation is released. A job in
     a terminal state answers `FAILED_PRECONDITION`.
+    """
+    DeleteJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.DeleteJobRequest, _job_service_pb2.DeleteJobResponse]  # type: ignore[assignment]
+    """Deletes a job and its stored images. From the answer on, the job answers
+    `NOT_FOUND` (GetJob, WatchJob, CancelJob, DeleteJob) and ListJobs leaves
+    it out; its objects are deleted from storage and then its row and events
+    (its credit ledger rows stay, detached, so balances are unchanged). A job
+    still pending or generating is cancelled first, as by `CancelJob` (images
+    delivered before the cancel are charged), and deleted once it has ended.
+    A job of another user, or one already deleted, answers `NOT_FOUND`.
     """
     ListTemplates: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListTemplatesRequest, _job_service_pb2.ListTemplatesResponse]  # type: ignore[assignment]
     """Lists the prompt templates that `CreateJob` accepts as `template_id`."""
@@ -209,6 +227,21 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         ends `JOB_STATE_CANCELLED`. Images delivered before the cancel stay the
         job's and are charged; the rest of the reservation is released. A job in
         a terminal state answers `FAILED_PRECONDITION`.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteJob(
+        self,
+        request: _job_service_pb2.DeleteJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.DeleteJobResponse, _abc.Awaitable[_job_service_pb2.DeleteJobResponse]]:
+        """Deletes a job and its stored images. From the answer on, the job answers
+        `NOT_FOUND` (GetJob, WatchJob, CancelJob, DeleteJob) and ListJobs leaves
+        it out; its objects are deleted from storage and then its row and events
+        (its credit ledger rows stay, detached, so balances are unchanged). A job
+        still pending or generating is cancelled first, as by `CancelJob` (images
+        delivered before the cancel are charged), and deleted once it has ended.
+        A job of another user, or one already deleted, answers `NOT_FOUND`.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,245 @@
+"""Retention and deletion of jobs: objects first, through the storage sweeper; then the rows.
+
+There is one deletion mechanism (job_service/cleanup.py): a `storage_cleanups` row with nothing kept
+(`keep_all_recorded = false`) has the storage sweeper delete every object of a job's folder through the generator's
+DeleteJobObjects, retried with backoff until it succeeds, and the row is deleted only then. This module decides
+which jobs go through it and removes their rows afterwards:
+
+* **Queue.** An ended job past `JOB_IMAGE_RETENTION_DAYS` (or deleted by DeleteJob) gets `images_deleted_at` and
+  a nothing-kept `storage_cleanups` row in one statement. An existing row (the orphans of a failed attempt, say) is
+  turned into a nothing-kept one and its `not_before` reset: that also fences a sweep of it in flight, whose keep
+  list is now wrong (its `done` no longer matches the lease and leaves the row for the next sweep).
+* **Delete.** An ended job whose objects were queued (`images_deleted_at` set) and whose `storage_cleanups` row has
+  gone (the sweep succeeded: the generator found the folder empty of all but nothing) is deleted, with its events
+  (ON DELETE CASCADE) when it was deleted by DeleteJob or is past `JOB_JOB_RETENTION_DAYS`. Its credit ledger rows
+  stay, their `job_id` set to NULL (migration 20261206000220), so `balance = sum(ledger)` holds.
+
+Every step takes at most `batch_size` jobs with FOR UPDATE SKIP LOCKED, so any number of replicas run it at once
+and each job is queued and deleted by one of them; a replica that dies mid-step has its transaction rolled back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import asyncpg
+import structlog
+
+from job_service.store import CONNECTION_ERRORS
+
+log = structlog.get_logger(__name__)
+
+SECONDS_PER_DAY = 86_400.0
+# Ended: whatever the terminal states are (a new one, such as an expired state, is ended too).
+_ENDED = "status NOT IN ('pending', 'generating')"
+
+# The row's URLs go with the objects, for those who read the row itself (Supabase Realtime and RLS readers): each
+# image keeps its place, path and size with an empty url, as GetJob shows it.
+_NO_URLS = """coalesce((SELECT jsonb_agg(jsonb_set(i, '{url}', '""') ORDER BY n)
+                   FROM jsonb_array_elements(images) WITH ORDINALITY AS e(i, n)), '[]'::jsonb)"""
+
+# Queues the objects of the jobs `due` selects for deletion: marks their images deleted and upserts a nothing-kept
+# storage_cleanups row whose created_at is when the job ended (the sweeper's delay counts from then).
+_QUEUE = """
+WITH due AS (
+    SELECT id FROM generation_jobs
+    WHERE images_deleted_at IS NULL AND {ended} AND {which}
+    ORDER BY {order}
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), marked AS (
+    UPDATE generation_jobs g SET images_deleted_at = now(), result_urls = '{{}}', images = {no_urls}
+    FROM due WHERE g.id = due.id
+    RETURNING g.id, g.user_id, g.completed_at
+), queued AS (
+    INSERT INTO storage_cleanups (job_id, user_id, keep_all_recorded, created_at)
+    SELECT id, user_id, false, coalesce(completed_at, now()) FROM marked
+    ON CONFLICT (job_id) DO UPDATE SET keep_all_recorded = false, not_before = now()
+)
+SELECT count(*) FROM marked
+"""
+
+# Deletes the jobs `which` selects whose objects are confirmed gone: queued, and their storage_cleanups row deleted
+# by a sweep that succeeded.
+_DELETE = """
+WITH gone AS (
+    SELECT g.id FROM generation_jobs g
+    WHERE g.images_deleted_at IS NOT NULL AND {ended} AND {which}
+      AND NOT EXISTS (SELECT 1 FROM storage_cleanups c WHERE c.job_id = g.id)
+    ORDER BY {order}
+    LIMIT $1
+    FOR UPDATE OF g SKIP LOCKED
+)
+DELETE FROM generation_jobs g USING gone WHERE g.id = gone.id
+RETURNING g.id
+"""
+
+_DELETED = "deleted_at IS NOT NULL"
+_PAST = "completed_at <= now() - make_interval(secs => $2)"
+
+_QUEUE_DELETED = _QUEUE.format(ended=_ENDED, which=_DELETED, order="deleted_at", no_urls=_NO_URLS)
+_QUEUE_EXPIRED = _QUEUE.format(ended=_ENDED, which=_PAST, order="completed_at", no_urls=_NO_URLS)
+_DELETE_DELETED = _DELETE.format(ended="g." + _ENDED, which="g." + _DELETED, order="g.deleted_at")
+_DELETE_EXPIRED = _DELETE.format(ended="g." + _ENDED, which="g." + _PAST, order="g.completed_at")
+
+# DeleteJob: the job is marked deleted, and if it has ended its objects are queued in the same statement (one that
+# is still running is queued by the next pass after it ends). Ownership was checked by the caller; the
+# `deleted_at IS NULL` makes a second deletion (or two at once) find nothing.
+_MARK_DELETED = f"""
+WITH marked AS (
+    UPDATE generation_jobs SET deleted_at = now(),
+        images_deleted_at = CASE WHEN {_ENDED} THEN now() ELSE images_deleted_at END,
+        result_urls = CASE WHEN {_ENDED} THEN '{{}}' ELSE result_urls END,
+        images = CASE WHEN {_ENDED} THEN {_NO_URLS} ELSE images END
+    WHERE id = $1 AND deleted_at IS NULL
+    RETURNING id, user_id, completed_at, {_ENDED} AS ended
+), queued AS (
+    INSERT INTO storage_cleanups (job_id, user_id, keep_all_recorded, created_at)
+    SELECT id, user_id, false, coalesce(completed_at, now()) FROM marked WHERE ended
+    ON CONFLICT (job_id) DO UPDATE SET keep_all_recorded = false, not_before = now()
+)
+SELECT ended FROM marked
+"""
+
+
+class RetentionStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def mark_deleted(self, job_id: str) -> bool | None:
+        """Marks the job deleted: None if it was not there to delete, else whether its objects were queued now."""
+        ended = await self._pool.fetchval(_MARK_DELETED, job_id)
+        return None if ended is None else bool(ended)
+
+    async def queue_deleted(self, limit: int) -> int:
+        """Queues the objects of up to `limit` jobs deleted by DeleteJob that have ended since."""
+        return int(await self._pool.fetchval(_QUEUE_DELETED, limit))
+
+    async def queue_expired(self, limit: int, after_seconds: float) -> int:
+        """Queues the objects of up to `limit` jobs that ended more than `after_seconds` ago."""
+        return int(await self._pool.fetchval(_QUEUE_EXPIRED, limit, after_seconds))
+
+    async def delete_deleted(self, limit: int) -> int:
+        """Deletes up to `limit` rows of jobs deleted by DeleteJob whose objects are gone."""
+        return len(await self._pool.fetch(_DELETE_DELETED, limit))
+
+    async def delete_expired(self, limit: int, after_seconds: float) -> int:
+        """Deletes up to `limit` rows of jobs that ended more than `after_seconds` ago and whose objects are gone."""
+        return len(await self._pool.fetch(_DELETE_EXPIRED, limit, after_seconds))
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    # Days after a job ended that its images are deleted; 0: kept for ever.
+    image_retention_days: float
+    # Days after a job ended that the job itself (row and events) is deleted; 0: kept for ever.
+    job_retention_days: float
+    interval_seconds: float
+    batch_size: int
+
+    @property
+    def images_after_seconds(self) -> float | None:
+        """When images go: their own retention, or the job's if that is shorter (a row goes after its objects)."""
+        days = [d for d in (self.image_retention_days, self.job_retention_days) if d > 0]
+        return min(days) * SECONDS_PER_DAY if days else None
+
+    @property
+    def jobs_after_seconds(self) -> float | None:
+        return self.job_retention_days * SECONDS_PER_DAY if self.job_retention_days > 0 else None
+
+
+class RetentionObserver(Protocol):
+    def images_expired(self, count: int) -> None: ...
+
+    def jobs_deleted(self, reason: str, count: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class PassResult:
+    images_queued: int  # jobs whose objects this pass queued (retention and DeleteJob)
+    jobs_deleted: int  # rows this pass deleted
+    full: bool  # a step took a full batch: more may be due right now
+
+
+class RetentionSweeper:
+    """Runs the retention pass on every replica, every `interval_seconds` (at once after a full batch)."""
+
+    def __init__(
+        self,
+        store: RetentionStore,
+        config: RetentionConfig,
+        observer: RetentionObserver,
+        queued: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._store = store
+        self._config = config
+        self._observer = observer
+        # Told when objects were queued: the storage sweeper is woken instead of waiting for its interval.
+        self._queued = queued
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._loop(), name="retention-sweeper")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self, patience_seconds: float = 10.0) -> None:
+        """Lets a pass under way finish within `patience_seconds` (a cancelled one is rolled back), then stops."""
+        self._stopping = True
+        self._wake.set()
+        if self._loop_task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._loop_task), timeout=patience_seconds)
+        self._loop_task.cancel()
+        await asyncio.gather(self._loop_task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            full = False
+            try:
+                full = (await self.pass_once()).full
+            except CONNECTION_ERRORS as exc:
+                log.warning("retention pass failed; will retry", error=str(exc) or type(exc).__name__)
+            except Exception:
+                log.exception("retention pass failed unexpectedly; will retry")
+            if full and not self._stopping:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self._config.interval_seconds)
+
+    async def pass_once(self) -> PassResult:
+        """One bounded pass: each of its four steps takes at most `batch_size` jobs."""
+        limit = self._config.batch_size
+        images_after = self._config.images_after_seconds
+        jobs_after = self._config.jobs_after_seconds
+        deleted_queued = await self._store.queue_deleted(limit)
+        expired = await self._store.queue_expired(limit, images_after) if images_after is not None else 0
+        if expired:
+            self._observer.images_expired(expired)
+        if deleted_queued or expired:
+            self._queued()
+        removed_deleted = await self._store.delete_deleted(limit)
+        if removed_deleted:
+            self._observer.jobs_deleted("delete_job", removed_deleted)
+        removed_expired = await self._store.delete_expired(limit, jobs_after) if jobs_after is not None else 0
+        if removed_expired:
+            self._observer.jobs_deleted("retention", removed_expired)
+        if deleted_queued or expired or removed_deleted or removed_expired:
+            log.info(
+                "retention pass",
+                deleted_jobs_queued=deleted_queued,
+                expired_jobs_queued=expired,
+                deleted_jobs_removed=removed_deleted,
+                expired_jobs_removed=removed_expired,
+            )
+        counts = (deleted_queued, expired, removed_deleted, removed_expired)
+        return PassResult(deleted_queued + expired, removed_deleted + removed_expired, max(counts) >= limit)
