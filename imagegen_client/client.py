@@ -81,10 +81,12 @@ def create_job_request(
     template_variables: dict[str, str] | None,
     request_id: str,
     user_id: str,
+    params: pb.GenerationParams | None = None,
 ) -> pb.CreateJobRequest:
     """The CreateJobRequest both clients send (unset parameters stay unset: the service's defaults apply), with a
-    new request_id when the caller gave none."""
-    return pb.CreateJobRequest(
+    new request_id when the caller gave none. `params` adds any other GenerationParams field (seed, jpeg_quality,
+    ...) over the named ones."""
+    request = pb.CreateJobRequest(
         prompt=prompt,
         model=model,
         template_id=template_id,
@@ -99,6 +101,9 @@ def create_job_request(
             output_mime_type=output_mime_type,
         ),
     )
+    if params is not None:
+        request.params.MergeFrom(params)
+    return request
 
 
 def grant_credits_request(
@@ -183,6 +188,7 @@ class ImageGenClient:
         template_variables: dict[str, str] | None = None,
         request_id: str = "",
         user_id: str = "",
+        params: pb.GenerationParams | None = None,
         timeout: float | None = None,
     ) -> pb.Job:
         """Creates a job. Retries (of UNAVAILABLE) resend the same `request_id`, so they never create two jobs; pass
@@ -199,6 +205,7 @@ class ImageGenClient:
             template_variables=template_variables,
             request_id=request_id,
             user_id=user_id,
+            params=params,
         )
         response: pb.CreateJobResponse = await self._call(self._stub.CreateJob, request, timeout)
         return response.job
@@ -225,6 +232,11 @@ class ImageGenClient:
             self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id), timeout
         )
         return response.job
+
+    async def list_models(self, *, timeout: float | None = None) -> list[pb.Model]:
+        """The models a job can use, with their capabilities and price per image in credits."""
+        response: pb.ListModelsResponse = await self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return list(response.models)
 
     async def list_templates(self, *, timeout: float | None = None) -> list[pb.Template]:
         response: pb.ListTemplatesResponse = await self._call(

@@ -99,6 +99,7 @@ class ImageGenSyncClient:
         template_variables: dict[str, str] | None = None,
         request_id: str = "",
         user_id: str = "",
+        params: pb.GenerationParams | None = None,
         timeout: float | None = None,
     ) -> pb.Job:
         """Creates a job. Retries (of UNAVAILABLE) resend the same `request_id`, so they never create two jobs; pass
@@ -115,6 +116,7 @@ class ImageGenSyncClient:
             template_variables=template_variables,
             request_id=request_id,
             user_id=user_id,
+            params=params,
         )
         response: pb.CreateJobResponse = self._call(self._stub.CreateJob, request, timeout)
         return response.job
@@ -139,6 +141,11 @@ class ImageGenSyncClient:
     def cancel_job(self, job_id: str, *, timeout: float | None = None) -> pb.Job:
         response: pb.CancelJobResponse = self._call(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id), timeout)
         return response.job
+
+    def list_models(self, *, timeout: float | None = None) -> list[pb.Model]:
+        """The models a job can use, with their capabilities and price per image in credits."""
+        response: pb.ListModelsResponse = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return list(response.models)
 
     def list_templates(self, *, timeout: float | None = None) -> list[pb.Template]:
         response: pb.ListTemplatesResponse = self._call(self._stub.ListTemplates, pb.ListTemplatesRequest(), timeout)

@@ -162,6 +162,13 @@ class GeneratorClient:
             image_size=job.params.image_size,
             person_generation=job.params.person_generation,
             output_mime_type=job.params.output_mime_type,
+            seed=job.params.seed,
+            add_watermark=job.params.add_watermark,
+            enhance_prompt=job.params.enhance_prompt,
+            negative_prompt=job.params.negative_prompt,
+            safety_setting=job.params.safety_setting,
+            language=job.params.language,
+            jpeg_quality=job.params.jpeg_quality,
         )
         key = (job.id, job.attempt)
         stream = self._stream_with_room()
@@ -282,6 +289,13 @@ class GeneratorClient:
                         list(m.image_sizes),
                         m.max_sample_count,
                         list(m.person_generation_options),
+                        display_name=m.display_name,
+                        provider=m.provider,
+                        max_input_images=m.max_input_images,
+                        thinking=m.thinking,
+                        parameters=list(m.parameters),
+                        safety_settings=list(m.safety_settings),
+                        languages=list(m.languages),
                     )
                     for m in response.models
                 }

@@ -6,7 +6,7 @@ import functools
 import weakref
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from google.protobuf import timestamp_pb2
 from imagegen.job.v1 import job_service_pb2 as pb
@@ -18,7 +18,7 @@ from imagegen_common.grpc_errors import stream_errors, unary_errors
 from imagegen_common.rpc_observability import peer_of
 from job_service.auth import TokenVerifier
 from job_service.domain import EventType, Job, JobEvent, JobStatus, Params, Principal, Template
-from job_service.jobs import CreateJobInput, JobManager
+from job_service.jobs import MAX_SAMPLE_COUNT, CreateJobInput, JobManager
 from job_service.store import CONNECTION_ERRORS
 from job_service.watch_limits import WatchStreams
 
@@ -45,7 +45,23 @@ _EVENT_TO_PB = {
     EventType.LEASE_EXPIRED: pb.JOB_EVENT_TYPE_LEASE_EXPIRED,
     EventType.HANDED_BACK: pb.JOB_EVENT_TYPE_HANDED_BACK,
 }
-_PARAM_FIELDS = ("sample_count", "aspect_ratio", "image_size", "person_generation", "output_mime_type")
+_PARAM_FIELDS = (
+    "sample_count",
+    "aspect_ratio",
+    "image_size",
+    "person_generation",
+    "output_mime_type",
+    "negative_prompt",
+    "safety_setting",
+    "language",
+    "jpeg_quality",
+)
+# proto3 `optional` fields: set when present, whatever the value (add_watermark=false is a choice).
+_OPTIONAL_PARAM_FIELDS: tuple[Literal["seed", "add_watermark", "enhance_prompt"], ...] = (
+    "seed",
+    "add_watermark",
+    "enhance_prompt",
+)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -66,7 +82,8 @@ def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
 
 def params_to_pb(params: Params | dict[str, Any]) -> pb.GenerationParams:
     values: dict[str, Any] = params.as_dict() if isinstance(params, Params) else params
-    return pb.GenerationParams(**{k: v for k, v in values.items() if k in _PARAM_FIELDS})
+    fields = (*_PARAM_FIELDS, *_OPTIONAL_PARAM_FIELDS)
+    return pb.GenerationParams(**{k: v for k, v in values.items() if k in fields and v is not None})
 
 
 def job_to_pb(job: Job) -> pb.Job:
@@ -175,9 +192,16 @@ class JobServicer(pb_grpc.JobServiceServicer):
     @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def CreateJob(self, request: pb.CreateJobRequest, context: Any) -> pb.CreateJobResponse:
         principal = await self._principal(context, request)
+        has_params = request.HasField("params")
         params_set = frozenset(
-            name for name in _PARAM_FIELDS if request.HasField("params") and getattr(request.params, name)
+            [name for name in _PARAM_FIELDS if has_params and getattr(request.params, name)]
+            + [name for name in _OPTIONAL_PARAM_FIELDS if has_params and request.params.HasField(name)]
         )
+        if request.input_images:
+            # Input images are declared in the API but not stored by JobService yet: refused, never dropped.
+            raise invalid_argument(
+                [FieldViolation("input_images", "not supported by this JobService yet (issue 19, part 4)")]
+            )
         params = Params(**{name: getattr(request.params, name) for name in params_set}) if params_set else None
         job = await self._jobs.create_job(
             principal,
@@ -236,6 +260,30 @@ class JobServicer(pb_grpc.JobServiceServicer):
     async def ListTemplates(self, request: pb.ListTemplatesRequest, context: Any) -> pb.ListTemplatesResponse:
         await self._principal(context, request)
         return pb.ListTemplatesResponse(templates=[template_to_pb(t) for t in await self._jobs.list_templates()])
+
+    @unary_errors(DOMAIN, CONNECTION_ERRORS)
+    async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+        await self._principal(context, request)
+        return pb.ListModelsResponse(
+            models=[
+                pb.Model(
+                    id=info.id,
+                    display_name=info.display_name,
+                    provider=info.provider,
+                    aspect_ratios=info.aspect_ratios,
+                    image_sizes=info.image_sizes,
+                    max_sample_count=min(info.max_sample_count, MAX_SAMPLE_COUNT),
+                    person_generation_options=info.person_generation_options,
+                    max_input_images=info.max_input_images,
+                    thinking=info.thinking,
+                    parameters=info.parameters,
+                    safety_settings=info.safety_settings,
+                    languages=info.languages,
+                    price_per_image=price,
+                )
+                for info, price in await self._jobs.list_models()
+            ]
+        )
 
     @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def GetCreditBalance(self, request: pb.GetCreditBalanceRequest, context: Any) -> pb.GetCreditBalanceResponse:

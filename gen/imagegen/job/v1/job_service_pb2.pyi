@@ -260,6 +260,13 @@ class GenerationParams(_message.Message):
     IMAGE_SIZE_FIELD_NUMBER: _builtins.int
     PERSON_GENERATION_FIELD_NUMBER: _builtins.int
     OUTPUT_MIME_TYPE_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    ADD_WATERMARK_FIELD_NUMBER: _builtins.int
+    ENHANCE_PROMPT_FIELD_NUMBER: _builtins.int
+    NEGATIVE_PROMPT_FIELD_NUMBER: _builtins.int
+    SAFETY_SETTING_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    JPEG_QUALITY_FIELD_NUMBER: _builtins.int
     sample_count: _builtins.int
     """Optional. Number of images, 1-4 (at most the model's `max_sample_count`).
     Default 4, or the model's maximum when that is lower.
@@ -274,6 +281,29 @@ class GenerationParams(_message.Message):
     """
     output_mime_type: _builtins.str
     """Optional. "image/png" or "image/jpeg". Default "image/png"."""
+    seed: _builtins.int
+    """Optional parameters: each only for a model whose `Model.parameters` names
+    it (see `ListModels`); set on any other model, `CreateJob` answers
+    `INVALID_ARGUMENT` naming the model and the field.
+
+    Optional. The random seed, 1-2147483647; needs `add_watermark` false.
+    """
+    add_watermark: _builtins.bool
+    """Optional. Whether the provider adds its invisible (SynthID) watermark."""
+    enhance_prompt: _builtins.bool
+    """Optional. Whether the provider may rewrite the prompt first."""
+    negative_prompt: _builtins.str
+    """Optional. What the image should not show (no current Google model takes
+    it; kept for models that do).
+    """
+    safety_setting: _builtins.str
+    """Optional. One of the model's `safety_settings`, e.g.
+    "block_medium_and_above".
+    """
+    language: _builtins.str
+    """Optional. The prompt's language, one of the model's `languages`."""
+    jpeg_quality: _builtins.int
+    """Optional. JPEG quality 1-100, with `output_mime_type` "image/jpeg"."""
     def __init__(
         self,
         *,
@@ -282,12 +312,30 @@ class GenerationParams(_message.Message):
         image_size: _builtins.str = ...,
         person_generation: _builtins.str = ...,
         output_mime_type: _builtins.str = ...,
+        seed: _builtins.int | None = ...,
+        add_watermark: _builtins.bool | None = ...,
+        enhance_prompt: _builtins.bool | None = ...,
+        negative_prompt: _builtins.str = ...,
+        safety_setting: _builtins.str = ...,
+        language: _builtins.str = ...,
+        jpeg_quality: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_add_watermark", b"_add_watermark", "_enhance_prompt", b"_enhance_prompt", "_seed", b"_seed", "add_watermark", b"add_watermark", "enhance_prompt", b"enhance_prompt", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aspect_ratio", b"aspect_ratio", "image_size", b"image_size", "output_mime_type", b"output_mime_type", "person_generation", b"person_generation", "sample_count", b"sample_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_add_watermark", b"_add_watermark", "_enhance_prompt", b"_enhance_prompt", "_seed", b"_seed", "add_watermark", b"add_watermark", "aspect_ratio", b"aspect_ratio", "enhance_prompt", b"enhance_prompt", "image_size", b"image_size", "jpeg_quality", b"jpeg_quality", "language", b"language", "negative_prompt", b"negative_prompt", "output_mime_type", b"output_mime_type", "person_generation", b"person_generation", "safety_setting", b"safety_setting", "sample_count", b"sample_count", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__add_watermark: _TypeAlias = _typing.Literal["add_watermark"]  # noqa: Y015
+    _WhichOneofArgType__add_watermark: _TypeAlias = _typing.Literal["_add_watermark", b"_add_watermark"]  # noqa: Y015
+    _WhichOneofReturnType__enhance_prompt: _TypeAlias = _typing.Literal["enhance_prompt"]  # noqa: Y015
+    _WhichOneofArgType__enhance_prompt: _TypeAlias = _typing.Literal["_enhance_prompt", b"_enhance_prompt"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__add_watermark) -> _WhichOneofReturnType__add_watermark | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__enhance_prompt) -> _WhichOneofReturnType__enhance_prompt | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
 
 Global___GenerationParams: _TypeAlias = GenerationParams  # noqa: Y015
 
@@ -498,6 +546,7 @@ class CreateJobRequest(_message.Message):
     TEMPLATE_VARIABLES_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
+    INPUT_IMAGES_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """The prompt. Required unless `template_id` is set; at most the configured
     number of characters.
@@ -525,6 +574,13 @@ class CreateJobRequest(_message.Message):
         variable is required and no other key is accepted.
         """
 
+    @_builtins.property
+    def input_images(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputImage]:
+        """Optional. Images the model takes in (an image to edit, references), in
+        order, at most the model's `max_input_images`. Not yet stored by
+        JobService: a request with any answers `INVALID_ARGUMENT` for now.
+        """
+
     def __init__(
         self,
         *,
@@ -535,14 +591,196 @@ class CreateJobRequest(_message.Message):
         template_variables: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         request_id: _builtins.str = ...,
         user_id: _builtins.str = ...,
+        input_images: _abc.Iterable[Global___InputImage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "params", b"params", "prompt", b"prompt", "request_id", b"request_id", "template_id", b"template_id", "template_variables", b"template_variables", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_images", b"input_images", "model", b"model", "params", b"params", "prompt", b"prompt", "request_id", b"request_id", "template_id", b"template_id", "template_variables", b"template_variables", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateJobRequest: _TypeAlias = CreateJobRequest  # noqa: Y015
+
+@_typing.final
+class InputImage(_message.Message):
+    """An image a job takes in: inline bytes, or one of the caller's own stored
+    images of an earlier job.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    JOB_IMAGE_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """PNG, JPEG or WebP bytes (the type is read from the bytes)."""
+    @_builtins.property
+    def job_image(self) -> Global___ImageRef:
+        """A delivered image of one of the caller's jobs."""
+
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        job_image: Global___ImageRef | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "job_image", b"job_image", "source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "job_image", b"job_image", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["data", "job_image"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___InputImage: _TypeAlias = InputImage  # noqa: Y015
+
+@_typing.final
+class ImageRef(_message.Message):
+    """A delivered image of an earlier job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Required. The job's id."""
+    index: _builtins.int
+    """Required. The image's `index` in that job."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImageRef: _TypeAlias = ImageRef  # noqa: Y015
+
+@_typing.final
+class ListModelsRequest(_message.Message):
+    """Request message for `ListModels`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
+
+@_typing.final
+class ListModelsResponse(_message.Message):
+    """Response message for `ListModels`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___Model]:
+        """The models, in the generator's order."""
+
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___Model] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
+
+@_typing.final
+class Model(_message.Message):
+    """A model a job can use and what it accepts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    ASPECT_RATIOS_FIELD_NUMBER: _builtins.int
+    IMAGE_SIZES_FIELD_NUMBER: _builtins.int
+    MAX_SAMPLE_COUNT_FIELD_NUMBER: _builtins.int
+    PERSON_GENERATION_OPTIONS_FIELD_NUMBER: _builtins.int
+    MAX_INPUT_IMAGES_FIELD_NUMBER: _builtins.int
+    THINKING_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    SAFETY_SETTINGS_FIELD_NUMBER: _builtins.int
+    LANGUAGES_FIELD_NUMBER: _builtins.int
+    PRICE_PER_IMAGE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Output only. The id `CreateJob` takes, e.g. "gemini-2.5-flash-image"."""
+    display_name: _builtins.str
+    """Output only. A display name."""
+    provider: _builtins.str
+    """Output only. Who serves it, e.g. "gemini-image", "vertex-imagen"."""
+    max_sample_count: _builtins.int
+    """Output only. The most images one job may ask for."""
+    max_input_images: _builtins.int
+    """Output only. How many input images a job may give it; 0: text only."""
+    thinking: _builtins.bool
+    """Output only. Whether it thinks before drawing (slower, better prompts)."""
+    price_per_image: _builtins.int
+    """Output only. Credits charged per delivered image."""
+    @_builtins.property
+    def aspect_ratios(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. Accepted `aspect_ratio` values."""
+
+    @_builtins.property
+    def image_sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. Accepted `image_size` values ("1K", "2K", "4K")."""
+
+    @_builtins.property
+    def person_generation_options(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. Accepted `person_generation` values (empty: not offered)."""
+
+    @_builtins.property
+    def parameters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. The optional `GenerationParams` it honours, e.g. "seed"."""
+
+    @_builtins.property
+    def safety_settings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. Accepted `safety_setting` values."""
+
+    @_builtins.property
+    def languages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. Accepted `language` values."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        aspect_ratios: _abc.Iterable[_builtins.str] | None = ...,
+        image_sizes: _abc.Iterable[_builtins.str] | None = ...,
+        max_sample_count: _builtins.int = ...,
+        person_generation_options: _abc.Iterable[_builtins.str] | None = ...,
+        max_input_images: _builtins.int = ...,
+        thinking: _builtins.bool = ...,
+        parameters: _abc.Iterable[_builtins.str] | None = ...,
+        safety_settings: _abc.Iterable[_builtins.str] | None = ...,
+        languages: _abc.Iterable[_builtins.str] | None = ...,
+        price_per_image: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aspect_ratios", b"aspect_ratios", "display_name", b"display_name", "id", b"id", "image_sizes", b"image_sizes", "languages", b"languages", "max_input_images", b"max_input_images", "max_sample_count", b"max_sample_count", "parameters", b"parameters", "person_generation_options", b"person_generation_options", "price_per_image", b"price_per_image", "provider", b"provider", "safety_settings", b"safety_settings", "thinking", b"thinking"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Model: _TypeAlias = Model  # noqa: Y015
 
 @_typing.final
 class CreateJobResponse(_message.Message):
