@@ -78,8 +78,17 @@ def token(
 def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
     n: Annotated[int, typer.Option("-n", "--count", help="Number of images, 1-4.")] = 4,
-    aspect: Annotated[str, typer.Option(help="1:1, 3:4, 4:3, 9:16 or 16:9.")] = "1:1",
-    size: Annotated[str, typer.Option(help="1K or 2K.")] = "",
+    aspect: Annotated[
+        str, typer.Option(help="An aspect ratio the model takes, e.g. 16:9, 21:9 (`imagegen models`).")
+    ] = "1:1",
+    size: Annotated[str, typer.Option(help="1K, 2K or 4K, where the model offers it (`imagegen models`).")] = "",
+    seed: Annotated[
+        int | None, typer.Option(help="Random seed (needs --no-watermark), where the model takes one.")
+    ] = None,
+    watermark: Annotated[
+        bool | None, typer.Option("--watermark/--no-watermark", help="The provider's invisible watermark.")
+    ] = None,
+    jpeg: Annotated[int, typer.Option(help="JPEG output at this quality (1-100); default PNG.")] = 0,
     model: Annotated[str, typer.Option(help="Model id; default: the service's default.")] = "",
     out: Annotated[Path, typer.Option(help="Folder to download the images into.")] = Path("images"),
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the job.")] = 300.0,
@@ -97,8 +106,19 @@ def generate(
 
     async def run() -> None:
         async with _client(target, token) as client:
+            extra = pb.GenerationParams(jpeg_quality=jpeg, output_mime_type="image/jpeg" if jpeg else "")
+            if seed is not None:
+                extra.seed = seed
+            if watermark is not None:
+                extra.add_watermark = watermark
             job = await client.create_job(
-                prompt, model=model, sample_count=n, aspect_ratio=aspect, image_size=size, request_id=request_id
+                prompt,
+                model=model,
+                sample_count=n,
+                aspect_ratio=aspect,
+                image_size=size,
+                request_id=request_id,
+                params=extra,
             )
             console.print(f"job [bold]{job.id}[/bold] created")
             with Progress(
@@ -221,6 +241,28 @@ def credits(target: Target = "localhost:50051", token: Token = "") -> None:
         async with _client(target, token) as client:
             balance = await client.credit_balance()
             print(f"balance {balance.balance}, reserved {balance.reserved}{', premium' if balance.premium else ''}")
+
+    _run(run())
+
+
+@app.command()
+def models(target: Target = "localhost:50051", token: Token = "") -> None:
+    """List the models a job can use: sizes, aspect ratios, input images, parameters and price."""
+
+    async def run() -> None:
+        async with _client(target, token) as client:
+            table = Table("id", "name", "sizes", "aspect ratios", "inputs", "parameters", "credits/image")
+            for model in await client.list_models():
+                table.add_row(
+                    model.id,
+                    model.display_name + (" (thinks)" if model.thinking else ""),
+                    ", ".join(model.image_sizes),
+                    " ".join(model.aspect_ratios),
+                    str(model.max_input_images),
+                    ", ".join(model.parameters),
+                    str(model.price_per_image),
+                )
+            Console(width=200).print(table)
 
     _run(run())
 

@@ -24,6 +24,9 @@ USER_MESSAGES: dict[str, str] = {
     "MODEL_NOT_SERVED": "The model is no longer available from its provider.",
     # Of the provider.
     "NO_IMAGES": "The provider returned no images.",
+    "PROVIDER_NO_IMAGE": "The model finished without making an image.",
+    "PROVIDER_OUTPUT_LIMIT": "The model ran out of output budget before making an image.",
+    "MODEL_ANSWERED_TEXT": "The model answered in words instead of an image. Rephrase the prompt and try again.",
     "PROVIDER_RATE_LIMITED": "The provider's usage limit was reached.",
     "PROVIDER_UNAVAILABLE": "The provider was unavailable.",
     "PROVIDER_TIMEOUT": "The provider did not answer in time.",
