@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from imagegen_common.logs import LogFormat
@@ -74,6 +74,14 @@ class ModelSpec(BaseModel):
     # Per-model limits, so a burst queues here instead of failing at the provider.
     max_concurrency: int = 8
     requests_per_minute: int = 0  # 0: no limit
+
+    @model_validator(mode="after")
+    def _no_person_generation_on_the_gemini_api(self) -> ModelSpec:
+        # The Gemini API refuses personGeneration (google-genai raises before sending), whatever a GEN_MODELS entry
+        # says: such a model offers no options, so a request that sets one is refused instead of failing upstream.
+        if self.provider == "gemini-image":
+            self.person_generation_options = []
+        return self
 
     @property
     def api_model(self) -> str:
@@ -236,6 +244,9 @@ class GeneratorSettings(BaseSettings):
     # Plaintext gRPC. Unset: allowed only on loopback; true: allowed anywhere (a private network, with
     # auth_token); false: never.
     allow_plaintext: bool | None = None
+    # Largest request message accepted (gRPC's default is 4 MB): a GenerateMany start carries the attempt's input
+    # images inline (up to 14 of up to 7 MB for the Gemini 3 image models). Past it gRPC answers RESOURCE_EXHAUSTED.
+    max_request_mb: int = Field(default=128, ge=1, le=1024)
     metrics_port: int = 0  # 0: no metrics endpoint
     metrics_host: str = "0.0.0.0"
     # When set, event-loop lag (a histogram, see imagegen_common.loop_lag) is written to this file every second.

@@ -30,10 +30,12 @@ def image_dimensions(aspect_ratio: str, image_size: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class InputImage:
-    """An image the model takes in (an edit source or a reference), sent in order after the prompt."""
+    """An image the model takes in (an edit source or a reference), sent in order after the prompt: its bytes, or
+    the storage key of one of the same user's stored images (read from storage before the provider is called)."""
 
     data: bytes = field(repr=False)
     mime_type: str
+    storage_path: str = ""
 
 
 @dataclass(frozen=True)

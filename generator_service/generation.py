@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Mapping
+from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -17,6 +18,7 @@ from generator_service.domain import (
     GeneratedImage,
     GenerationEvent,
     GenerationRequest,
+    InputImage,
     Started,
     Stored,
     generation_error,
@@ -69,8 +71,10 @@ def parameter_violations(request: GenerationRequest, model: ModelSpec) -> list[F
             limit = f"at most {model.max_input_images}" if model.max_input_images else "none"
             problems.append(FieldViolation("input_images", f"{model.id} takes {limit}"))
         for i, image in enumerate(request.input_images):
-            if image.mime_type not in INPUT_MIME_TYPES or not image.data:
+            if image.mime_type not in INPUT_MIME_TYPES:
                 problems.append(FieldViolation(f"input_images[{i}]", f"must be one of {', '.join(INPUT_MIME_TYPES)}"))
+            if bool(image.data) == bool(image.storage_path):
+                problems.append(FieldViolation(f"input_images[{i}]", "needs exactly one of data and storage_path"))
     return problems
 
 
@@ -122,6 +126,29 @@ class Generator:
     def list_models(self) -> list[ModelSpec]:
         return list(self._models.values())
 
+    async def _with_stored_inputs(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with each input given by storage key read from storage (not sent twice over the wire)."""
+        if not any(image.storage_path for image in request.input_images):
+            return request
+        # The object is read with the generator's own storage rights, so this is the ownership check: the key must
+        # lie in the user's own folder, with no segment that could lead out of it.
+        folder = self._storage.object_key(f"{request.user_id}/")
+        inputs = []
+        for i, image in enumerate(request.input_images):
+            if image.storage_path:
+                path = image.storage_path
+                if not path.startswith(folder) or any(p in ("", ".", "..") for p in path.split("/")):
+                    raise ServiceError(
+                        ErrorKind.INVALID_ARGUMENT,
+                        "INVALID_ARGUMENT",
+                        f"invalid request: input_images[{i}].storage_path is not one of the user's images",
+                        [FieldViolation(f"input_images[{i}].storage_path", "not one of the user's images")],
+                        metadata={"retryable": "false"},
+                    )
+                image = InputImage(await self._storage.read(path), image.mime_type)
+            inputs.append(image)
+        return replace(request, input_images=tuple(inputs))
+
     async def run(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         model = self._models.get(request.model)
         if model is None:
@@ -133,6 +160,7 @@ class Generator:
                 metadata={"retryable": "false"},
             )
         validate(request, model)
+        request = await self._with_stored_inputs(request)
         provider = self._providers[model.provider]
         yield Started(provider.name, model.id)
 

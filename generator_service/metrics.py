@@ -114,5 +114,11 @@ class MeteredStorage:
         finally:
             self._metrics.storage_seconds.labels(self._backend, outcome).observe(time.perf_counter() - started)
 
+    def object_key(self, path: str) -> str:
+        return self._inner.object_key(path)
+
+    async def read(self, key: str) -> bytes:
+        return await self._inner.read(key)
+
     async def aclose(self) -> None:
         await self._inner.aclose()

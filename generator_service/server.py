@@ -226,6 +226,7 @@ async def _start(settings: GeneratorSettings, closers: list[Any]) -> GeneratorAp
         port=settings.port,
         tls=tls,
         interceptors=interceptors,
+        options=[("grpc.max_receive_message_length", settings.max_request_mb * 1024 * 1024)],
     )
     log.info("generator serving", port=running.port, models=sorted(models), storage=settings.storage_backend)
     metrics_server = None

@@ -42,7 +42,7 @@ def request_from_proto(request: pb.GenerateRequest) -> GenerationRequest:
         safety_setting=request.safety_setting,
         language=request.language,
         jpeg_quality=request.jpeg_quality,
-        input_images=tuple(InputImage(i.data, i.mime_type) for i in request.input_images),
+        input_images=tuple(InputImage(i.data, i.mime_type, i.storage_path) for i in request.input_images),
     )
 
 

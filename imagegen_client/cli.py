@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from imagegen_client.client import ImageGenClient
+from imagegen_client.client import ImageGenClient, inline_image, job_image
 from imagegen_common.dev_tokens import DEV_JWT_SECRET, DEV_USER_ID, mint_token
 
 app = typer.Typer(help="Generate images through imagegen's JobService.", no_args_is_help=True)
@@ -89,6 +90,10 @@ def generate(
         bool | None, typer.Option("--watermark/--no-watermark", help="The provider's invisible watermark.")
     ] = None,
     jpeg: Annotated[int, typer.Option(help="JPEG output at this quality (1-100); default PNG.")] = 0,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option("--image", help="An input image (PNG, JPEG, WebP) for models that take them; repeat, in order."),
+    ] = None,
     model: Annotated[str, typer.Option(help="Model id; default: the service's default.")] = "",
     out: Annotated[Path, typer.Option(help="Folder to download the images into.")] = Path("images"),
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the job.")] = 300.0,
@@ -104,51 +109,99 @@ def generate(
 ) -> None:
     """Create a job, show its progress live, download the images and print their paths."""
 
+    extra = pb.GenerationParams(jpeg_quality=jpeg, output_mime_type="image/jpeg" if jpeg else "")
+    if seed is not None:
+        extra.seed = seed
+    if watermark is not None:
+        extra.add_watermark = watermark
+    inputs = [inline_image(path.read_bytes()) for path in image or []]
+    options = _JobOptions(model, n, aspect, size, extra, inputs, request_id, out, timeout)
+    _run(_generate_and_download(target, token, prompt, options))
+
+
+@app.command()
+def edit(
+    job_id: Annotated[str, typer.Argument(help="The job whose image to edit.")],
+    prompt: Annotated[str, typer.Argument(help="What to change.")],
+    index: Annotated[int, typer.Option(help="Which of the job's images.")] = 0,
+    n: Annotated[int, typer.Option("-n", "--count", help="Number of images, 1-4.")] = 1,
+    aspect: Annotated[str, typer.Option(help="Aspect ratio; default the model's.")] = "",
+    size: Annotated[str, typer.Option(help="1K, 2K or 4K, where the model offers it.")] = "",
+    model: Annotated[str, typer.Option(help="Model id; default the source job's.")] = "",
+    image: Annotated[
+        list[Path] | None, typer.Option("--image", help="More input images after the edited one; repeat, in order.")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder to download the images into.")] = Path("images"),
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the job.")] = 300.0,
+    target: Target = "localhost:50051",
+    token: Token = "",
+) -> None:
+    """Make a new job from image INDEX of job JOB_ID and a prompt (the image is not downloaded or sent again)."""
+
     async def run() -> None:
         async with _client(target, token) as client:
-            extra = pb.GenerationParams(jpeg_quality=jpeg, output_mime_type="image/jpeg" if jpeg else "")
-            if seed is not None:
-                extra.seed = seed
-            if watermark is not None:
-                extra.add_watermark = watermark
-            job = await client.create_job(
-                prompt,
-                model=model,
-                sample_count=n,
-                aspect_ratio=aspect,
-                image_size=size,
-                request_id=request_id,
-                params=extra,
-            )
-            console.print(f"job [bold]{job.id}[/bold] created")
-            with Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total}"),
-                TimeElapsedColumn(),
-                console=console,
-            ) as progress:
-                bar = progress.add_task("pending", total=job.params.sample_count)
-                async with asyncio.timeout(timeout):
-                    async for update in client.watch(job.id):
-                        job = update.job
-                        progress.update(bar, description=STATE_NAMES[job.state].lower(), completed=len(job.images))
-            if job.state != pb.JOB_STATE_COMPLETED:
-                console.print(f"[red]job {STATE_NAMES[job.state]}[/red]: {job.error.reason} {job.error.message}")
-                raise typer.Exit(1)
-            out.mkdir(parents=True, exist_ok=True)
-            async with httpx.AsyncClient(timeout=60) as http:
-                for image in job.images:
-                    response = await http.get(image.url)
-                    response.raise_for_status()
-                    path = out / f"{job.id}-{image.index}.{image.storage_path.rsplit('.', 1)[-1]}"
-                    path.write_bytes(response.content)
-                    print(path)
-            if job.filtered_count:
-                console.print(f"{job.filtered_count} image(s) withheld by safety filters")
-            console.print(f"charged {job.credits_charged} credit(s)")
+            source = await client.get_job(job_id)
+        inputs = [job_image(job_id, index), *(inline_image(path.read_bytes()) for path in image or [])]
+        options = _JobOptions(model or source.model, n, aspect, size, None, inputs, "", out, timeout)
+        await _generate_and_download(target, token, prompt, options)
 
     _run(run())
+
+
+@dataclass(frozen=True)
+class _JobOptions:
+    model: str
+    count: int
+    aspect: str
+    size: str
+    extra: pb.GenerationParams | None
+    inputs: list[pb.InputImage]
+    request_id: str
+    out: Path
+    timeout: float
+
+
+async def _generate_and_download(target: str, token: str, prompt: str, options: _JobOptions) -> None:
+    """Creates the job, shows its progress live, downloads the images and prints their paths."""
+    out, timeout = options.out, options.timeout
+    async with _client(target, token) as client:
+        job = await client.create_job(
+            prompt,
+            model=options.model,
+            sample_count=options.count,
+            aspect_ratio=options.aspect,
+            image_size=options.size,
+            request_id=options.request_id,
+            params=options.extra,
+            input_images=options.inputs,
+        )
+        console.print(f"job [bold]{job.id}[/bold] created")
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            bar = progress.add_task("pending", total=job.params.sample_count)
+            async with asyncio.timeout(timeout):
+                async for update in client.watch(job.id):
+                    job = update.job
+                    progress.update(bar, description=STATE_NAMES[job.state].lower(), completed=len(job.images))
+        if job.state != pb.JOB_STATE_COMPLETED:
+            console.print(f"[red]job {STATE_NAMES[job.state]}[/red]: {job.error.reason} {job.error.message}")
+            raise typer.Exit(1)
+        out.mkdir(parents=True, exist_ok=True)
+        async with httpx.AsyncClient(timeout=60) as http:
+            for image in job.images:
+                response = await http.get(image.url)
+                response.raise_for_status()
+                path = out / f"{job.id}-{image.index}.{image.storage_path.rsplit('.', 1)[-1]}"
+                path.write_bytes(response.content)
+                print(path)
+        if job.filtered_count:
+            console.print(f"{job.filtered_count} image(s) withheld by safety filters")
+        console.print(f"charged {job.credits_charged} credit(s)")
 
 
 def _job_table(jobs: list[pb.Job]) -> Table:

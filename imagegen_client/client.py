@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -82,6 +82,7 @@ def create_job_request(
     request_id: str,
     user_id: str,
     params: pb.GenerationParams | None = None,
+    input_images: Sequence[pb.InputImage] = (),
 ) -> pb.CreateJobRequest:
     """The CreateJobRequest both clients send (unset parameters stay unset: the service's defaults apply), with a
     new request_id when the caller gave none. `params` adds any other GenerationParams field (seed, jpeg_quality,
@@ -103,7 +104,18 @@ def create_job_request(
     )
     if params is not None:
         request.params.MergeFrom(params)
+    request.input_images.extend(input_images)
     return request
+
+
+def inline_image(data: bytes) -> pb.InputImage:
+    """An input image sent inline (its type is read from the bytes by the service, not from a file name)."""
+    return pb.InputImage(data=data)
+
+
+def job_image(job_id: str, index: int) -> pb.InputImage:
+    """An input image that is one of your earlier job's images: resolved by the service, not sent again."""
+    return pb.InputImage(job_image=pb.ImageRef(job_id=job_id, index=index))
 
 
 def grant_credits_request(
@@ -189,6 +201,7 @@ class ImageGenClient:
         request_id: str = "",
         user_id: str = "",
         params: pb.GenerationParams | None = None,
+        input_images: Sequence[pb.InputImage] = (),
         timeout: float | None = None,
     ) -> pb.Job:
         """Creates a job. Retries (of UNAVAILABLE) resend the same `request_id`, so they never create two jobs; pass
@@ -206,6 +219,7 @@ class ImageGenClient:
             request_id=request_id,
             user_id=user_id,
             params=params,
+            input_images=input_images,
         )
         response: pb.CreateJobResponse = await self._call(self._stub.CreateJob, request, timeout)
         return response.job

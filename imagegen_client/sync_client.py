@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -100,6 +100,7 @@ class ImageGenSyncClient:
         request_id: str = "",
         user_id: str = "",
         params: pb.GenerationParams | None = None,
+        input_images: Sequence[pb.InputImage] = (),
         timeout: float | None = None,
     ) -> pb.Job:
         """Creates a job. Retries (of UNAVAILABLE) resend the same `request_id`, so they never create two jobs; pass
@@ -117,6 +118,7 @@ class ImageGenSyncClient:
             request_id=request_id,
             user_id=user_id,
             params=params,
+            input_images=input_images,
         )
         response: pb.CreateJobResponse = self._call(self._stub.CreateJob, request, timeout)
         return response.job

@@ -20,6 +20,8 @@ USER_MESSAGES: dict[str, str] = {
     "PROVIDER_REJECTED": "The provider rejected the request's parameters.",
     "INVALID_ARGUMENT": "The generator refused the request's parameters.",
     "UNKNOWN_MODEL": "The model is not served.",
+    "INPUT_IMAGE_NOT_FOUND": "An input image is no longer stored.",
+    "INPUT_IMAGE_MISSING": "An input image is no longer stored.",
     "MODEL_NOT_FOUND": "The model is not available from its provider.",
     "MODEL_NOT_SERVED": "The model is no longer available from its provider.",
     # Of the provider.

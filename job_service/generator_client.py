@@ -6,7 +6,7 @@ import asyncio
 import contextvars
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +118,10 @@ class GeneratorClient:
         min_streams: int = 8,
         stream_max_age_seconds: float = 60.0,
         calls: OutgoingCalls | None = None,
+        input_blobs: Callable[[str, list[str]], Awaitable[dict[str, bytes]]] | None = None,
     ) -> None:
+        # Reads a user's stored input images by sha256 (JobStore.input_blobs).
+        self._input_blobs = input_blobs
         if tls_ca:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=tls_ca.read_bytes(),
@@ -148,6 +151,26 @@ class GeneratorClient:
         await asyncio.gather(*readers, return_exceptions=True)
         await self._channel.close()
 
+    async def _input_images(self, job: Job) -> list[pb.InputImage]:
+        """The job's input images for the generator, in order: stored bytes, or the storage key of an earlier job's
+        image (which the generator reads itself, so it is not sent twice)."""
+        refs = job.params.input_images
+        if not refs:
+            return []
+        digests = [r.sha256 for r in refs if r.sha256]
+        blobs = await self._input_blobs(job.user_id, digests) if digests and self._input_blobs else {}
+        images = []
+        for ref in refs:
+            if ref.sha256 and ref.sha256 not in blobs:
+                raise GenerationFailure(
+                    "INPUT_IMAGE_MISSING", f"input image {ref.sha256} of job {job.id} is not stored", False
+                )
+            if ref.sha256:
+                images.append(pb.InputImage(data=blobs[ref.sha256], mime_type=ref.mime_type))
+            else:
+                images.append(pb.InputImage(storage_path=ref.storage_path, mime_type=ref.mime_type))
+        return images
+
     async def generate(self, job: Job) -> AsyncGenerator[GenerationEvent, None]:
         """Runs one attempt; leaving the iteration early (or cancelling) stops it at the generator."""
         request = pb.GenerateRequest(
@@ -169,6 +192,7 @@ class GeneratorClient:
             safety_setting=job.params.safety_setting,
             language=job.params.language,
             jpeg_quality=job.params.jpeg_quality,
+            input_images=await self._input_images(job),
         )
         key = (job.id, job.attempt)
         stream = self._stream_with_room()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import io
 import json
 import re
 import uuid
@@ -11,12 +13,14 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import structlog
+from PIL import Image
 
 from imagegen_common.errors import ErrorKind, FieldViolation, ServiceError, invalid_argument
 from job_service.domain import (
     CreditBalance,
     EventType,
     GenerationFailure,
+    InputRef,
     Job,
     JobEvent,
     JobStatus,
@@ -69,6 +73,9 @@ class JobPolicy:
     new_user_credits: int
     # The welcome grant of a Supabase anonymous user (is_anonymous): a sign-in anyone can repeat at will.
     anonymous_user_credits: int = 0
+    # Inline input images: most bytes and pixels each (Google takes 7 MB per inline image).
+    max_input_image_bytes: int = 7 * 1024 * 1024
+    max_input_image_pixels: int = 25_000_000
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,42 @@ class CreateJobInput:
     template_variables: Mapping[str, str] | None = None
     request_id: str = ""
     user_id: str = ""
+    input_images: tuple[InputImageInput, ...] = ()
+
+
+@dataclass(frozen=True)
+class InputImageInput:
+    """One input image as CreateJob got it: inline bytes, or (job_id, index) of one of the caller's images."""
+
+    data: bytes = b""
+    job_id: str = ""
+    index: int = 0
+
+
+MAX_INPUT_IMAGES = 16  # whatever the model: more are refused before any is looked at
+_INPUT_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+
+def sniff_image(data: bytes, max_pixels: int) -> tuple[str, int, int] | str:
+    """(media type, width, height) read from the bytes themselves, or why they are not an acceptable image.
+
+    Only the header is decoded (and the file's structure verified), never the pixels: the bound on pixels is checked
+    from the header first, so a small file declaring a huge image costs nothing. Blocking: run it in a thread.
+    """
+    try:
+        with Image.open(io.BytesIO(data), formats=list(_INPUT_FORMATS)) as image:
+            width, height = image.size
+            kind = _INPUT_FORMATS.get(image.format or "")
+            if kind is None:
+                return "must be a PNG, JPEG or WebP image"
+            if width * height > max_pixels:
+                return f"{width}x{height} is more than {max_pixels} pixels"
+            image.verify()
+    except Image.DecompressionBombError:  # a header declaring over twice Pillow's own limit: refused by Image.open
+        return f"more than {max_pixels} pixels"
+    except Exception:  # Pillow raises many kinds (OSError, SyntaxError, struct.error, ...) for bad bytes
+        return "must be a PNG, JPEG or WebP image"
+    return kind, width, height
 
 
 def not_found(job_id: str) -> ServiceError:
@@ -229,8 +272,15 @@ class JobManager:
             model, params, count_is_default, look_up="model" not in bad_names, person_is_default=person_is_default
         )
         violations += model_violations
+        inputs, blobs, input_violations = await self._check_inputs(user_id, model, request.input_images)
+        violations += input_violations
         if violations:
             raise invalid_argument(violations)
+        if inputs:
+            params = replace(params, input_images=inputs)
+            if blobs:
+                # Stored before the job that names them, so its first attempt finds them (see the migration).
+                await self._store.put_input_blobs(user_id, blobs)
 
         price = (
             template.price_per_image
@@ -259,6 +309,76 @@ class JobManager:
 
         job, created = await (self._starter.run_when_created(create) if self._starter else create(None))
         return as_created(job) if created else job
+
+    async def _check_inputs(
+        self, user_id: str, model: str, images: tuple[InputImageInput, ...]
+    ) -> tuple[tuple[InputRef, ...], list[tuple[str, str, bytes]], list[FieldViolation]]:
+        """The input images checked: their refs (for the job's params), the inline bytes to store, the problems."""
+        if not images:
+            return (), [], []
+        if len(images) > MAX_INPUT_IMAGES:
+            return (), [], [FieldViolation("input_images", f"at most {MAX_INPUT_IMAGES}")]
+        violations: list[FieldViolation] = []
+        try:
+            info = (await self._models.list_models()).get(model)
+        except GenerationFailure:
+            info = None  # the generator re-checks the count at the attempt
+        if info is not None and len(images) > info.max_input_images:
+            limit = f"at most {info.max_input_images}" if info.max_input_images else "no input images"
+            violations.append(FieldViolation("input_images", f"{model} takes {limit}"))
+        refs: list[InputRef] = []
+        blobs: dict[str, tuple[str, str, bytes]] = {}
+        policy = self._policy
+        for i, image in enumerate(images):
+            field = f"input_images[{i}]"
+            if image.job_id:
+                ref, problem = await self._referenced_image(user_id, image.job_id, image.index)
+                if problem:
+                    violations.append(FieldViolation(f"{field}.job_image", problem))
+                elif ref is not None:
+                    refs.append(ref)
+                continue
+            if not image.data:
+                violations.append(FieldViolation(field, "needs data or job_image"))
+                continue
+            if len(image.data) > policy.max_input_image_bytes:
+                violations.append(FieldViolation(f"{field}.data", f"at most {policy.max_input_image_bytes} bytes"))
+                continue
+            sniffed = await asyncio.to_thread(sniff_image, image.data, policy.max_input_image_pixels)
+            if isinstance(sniffed, str):
+                violations.append(FieldViolation(f"{field}.data", sniffed))
+                continue
+            kind, width, height = sniffed
+            digest = hashlib.sha256(image.data).hexdigest()
+            blobs[digest] = (digest, kind, image.data)
+            refs.append(InputRef(kind, width, height, len(image.data), sha256=digest))
+        return tuple(refs), list(blobs.values()), violations
+
+    async def _referenced_image(self, user_id: str, job_id: str, index: int) -> tuple[InputRef | None, str]:
+        """One of the user's delivered images, by job and index; the same answer whether the job is missing or
+        another user's (it says nothing of other users' jobs)."""
+        try:
+            job_uuid = str(uuid.UUID(job_id))
+        except ValueError:
+            return None, "job_id must be a UUID"
+        job = await self._store.get_job(job_uuid)
+        if job is None or job.user_id != user_id:
+            return None, f"no job {job_uuid} of yours"
+        image = next((i for i in job.images if i.index == index), None)
+        if image is None:
+            return None, f"job {job_uuid} has no image {index}"
+        return (
+            InputRef(
+                image.mime_type,
+                image.width,
+                image.height,
+                image.size_bytes,
+                job_id=job_uuid,
+                index=index,
+                storage_path=image.storage_path,
+            ),
+            "",
+        )
 
     def _prompt_violations(self, prompt: str, template: Template | None) -> list[FieldViolation]:
         if not prompt.strip():

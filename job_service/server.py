@@ -248,6 +248,7 @@ async def start(settings: JobSettings) -> JobApp:
         min_streams=settings.generator_streams,
         stream_max_age_seconds=settings.generator_stream_max_age_seconds,
         calls=OutgoingCalls(rpc_metrics),
+        input_blobs=store.input_blobs,
     )
     dispatcher = Dispatcher(
         store,
@@ -294,6 +295,8 @@ async def start(settings: JobSettings) -> JobApp:
             model_prices=settings.model_prices,
             new_user_credits=settings.new_user_credits,
             anonymous_user_credits=settings.anonymous_user_credits,
+            max_input_image_bytes=settings.max_input_image_bytes,
+            max_input_image_pixels=settings.max_input_image_pixels,
         ),
         page_tokens(settings),
         starter=dispatcher,
@@ -312,6 +315,7 @@ async def start(settings: JobSettings) -> JobApp:
         port=settings.port,
         tls=tls,
         interceptors=[ServerObservability(rpc_metrics)],
+        options=[("grpc.max_receive_message_length", settings.max_request_mb * 1024 * 1024)],
     )
     health.start(running)
     dispatcher.start()

@@ -18,7 +18,7 @@ from imagegen_common.grpc_errors import stream_errors, unary_errors
 from imagegen_common.rpc_observability import peer_of
 from job_service.auth import TokenVerifier
 from job_service.domain import EventType, Job, JobEvent, JobStatus, Params, Principal, Template
-from job_service.jobs import MAX_SAMPLE_COUNT, CreateJobInput, JobManager
+from job_service.jobs import MAX_INPUT_IMAGES, MAX_SAMPLE_COUNT, CreateJobInput, InputImageInput, JobManager
 from job_service.store import CONNECTION_ERRORS
 from job_service.watch_limits import WatchStreams
 
@@ -114,6 +114,21 @@ def job_to_pb(job: Job) -> pb.Job:
         message.error.CopyFrom(pb.JobError(reason=job.error_code, message=job.error_message or ""))
     if job.status is JobStatus.PENDING:
         message.next_attempt_time.CopyFrom(_stamp(job.next_attempt_at))
+    for position, ref in enumerate(job.params.input_images):
+        shown = message.input_images.add(
+            index=position,
+            mime_type=ref.mime_type,
+            width=ref.width,
+            height=ref.height,
+            size_bytes=ref.size_bytes,
+            sha256=ref.sha256,
+        )
+        if ref.job_id:
+            shown.job_image.CopyFrom(pb.ImageRef(job_id=ref.job_id, index=ref.index))
+    parent = job.params.parent
+    if parent is not None:
+        message.parent_job_id = parent.job_id
+        message.parent_image_index = parent.index
     return message
 
 
@@ -197,11 +212,12 @@ class JobServicer(pb_grpc.JobServiceServicer):
             [name for name in _PARAM_FIELDS if has_params and getattr(request.params, name)]
             + [name for name in _OPTIONAL_PARAM_FIELDS if has_params and request.params.HasField(name)]
         )
-        if request.input_images:
-            # Input images are declared in the API but not stored by JobService yet: refused, never dropped.
-            raise invalid_argument(
-                [FieldViolation("input_images", "not supported by this JobService yet (issue 19, part 4)")]
-            )
+        inputs = tuple(
+            InputImageInput(job_id=i.job_image.job_id, index=i.job_image.index)
+            if i.HasField("job_image")
+            else InputImageInput(data=i.data)
+            for i in request.input_images[: MAX_INPUT_IMAGES + 1]  # more is refused anyway; look at no more
+        )
         params = Params(**{name: getattr(request.params, name) for name in params_set}) if params_set else None
         job = await self._jobs.create_job(
             principal,
@@ -214,6 +230,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 template_variables=dict(request.template_variables),
                 request_id=request.request_id,
                 user_id=request.user_id,
+                input_images=inputs,
             ),
         )
         return pb.CreateJobResponse(job=job_to_pb(job))

@@ -7,6 +7,7 @@ as in Supabase storage.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from functools import partial
@@ -15,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from generator_service.blocking import run_sized
+from generator_service.domain import generation_error
 from generator_service.storage.base import UploadedObject
+from imagegen_common.errors import ErrorKind
 
 PUBLIC_PREFIX = "/storage/v1/object/public/"
 
@@ -61,6 +64,15 @@ class LocalStorage:
         target = self._target(key)
         await run_sized(len(data), _write_atomically, target, data)
         return UploadedObject(f"{self._base}{PUBLIC_PREFIX}{self._bucket}/{key}", key)
+
+    async def read(self, key: str) -> bytes:
+        target = self._target(key)
+        try:
+            return await asyncio.to_thread(Path(target).read_bytes)
+        except FileNotFoundError:
+            raise generation_error(
+                ErrorKind.FAILED_PRECONDITION, "INPUT_IMAGE_NOT_FOUND", f"no stored object {key}", retryable=False
+            ) from None
 
     async def aclose(self) -> None:
         return None

@@ -183,6 +183,11 @@ class SupabaseStorage:
             )
         return UploadedObject(url, key)
 
+    async def read(self, key: str) -> bytes:
+        bucket = self._client.from_(self._bucket)
+        data: bytes = await self._retrying("download", key, lambda: bucket.download(key))
+        return data
+
     async def _retrying(self, action: str, key: str, call: Callable[[], Awaitable[T]]) -> T:
         started = self._clock()
         retries = 0

@@ -6,7 +6,11 @@ Each provider test talks to a fake speaking google-genai's wire shape (tests/gen
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import io
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,9 @@ from generator_service.domain import FilteredImage, GeneratedImage, InputImage
 from generator_service.generation import validate
 from generator_service.providers.gemini_image import GeminiImageProvider, VertexGeminiImageProvider
 from generator_service.providers.google_auth import StaticTokenSource
+from generator_service.providers.http import ProviderHttp
 from generator_service.providers.local import LocalProvider
+from generator_service.providers.memory import AttemptHoldings, MemoryBudget
 from generator_service.providers.vertex_imagen import VertexImagenProvider, vertex_models_url
 from imagegen_common.errors import ErrorKind, ServiceError
 from imagegen_common.grpc_errors import from_grpc_error
@@ -30,10 +36,19 @@ from tests.generator.fake_google import (
     FakeVertexGeminiImage,
     FakeVertexImagen,
     answer_json,
+    b64,
     gemini_image_size,
     image_bytes,
 )
-from tests.generator.helpers import collect, make_model, make_request, provider_http, running, settings_for
+from tests.generator.helpers import (
+    FAST_RETRIES,
+    collect,
+    make_model,
+    make_request,
+    provider_http,
+    running,
+    settings_for,
+)
 
 CATALOGUE = {m.id: m for m in _default_models()}
 
@@ -365,8 +380,6 @@ async def test_input_images_go_as_inline_parts_after_the_prompt_in_order(gemini_
     parts = gemini_image_api.requests[0].json()["contents"][0]["parts"]
     assert parts[0] == {"text": "a lighthouse at dusk"}
     assert [p["inlineData"]["mimeType"] for p in parts[1:]] == ["image/png", "image/png"]
-    import base64
-
     assert [base64.b64decode(p["inlineData"]["data"]) for p in parts[1:]] == [first, second]
 
 
@@ -408,3 +421,58 @@ async def test_list_models_reports_each_models_capabilities(tmp_path: Path) -> N
     assert {"seed", "add_watermark", "enhance_prompt", "safety_setting", "language"} <= set(imagen.parameters)
     assert "negative_prompt" not in imagen.parameters
     assert list(imagen.safety_settings) == ["block_low_and_above", "block_medium_and_above", "block_only_high"]
+
+
+def noise_png(side: int) -> bytes:
+    """A PNG that does not compress (random pixels): about 3 bytes a pixel."""
+    out = io.BytesIO()
+    Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)).save(out, format="PNG")
+    return out.getvalue()
+
+
+async def test_a_request_with_input_images_counts_against_the_memory_budget(gemini_image_api: FakeGeminiImage) -> None:
+    budget = MemoryBudget(1024 * 1024 * 1024)
+    http = ProviderHttp.create(
+        "gemini-image", connect_timeout=2.0, read_timeout=10.0, policy=FAST_RETRIES, memory=budget
+    )
+    provider = GeminiImageProvider(http, "test-api-key", base_url=gemini_image_api.url)
+    holdings = AttemptHoldings()
+    request = make_request(model=PRO_IMAGE.id, sample_count=1, input_images=(InputImage(noise_png(400), "image/png"),))
+
+    async def attempt() -> list[GeneratedImage | FilteredImage]:
+        holdings.bind()
+        return await collect(provider, request, PRO_IMAGE)
+
+    await asyncio.create_task(attempt())
+    await provider.aclose()
+    sent = len(gemini_image_api.requests[0].body)
+    answer = len(json.dumps({"data": b64(image_bytes(1024, 1024, "image/png"))}))
+    # The request (twice its size, as answers count) on top of the answer's own reservation.
+    assert sum(n for _, n in holdings.held) >= 2 * sent + 2 * answer
+    holdings.release()
+    assert budget.used == 0
+
+
+async def test_an_input_given_by_storage_key_is_read_from_the_users_own_folder(
+    tmp_path: Path, gemini_image_api: FakeGeminiImage
+) -> None:
+    settings = settings_for(tmp_path, gemini_api_key="test-api-key", gemini_base_url=gemini_image_api.url)
+    async with running(settings) as (_app, stub):
+        first = [e async for e in stub.Generate(helpers.generate_request(job_id="job-a", sample_count=1))]
+        (stored,) = [e.image_stored for e in first if e.HasField("image_stored")]
+        source = pb.InputImage(storage_path=stored.storage_path, mime_type="image/png")
+        edit = helpers.generate_request(
+            job_id="job-b", model="gemini-2.5-flash-image", sample_count=1, input_images=[source]
+        )
+        [e async for e in stub.Generate(edit)]
+        other_user = helpers.generate_request(
+            job_id="job-c", user_id="user-2", model="gemini-2.5-flash-image", sample_count=1, input_images=[source]
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            [e async for e in stub.Generate(other_user)]
+    parts = gemini_image_api.requests[0].json()["contents"][0]["parts"]
+    stored_bytes = (tmp_path / "storage" / "images" / stored.storage_path).read_bytes()
+    assert base64.b64decode(parts[1]["inlineData"]["data"]) == stored_bytes
+    error = from_grpc_error(caught.value)
+    assert [v.field for v in error.violations] == ["input_images[0].storage_path"]
+    assert len(gemini_image_api.requests) == 1  # the other user's attempt never reached the provider

@@ -137,21 +137,27 @@ class InputImage(_message.Message):
 
     DATA_FIELD_NUMBER: _builtins.int
     MIME_TYPE_FIELD_NUMBER: _builtins.int
+    STORAGE_PATH_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
-    """Required. The image's bytes."""
+    """The image's bytes; or empty, with `storage_path` set."""
     mime_type: _builtins.str
     """Required. "image/png", "image/jpeg" or "image/webp" (read from the bytes
     by JobService, not from a file name).
+    """
+    storage_path: _builtins.str
+    """The key of one of the same user's stored images (an `ImageStored.storage_path`
+    under `{prefix}/{user_id}/`), read from storage instead of sent again.
     """
     def __init__(
         self,
         *,
         data: _builtins.bytes = ...,
         mime_type: _builtins.str = ...,
+        storage_path: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "mime_type", b"mime_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "mime_type", b"mime_type", "storage_path", b"storage_path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -144,6 +144,9 @@ class Job(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    INPUT_IMAGES_FIELD_NUMBER: _builtins.int
+    PARENT_JOB_ID_FIELD_NUMBER: _builtins.int
+    PARENT_IMAGE_INDEX_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The job's id, a UUID."""
     user_id: _builtins.str
@@ -174,6 +177,12 @@ class Job(_message.Message):
     """
     cancel_requested: _builtins.bool
     """Output only. True once `CancelJob` was called on a generating job."""
+    parent_job_id: _builtins.str
+    """Output only. Lineage: the earlier job whose image this job was made from
+    (its first `job_image` input); empty when none.
+    """
+    parent_image_index: _builtins.int
+    """Output only. That image's index in the parent job; unset when none."""
     @_builtins.property
     def params(self) -> Global___GenerationParams:
         """Immutable. The generation parameters, with defaults filled in."""
@@ -213,6 +222,10 @@ class Job(_message.Message):
     def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When a pending job becomes due for its next attempt."""
 
+    @_builtins.property
+    def input_images(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobInputImage]:
+        """Immutable. The images the job was given, in the order the model gets them."""
+
     def __init__(
         self,
         *,
@@ -238,14 +251,67 @@ class Job(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+        input_images: _abc.Iterable[Global___JobInputImage] | None = ...,
+        parent_job_id: _builtins.str = ...,
+        parent_image_index: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "next_attempt_time", b"next_attempt_time", "params", b"params", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_parent_image_index", b"_parent_image_index", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "next_attempt_time", b"next_attempt_time", "params", b"params", "parent_image_index", b"parent_image_index", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested", b"cancel_requested", "create_time", b"create_time", "credits_charged", b"credits_charged", "credits_reserved", b"credits_reserved", "end_time", b"end_time", "error", b"error", "filtered_count", b"filtered_count", "filtered_reasons", b"filtered_reasons", "id", b"id", "images", b"images", "max_attempts", b"max_attempts", "model", b"model", "next_attempt_time", b"next_attempt_time", "params", b"params", "prompt", b"prompt", "request_id", b"request_id", "start_time", b"start_time", "state", b"state", "template_id", b"template_id", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_parent_image_index", b"_parent_image_index", "attempt", b"attempt", "cancel_requested", b"cancel_requested", "create_time", b"create_time", "credits_charged", b"credits_charged", "credits_reserved", b"credits_reserved", "end_time", b"end_time", "error", b"error", "filtered_count", b"filtered_count", "filtered_reasons", b"filtered_reasons", "id", b"id", "images", b"images", "input_images", b"input_images", "max_attempts", b"max_attempts", "model", b"model", "next_attempt_time", b"next_attempt_time", "params", b"params", "parent_image_index", b"parent_image_index", "parent_job_id", b"parent_job_id", "prompt", b"prompt", "request_id", b"request_id", "start_time", b"start_time", "state", b"state", "template_id", b"template_id", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__parent_image_index: _TypeAlias = _typing.Literal["parent_image_index"]  # noqa: Y015
+    _WhichOneofArgType__parent_image_index: _TypeAlias = _typing.Literal["_parent_image_index", b"_parent_image_index"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__parent_image_index) -> _WhichOneofReturnType__parent_image_index | None: ...
+
+Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class JobInputImage(_message.Message):
+    """An input image of a job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    MIME_TYPE_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    JOB_IMAGE_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Output only. Its position among the job's input images, from 0."""
+    mime_type: _builtins.str
+    """Output only. Its media type, read from its bytes."""
+    width: _builtins.int
+    """Output only. Width in pixels."""
+    height: _builtins.int
+    """Output only. Height in pixels."""
+    size_bytes: _builtins.int
+    """Output only. Size in bytes."""
+    sha256: _builtins.str
+    """Output only. SHA-256 of the bytes (hex), for an image sent inline."""
+    @_builtins.property
+    def job_image(self) -> Global___ImageRef:
+        """Output only. The earlier job's image, for an image given by reference."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        mime_type: _builtins.str = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        job_image: Global___ImageRef | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job_image", b"job_image"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["height", b"height", "index", b"index", "job_image", b"job_image", "mime_type", b"mime_type", "sha256", b"sha256", "size_bytes", b"size_bytes", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Job: _TypeAlias = Job  # noqa: Y015
+Global___JobInputImage: _TypeAlias = JobInputImage  # noqa: Y015
 
 @_typing.final
 class GenerationParams(_message.Message):
@@ -577,8 +643,12 @@ class CreateJobRequest(_message.Message):
     @_builtins.property
     def input_images(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputImage]:
         """Optional. Images the model takes in (an image to edit, references), in
-        order, at most the model's `max_input_images`. Not yet stored by
-        JobService: a request with any answers `INVALID_ARGUMENT` for now.
+        order, at most the model's `max_input_images`. Inline bytes are checked by
+        their content (PNG, JPEG or WebP, at most the configured bytes and
+        pixels) and stored with the job; a `job_image` names one of the caller's
+        own delivered images and is not sent again. The whole request must fit
+        the server's message limit (`JOB_MAX_REQUEST_MB`), else gRPC answers
+        `RESOURCE_EXHAUSTED`.
         """
 
     def __init__(
