@@ -135,5 +135,25 @@ async def test_cli_lists_watches_cancels_and_shows_credits_and_templates(databas
         with Image.open(path) as drawn:
             assert (drawn.format, drawn.size) == ("JPEG", (6256, 2688))  # 4K at 21:9: about 4096² pixels
 
+        red = tmp_path / "red.png"
+        Image.new("RGB", (120, 120), (255, 0, 0)).save(red)
+        code, paths, err = await cli(
+            services.target, token, "generate", "make it night", "-n", "1", "--image", str(red),
+            "--out", str(tmp_path / "cli-images"),
+        )  # fmt: skip
+        assert code == 0, err
+        (night,) = paths.split()
+        source_job = Path(night).name.rsplit("-", 1)[0]
+        code, paths, err = await cli(
+            services.target, token, "edit", source_job, "--index", "0", "add a red scarf",
+            "--out", str(tmp_path / "cli-images"),
+        )  # fmt: skip
+        assert code == 0, err
+        (edited,) = paths.split()
+        async with services.client(token=token) as client:
+            edit_job = await client.get_job(Path(edited).name.rsplit("-", 1)[0])
+        assert (edit_job.parent_job_id, edit_job.parent_image_index) == (source_job, 0)
+        assert edit_job.model == "local" and edit_job.input_images[0].job_image.job_id == source_job
+
         code, _, err = await cli(services.target, token, "jobs", "get", "00000000-0000-4000-8000-000000000000")
         assert code == 1 and "NOT_FOUND" in err
