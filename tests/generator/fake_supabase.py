@@ -6,6 +6,7 @@ Stands in for `{SUPABASE_URL}/storage/v1` (external-apis.md §3 and §6):
 - POST /storage/v1/object/sign/{bucket}/{path} with {"expiresIn"}: answers
   {"signedURL": "/object/sign/{bucket}/{path}?token=..."} (relative, as the real server does).
 - GET /storage/v1/object/public/{bucket}/{path} (public buckets only), GET /storage/v1/object/sign/...?token=.
+- GET /storage/v1/object/{bucket}/{path} with the service key: an authenticated download (storage3's `download`).
 Errors come back as HTTP 400 with the real status in the body's `statusCode` string, like the real server.
 """
 
@@ -74,6 +75,11 @@ class FakeSupabaseStorage(FakeService):
             return storage_error("403", "Unauthorized", "signature verification failed", "AccessDenied")
         if request.method == "POST" and path.startswith("/object/sign/"):
             return self._sign(path.removeprefix("/object/sign/"), request)
+        if request.method == "GET" and path.startswith("/object/"):
+            where = self._split(path.removeprefix("/object/"))
+            if where is None:
+                return storage_error("404", "Bucket not found", "Bucket not found", "NoSuchBucket")
+            return self._object(where)
         if request.method == "POST" and path.startswith("/object/"):
             if self.upload_faults:
                 return await self.upload_faults.popleft()(exchange)

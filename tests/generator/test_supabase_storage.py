@@ -166,3 +166,16 @@ async def test_unreachable_storage_is_retryable(supabase_storage_api: FakeSupaba
     await supabase_storage_api.stop()
     error = await upload_error(supabase_storage_api)
     assert (error.reason, error.metadata["retryable"]) == ("STORAGE_UNAVAILABLE", "true")
+
+
+async def test_an_input_image_is_read_back_by_its_key_with_the_service_key(
+    supabase_storage_api: FakeSupabaseStorage,
+) -> None:
+    client = storage(supabase_storage_api, prefix="generated")
+    png = image_bytes(32, 32, "image/png")
+    uploaded = await client.upload("user-1/job-1/1-0.png", png, "image/png")
+    assert await client.read(uploaded.key) == png
+    with pytest.raises(ServiceError) as caught:
+        await client.read("generated/user-1/job-1/9-9.png")
+    await client.aclose()
+    assert (caught.value.reason, caught.value.metadata["retryable"]) == ("INPUT_IMAGE_NOT_FOUND", "false")
