@@ -151,6 +151,15 @@ class GeneratorClient:
         await asyncio.gather(*readers, return_exceptions=True)
         await self._channel.close()
 
+    def _person_generation(self, job: Job) -> str:
+        """The job's person_generation, except on a model that has none: a job created before CreateJob refused it
+        there carries the old default ("allow_adult"), which the generator would now refuse (and which the old
+        generator dropped). CreateJob refuses an explicit value on such a model, so nothing a caller chose is lost."""
+        info = self._models.get(job.model)
+        if info is not None and not info.person_generation_options:
+            return ""
+        return job.params.person_generation
+
     async def _input_images(self, job: Job) -> list[pb.InputImage]:
         """The job's input images for the generator, in order: stored bytes, or the storage key of an earlier job's
         image (which the generator reads itself, so it is not sent twice)."""
@@ -183,7 +192,7 @@ class GeneratorClient:
             sample_count=job.images_owed,
             aspect_ratio=job.params.aspect_ratio,
             image_size=job.params.image_size,
-            person_generation=job.params.person_generation,
+            person_generation=self._person_generation(job),
             output_mime_type=job.params.output_mime_type,
             seed=job.params.seed,
             add_watermark=job.params.add_watermark,
