@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,14 @@ from tests.generator.helpers import (
 )
 
 CATALOGUE = {m.id: m for m in _default_models()}
+
+
+def ids(**overrides: Any) -> dict[str, Any]:
+    """UUID job and user ids (what JobService sends; a generator may refuse anything else in a storage path)."""
+    return {"job_id": str(uuid.uuid4()), "user_id": USER, **overrides}
+
+
+USER = str(uuid.uuid4())
 
 # Provider-level tests declare the models they need (the fields an older ModelSpec ignores), so they exercise
 # the request builders and parsers themselves.
@@ -143,7 +152,9 @@ async def test_person_generation_on_a_gemini_api_model_is_refused_naming_model_a
     tmp_path: Path, gemini_image_api: FakeGeminiImage
 ) -> None:
     settings = settings_for(tmp_path, gemini_api_key="test-api-key", gemini_base_url=gemini_image_api.url)
-    request = helpers.generate_request(model="gemini-2.5-flash-image", sample_count=1, person_generation="dont_allow")
+    request = helpers.generate_request(
+        model="gemini-2.5-flash-image", sample_count=1, person_generation="dont_allow", **ids()
+    )
     async with running(settings) as (_app, stub):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             [event async for event in stub.Generate(request)]
@@ -291,7 +302,7 @@ async def test_a_21_9_image_round_trips_through_the_generator(
     tmp_path: Path, gemini_image_api: FakeGeminiImage
 ) -> None:
     settings = settings_for(tmp_path, gemini_api_key="test-api-key", gemini_base_url=gemini_image_api.url)
-    request = helpers.generate_request(model="gemini-2.5-flash-image", sample_count=1, aspect_ratio="21:9")
+    request = helpers.generate_request(model="gemini-2.5-flash-image", sample_count=1, aspect_ratio="21:9", **ids())
     async with running(settings) as (_app, stub):
         events = [event async for event in stub.Generate(request)]
     stored = [e.image_stored for e in events if e.HasField("image_stored")]
@@ -458,15 +469,13 @@ async def test_an_input_given_by_storage_key_is_read_from_the_users_own_folder(
 ) -> None:
     settings = settings_for(tmp_path, gemini_api_key="test-api-key", gemini_base_url=gemini_image_api.url)
     async with running(settings) as (_app, stub):
-        first = [e async for e in stub.Generate(helpers.generate_request(job_id="job-a", sample_count=1))]
+        first = [e async for e in stub.Generate(helpers.generate_request(sample_count=1, **ids()))]
         (stored,) = [e.image_stored for e in first if e.HasField("image_stored")]
         source = pb.InputImage(storage_path=stored.storage_path, mime_type="image/png")
-        edit = helpers.generate_request(
-            job_id="job-b", model="gemini-2.5-flash-image", sample_count=1, input_images=[source]
-        )
+        edit = helpers.generate_request(model="gemini-2.5-flash-image", sample_count=1, input_images=[source], **ids())
         [e async for e in stub.Generate(edit)]
         other_user = helpers.generate_request(
-            job_id="job-c", user_id="user-2", model="gemini-2.5-flash-image", sample_count=1, input_images=[source]
+            model="gemini-2.5-flash-image", sample_count=1, input_images=[source], **ids(user_id=str(uuid.uuid4()))
         )
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             [e async for e in stub.Generate(other_user)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import httpx
@@ -173,9 +174,10 @@ async def test_an_input_image_is_read_back_by_its_key_with_the_service_key(
 ) -> None:
     client = storage(supabase_storage_api, prefix="generated")
     png = image_bytes(32, 32, "image/png")
-    uploaded = await client.upload("user-1/job-1/1-0.png", png, "image/png")
+    folder = f"{uuid.uuid4()}/{uuid.uuid4()}"
+    uploaded = await client.upload(f"{folder}/1-0.png", png, "image/png")
     assert await client.read(uploaded.key) == png
     with pytest.raises(ServiceError) as caught:
-        await client.read("generated/user-1/job-1/9-9.png")
+        await client.read(f"generated/{folder}/9-9.png")
     await client.aclose()
     assert (caught.value.reason, caught.value.metadata["retryable"]) == ("INPUT_IMAGE_NOT_FOUND", "false")
