@@ -466,10 +466,14 @@ class JobStore:
         return outcomes
 
     async def put_input_blobs(self, user_id: str, blobs: list[tuple[str, str, bytes]]) -> None:
-        """Stores input images (sha256, media type, bytes) of a user; one already stored is left as it is."""
+        """Stores input images (sha256, media type, bytes) of a user; one already stored keeps its bytes.
+
+        Storing one again moves its created_at to now: the orphan sweep (job_service.retention) deletes only an
+        image no job names and that no CreateJob stored within the grace, and this create's job is not inserted yet.
+        """
         await self._pool.executemany(
             "INSERT INTO job_input_blobs (user_id, sha256, mime_type, data) VALUES ($1, $2, $3, $4)"
-            " ON CONFLICT (user_id, sha256) DO NOTHING",
+            " ON CONFLICT (user_id, sha256) DO UPDATE SET created_at = now()",
             [(user_id, digest, mime, data) for digest, mime, data in blobs],
         )
 
