@@ -476,8 +476,13 @@ class JobManager:
         except ValueError:
             return None, "job_id must be a UUID"
         job = await self._store.get_job(job_uuid)
-        if job is None or job.user_id != user_id:
+        # A deleted job (DeleteJob) is no one's any more, as GetJob answers; it is not named as deleted either.
+        if job is None or job.user_id != user_id or job.deleted_at is not None:
             return None, f"no job {job_uuid} of yours"
+        if job.images_deleted_at is not None:
+            # Its objects are gone or going (retention): refused here, not after credits were reserved and an
+            # attempt failed on the missing object.
+            return None, f"the images of job {job_uuid} were deleted (retention)"
         image = next((i for i in job.images if i.index == index), None)
         if image is None:
             return None, f"job {job_uuid} has no image {index}"

@@ -24,7 +24,7 @@ from imagegen.job.v1 import job_service_pb2 as pb
 from PIL import Image
 
 from generator_service import server as generator_server
-from imagegen_client import ImageGenClient, inline_image
+from imagegen_client import ImageGenClient, inline_image, job_image
 from job_service.cleanup import CleanupStore, Sweeper, SweeperConfig
 from job_service.generator_client import GeneratorClient
 from job_service.retention import RetentionConfig, RetentionStore, RetentionSweeper
@@ -578,3 +578,36 @@ async def test_the_input_images_of_a_refused_create_are_swept_once_no_create_can
         left = await eventually(lambda: stored_inputs(conn, user), lambda s: refused_sha not in s, within=15)
         assert left == {hashlib.sha256(kept).hexdigest()}, "the job's own input image is kept: the job names it"
         assert (await client.get_job(job.id)).state == pb.JOB_STATE_COMPLETED
+
+
+async def test_an_image_of_a_deleted_job_or_past_its_retention_cannot_be_an_input(
+    own_db: str, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    user = new_user()
+    async with (
+        running_services(own_db, tmp_path, job={**FAST, "image_retention_days": 1.0}) as services,
+        services.client(user) as client,
+    ):
+        deleted, expired = [
+            await client.wait((await client.create_job(p, model="local", sample_count=1)).id, timeout=60)
+            for p in ("a door", "a window")
+        ]
+        await client.delete_job(deleted.id)
+        await age(conn, expired.id, 2)
+        shown = await eventually(
+            lambda: client.get_job(expired.id), lambda j: j.HasField("images_delete_time"), within=15
+        )
+        assert shown.HasField("images_delete_time")
+        balance = await client.credit_balance()
+
+        failure = await failure_of(
+            client.create_job("edit", model="local", sample_count=1, input_images=[job_image(deleted.id, 0)])
+        )
+        assert failure.violations == {"input_images[0].job_image": f"no job {deleted.id} of yours"}
+        failure = await failure_of(
+            client.create_job("edit", model="local", sample_count=1, input_images=[job_image(expired.id, 0)])
+        )
+        assert failure.violations == {
+            "input_images[0].job_image": f"the images of job {expired.id} were deleted (retention)"
+        }
+        assert (await client.credit_balance()).reserved == balance.reserved == 0
