@@ -5,13 +5,42 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from imagegen_common.logs import LogFormat
 
+# Imagen 4's aspect ratios (Vertex AI model cards).
 ALL_ASPECT_RATIOS = ["1:1", "3:4", "4:3", "9:16", "16:9"]
+# The Gemini image models' ratios (Vertex AI model cards for gemini-2.5-flash-image and gemini-3-pro-image-preview).
+GEMINI_ASPECT_RATIOS = ["1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9"]
+# Gemini 3.1 Flash Image adds the extremes.
+GEMINI_31_ASPECT_RATIOS = [*GEMINI_ASPECT_RATIOS, "1:4", "4:1", "1:8", "8:1"]
 PERSON_GENERATION = ["dont_allow", "allow_adult", "allow_all"]
+# Imagen's safety filter levels (`safetySetting`); BLOCK_NONE needs an allow-listed project and is not offered.
+SAFETY_SETTINGS = ["block_low_and_above", "block_medium_and_above", "block_only_high"]
+# Imagen's prompt languages (`language`): "auto" detects; the others are Vertex's preview languages.
+LANGUAGES = ["auto", "en", "es", "hi", "ja", "ko", "pt", "zh"]
+
+# The optional parameters a model may honour, named as in GenerateRequest / GenerationParams. A request that sets
+# one the model does not list is refused (INVALID_ARGUMENT naming model and field), never silently dropped.
+PARAMETERS = (
+    "person_generation",
+    "seed",
+    "add_watermark",
+    "enhance_prompt",
+    "negative_prompt",
+    "safety_setting",
+    "language",
+    "jpeg_quality",
+)
+_IMAGEN_VERTEX_PARAMETERS = ["seed", "add_watermark", "enhance_prompt", "safety_setting", "language"]
+# Honoured by every provider (Imagen's outputOptions; the others encode the JPEG themselves), so never listed in
+# `parameters`; person_generation follows person_generation_options.
+_ALWAYS_HONOURED = ("jpeg_quality",)
+
+# Where the catalogue's facts come from (docs/generator.md has the table): checked 2026-12-06.
+CATALOGUE_CHECKED = "2026-12-06"
 
 
 class ConfigurationError(RuntimeError):
@@ -19,36 +48,131 @@ class ConfigurationError(RuntimeError):
 
 
 class ModelSpec(BaseModel):
-    """A model this generator serves and what it accepts."""
+    """A model this generator serves and what it accepts: validation, the request builders and ListModels all
+    read this one declaration."""
 
     id: str
-    provider: Literal["local", "vertex-imagen", "gemini-imagen", "gemini-image"]
+    provider: Literal["local", "vertex-imagen", "gemini-imagen", "gemini-image", "vertex-gemini-image"]
     display_name: str
     # The model's name in the provider's API when it differs from `id`: two providers can serve the same
     # Google model (Imagen 4 on Vertex and on the Gemini API), and our catalogue ids must stay unique.
     provider_model: str | None = None
     aspect_ratios: list[str] = Field(default_factory=lambda: list(ALL_ASPECT_RATIOS))
+    # Output sizes ("1K", "2K", "4K"). A model with more than one gets the size on the wire for every request
+    # (imageConfig.imageSize / sampleImageSize); a model with one gets nothing (its only size is the default,
+    # and Imagen 4 Fast refuses sampleImageSize).
     image_sizes: list[str] = Field(default_factory=lambda: ["1K"])
     max_sample_count: int = 4
+    # Empty: the model has no person-generation control, and a request that sets one is refused.
     person_generation_options: list[str] = Field(default_factory=lambda: list(PERSON_GENERATION))
+    # How many input images (edit sources, references) one request may carry; 0: text only.
+    max_input_images: int = 0
+    # Thinking models may send interim images (parts marked `thought`) before the final one.
+    thinking: bool = False
+    # The optional parameters it honours (see PARAMETERS) besides jpeg_quality (every model) and
+    # person_generation (a model with person_generation_options); the rest are refused when set.
+    parameters: list[str] = Field(default_factory=list)
+    safety_settings: list[str] = Field(default_factory=list)
+    languages: list[str] = Field(default_factory=list)
     provider_price_usd: float = 0.0
     # Per-model limits, so a burst queues here instead of failing at the provider.
     max_concurrency: int = 8
     requests_per_minute: int = 0  # 0: no limit
+
+    @model_validator(mode="after")
+    def _no_person_generation_on_the_gemini_api(self) -> ModelSpec:
+        # The Gemini API refuses personGeneration (google-genai raises before sending), whatever a GEN_MODELS entry
+        # says: such a model offers no options, so a request that sets one is refused instead of failing upstream.
+        if self.provider == "gemini-image":
+            self.person_generation_options = []
+        return self
 
     @property
     def api_model(self) -> str:
         """The name to put in the provider's URL."""
         return self.provider_model or self.id
 
+    def honours(self, parameter: str) -> bool:
+        return parameter in self.honoured_parameters
+
+    @property
+    def honoured_parameters(self) -> list[str]:
+        """Every optional parameter it takes, in PARAMETERS order (what ListModels reports)."""
+        taken = {*self.parameters, *_ALWAYS_HONOURED}
+        if self.person_generation_options:
+            taken.add("person_generation")
+        return [name for name in PARAMETERS if name in taken]
+
+    @property
+    def sends_size(self) -> bool:
+        return len(self.image_sizes) > 1
+
+
+def _gemini_image_models(provider: Literal["gemini-image", "vertex-gemini-image"]) -> list[ModelSpec]:
+    """The Gemini image models ("Nano Banana") on the Gemini API or on Vertex AI: the same Google models.
+
+    On the Gemini API they keep their Google ids; on Vertex AI they are listed as `vertex/<google id>`. Only
+    Vertex AI takes `personGeneration` (google-genai refuses it on the Gemini API).
+    """
+    vertex = provider == "vertex-gemini-image"
+    prefix, where = ("vertex/", "Vertex AI") if vertex else ("", "Gemini API")
+    people = list(PERSON_GENERATION) if vertex else []
+    return [
+        ModelSpec(
+            id=f"{prefix}gemini-2.5-flash-image",
+            provider=provider,
+            provider_model="gemini-2.5-flash-image",
+            display_name=f"Gemini 2.5 Flash Image, Nano Banana ({where})",
+            aspect_ratios=list(GEMINI_ASPECT_RATIOS),
+            person_generation_options=people,
+            max_input_images=3,
+            provider_price_usd=0.039,
+        ),
+        ModelSpec(
+            id=f"{prefix}gemini-3-pro-image-preview",
+            provider=provider,
+            provider_model="gemini-3-pro-image-preview",
+            display_name=f"Gemini 3 Pro Image, Nano Banana Pro ({where})",
+            aspect_ratios=list(GEMINI_ASPECT_RATIOS),
+            image_sizes=["1K", "2K", "4K"],
+            person_generation_options=people,
+            max_input_images=14,
+            thinking=True,
+            provider_price_usd=0.134,
+        ),
+        ModelSpec(
+            id=f"{prefix}gemini-3.1-flash-image-preview",
+            provider=provider,
+            provider_model="gemini-3.1-flash-image-preview",
+            display_name=f"Gemini 3.1 Flash Image, Nano Banana 2 ({where})",
+            aspect_ratios=list(GEMINI_31_ASPECT_RATIOS),
+            image_sizes=["1K", "2K", "4K"],
+            person_generation_options=people,
+            max_input_images=14,
+            thinking=True,
+            provider_price_usd=0.067,
+        ),
+    ]
+
 
 def _default_models() -> list[ModelSpec]:
+    imagen_vertex = {
+        "parameters": list(_IMAGEN_VERTEX_PARAMETERS),
+        "safety_settings": list(SAFETY_SETTINGS),
+        "languages": list(LANGUAGES),
+    }
     return [
         ModelSpec(
             id="local",
             provider="local",
             display_name="Local placeholder renderer (offline, not AI)",
-            image_sizes=["1K", "2K"],
+            aspect_ratios=list(GEMINI_31_ASPECT_RATIOS),
+            image_sizes=["1K", "2K", "4K"],
+            max_input_images=14,
+            # Everything but negative_prompt, which no catalogued Google model takes any more.
+            parameters=[p for p in PARAMETERS if p != "negative_prompt"],
+            safety_settings=list(SAFETY_SETTINGS),
+            languages=list(LANGUAGES),
             max_concurrency=64,
         ),
         ModelSpec(
@@ -57,6 +181,7 @@ def _default_models() -> list[ModelSpec]:
             display_name="Imagen 4 (Vertex AI)",
             image_sizes=["1K", "2K"],
             provider_price_usd=0.04,
+            **imagen_vertex,  # type: ignore[arg-type]
         ),
         ModelSpec(
             id="imagen-4.0-ultra-generate-001",
@@ -64,16 +189,19 @@ def _default_models() -> list[ModelSpec]:
             display_name="Imagen 4 Ultra (Vertex AI)",
             image_sizes=["1K", "2K"],
             provider_price_usd=0.06,
+            **imagen_vertex,  # type: ignore[arg-type]
         ),
         ModelSpec(
             id="imagen-4.0-fast-generate-001",
             provider="vertex-imagen",
             display_name="Imagen 4 Fast (Vertex AI)",
             provider_price_usd=0.02,
+            **imagen_vertex,  # type: ignore[arg-type]
         ),
         # The same Imagen 4 models on the Gemini API (the seed's endpoint). Google shut them down there in
         # 2026; they stay listed (when GEN_GEMINI_API_KEY is set) so a caller of the seed's model gets a
-        # clear MODEL_NOT_SERVED answer naming the alternatives instead of an unknown-model error.
+        # clear MODEL_NOT_SERVED answer naming the alternatives instead of an unknown-model error. The Gemini
+        # API never took seed, watermark, prompt enhancement or negative prompts (google-genai refused them).
         ModelSpec(
             id="gemini-api/imagen-4.0-generate-001",
             provider="gemini-imagen",
@@ -97,12 +225,8 @@ def _default_models() -> list[ModelSpec]:
             display_name="Imagen 4 Fast (Gemini API, shut down by Google in 2026)",
             provider_price_usd=0.02,
         ),
-        ModelSpec(
-            id="gemini-2.5-flash-image",
-            provider="gemini-image",
-            display_name="Gemini 2.5 Flash Image (Gemini API)",
-            provider_price_usd=0.039,
-        ),
+        *_gemini_image_models("gemini-image"),
+        *_gemini_image_models("vertex-gemini-image"),
     ]
 
 
@@ -128,6 +252,9 @@ class GeneratorSettings(BaseSettings):
     # else could spend the provider's money and write images. true: serve unauthenticated callers anyway
     # (something in front authenticates them).
     allow_unauthenticated: bool = False
+    # Largest request message accepted (gRPC's default is 4 MB): a GenerateMany start carries the attempt's input
+    # images inline (up to 14 of up to 7 MB for the Gemini 3 image models). Past it gRPC answers RESOURCE_EXHAUSTED.
+    max_request_mb: int = Field(default=128, ge=1, le=1024)
     metrics_port: int = 0  # 0: no metrics endpoint
     # Loopback unless set: a scraper on another machine needs e.g. 0.0.0.0.
     metrics_host: str = "127.0.0.1"
@@ -146,7 +273,8 @@ class GeneratorSettings(BaseSettings):
     # vertex-imagen: configured when the project is set; the token comes from Application Default Credentials.
     vertex_project: str | None = None
     vertex_location: str = "us-central1"
-    # Default https://{location}-aiplatform.googleapis.com (https://aiplatform.googleapis.com for "global").
+    # Default https://{location}-aiplatform.googleapis.com; the multi-regions "us" and "eu" are
+    # https://aiplatform.{us|eu}.rep.googleapis.com and "global" is https://aiplatform.googleapis.com.
     vertex_base_url: str | None = None
 
     # gemini-imagen and gemini-image: configured when the API key is set.

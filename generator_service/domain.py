@@ -51,8 +51,32 @@ def job_folder(user_id: str, job_id: str) -> str:
     return f"{user_id}/{job_id}"
 
 
+# The long-ish side of a square image per size name; other ratios keep about the same pixel count.
+_SIZE_EDGE = {"1K": 1024, "2K": 2048, "4K": 4096}
+
+
 def image_dimensions(aspect_ratio: str, image_size: str) -> tuple[int, int]:
-    return (SIZES_2K if image_size == "2K" else SIZES_1K)[aspect_ratio]
+    """Imagen's size table where it has the ratio, else about edge² pixels in the ratio, multiples of 16.
+
+    Only the local provider and the fakes draw at these sizes: a real provider's image keeps the size it has.
+    """
+    table = SIZES_2K if image_size == "2K" else SIZES_1K
+    if image_size in ("1K", "2K") and aspect_ratio in table:
+        return table[aspect_ratio]
+    w, h = (int(x) for x in aspect_ratio.split(":"))
+    edge = _SIZE_EDGE.get(image_size, 1024)
+    scale = (edge * edge / (w * h)) ** 0.5
+    return max(16, round(w * scale / 16) * 16), max(16, round(h * scale / 16) * 16)
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """An image the model takes in (an edit source or a reference), sent in order after the prompt: its bytes, or
+    the storage key of one of the same user's stored images (read from storage before the provider is called)."""
+
+    data: bytes = field(repr=False)
+    mime_type: str
+    storage_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -65,8 +89,19 @@ class GenerationRequest:
     sample_count: int
     aspect_ratio: str = "1:1"
     image_size: str = "1K"
-    person_generation: str = "allow_adult"
+    # "": the model's own default; a model without person-generation control refuses any other value.
+    person_generation: str = ""
     output_mime_type: str = "image/png"
+    # Optional parameters (ModelSpec.parameters): None / "" / 0 mean "not set", and only a model that
+    # honours one accepts it set.
+    seed: int | None = None
+    add_watermark: bool | None = None
+    enhance_prompt: bool | None = None
+    negative_prompt: str = ""
+    safety_setting: str = ""
+    language: str = ""
+    jpeg_quality: int = 0
+    input_images: tuple[InputImage, ...] = ()
 
     def storage_path(self, index: int, mime_type: str) -> str:
         """Deterministic per (job, attempt, index): a rerun of the same attempt overwrites its own objects.
@@ -75,6 +110,20 @@ class GenerationRequest:
         """
         extension = MIME_EXTENSIONS.get(mime_type, "bin")
         return f"{job_folder(self.user_id, self.job_id)}/{int(self.attempt)}-{int(index)}.{extension}"
+
+    def set_parameters(self) -> list[str]:
+        """The optional parameters this request sets, by name (config.PARAMETERS)."""
+        values = {
+            "person_generation": self.person_generation,
+            "seed": self.seed is not None,
+            "add_watermark": self.add_watermark is not None,
+            "enhance_prompt": self.enhance_prompt is not None,
+            "negative_prompt": self.negative_prompt,
+            "safety_setting": self.safety_setting,
+            "language": self.language,
+            "jpeg_quality": self.jpeg_quality,
+        }
+        return [name for name, value in values.items() if value]
 
 
 @dataclass(frozen=True)

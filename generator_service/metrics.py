@@ -121,5 +121,11 @@ class MeteredStorage:
     async def delete(self, keys: list[str]) -> None:
         await self._inner.delete(keys)
 
+    def object_key(self, path: str) -> str:
+        return self._inner.object_key(path)
+
+    async def read(self, key: str) -> bytes:
+        return await self._inner.read(key)
+
     async def aclose(self) -> None:
         await self._inner.aclose()

@@ -20,14 +20,14 @@ from generator_service.image_server import local_storage_server
 from generator_service.interceptors import SharedTokenInterceptor
 from generator_service.metrics import GeneratorMetrics, MeteredProvider, MeteredStorage
 from generator_service.providers.base import Provider
-from generator_service.providers.gemini_image import GeminiImageProvider
+from generator_service.providers.gemini_image import GeminiImageProvider, VertexGeminiImageProvider
 from generator_service.providers.gemini_imagen import GeminiImagenProvider
 from generator_service.providers.google_auth import AdcTokenSource, TokenSource
 from generator_service.providers.http import ProviderHttp
 from generator_service.providers.images import load_image_formats
 from generator_service.providers.local import LocalProvider
 from generator_service.providers.memory import MemoryBudget
-from generator_service.providers.vertex_imagen import VertexImagenProvider
+from generator_service.providers.vertex_imagen import VertexImagenProvider, vertex_models_url
 from generator_service.retry import RetryPolicy
 from generator_service.servicer import GeneratorServicer
 from generator_service.storage.base import Storage
@@ -81,6 +81,15 @@ def build_providers(settings: GeneratorSettings, *, vertex_tokens: TokenSource |
             project=settings.vertex_project,
             location=settings.vertex_location,
             base_url=settings.vertex_base_url,
+            jpeg_quality=settings.jpeg_quality,
+            max_image_pixels=settings.max_image_pixels,
+        )
+        # The Gemini image models on Vertex AI: same project, location and credentials (a token source of its
+        # own, so each provider closes what it owns).
+        providers["vertex-gemini-image"] = VertexGeminiImageProvider(
+            http("vertex-gemini-image"),
+            vertex_tokens or AdcTokenSource(),
+            models_url=vertex_models_url(settings.vertex_project, settings.vertex_location, settings.vertex_base_url),
             jpeg_quality=settings.jpeg_quality,
             max_image_pixels=settings.max_image_pixels,
         )
@@ -246,6 +255,7 @@ async def _start(settings: GeneratorSettings, closers: list[Any]) -> GeneratorAp
         port=settings.port,
         tls=tls,
         interceptors=interceptors,
+        options=[("grpc.max_receive_message_length", settings.max_request_mb * 1024 * 1024)],
     )
     log.info("generator serving", port=running.port, models=sorted(models), storage=settings.storage_backend)
     metrics_server = None

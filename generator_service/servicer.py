@@ -12,7 +12,7 @@ from imagegen.generator.v1 import generator_service_pb2 as pb
 from imagegen.generator.v1 import generator_service_pb2_grpc as pb_grpc
 
 from generator_service.cleanup import ObjectCleaner
-from generator_service.domain import Completed, GenerationEvent, GenerationRequest, Started, Stored
+from generator_service.domain import Completed, GenerationEvent, GenerationRequest, InputImage, Started, Stored
 from generator_service.generation import Generator
 from imagegen_common.decoding import decoded
 from imagegen_common.errors import ErrorKind, ServiceError
@@ -34,8 +34,16 @@ def request_from_proto(request: pb.GenerateRequest) -> GenerationRequest:
         sample_count=request.sample_count,
         aspect_ratio=request.aspect_ratio or "1:1",
         image_size=request.image_size or "1K",
-        person_generation=request.person_generation or "allow_adult",
+        person_generation=request.person_generation,
         output_mime_type=request.output_mime_type or "image/png",
+        seed=request.seed if request.HasField("seed") else None,
+        add_watermark=request.add_watermark if request.HasField("add_watermark") else None,
+        enhance_prompt=request.enhance_prompt if request.HasField("enhance_prompt") else None,
+        negative_prompt=request.negative_prompt,
+        safety_setting=request.safety_setting,
+        language=request.language,
+        jpeg_quality=request.jpeg_quality,
+        input_images=tuple(InputImage(i.data, i.mime_type, i.storage_path) for i in request.input_images),
     )
 
 
@@ -214,6 +222,11 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
                     max_sample_count=m.max_sample_count,
                     person_generation_options=m.person_generation_options,
                     provider_price_usd=m.provider_price_usd,
+                    max_input_images=m.max_input_images,
+                    thinking=m.thinking,
+                    parameters=m.honoured_parameters,
+                    safety_settings=m.safety_settings,
+                    languages=m.languages,
                 )
                 for m in self._generator.list_models()
             ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from imagegen_client.client import ImageGenClient
+from imagegen_client.client import ImageGenClient, inline_image, job_image
 from imagegen_client.client import webhook_event as webhook_event_number
 from imagegen_common.dev_tokens import DEV_JWT_SECRET, DEV_USER_ID, mint_token
 
@@ -100,8 +101,21 @@ def token(
 def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
     n: Annotated[int, typer.Option("-n", "--count", help="Number of images, 1-4.")] = 4,
-    aspect: Annotated[str, typer.Option(help="1:1, 3:4, 4:3, 9:16 or 16:9.")] = "1:1",
-    size: Annotated[str, typer.Option(help="1K or 2K.")] = "",
+    aspect: Annotated[
+        str, typer.Option(help="An aspect ratio the model takes, e.g. 16:9, 21:9 (`imagegen models`).")
+    ] = "1:1",
+    size: Annotated[str, typer.Option(help="1K, 2K or 4K, where the model offers it (`imagegen models`).")] = "",
+    seed: Annotated[
+        int | None, typer.Option(help="Random seed (needs --no-watermark), where the model takes one.")
+    ] = None,
+    watermark: Annotated[
+        bool | None, typer.Option("--watermark/--no-watermark", help="The provider's invisible watermark.")
+    ] = None,
+    jpeg: Annotated[int, typer.Option(help="JPEG output at this quality (1-100); default PNG.")] = 0,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option("--image", help="An input image (PNG, JPEG, WebP) for models that take them; repeat, in order."),
+    ] = None,
     model: Annotated[str, typer.Option(help="Model id; default: the service's default.")] = "",
     out: Annotated[Path, typer.Option(help="Folder to download the images into.")] = Path("images"),
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the job.")] = 300.0,
@@ -141,49 +155,109 @@ def generate(
         raise typer.BadParameter(str(exc), param_hint="--webhook-event") from None
     within = parse_duration(start_within) if start_within else None
 
+    extra = pb.GenerationParams(jpeg_quality=jpeg, output_mime_type="image/jpeg" if jpeg else "")
+    if seed is not None:
+        extra.seed = seed
+    if watermark is not None:
+        extra.add_watermark = watermark
+    inputs = [inline_image(path.read_bytes()) for path in image or []]
+    options = _JobOptions(
+        model, n, aspect, size, extra, inputs, request_id, out, timeout, webhook, events, priority, within
+    )
+    _run(_generate_and_download(target, token, prompt, options))
+
+
+@app.command()
+def edit(
+    job_id: Annotated[str, typer.Argument(help="The job whose image to edit.")],
+    prompt: Annotated[str, typer.Argument(help="What to change.")],
+    index: Annotated[int, typer.Option(help="Which of the job's images.")] = 0,
+    n: Annotated[int, typer.Option("-n", "--count", help="Number of images, 1-4.")] = 1,
+    aspect: Annotated[str, typer.Option(help="Aspect ratio; default the model's.")] = "",
+    size: Annotated[str, typer.Option(help="1K, 2K or 4K, where the model offers it.")] = "",
+    model: Annotated[str, typer.Option(help="Model id; default the source job's.")] = "",
+    image: Annotated[
+        list[Path] | None, typer.Option("--image", help="More input images after the edited one; repeat, in order.")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder to download the images into.")] = Path("images"),
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the job.")] = 300.0,
+    target: Target = "localhost:50051",
+    token: Token = "",
+) -> None:
+    """Make a new job from image INDEX of job JOB_ID and a prompt (the image is not downloaded or sent again)."""
+
     async def run() -> None:
         async with _client(target, token) as client:
-            job = await client.create_job(
-                prompt,
-                model=model,
-                sample_count=n,
-                aspect_ratio=aspect,
-                image_size=size,
-                request_id=request_id,
-                webhook_url=webhook,
-                webhook_events=events,
-                priority=priority,
-                start_within=within,
-            )
-            console.print(f"job [bold]{job.id}[/bold] created")
-            with Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total}"),
-                TimeElapsedColumn(),
-                console=console,
-            ) as progress:
-                bar = progress.add_task("pending", total=job.params.sample_count)
-                async with asyncio.timeout(timeout):
-                    async for update in client.watch(job.id):
-                        job = update.job
-                        progress.update(bar, description=state_name(job.state).lower(), completed=len(job.images))
-            if job.state != pb.JOB_STATE_COMPLETED:
-                console.print(f"[red]job {state_name(job.state)}[/red]: {job.error.reason} {job.error.message}")
-                raise typer.Exit(1)
-            out.mkdir(parents=True, exist_ok=True)
-            async with httpx.AsyncClient(timeout=60) as http:
-                for image in job.images:
-                    response = await http.get(image.url)
-                    response.raise_for_status()
-                    path = out / f"{job.id}-{image.index}.{image.storage_path.rsplit('.', 1)[-1]}"
-                    path.write_bytes(response.content)
-                    print(path)
-            if job.filtered_count:
-                console.print(f"{job.filtered_count} image(s) withheld by safety filters")
-            console.print(f"charged {job.credits_charged} credit(s)")
+            source = await client.get_job(job_id)
+        inputs = [job_image(job_id, index), *(inline_image(path.read_bytes()) for path in image or [])]
+        options = _JobOptions(model or source.model, n, aspect, size, None, inputs, "", out, timeout)
+        await _generate_and_download(target, token, prompt, options)
 
     _run(run())
+
+
+@dataclass(frozen=True)
+class _JobOptions:
+    model: str
+    count: int
+    aspect: str
+    size: str
+    extra: pb.GenerationParams | None
+    inputs: list[pb.InputImage]
+    request_id: str
+    out: Path
+    timeout: float
+    webhook_url: str = ""
+    webhook_events: tuple[int, ...] | list[int] = ()
+    priority: int | None = None
+    start_within: float | None = None
+
+
+async def _generate_and_download(target: str, token: str, prompt: str, options: _JobOptions) -> None:
+    """Creates the job, shows its progress live, downloads the images and prints their paths."""
+    out, timeout = options.out, options.timeout
+    async with _client(target, token) as client:
+        job = await client.create_job(
+            prompt,
+            model=options.model,
+            sample_count=options.count,
+            aspect_ratio=options.aspect,
+            image_size=options.size,
+            request_id=options.request_id,
+            webhook_url=options.webhook_url,
+            webhook_events=options.webhook_events,
+            priority=options.priority,
+            start_within=options.start_within,
+            params=options.extra,
+            input_images=options.inputs,
+        )
+        console.print(f"job [bold]{job.id}[/bold] created")
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            bar = progress.add_task("pending", total=job.params.sample_count)
+            async with asyncio.timeout(timeout):
+                async for update in client.watch(job.id):
+                    job = update.job
+                    progress.update(bar, description=state_name(job.state).lower(), completed=len(job.images))
+        if job.state != pb.JOB_STATE_COMPLETED:
+            console.print(f"[red]job {state_name(job.state)}[/red]: {job.error.reason} {job.error.message}")
+            raise typer.Exit(1)
+        out.mkdir(parents=True, exist_ok=True)
+        async with httpx.AsyncClient(timeout=60) as http:
+            for image in job.images:
+                response = await http.get(image.url)
+                response.raise_for_status()
+                path = out / f"{job.id}-{image.index}.{image.storage_path.rsplit('.', 1)[-1]}"
+                path.write_bytes(response.content)
+                print(path)
+        if job.filtered_count:
+            console.print(f"{job.filtered_count} image(s) withheld by safety filters")
+        console.print(f"charged {job.credits_charged} credit(s)")
 
 
 def _job_table(jobs: list[pb.Job]) -> Table:
@@ -315,6 +389,28 @@ def credits(target: Target = "localhost:50051", token: Token = "") -> None:
         async with _client(target, token) as client:
             balance = await client.credit_balance()
             print(f"balance {balance.balance}, reserved {balance.reserved}{', premium' if balance.premium else ''}")
+
+    _run(run())
+
+
+@app.command()
+def models(target: Target = "localhost:50051", token: Token = "") -> None:
+    """List the models a job can use: sizes, aspect ratios, input images, parameters and price."""
+
+    async def run() -> None:
+        async with _client(target, token) as client:
+            table = Table("id", "name", "sizes", "aspect ratios", "inputs", "parameters", "credits/image")
+            for model in await client.list_models():
+                table.add_row(
+                    model.id,
+                    model.display_name + (" (thinks)" if model.thinking else ""),
+                    ", ".join(model.image_sizes),
+                    " ".join(model.aspect_ratios),
+                    str(model.max_input_images),
+                    ", ".join(model.parameters),
+                    str(model.price_per_image),
+                )
+            Console(width=200).print(table)
 
     _run(run())
 

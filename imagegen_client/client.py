@@ -85,9 +85,12 @@ def create_job_request(
     webhook_events: Sequence[int | str] = (),
     priority: int | None = None,
     start_within: float | None = None,
+    params: pb.GenerationParams | None = None,
+    input_images: Sequence[pb.InputImage] = (),
 ) -> pb.CreateJobRequest:
     """The CreateJobRequest both clients send (unset parameters stay unset: the service's defaults apply), with a
-    new request_id when the caller gave none. `start_within` is in seconds."""
+    new request_id when the caller gave none. `start_within` is in seconds. `params` adds any other
+    GenerationParams field (seed, jpeg_quality, ...) over the named ones."""
     request = pb.CreateJobRequest(
         webhook_url=webhook_url,
         webhook_events=[pb.WebhookEvent.ValueType(webhook_event(e)) for e in webhook_events],
@@ -109,6 +112,9 @@ def create_job_request(
         request.priority = priority
     if start_within is not None:
         request.start_within.FromNanoseconds(round(start_within * 1e9))
+    if params is not None:
+        request.params.MergeFrom(params)
+    request.input_images.extend(input_images)
     return request
 
 
@@ -122,6 +128,16 @@ def webhook_event(value: int | str) -> int:
         return int(pb.WebhookEvent.Value(name if name.startswith("WEBHOOK_EVENT_") else f"WEBHOOK_EVENT_{name}"))
     except ValueError:
         raise ValueError(f"unknown webhook event {value!r}") from None
+
+
+def inline_image(data: bytes) -> pb.InputImage:
+    """An input image sent inline (its type is read from the bytes by the service, not from a file name)."""
+    return pb.InputImage(data=data)
+
+
+def job_image(job_id: str, index: int) -> pb.InputImage:
+    """An input image that is one of your earlier job's images: resolved by the service, not sent again."""
+    return pb.InputImage(job_image=pb.ImageRef(job_id=job_id, index=index))
 
 
 def grant_credits_request(
@@ -210,6 +226,8 @@ class ImageGenClient:
         webhook_events: Sequence[int | str] = (),
         priority: int | None = None,
         start_within: float | None = None,
+        params: pb.GenerationParams | None = None,
+        input_images: Sequence[pb.InputImage] = (),
         timeout: float | None = None,
     ) -> pb.Job:
         """Creates a job. Retries (of UNAVAILABLE) resend the same `request_id`, so they never create two jobs; pass
@@ -230,6 +248,8 @@ class ImageGenClient:
             webhook_events=webhook_events,
             priority=priority,
             start_within=start_within,
+            params=params,
+            input_images=input_images,
         )
         response: pb.CreateJobResponse = await self._call(self._stub.CreateJob, request, timeout)
         return response.job
@@ -268,6 +288,11 @@ class ImageGenClient:
         """Deletes a job and its images; a running one is cancelled first. A job already deleted (or another
         user's) raises NOT_FOUND: a call retried after UNAVAILABLE that gets NOT_FOUND found its job deleted."""
         await self._call(self._stub.DeleteJob, pb.DeleteJobRequest(job_id=job_id), timeout)
+
+    async def list_models(self, *, timeout: float | None = None) -> list[pb.Model]:
+        """The models a job can use, with their capabilities and price per image in credits."""
+        response: pb.ListModelsResponse = await self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return list(response.models)
 
     async def list_templates(self, *, timeout: float | None = None) -> list[pb.Template]:
         response: pb.ListTemplatesResponse = await self._call(

@@ -103,6 +103,8 @@ class ImageGenSyncClient:
         webhook_events: Sequence[int | str] = (),
         priority: int | None = None,
         start_within: float | None = None,
+        params: pb.GenerationParams | None = None,
+        input_images: Sequence[pb.InputImage] = (),
         timeout: float | None = None,
     ) -> pb.Job:
         """Creates a job. Retries (of UNAVAILABLE) resend the same `request_id`, so they never create two jobs; pass
@@ -123,6 +125,8 @@ class ImageGenSyncClient:
             webhook_events=webhook_events,
             priority=priority,
             start_within=start_within,
+            params=params,
+            input_images=input_images,
         )
         response: pb.CreateJobResponse = self._call(self._stub.CreateJob, request, timeout)
         return response.job
@@ -158,6 +162,11 @@ class ImageGenSyncClient:
     def delete_job(self, job_id: str, *, timeout: float | None = None) -> None:
         """Deletes a job and its images; see ImageGenClient.delete_job."""
         self._call(self._stub.DeleteJob, pb.DeleteJobRequest(job_id=job_id), timeout)
+
+    def list_models(self, *, timeout: float | None = None) -> list[pb.Model]:
+        """The models a job can use, with their capabilities and price per image in credits."""
+        response: pb.ListModelsResponse = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return list(response.models)
 
     def list_templates(self, *, timeout: float | None = None) -> list[pb.Template]:
         response: pb.ListTemplatesResponse = self._call(self._stub.ListTemplates, pb.ListTemplatesRequest(), timeout)

@@ -118,6 +118,14 @@ class JobSettings(BaseSettings):
     # again and again, so anything above 0 is free credits for the asking.
     anonymous_user_credits: int = Field(default=0, ge=0)
 
+    # Input images (CreateJob.input_images): most bytes and pixels (read from the header) of each inline image;
+    # Google takes 7 MB per inline image.
+    max_input_image_bytes: int = Field(default=7 * 1024 * 1024, ge=1)
+    max_input_image_pixels: int = Field(default=25_000_000, ge=1, le=89_478_485)
+    # Largest request message the server accepts (gRPC's default is 4 MB, too small for images inline); past it
+    # gRPC itself answers RESOURCE_EXHAUSTED. It bounds the memory one call can take before anything else runs.
+    max_request_mb: int = Field(default=32, ge=1, le=1024)
+
     # WatchJob streams one user (service-role callers are not counted per user), and one connection (by peer
     # address: behind a proxy, all of its users), may hold open at once; beyond, RESOURCE_EXHAUSTED. 0: no cap.
     watch_streams_per_user: int = 100

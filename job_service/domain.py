@@ -45,22 +45,106 @@ MAX_PRIORITY = 9
 DEFAULT_PRIORITY = 5
 
 
+# The optional generation parameters (a model honours those its ModelInfo.parameters names). Unset values are
+# None / "" / 0, and as_dict leaves them out: the stored params and the idempotency hash of a request that sets
+# none of them stay what they were before these parameters existed.
+OPTIONAL_PARAMS = (
+    "seed",
+    "add_watermark",
+    "enhance_prompt",
+    "negative_prompt",
+    "safety_setting",
+    "language",
+    "jpeg_quality",
+)
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """One input image of a job, as stored in its params: inline bytes (kept in job_input_blobs under their
+    sha256) or one of the same user's delivered images of an earlier job (by storage key, read by the generator)."""
+
+    mime_type: str
+    width: int
+    height: int
+    size_bytes: int
+    sha256: str = ""
+    job_id: str = ""
+    index: int = -1
+    storage_path: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        common: dict[str, object] = {
+            "mime_type": self.mime_type,
+            "width": self.width,
+            "height": self.height,
+            "size_bytes": self.size_bytes,
+        }
+        if self.sha256:
+            return {**common, "sha256": self.sha256}
+        return {**common, "job_id": self.job_id, "index": self.index, "storage_path": self.storage_path}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, object]) -> InputRef:
+        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class Params:
     sample_count: int = 4
     aspect_ratio: str = "1:1"
     image_size: str = "1K"
+    # "" on a model without person-generation control (JobManager fits the default to the model).
     person_generation: str = "allow_adult"
     output_mime_type: str = "image/png"
+    seed: int | None = None
+    add_watermark: bool | None = None
+    enhance_prompt: bool | None = None
+    negative_prompt: str = ""
+    safety_setting: str = ""
+    language: str = ""
+    jpeg_quality: int = 0
+    # In the order they go to the model, after the prompt.
+    input_images: tuple[InputRef, ...] = ()
+
+    @classmethod
+    def from_dict(cls, values: dict[str, object]) -> Params:
+        """From the stored JSON (unknown keys, e.g. a newer version's, are left out)."""
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        inputs = known.pop("input_images", None)
+        if isinstance(inputs, list):
+            known["input_images"] = tuple(InputRef.from_dict(i) for i in inputs if isinstance(i, dict))
+        return cls(**known)  # type: ignore[arg-type]
+
+    @property
+    def parent(self) -> InputRef | None:
+        """The job's lineage: the first earlier job's image it was made from, if any."""
+        return next((i for i in self.input_images if i.job_id), None)
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        values: dict[str, object] = {
             "sample_count": self.sample_count,
             "aspect_ratio": self.aspect_ratio,
             "image_size": self.image_size,
             "person_generation": self.person_generation,
             "output_mime_type": self.output_mime_type,
         }
+        values.update({name: value for name in OPTIONAL_PARAMS if (value := getattr(self, name)) not in (None, "", 0)})
+        # False is a choice (add_watermark=false), not "unset": kept.
+        values.update({n: False for n in ("add_watermark", "enhance_prompt") if getattr(self, n) is False})
+        if self.input_images:
+            values["input_images"] = [i.as_dict() for i in self.input_images]
+        return values
+
+    def set_optional(self) -> list[str]:
+        """The optional parameters this job sets."""
+        return [
+            name
+            for name in OPTIONAL_PARAMS
+            if getattr(self, name) is not None
+            and getattr(self, name) != ""
+            and not (name == "jpeg_quality" and getattr(self, name) == 0)
+        ]
 
 
 @dataclass(frozen=True)
@@ -173,6 +257,14 @@ class ModelInfo:
     image_sizes: list[str]
     max_sample_count: int
     person_generation_options: list[str]
+    display_name: str = ""
+    provider: str = ""
+    max_input_images: int = 0
+    thinking: bool = False
+    # The optional parameters (OPTIONAL_PARAMS, plus "person_generation") it honours.
+    parameters: list[str] = field(default_factory=list)
+    safety_settings: list[str] = field(default_factory=list)
+    languages: list[str] = field(default_factory=list)
 
 
 # What GeneratorService reports about one attempt (see generator_client, which speaks the protocol).

@@ -6,7 +6,7 @@ import asyncio
 import contextvars
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,10 @@ class GeneratorClient:
         min_streams: int = 8,
         stream_max_age_seconds: float = 60.0,
         calls: OutgoingCalls | None = None,
+        input_blobs: Callable[[str, list[str]], Awaitable[dict[str, bytes]]] | None = None,
     ) -> None:
+        # Reads a user's stored input images by sha256 (JobStore.input_blobs).
+        self._input_blobs = input_blobs
         if tls_ca:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=tls_ca.read_bytes(),
@@ -149,6 +152,35 @@ class GeneratorClient:
         await asyncio.gather(*readers, return_exceptions=True)
         await self._channel.close()
 
+    def _person_generation(self, job: Job) -> str:
+        """The job's person_generation, except on a model that has none: a job created before CreateJob refused it
+        there carries the old default ("allow_adult"), which the generator would now refuse (and which the old
+        generator dropped). CreateJob refuses an explicit value on such a model, so nothing a caller chose is lost."""
+        info = self._models.get(job.model)
+        if info is not None and not info.person_generation_options:
+            return ""
+        return job.params.person_generation
+
+    async def _input_images(self, job: Job) -> list[pb.InputImage]:
+        """The job's input images for the generator, in order: stored bytes, or the storage key of an earlier job's
+        image (which the generator reads itself, so it is not sent twice)."""
+        refs = job.params.input_images
+        if not refs:
+            return []
+        digests = [r.sha256 for r in refs if r.sha256]
+        blobs = await self._input_blobs(job.user_id, digests) if digests and self._input_blobs else {}
+        images = []
+        for ref in refs:
+            if ref.sha256 and ref.sha256 not in blobs:
+                raise GenerationFailure(
+                    "INPUT_IMAGE_MISSING", f"input image {ref.sha256} of job {job.id} is not stored", False
+                )
+            if ref.sha256:
+                images.append(pb.InputImage(data=blobs[ref.sha256], mime_type=ref.mime_type))
+            else:
+                images.append(pb.InputImage(storage_path=ref.storage_path, mime_type=ref.mime_type))
+        return images
+
     async def generate(self, job: Job) -> AsyncGenerator[GenerationEvent, None]:
         """Runs one attempt; leaving the iteration early (or cancelling) stops it at the generator."""
         request = pb.GenerateRequest(
@@ -161,8 +193,16 @@ class GeneratorClient:
             sample_count=job.images_owed,
             aspect_ratio=job.params.aspect_ratio,
             image_size=job.params.image_size,
-            person_generation=job.params.person_generation,
+            person_generation=self._person_generation(job),
             output_mime_type=job.params.output_mime_type,
+            seed=job.params.seed,
+            add_watermark=job.params.add_watermark,
+            enhance_prompt=job.params.enhance_prompt,
+            negative_prompt=job.params.negative_prompt,
+            safety_setting=job.params.safety_setting,
+            language=job.params.language,
+            jpeg_quality=job.params.jpeg_quality,
+            input_images=await self._input_images(job),
         )
         key = (job.id, job.attempt)
         stream = self._stream_with_room()
@@ -283,6 +323,13 @@ class GeneratorClient:
                         list(m.image_sizes),
                         m.max_sample_count,
                         list(m.person_generation_options),
+                        display_name=m.display_name,
+                        provider=m.provider,
+                        max_input_images=m.max_input_images,
+                        thinking=m.thinking,
+                        parameters=list(m.parameters),
+                        safety_settings=list(m.safety_settings),
+                        languages=list(m.languages),
                     )
                     for m in response.models
                 }

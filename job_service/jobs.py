@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import io
 import json
 import re
 import uuid
@@ -11,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import structlog
+from PIL import Image
 
 from imagegen_common.errors import ErrorKind, FieldViolation, ServiceError, invalid_argument
 from job_service.domain import (
@@ -20,6 +23,7 @@ from job_service.domain import (
     CreditBalance,
     EventType,
     GenerationFailure,
+    InputRef,
     Job,
     JobEvent,
     JobStatus,
@@ -37,8 +41,10 @@ from job_service.webhooks import DEFAULT_EVENTS, WebhookPolicy, event_violations
 
 log = structlog.get_logger(__name__)
 
-ASPECT_RATIOS = ("1:1", "3:4", "4:3", "9:16", "16:9")
-IMAGE_SIZES = ("1K", "2K")
+# Static limits, for when the generator's catalogue cannot be read: every value some model takes (the generator
+# re-validates each attempt against the model's own list).
+ASPECT_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9", "1:4", "4:1", "1:8", "8:1")
+IMAGE_SIZES = ("1K", "2K", "4K")
 PERSON_GENERATION = ("dont_allow", "allow_adult", "allow_all")
 MIME_TYPES = ("image/png", "image/jpeg")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -46,6 +52,9 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 # in a PostgreSQL text column at all, so it must be refused here rather than fail in the database.
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 MAX_NAME_CHARS = 128  # model and template ids
+MAX_SAMPLE_COUNT = 4  # images per job, whatever more a model could make
+MAX_SEED = 2_147_483_647  # Imagen's seed is a positive int32
+MAX_NEGATIVE_PROMPT_CHARS = 1_000
 MAX_GRANT = 1_000_000_000
 MAX_REASON_CHARS = 200
 DEFAULT_PAGE_SIZE = 20
@@ -92,6 +101,9 @@ class JobPolicy:
     create_rate_premium: int = 0
     create_rate_service_role: int = 0
     create_rate_window_seconds: float = 60.0
+    # Inline input images: most bytes and pixels each (Google takes 7 MB per inline image).
+    max_input_image_bytes: int = 7 * 1024 * 1024
+    max_input_image_pixels: int = 25_000_000
 
     def rules_for(self, principal: Principal) -> CreateRules:
         """What imagegen_create_job_v4 applies to this caller's create."""
@@ -132,10 +144,46 @@ class CreateJobInput:
     priority: int | None = None
     # Seconds within which the job must start, or it ends EXPIRED; None: no deadline.
     start_within: float | None = None
+    input_images: tuple[InputImageInput, ...] = ()
 
 
 # More distinct webhook events than there are is a client bug: one violation, not one per entry.
 MAX_WEBHOOK_EVENTS = 16
+
+
+@dataclass(frozen=True)
+class InputImageInput:
+    """One input image as CreateJob got it: inline bytes, or (job_id, index) of one of the caller's images."""
+
+    data: bytes = b""
+    job_id: str = ""
+    index: int = 0
+
+
+MAX_INPUT_IMAGES = 16  # whatever the model: more are refused before any is looked at
+_INPUT_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+
+def sniff_image(data: bytes, max_pixels: int) -> tuple[str, int, int] | str:
+    """(media type, width, height) read from the bytes themselves, or why they are not an acceptable image.
+
+    Only the header is decoded (and the file's structure verified), never the pixels: the bound on pixels is checked
+    from the header first, so a small file declaring a huge image costs nothing. Blocking: run it in a thread.
+    """
+    try:
+        with Image.open(io.BytesIO(data), formats=list(_INPUT_FORMATS)) as image:
+            width, height = image.size
+            kind = _INPUT_FORMATS.get(image.format or "")
+            if kind is None:
+                return "must be a PNG, JPEG or WebP image"
+            if width * height > max_pixels:
+                return f"{width}x{height} is more than {max_pixels} pixels"
+            image.verify()
+    except Image.DecompressionBombError:  # a header declaring over twice Pillow's own limit: refused by Image.open
+        return f"more than {max_pixels} pixels"
+    except Exception:  # Pillow raises many kinds (OSError, SyntaxError, struct.error, ...) for bad bytes
+        return "must be a PNG, JPEG or WebP image"
+    return kind, width, height
 
 
 def not_found(job_id: str) -> ServiceError:
@@ -292,12 +340,22 @@ class JobManager:
         count_is_default = "sample_count" not in request.params_set and not (
             template and "sample_count" in template.default_params
         )
+        person_is_default = "person_generation" not in request.params_set and not (
+            template and "person_generation" in template.default_params
+        )
         params, model_violations = await self._check_model(
-            model, params, count_is_default, look_up="model" not in bad_names
+            model, params, count_is_default, look_up="model" not in bad_names, person_is_default=person_is_default
         )
         violations += model_violations
+        inputs, blobs, input_violations = await self._check_inputs(user_id, model, request.input_images)
+        violations += input_violations
         if violations:
             raise invalid_argument(violations)
+        if inputs:
+            params = replace(params, input_images=inputs)
+            if blobs:
+                # Stored before the job that names them, so its first attempt finds them (see the migration).
+                await self._store.put_input_blobs(user_id, blobs)
 
         price = (
             template.price_per_image
@@ -366,6 +424,81 @@ class JobManager:
         chosen = events or sorted(e.value for e in DEFAULT_EVENTS)
         return {"url": request.webhook_url, "events": chosen}, violations
 
+    async def _check_inputs(
+        self, user_id: str, model: str, images: tuple[InputImageInput, ...]
+    ) -> tuple[tuple[InputRef, ...], list[tuple[str, str, bytes]], list[FieldViolation]]:
+        """The input images checked: their refs (for the job's params), the inline bytes to store, the problems."""
+        if not images:
+            return (), [], []
+        if len(images) > MAX_INPUT_IMAGES:
+            return (), [], [FieldViolation("input_images", f"at most {MAX_INPUT_IMAGES}")]
+        violations: list[FieldViolation] = []
+        try:
+            info = (await self._models.list_models()).get(model)
+        except GenerationFailure:
+            info = None  # the generator re-checks the count at the attempt
+        if info is not None and len(images) > info.max_input_images:
+            limit = f"at most {info.max_input_images}" if info.max_input_images else "no input images"
+            violations.append(FieldViolation("input_images", f"{model} takes {limit}"))
+        refs: list[InputRef] = []
+        blobs: dict[str, tuple[str, str, bytes]] = {}
+        policy = self._policy
+        for i, image in enumerate(images):
+            field = f"input_images[{i}]"
+            if image.job_id:
+                ref, problem = await self._referenced_image(user_id, image.job_id, image.index)
+                if problem:
+                    violations.append(FieldViolation(f"{field}.job_image", problem))
+                elif ref is not None:
+                    refs.append(ref)
+                continue
+            if not image.data:
+                violations.append(FieldViolation(field, "needs data or job_image"))
+                continue
+            if len(image.data) > policy.max_input_image_bytes:
+                violations.append(FieldViolation(f"{field}.data", f"at most {policy.max_input_image_bytes} bytes"))
+                continue
+            sniffed = await asyncio.to_thread(sniff_image, image.data, policy.max_input_image_pixels)
+            if isinstance(sniffed, str):
+                violations.append(FieldViolation(f"{field}.data", sniffed))
+                continue
+            kind, width, height = sniffed
+            digest = hashlib.sha256(image.data).hexdigest()
+            blobs[digest] = (digest, kind, image.data)
+            refs.append(InputRef(kind, width, height, len(image.data), sha256=digest))
+        return tuple(refs), list(blobs.values()), violations
+
+    async def _referenced_image(self, user_id: str, job_id: str, index: int) -> tuple[InputRef | None, str]:
+        """One of the user's delivered images, by job and index; the same answer whether the job is missing or
+        another user's (it says nothing of other users' jobs)."""
+        try:
+            job_uuid = str(uuid.UUID(job_id))
+        except ValueError:
+            return None, "job_id must be a UUID"
+        job = await self._store.get_job(job_uuid)
+        # A deleted job (DeleteJob) is no one's any more, as GetJob answers; it is not named as deleted either.
+        if job is None or job.user_id != user_id or job.deleted_at is not None:
+            return None, f"no job {job_uuid} of yours"
+        if job.images_deleted_at is not None:
+            # Its objects are gone or going (retention): refused here, not after credits were reserved and an
+            # attempt failed on the missing object.
+            return None, f"the images of job {job_uuid} were deleted (retention)"
+        image = next((i for i in job.images if i.index == index), None)
+        if image is None:
+            return None, f"job {job_uuid} has no image {index}"
+        return (
+            InputRef(
+                image.mime_type,
+                image.width,
+                image.height,
+                image.size_bytes,
+                job_id=job_uuid,
+                index=index,
+                storage_path=image.storage_path,
+            ),
+            "",
+        )
+
     def _prompt_violations(self, prompt: str, template: Template | None) -> list[FieldViolation]:
         if not prompt.strip():
             return [FieldViolation("prompt", "required (or set template_id)")]
@@ -387,11 +520,19 @@ class JobManager:
         return merged
 
     async def _check_model(
-        self, model: str, params: Params, count_is_default: bool, *, look_up: bool = True
+        self,
+        model: str,
+        params: Params,
+        count_is_default: bool,
+        *,
+        look_up: bool = True,
+        person_is_default: bool = True,
     ) -> tuple[Params, list[FieldViolation]]:
-        """The params (the default image count fitted to the model) and what the model cannot do.
+        """The params (defaults fitted to the model) and what the model cannot do.
 
-        With `look_up` false (a model name that is itself invalid) only the static limits are checked.
+        Every check reads the generator's declaration of the model (ModelInfo): a parameter it does not honour is
+        refused naming the model and the field, never dropped. With `look_up` false (a model name that is itself
+        invalid) only the static limits are checked.
         """
         violations: list[FieldViolation] = []
         catalog: dict[str, ModelInfo] | None = None
@@ -404,24 +545,86 @@ class JobManager:
         info = catalog.get(model) if catalog is not None else None
         if catalog is not None and info is None:
             return params, [FieldViolation("model", f"unknown model {model!r}; one of: {', '.join(sorted(catalog))}")]
-        max_samples = min(info.max_sample_count, 4) if info else 4
+        max_samples = min(info.max_sample_count, MAX_SAMPLE_COUNT) if info else MAX_SAMPLE_COUNT
         if count_is_default and params.sample_count > max_samples:
             # The caller left the count unset: "as many as the model makes", up to the default of 4.
             params = replace(params, sample_count=max_samples)
+        if info is not None and person_is_default and not info.person_generation_options:
+            # The documented default means "the model's own behaviour" on a model without the control.
+            params = replace(params, person_generation="")
         ratios = info.aspect_ratios if info else list(ASPECT_RATIOS)
         sizes = info.image_sizes if info else list(IMAGE_SIZES)
         people = info.person_generation_options if info else list(PERSON_GENERATION)
         if not 1 <= params.sample_count <= max_samples:
             violations.append(FieldViolation("params.sample_count", f"must be 1-{max_samples}"))
         if params.aspect_ratio not in ratios:
-            violations.append(FieldViolation("params.aspect_ratio", f"must be one of {', '.join(ratios)}"))
+            violations.append(FieldViolation("params.aspect_ratio", f"{model} supports {', '.join(ratios)}"))
         if params.image_size not in sizes:
             violations.append(FieldViolation("params.image_size", f"{model} supports {', '.join(sizes)}"))
-        if params.person_generation not in people:
-            violations.append(FieldViolation("params.person_generation", f"must be one of {', '.join(people)}"))
+        if params.person_generation and params.person_generation not in people:
+            problem = f"must be one of {', '.join(people)}" if people else f"{model} does not take person_generation"
+            violations.append(FieldViolation("params.person_generation", problem))
         if params.output_mime_type not in MIME_TYPES:
             violations.append(FieldViolation("params.output_mime_type", f"must be one of {', '.join(MIME_TYPES)}"))
+        violations += self._optional_violations(model, params, info)
         return params, violations
+
+    @staticmethod
+    def _optional_violations(model: str, params: Params, info: ModelInfo | None) -> list[FieldViolation]:
+        """The optional parameters (seed, watermark, ...): each only where the model honours it, within bounds."""
+        violations: list[FieldViolation] = []
+        set_now = params.set_optional()
+        if info is not None:
+            violations += [
+                FieldViolation(f"params.{name}", f"{model} does not take {name}")
+                for name in set_now
+                if name not in info.parameters
+            ]
+        refused = {v.field for v in violations}
+
+        def check(name: str, problem: str | None) -> None:
+            if problem and name in set_now and f"params.{name}" not in refused:
+                violations.append(FieldViolation(f"params.{name}", problem))
+
+        seed = params.seed
+        check("seed", f"must be 1-{MAX_SEED}" if seed is not None and not 1 <= seed <= MAX_SEED else None)
+        check(
+            "seed",
+            "needs add_watermark=false (a watermarked image takes no seed)"
+            if seed is not None and 1 <= seed <= MAX_SEED and params.add_watermark is not False
+            else None,
+        )
+        check("negative_prompt", _bad_text(params.negative_prompt, MAX_NEGATIVE_PROMPT_CHARS))
+        # Without the catalogue (generator unreachable) only the generator can tell; it re-validates each attempt.
+        levels = info.safety_settings if info else [params.safety_setting]
+        check("safety_setting", None if params.safety_setting in levels else f"must be one of {', '.join(levels)}")
+        languages = info.languages if info else [params.language]
+        check("language", None if params.language in languages else f"must be one of {', '.join(languages)}")
+        quality = params.jpeg_quality
+        check("jpeg_quality", "must be 1-100" if not 1 <= quality <= 100 else None)
+        check(
+            "jpeg_quality",
+            "only with output_mime_type image/jpeg"
+            if 1 <= quality <= 100 and params.output_mime_type != "image/jpeg"
+            else None,
+        )
+        return violations
+
+    async def list_models(self) -> list[tuple[ModelInfo, int]]:
+        """Every model a job can use, with its price per delivered image in credits (JOB_MODEL_PRICES, else the
+        default price), from the generator's cached catalogue."""
+        try:
+            catalog = await self._models.list_models()
+        except GenerationFailure as failure:
+            raise ServiceError(
+                ErrorKind.UNAVAILABLE,
+                "MODELS_UNAVAILABLE",
+                f"the model list cannot be read from the generator now; try again ({failure.message[:200]})",
+            ) from None
+        return [
+            (info, self._policy.model_prices.get(info.id, self._policy.default_price_per_image))
+            for info in catalog.values()
+        ]
 
     # -- reading ------------------------------------------------------------------------------------
 

@@ -63,8 +63,21 @@ WITH due AS (
 SELECT count(*) FROM marked
 """
 
+# An input image (job_input_blobs row) no job names is deleted only once no CreateJob has stored it for this long:
+# CreateJob stores the bytes first and inserts its job after (each its own transaction), so a younger row may belong
+# to a create in flight whose job is not visible yet. Storing an image again refreshes its created_at.
+INPUT_BLOB_GRACE_SECONDS = 3600.0
+
+# A job's inline input images (params.input_images[].sha256) that no other job of the user names.
+_UNNAMED_BLOB = """NOT EXISTS (
+        SELECT 1 FROM generation_jobs j
+        WHERE j.user_id = b.user_id {other_than}
+          AND j.params -> 'input_images' @> jsonb_build_array(jsonb_build_object('sha256', b.sha256)))"""
+
 # Deletes the jobs `which` selects whose objects are confirmed gone: queued, and their storage_cleanups row deleted
-# by a sweep that succeeded.
+# by a sweep that succeeded. The same statement deletes their input images that no other job names (the CTEs share
+# one snapshot, so the jobs being deleted here are left out of that check by id); one two jobs shared, deleted by
+# two replicas at once, or stored again within the grace, is left to the orphan sweep (delete_orphan_blobs).
 _DELETE = """
 WITH gone AS (
     SELECT g.id FROM generation_jobs g
@@ -73,9 +86,35 @@ WITH gone AS (
     ORDER BY {order}
     LIMIT $1
     FOR UPDATE OF g SKIP LOCKED
+), deleted AS (
+    DELETE FROM generation_jobs g USING gone WHERE g.id = gone.id
+    RETURNING g.id, g.user_id, g.params
+), inputs AS (
+    SELECT DISTINCT d.user_id, i ->> 'sha256' AS sha256
+    FROM deleted d, jsonb_array_elements(coalesce(d.params -> 'input_images', '[]'::jsonb)) AS i
+    WHERE jsonb_typeof(i) = 'object' AND i ? 'sha256'
+), blobs AS (
+    DELETE FROM job_input_blobs b USING inputs
+    WHERE b.user_id = inputs.user_id AND b.sha256 = inputs.sha256
+      AND b.created_at <= now() - make_interval(secs => {grace})
+      AND {unnamed}
 )
-DELETE FROM generation_jobs g USING gone WHERE g.id = gone.id
-RETURNING g.id
+SELECT id FROM deleted
+"""
+
+# Input images no job names (a refused CreateJob's; one whose jobs' deletion left it, see above), stored at least
+# `$2` seconds ago, up to `$1` of them.
+_DELETE_ORPHAN_BLOBS = f"""
+WITH due AS (
+    SELECT b.user_id, b.sha256 FROM job_input_blobs b
+    WHERE b.created_at <= now() - make_interval(secs => $2)
+      AND {_UNNAMED_BLOB.format(other_than="")}
+    ORDER BY b.created_at
+    LIMIT $1
+    FOR UPDATE OF b SKIP LOCKED
+)
+DELETE FROM job_input_blobs b USING due WHERE b.user_id = due.user_id AND b.sha256 = due.sha256
+RETURNING b.sha256
 """
 
 _DELETED = "deleted_at IS NOT NULL"
@@ -83,8 +122,12 @@ _PAST = "completed_at <= now() - make_interval(secs => $2)"
 
 _QUEUE_DELETED = _QUEUE.format(ended=_ENDED, which=_DELETED, order="deleted_at", no_urls=_NO_URLS)
 _QUEUE_EXPIRED = _QUEUE.format(ended=_ENDED, which=_PAST, order="completed_at", no_urls=_NO_URLS)
-_DELETE_DELETED = _DELETE.format(ended="g." + _ENDED, which="g." + _DELETED, order="g.deleted_at")
-_DELETE_EXPIRED = _DELETE.format(ended="g." + _ENDED, which="g." + _PAST, order="g.completed_at")
+_DELETE_BLOBS = {
+    "grace": INPUT_BLOB_GRACE_SECONDS,
+    "unnamed": _UNNAMED_BLOB.format(other_than="AND j.id NOT IN (SELECT id FROM deleted)"),
+}
+_DELETE_DELETED = _DELETE.format(ended="g." + _ENDED, which="g." + _DELETED, order="g.deleted_at", **_DELETE_BLOBS)
+_DELETE_EXPIRED = _DELETE.format(ended="g." + _ENDED, which="g." + _PAST, order="g.completed_at", **_DELETE_BLOBS)
 
 # DeleteJob: the job is marked deleted, and if it has ended its objects are queued in the same statement (one that
 # is still running is queued by the next pass after it ends). Ownership was checked by the caller; the
@@ -130,6 +173,10 @@ class RetentionStore:
     async def delete_expired(self, limit: int, after_seconds: float) -> int:
         """Deletes up to `limit` rows of jobs that ended more than `after_seconds` ago and whose objects are gone."""
         return len(await self._pool.fetch(_DELETE_EXPIRED, limit, after_seconds))
+
+    async def delete_orphan_blobs(self, limit: int, older_than_seconds: float = INPUT_BLOB_GRACE_SECONDS) -> int:
+        """Deletes up to `limit` input images that no job names and that were stored over `older_than_seconds` ago."""
+        return len(await self._pool.fetch(_DELETE_ORPHAN_BLOBS, limit, older_than_seconds))
 
 
 @dataclass(frozen=True)
@@ -217,7 +264,7 @@ class RetentionSweeper:
                 await asyncio.wait_for(self._wake.wait(), timeout=self._config.interval_seconds)
 
     async def pass_once(self) -> PassResult:
-        """One bounded pass: each of its four steps takes at most `batch_size` jobs."""
+        """One bounded pass: each of its five steps takes at most `batch_size` jobs (or input images)."""
         limit = self._config.batch_size
         images_after = self._config.images_after_seconds
         jobs_after = self._config.jobs_after_seconds
@@ -233,13 +280,15 @@ class RetentionSweeper:
         removed_expired = await self._store.delete_expired(limit, jobs_after) if jobs_after is not None else 0
         if removed_expired:
             self._observer.jobs_deleted("retention", removed_expired)
-        if deleted_queued or expired or removed_deleted or removed_expired:
+        orphan_blobs = await self._store.delete_orphan_blobs(limit)
+        if deleted_queued or expired or removed_deleted or removed_expired or orphan_blobs:
             log.info(
                 "retention pass",
                 deleted_jobs_queued=deleted_queued,
                 expired_jobs_queued=expired,
                 deleted_jobs_removed=removed_deleted,
                 expired_jobs_removed=removed_expired,
+                orphan_input_images_removed=orphan_blobs,
             )
-        counts = (deleted_queued, expired, removed_deleted, removed_expired)
+        counts = (deleted_queued, expired, removed_deleted, removed_expired, orphan_blobs)
         return PassResult(deleted_queued + expired, removed_deleted + removed_expired, max(counts) >= limit)

@@ -360,6 +360,7 @@ async def start(settings: JobSettings) -> JobApp:
         min_streams=settings.generator_streams,
         stream_max_age_seconds=settings.generator_stream_max_age_seconds,
         calls=OutgoingCalls(rpc_metrics),
+        input_blobs=store.input_blobs,
     )
     dispatcher = Dispatcher(
         store,
@@ -459,6 +460,8 @@ async def start(settings: JobSettings) -> JobApp:
             create_rate_premium=settings.create_rate_premium,
             create_rate_service_role=settings.create_rate_service_role,
             create_rate_window_seconds=settings.create_rate_window_seconds,
+            max_input_image_bytes=settings.max_input_image_bytes,
+            max_input_image_pixels=settings.max_input_image_pixels,
         ),
         page_tokens(settings),
         retention_store,
@@ -480,6 +483,7 @@ async def start(settings: JobSettings) -> JobApp:
         port=settings.port,
         tls=tls,
         interceptors=[ServerObservability(rpc_metrics)],
+        options=[("grpc.max_receive_message_length", settings.max_request_mb * 1024 * 1024)],
     )
     health.start(running)
     dispatcher.start()

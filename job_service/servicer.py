@@ -6,7 +6,7 @@ import functools
 import weakref
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from google.protobuf import timestamp_pb2
 from imagegen.job.v1 import job_service_pb2 as pb
@@ -18,7 +18,7 @@ from imagegen_common.grpc_errors import stream_errors, unary_errors
 from imagegen_common.rpc_observability import peer_of
 from job_service.auth import TokenVerifier
 from job_service.domain import EventType, Job, JobEvent, JobStatus, Params, Principal, StoredImage, Template
-from job_service.jobs import CreateJobInput, JobManager
+from job_service.jobs import MAX_INPUT_IMAGES, MAX_SAMPLE_COUNT, CreateJobInput, InputImageInput, JobManager
 from job_service.store import CONNECTION_ERRORS
 from job_service.watch_limits import WatchStreams
 from job_service.webhook_store import DeliveryRecord
@@ -66,7 +66,23 @@ _DELIVERY_STATE_TO_PB = {
 # Every state with an error to show: why it failed, was cancelled or expired; on a pending job, the error of the
 # last attempt, which will be retried.
 _STATES_WITH_ERROR = (JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED, JobStatus.PENDING)
-_PARAM_FIELDS = ("sample_count", "aspect_ratio", "image_size", "person_generation", "output_mime_type")
+_PARAM_FIELDS = (
+    "sample_count",
+    "aspect_ratio",
+    "image_size",
+    "person_generation",
+    "output_mime_type",
+    "negative_prompt",
+    "safety_setting",
+    "language",
+    "jpeg_quality",
+)
+# proto3 `optional` fields: set when present, whatever the value (add_watermark=false is a choice).
+_OPTIONAL_PARAM_FIELDS: tuple[Literal["seed", "add_watermark", "enhance_prompt"], ...] = (
+    "seed",
+    "add_watermark",
+    "enhance_prompt",
+)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -87,7 +103,8 @@ def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
 
 def params_to_pb(params: Params | dict[str, Any]) -> pb.GenerationParams:
     values: dict[str, Any] = params.as_dict() if isinstance(params, Params) else params
-    return pb.GenerationParams(**{k: v for k, v in values.items() if k in _PARAM_FIELDS})
+    fields = (*_PARAM_FIELDS, *_OPTIONAL_PARAM_FIELDS)
+    return pb.GenerationParams(**{k: v for k, v in values.items() if k in fields and v is not None})
 
 
 def _image_to_pb(image: StoredImage, *, deleted: bool) -> pb.Image:
@@ -134,6 +151,21 @@ def job_to_pb(job: Job) -> pb.Job:
         message.error.CopyFrom(pb.JobError(reason=job.error_code, message=job.error_message or ""))
     if job.status is JobStatus.PENDING:
         message.next_attempt_time.CopyFrom(_stamp(job.next_attempt_at))
+    for position, ref in enumerate(job.params.input_images):
+        shown = message.input_images.add(
+            index=position,
+            mime_type=ref.mime_type,
+            width=ref.width,
+            height=ref.height,
+            size_bytes=ref.size_bytes,
+            sha256=ref.sha256,
+        )
+        if ref.job_id:
+            shown.job_image.CopyFrom(pb.ImageRef(job_id=ref.job_id, index=ref.index))
+    parent = job.params.parent
+    if parent is not None:
+        message.parent_job_id = parent.job_id
+        message.parent_image_index = parent.index
     return message
 
 
@@ -240,8 +272,16 @@ class JobServicer(pb_grpc.JobServiceServicer):
     @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def CreateJob(self, request: pb.CreateJobRequest, context: Any) -> pb.CreateJobResponse:
         principal = await self._principal(context, request)
+        has_params = request.HasField("params")
         params_set = frozenset(
-            name for name in _PARAM_FIELDS if request.HasField("params") and getattr(request.params, name)
+            [name for name in _PARAM_FIELDS if has_params and getattr(request.params, name)]
+            + [name for name in _OPTIONAL_PARAM_FIELDS if has_params and request.params.HasField(name)]
+        )
+        inputs = tuple(
+            InputImageInput(job_id=i.job_image.job_id, index=i.job_image.index)
+            if i.HasField("job_image")
+            else InputImageInput(data=i.data)
+            for i in request.input_images[: MAX_INPUT_IMAGES + 1]  # more is refused anyway; look at no more
         )
         params = Params(**{name: getattr(request.params, name) for name in params_set}) if params_set else None
         start_within: float | None = None
@@ -270,6 +310,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 ),
                 priority=request.priority if request.HasField("priority") else None,
                 start_within=start_within,
+                input_images=inputs,
             ),
         )
         return pb.CreateJobResponse(job=job_to_pb(job))
@@ -322,6 +363,30 @@ class JobServicer(pb_grpc.JobServiceServicer):
     async def ListTemplates(self, request: pb.ListTemplatesRequest, context: Any) -> pb.ListTemplatesResponse:
         await self._principal(context, request)
         return pb.ListTemplatesResponse(templates=[template_to_pb(t) for t in await self._jobs.list_templates()])
+
+    @unary_errors(DOMAIN, CONNECTION_ERRORS)
+    async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+        await self._principal(context, request)
+        return pb.ListModelsResponse(
+            models=[
+                pb.Model(
+                    id=info.id,
+                    display_name=info.display_name,
+                    provider=info.provider,
+                    aspect_ratios=info.aspect_ratios,
+                    image_sizes=info.image_sizes,
+                    max_sample_count=min(info.max_sample_count, MAX_SAMPLE_COUNT),
+                    person_generation_options=info.person_generation_options,
+                    max_input_images=info.max_input_images,
+                    thinking=info.thinking,
+                    parameters=info.parameters,
+                    safety_settings=info.safety_settings,
+                    languages=info.languages,
+                    price_per_image=price,
+                )
+                for info, price in await self._jobs.list_models()
+            ]
+        )
 
     @unary_errors(DOMAIN, CONNECTION_ERRORS)
     async def GetCreditBalance(self, request: pb.GetCreditBalanceRequest, context: Any) -> pb.GetCreditBalanceResponse:

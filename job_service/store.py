@@ -126,7 +126,7 @@ def job_from_row(row: asyncpg.Record | dict[str, Any]) -> Job:
         status=JobStatus(row["status"]),
         prompt=row["prompt"],
         model=row["model"],
-        params=Params(**{k: v for k, v in params.items() if k in Params.__dataclass_fields__}),
+        params=Params.from_dict(params),
         template_id=row["template_id"],
         request_id=row["request_id"],
         images=[StoredImage(**image) for image in row["images"] or []],
@@ -464,6 +464,27 @@ class JobStore:
                     row["error_code"], row["error_message"], row["error_detail"]
                 ) or RuntimeError(f"create failed: {row['error_code']} {row['error_message']}")
         return outcomes
+
+    async def put_input_blobs(self, user_id: str, blobs: list[tuple[str, str, bytes]]) -> None:
+        """Stores input images (sha256, media type, bytes) of a user; one already stored keeps its bytes.
+
+        Storing one again moves its created_at to now: the orphan sweep (job_service.retention) deletes only an
+        image no job names and that no CreateJob stored within the grace, and this create's job is not inserted yet.
+        """
+        await self._pool.executemany(
+            "INSERT INTO job_input_blobs (user_id, sha256, mime_type, data) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT (user_id, sha256) DO UPDATE SET created_at = now()",
+            [(user_id, digest, mime, data) for digest, mime, data in blobs],
+        )
+
+    async def input_blobs(self, user_id: str, digests: list[str]) -> dict[str, bytes]:
+        """The stored bytes of a user's input images, by sha256 (those that exist)."""
+        rows = await self._pool.fetch(
+            "SELECT sha256, data FROM job_input_blobs WHERE user_id = $1 AND sha256 = ANY($2::text[])",
+            user_id,
+            digests,
+        )
+        return {row["sha256"]: bytes(row["data"]) for row in rows}
 
     async def get_job(self, job_id: str) -> Job | None:
         row = await self._pool.fetchrow("SELECT * FROM generation_jobs WHERE id = $1", job_id)

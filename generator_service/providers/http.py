@@ -24,6 +24,9 @@ from generator_service.providers.limits import ModelLimits
 from generator_service.providers.memory import MemoryBudget
 from generator_service.retry import RetryPolicy, parse_retry_after
 
+# Requests above this (a prompt with input images) reserve memory like answers do; a text prompt never does.
+LARGE_REQUEST_BYTES = 64 * 1024
+
 log = structlog.get_logger(__name__)
 
 # 502 is not in Google's list, but it is what a load balancer says when a backend restarts: transient.
@@ -165,6 +168,10 @@ class ProviderHttp:
         connection, so the provider stops work it would otherwise bill for.
         """
         payload = json.dumps(body, separators=(",", ":")).encode()
+        if self._memory is not None and len(payload) > LARGE_REQUEST_BYTES:
+            # Input images make requests of megabytes (base64, once per call of the attempt), held with the images
+            # they were made from until the attempt ends: they count against the same budget as answers.
+            await self._memory.reserve_answer(len(payload))
         limiter = self._limits.for_model(model)
         started = self._clock()
         retries = 0

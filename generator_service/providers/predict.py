@@ -1,8 +1,9 @@
 """Imagen's `:predict` wire format, shared by Vertex AI and the Gemini API (they speak the same body).
 
-Request:  {"instances": [{"prompt"}], "parameters": {"sampleCount", "aspectRatio", "sampleImageSize" (2K
-           only), "personGeneration", "includeRaiReason": true, "outputOptions": {"mimeType",
-           "compressionQuality" (JPEG only)}}}
+Request:  {"instances": [{"prompt"}], "parameters": {"sampleCount", "aspectRatio", "sampleImageSize" (models
+           with several sizes), "personGeneration", "includeRaiReason": true, "outputOptions": {"mimeType",
+           "compressionQuality" (JPEG only)}, and when set: "seed", "addWatermark", "enhancePrompt",
+           "negativePrompt", "safetySetting", "language"}}
 Response: {"predictions": [{"bytesBase64Encoded", "mimeType"} | {"raiFilteredReason"}, ...]}
 See /work/shared/reference/external-apis.md §2 for the sources.
 """
@@ -27,22 +28,37 @@ from imagegen_common.errors import ErrorKind, ServiceError
 _BLOCKED_PROMPT_MARKERS = ("could not be submitted", "sensitive words", "responsible ai")
 
 
-def request_body(request: GenerationRequest, jpeg_quality: int) -> dict[str, Any]:
+def request_body(request: GenerationRequest, jpeg_quality: int, model: ModelSpec) -> dict[str, Any]:
+    """The `:predict` body; optional parameters only when set (generation.validate let through only those the
+    model honours)."""
     output_options: dict[str, Any] = {"mimeType": request.output_mime_type}
     if request.output_mime_type == "image/jpeg":
-        output_options["compressionQuality"] = jpeg_quality
+        output_options["compressionQuality"] = request.jpeg_quality or jpeg_quality
     parameters: dict[str, Any] = {
         "sampleCount": request.sample_count,
         "aspectRatio": request.aspect_ratio,
-        "personGeneration": request.person_generation,
+        # Imagen's own default, sent as before for a request that does not choose.
+        "personGeneration": request.person_generation or "allow_adult",
         # Without it a filtered image silently vanishes (or `predictions` is absent); with it we learn why.
         "includeRaiReason": True,
         "outputOptions": output_options,
     }
-    # 1K is the default; sending sampleImageSize to a model without 2K support (Fast) is an error, and
-    # generation.validate only lets 2K through for models whose spec lists it.
-    if request.image_size == "2K":
-        parameters["sampleImageSize"] = "2K"
+    # Every size of a model that has several (1K included: it asked for it); never to a model with one size
+    # (Imagen 4 Fast refuses the field).
+    if model.sends_size:
+        parameters["sampleImageSize"] = request.image_size
+    if request.seed is not None:
+        parameters["seed"] = request.seed
+    if request.add_watermark is not None:
+        parameters["addWatermark"] = request.add_watermark
+    if request.enhance_prompt is not None:
+        parameters["enhancePrompt"] = request.enhance_prompt
+    if request.negative_prompt:
+        parameters["negativePrompt"] = request.negative_prompt
+    if request.safety_setting:
+        parameters["safetySetting"] = request.safety_setting
+    if request.language:
+        parameters["language"] = request.language
     return {"instances": [{"prompt": request.prompt}], "parameters": parameters}
 
 
@@ -131,7 +147,7 @@ async def generate(
     on_failure: Callable[[HttpFailure], ServiceError] | None = None,
 ) -> AsyncGenerator[GeneratedImage | FilteredImage, None]:
     """One `:predict` call, yielding each image as it is decoded; `on_failure` maps HTTP failures first."""
-    body = request_body(request, jpeg_quality)
+    body = request_body(request, jpeg_quality, model)
     try:
         # The body goes straight to the parser, which drops it once parsed; no reference stays here.
         images = images_from_response(await http.post_json(model, url, body, auth), provider, max_pixels)

@@ -13,9 +13,20 @@ from generator_service.providers.images import DEFAULT_MAX_PIXELS
 
 
 def vertex_base_url(location: str) -> str:
-    # The "global" location has no regional host.
-    host = "aiplatform.googleapis.com" if location == "global" else f"{location}-aiplatform.googleapis.com"
-    return f"https://{host}"
+    """Vertex AI's host for a location: regional `{location}-aiplatform.googleapis.com`, the multi-regions `us` and
+    `eu` at `aiplatform.{us|eu}.rep.googleapis.com`, and `global` at `aiplatform.googleapis.com` (Google's
+    "Deployments and endpoints" and "Regional and multiregional API endpoints" pages, checked 2026-12-06)."""
+    if location == "global":
+        return "https://aiplatform.googleapis.com"
+    if location in ("us", "eu"):
+        return f"https://aiplatform.{location}.rep.googleapis.com"
+    return f"https://{location}-aiplatform.googleapis.com"
+
+
+def vertex_models_url(project: str, location: str, base_url: str | None = None) -> str:
+    """The collection Google's models live under: `{host}/v1/projects/{p}/locations/{l}/publishers/google/models`."""
+    host = (base_url or vertex_base_url(location)).rstrip("/")
+    return f"{host}/v1/projects/{project}/locations/{location}/publishers/google/models"
 
 
 class VertexImagenProvider:
@@ -35,10 +46,7 @@ class VertexImagenProvider:
         self._http = http
         self._tokens = tokens
         self._auth = BearerTokenAuth(tokens)
-        self._models_url = (
-            f"{(base_url or vertex_base_url(location)).rstrip('/')}"
-            f"/v1/projects/{project}/locations/{location}/publishers/google/models"
-        )
+        self._models_url = vertex_models_url(project, location, base_url)
         self._jpeg_quality = jpeg_quality
         self._max_image_pixels = max_image_pixels
 

@@ -14,7 +14,9 @@ import threading
 from pathlib import Path
 
 from generator_service.blocking import run_sized
+from generator_service.domain import generation_error
 from generator_service.storage.base import MAX_LISTED, UploadedObject
+from imagegen_common.errors import ErrorKind
 
 PUBLIC_PREFIX = "/storage/v1/object/public/"
 
@@ -68,6 +70,15 @@ class LocalStorage:
     async def delete(self, keys: list[str]) -> None:
         targets = [self._target(key) for key in keys]  # every key checked before anything is deleted
         await asyncio.to_thread(_delete_files, targets, self._bucket_dir)
+
+    async def read(self, key: str) -> bytes:
+        target = self._target(key)
+        try:
+            return await asyncio.to_thread(Path(target).read_bytes)
+        except FileNotFoundError:
+            raise generation_error(
+                ErrorKind.FAILED_PRECONDITION, "INPUT_IMAGE_NOT_FOUND", f"no stored object {key}", retryable=False
+            ) from None
 
     async def aclose(self) -> None:
         return None

@@ -271,6 +271,20 @@ class SupabaseStorage:
             chunk = keys[start : start + _DELETE_CHUNK]
             await self._retrying("delete", chunk[0], functools.partial(bucket.remove, chunk))
 
+    async def read(self, key: str) -> bytes:
+        bucket = self._client.from_(self._bucket)
+        try:
+            data: bytes = await self._retrying("download", key, lambda: bucket.download(key))
+        except ServiceError as error:
+            if error.reason != "STORAGE_BUCKET_NOT_FOUND":
+                raise
+            # Storage answers 404 alike for a missing object and a missing bucket; uploads would fail on the latter,
+            # so here it is the object: an earlier job's image deleted since.
+            raise generation_error(
+                ErrorKind.FAILED_PRECONDITION, "INPUT_IMAGE_NOT_FOUND", error.message, retryable=False
+            ) from None
+        return data
+
     async def _retrying(self, action: str, key: str, call: Callable[[], Awaitable[T]]) -> T:
         started = self._clock()
         retries = 0

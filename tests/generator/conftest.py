@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.generator.fake_google import FakeGeminiImage, FakeGeminiImagen, FakeVertexImagen
+from tests.generator.fake_google import FakeGeminiImage, FakeGeminiImagen, FakeVertexGeminiImage, FakeVertexImagen
 from tests.generator.fake_supabase import FakeSupabaseStorage
 
 
@@ -29,6 +29,14 @@ async def gemini_imagen_api() -> AsyncIterator[FakeGeminiImagen]:
 @pytest.fixture
 async def gemini_image_api() -> AsyncIterator[FakeGeminiImage]:
     fake = FakeGeminiImage()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def vertex_gemini_image_api() -> AsyncIterator[FakeVertexGeminiImage]:
+    fake = FakeVertexGeminiImage()
     await fake.start()
     yield fake
     await fake.stop()

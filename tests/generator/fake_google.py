@@ -205,6 +205,8 @@ class _FakeImagenPredict(_FakeService):
             return google_error(404, "NOT_FOUND", f"models/{match['model']} is not found")
         body = request.json()
         parameters = body["parameters"]
+        if "seed" in parameters and parameters.get("addWatermark", True) is not False:
+            return google_error(400, "INVALID_ARGUMENT", "Seed is not supported when watermark is enabled.")
         mime = parameters.get("outputOptions", {}).get("mimeType", "image/png")
         size = image_dimensions(parameters.get("aspectRatio", "1:1"), parameters.get("sampleImageSize", "1K"))
         if self.delay is not None:
@@ -253,9 +255,25 @@ class FakeGeminiImagen(_FakeImagenPredict):
         return gemini_key_refusal(request, self.api_key)
 
 
+def gemini_image_size(aspect_ratio: str, image_size: str | None) -> tuple[int, int]:
+    """What a Gemini image model returns for a ratio and `imageSize` (none: 1K)."""
+    if image_size in (None, "1K") and aspect_ratio in GEMINI_IMAGE_SIZES:
+        return GEMINI_IMAGE_SIZES[aspect_ratio]
+    return image_dimensions(aspect_ratio, image_size or "1K")
+
+
+DRAFT_COLOUR = (200, 30, 30)  # the interim ("thought") images of a thinking model
+
+
 class FakeGeminiImage(_FakeService):
     """Stands in for Gemini's image models on the Gemini API: POST /v1beta/models/{model}:generateContent
-    with `x-goog-api-key`, answering one PNG per call in candidates[0].content.parts[].inlineData."""
+    with `x-goog-api-key`, answering one image per call in candidates[0].content.parts[].inlineData.
+
+    Speaks google-genai's shapes: `imageConfig {aspectRatio, imageSize}` picks the size; a thinking model
+    (`thinking_models`) first sends `thoughts` interim images as parts marked `"thought": true` (in a colour of
+    their own, DRAFT_COLOUR), then a thought summary, then the final image. The Gemini API refuses
+    `personGeneration` (400, as google-genai does before sending).
+    """
 
     path = re.compile(r"/v1beta/models/(?P<model>[^/:]+):generateContent")
 
@@ -263,34 +281,74 @@ class FakeGeminiImage(_FakeService):
         super().__init__()
         self.api_key = api_key
         self.delay: Callable[[], Awaitable[None]] | None = None
+        self.thinking_models = {"gemini-3-pro-image-preview", "gemini-3.1-flash-image-preview"}
+        self.thoughts = 0
+
+    def refuse(self, request: RecordedRequest) -> Reply | None:
+        return gemini_key_refusal(request, self.api_key)
+
+    def refuse_config(self, image_config: dict[str, Any]) -> Reply | None:
+        if "personGeneration" in image_config:
+            return google_error(
+                400, "INVALID_ARGUMENT", 'Invalid JSON payload received. Unknown name "personGeneration"'
+            )
+        return None
 
     async def answer(self, exchange: Exchange) -> Reply:
         request = exchange.request
         match = self.path.fullmatch(request.path)
         if request.method != "POST" or match is None:
             return google_error(404, "NOT_FOUND", f"no route {request.method} {request.path}")
-        refusal = gemini_key_refusal(request, self.api_key)
+        refusal = self.refuse(request)
         if refusal is not None:
             return refusal
         if self.delay is not None:
             await self.delay()
         body = request.json()
-        ratio = body["generationConfig"]["imageConfig"]["aspectRatio"]
-        png = image_bytes(*GEMINI_IMAGE_SIZES[ratio], "image/png")
+        image_config = body["generationConfig"]["imageConfig"]
+        refusal = self.refuse_config(image_config)
+        if refusal is not None:
+            return refusal
+        size = gemini_image_size(image_config.get("aspectRatio", "1:1"), image_config.get("imageSize"))
+        parts: list[dict[str, Any]] = []
+        if match["model"] in self.thinking_models:
+            for _ in range(self.thoughts):
+                draft = image_bytes(*size, "image/png", DRAFT_COLOUR)
+                parts.append({"inlineData": {"mimeType": "image/png", "data": b64(draft)}, "thought": True})
+            if self.thoughts:
+                parts.append({"text": "Refining the composition.", "thought": True})
+        parts += [
+            {"text": "Here is your image."},
+            {"inlineData": {"mimeType": "image/png", "data": b64(image_bytes(*size, "image/png"))}},
+        ]
         return Reply.json(
             {
-                "candidates": [
-                    {
-                        "content": {
-                            "role": "model",
-                            "parts": [
-                                {"text": "Here is your image."},
-                                {"inlineData": {"mimeType": "image/png", "data": b64(png)}},
-                            ],
-                        },
-                        "finishReason": "STOP",
-                    }
-                ],
+                "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP"}],
                 "usageMetadata": {"promptTokenCount": 7, "candidatesTokenCount": 1290},
             }
         )
+
+
+class FakeVertexGeminiImage(FakeGeminiImage):
+    """The same models on Vertex AI: POST /v1/projects/{p}/locations/{l}/publishers/google/models/{model}:
+    generateContent with `Authorization: Bearer <OAuth token>`; `personGeneration` is accepted here."""
+
+    path = re.compile(
+        r"/v1/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/publishers/google/models/"
+        r"(?P<model>[^/:]+):generateContent"
+    )
+
+    def __init__(self, token: str = "test-access-token") -> None:
+        super().__init__()
+        self.valid_tokens = {token}
+
+    def refuse(self, request: RecordedRequest) -> Reply | None:
+        sent = request.headers.get("authorization", "")
+        if sent.startswith("Bearer ") and sent.removeprefix("Bearer ") in self.valid_tokens:
+            return None
+        return google_error(401, "UNAUTHENTICATED", "Request had invalid authentication credentials.")
+
+    def refuse_config(self, image_config: dict[str, Any]) -> Reply | None:
+        if image_config.get("personGeneration", "ALLOW_ADULT") not in ("ALLOW_ALL", "ALLOW_ADULT", "ALLOW_NONE"):
+            return google_error(400, "INVALID_ARGUMENT", "Invalid value at 'image_config.person_generation'")
+        return None

@@ -12,6 +12,7 @@ Stands in for `{SUPABASE_URL}/storage/v1` (external-apis.md §3 and §6):
   ones it deleted (a key without an object is skipped, not an error).
 - GET /storage/v1/bucket/{id}: the bucket (`id`, `name`, `owner`, `public`, `file_size_limit`,
   `allowed_mime_types`, `created_at`, `updated_at`, `type`), as storage3's `get_bucket` reads it.
+- GET /storage/v1/object/{bucket}/{path} with the service key: an authenticated download (storage3's `download`).
 Errors come back as HTTP 400 with the real status in the body's `statusCode` string, like the real server: a
 missing bucket is statusCode "404" "Bucket not found"; a request without an Authorization header statusCode "400"
 (InvalidRequest); a wrong key statusCode "403".
@@ -98,6 +99,11 @@ class FakeSupabaseStorage(FakeService):
             if self.delete_faults:
                 return await self.delete_faults.popleft()(exchange)
             return self._delete(path.removeprefix("/object/"), request)
+        if request.method == "GET" and path.startswith("/object/"):
+            where = self._split(path.removeprefix("/object/"))
+            if where is None:
+                return storage_error("404", "Bucket not found", "Bucket not found", "NoSuchBucket")
+            return self._object(where)
         if request.method == "POST" and path.startswith("/object/"):
             if self.upload_faults:
                 return await self.upload_faults.popleft()(exchange)

@@ -40,7 +40,7 @@ async def test_one_generate_content_call_per_image_with_the_documented_body(
         assert sent.path == "/v1beta/models/gemini-2.5-flash-image:generateContent"
         assert sent.headers["x-goog-api-key"] == "test-api-key"
         assert sent.json() == {
-            "contents": [{"parts": [{"text": "a lighthouse at dusk"}]}],
+            "contents": [{"role": "user", "parts": [{"text": "a lighthouse at dusk"}]}],
             "generationConfig": {"responseModalities": ["IMAGE"], "imageConfig": {"aspectRatio": "16:9"}},
         }
     images = sorted((i for i in items if isinstance(i, GeneratedImage)), key=lambda i: i.index)
@@ -105,15 +105,15 @@ async def test_a_safety_finish_reason_without_image_counts_as_filtered(
     assert finish in items[0].reason
 
 
-async def test_a_text_only_answer_counts_as_filtered_and_says_what_the_model_said(
+async def test_a_text_only_answer_is_no_safety_block_and_says_what_the_model_said(
     gemini_image_api: FakeGeminiImage,
 ) -> None:
-    text = {"content": {"parts": [{"text": "I can't create images of real people."}]}, "finishReason": "STOP"}
+    text = {"content": {"parts": [{"text": "Which lighthouse do you mean?"}]}, "finishReason": "STOP"}
     gemini_image_api.faults.append(answer_json({"candidates": [text]}))
-    items = await generate(gemini_image_api, sample_count=1)
-    assert len(items) == 1 and isinstance(items[0], FilteredImage)
-    assert "no image in the answer (STOP)" in items[0].reason
-    assert "I can't create images of real people." in items[0].reason
+    with pytest.raises(ServiceError) as caught:
+        await generate(gemini_image_api, sample_count=1)
+    assert (caught.value.reason, caught.value.metadata["retryable"]) == ("MODEL_ANSWERED_TEXT", "false")
+    assert "Which lighthouse do you mean?" in caught.value.message
 
 
 async def test_a_transient_failure_of_one_call_is_retried(gemini_image_api: FakeGeminiImage) -> None:

@@ -98,13 +98,14 @@ async def test_vertex_sends_the_documented_predict_request(vertex_api: FakeVerte
     assert all(isinstance(i, GeneratedImage) and i.data == expected for i in items)
 
 
-async def test_1k_png_request_sends_no_size_and_no_quality(vertex_api: FakeVertexImagen) -> None:
+async def test_1k_png_request_sends_its_size_and_no_quality(vertex_api: FakeVertexImagen) -> None:
+    # A model with several sizes gets the one asked for, the default included (google-genai sends what it is given).
     provider = vertex(vertex_api)
     items = await collect(provider, make_request(sample_count=1), STANDARD)
     await provider.aclose()
 
     parameters = vertex_api.requests[0].json()["parameters"]
-    assert "sampleImageSize" not in parameters
+    assert parameters["sampleImageSize"] == "1K"
     assert parameters["outputOptions"] == {"mimeType": "image/png"}
     assert [(i.width, i.height, i.mime_type) for i in items if isinstance(i, GeneratedImage)] == [
         (1024, 1024, "image/png")
@@ -478,5 +479,5 @@ def test_request_body_round_trips_through_json() -> None:
     # The wire body is plain JSON types only (no tuples, enums or dataclasses slipping through).
     from generator_service.providers.predict import request_body
 
-    body = request_body(make_request(image_size="2K", output_mime_type="image/jpeg"), 75)
+    body = request_body(make_request(image_size="2K", output_mime_type="image/jpeg", seed=7), 75, STANDARD)
     assert json.loads(json.dumps(body)) == body

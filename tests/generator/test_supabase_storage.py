@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import httpx
@@ -167,3 +168,17 @@ async def test_unreachable_storage_is_retryable(supabase_storage_api: FakeSupaba
     await supabase_storage_api.stop()
     error = await upload_error(supabase_storage_api)
     assert (error.reason, error.metadata["retryable"]) == ("STORAGE_UNAVAILABLE", "true")
+
+
+async def test_an_input_image_is_read_back_by_its_key_with_the_service_key(
+    supabase_storage_api: FakeSupabaseStorage,
+) -> None:
+    client = storage(supabase_storage_api, prefix="generated")
+    png = image_bytes(32, 32, "image/png")
+    folder = f"{uuid.uuid4()}/{uuid.uuid4()}"
+    uploaded = await client.upload(f"{folder}/1-0.png", png, "image/png")
+    assert await client.read(uploaded.key) == png
+    with pytest.raises(ServiceError) as caught:
+        await client.read(f"generated/{folder}/9-9.png")
+    await client.aclose()
+    assert (caught.value.reason, caught.value.metadata["retryable"]) == ("INPUT_IMAGE_NOT_FOUND", "false")

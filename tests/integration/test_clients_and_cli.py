@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 from imagegen.job.v1 import job_service_pb2 as pb
+from PIL import Image
 
 from imagegen_client import ImageGenSyncClient, JobTimeoutError
 from imagegen_common.dev_tokens import DEV_JWT_SECRET, mint_token
@@ -118,6 +119,41 @@ async def test_cli_lists_watches_cancels_and_shows_credits_and_templates(databas
         code, templates, err = await cli(services.target, token, "templates")
         assert code == 0, err
         assert "product-shot" in templates and "wallpaper" in templates
+
+        code, listed_models, err = await cli(services.target, token, "models")
+        assert code == 0, err
+        local_row = next(line for line in listed_models.splitlines() if " local " in line)
+        assert "1K, 2K, 4K" in local_row and "21:9" in local_row and "seed" in local_row
+
+        code, paths, err = await cli(
+            services.target, token, "generate", "a fox", "-n", "1", "--size", "4K", "--aspect", "21:9",
+            "--seed", "3", "--no-watermark", "--jpeg", "80", "--out", str(tmp_path / "cli-images"),
+        )  # fmt: skip
+        assert code == 0, err
+        (path,) = paths.split()
+        assert path.endswith(".jpg")
+        with Image.open(path) as drawn:
+            assert (drawn.format, drawn.size) == ("JPEG", (6256, 2688))  # 4K at 21:9: about 4096² pixels
+
+        red = tmp_path / "red.png"
+        Image.new("RGB", (120, 120), (255, 0, 0)).save(red)
+        code, paths, err = await cli(
+            services.target, token, "generate", "make it night", "-n", "1", "--image", str(red),
+            "--out", str(tmp_path / "cli-images"),
+        )  # fmt: skip
+        assert code == 0, err
+        (night,) = paths.split()
+        source_job = Path(night).name.rsplit("-", 1)[0]
+        code, paths, err = await cli(
+            services.target, token, "edit", source_job, "--index", "0", "add a red scarf",
+            "--out", str(tmp_path / "cli-images"),
+        )  # fmt: skip
+        assert code == 0, err
+        (edited,) = paths.split()
+        async with services.client(token=token) as client:
+            edit_job = await client.get_job(Path(edited).name.rsplit("-", 1)[0])
+        assert (edit_job.parent_job_id, edit_job.parent_image_index) == (source_job, 0)
+        assert edit_job.model == "local" and edit_job.input_images[0].job_image.job_id == source_job
 
         code, _, err = await cli(services.target, token, "jobs", "get", "00000000-0000-4000-8000-000000000000")
         assert code == 1 and "NOT_FOUND" in err

@@ -9,6 +9,8 @@ one whose completed_at the test moved back.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,9 +21,10 @@ import grpc
 import httpx
 import pytest
 from imagegen.job.v1 import job_service_pb2 as pb
+from PIL import Image
 
 from generator_service import server as generator_server
-from imagegen_client import ImageGenClient
+from imagegen_client import ImageGenClient, inline_image, job_image
 from job_service.cleanup import CleanupStore, Sweeper, SweeperConfig
 from job_service.generator_client import GeneratorClient
 from job_service.retention import RetentionConfig, RetentionStore, RetentionSweeper
@@ -490,3 +493,121 @@ async def test_deleting_a_job_whose_folder_is_being_swept_fences_that_sweep_and_
         assert await retention.mark_deleted(job) is None
     finally:
         await pool.close()
+
+
+# -- input images (job_input_blobs) -------------------------------------------------------------------------------
+
+
+def png(colour: tuple[int, int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+async def stored_inputs(conn: asyncpg.Connection, user: str) -> set[str]:
+    """The sha256 of every input image of the user still stored."""
+    return {r["sha256"] for r in await conn.fetch("SELECT sha256 FROM job_input_blobs WHERE user_id = $1", user)}
+
+
+async def age_inputs(conn: asyncpg.Connection, user: str, hours: float) -> None:
+    """The user's input images were stored `hours` earlier than they were (past the orphan sweep's grace)."""
+    await conn.execute(
+        "UPDATE job_input_blobs SET created_at = created_at - make_interval(secs => $2) WHERE user_id = $1",
+        user,
+        hours * 3600,
+    )
+
+
+async def test_a_deleted_jobs_input_images_go_with_its_row_unless_another_job_names_them(
+    own_db: str, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    user = new_user()
+    red, green = png((255, 0, 0)), png((0, 255, 0))
+    red_sha, green_sha = hashlib.sha256(red).hexdigest(), hashlib.sha256(green).hexdigest()
+    async with running_services(own_db, tmp_path, job=FAST) as services, services.client(user) as client:
+        jobs = []
+        for inputs in ([red], [red], [green]):  # the first two share one stored image
+            made = await client.create_job(
+                "paint it", model="local", sample_count=1, input_images=[inline_image(i) for i in inputs]
+            )
+            jobs.append(await client.wait(made.id, timeout=60))
+        assert [j.state for j in jobs] == [pb.JOB_STATE_COMPLETED] * 3, [j.error for j in jobs]
+        first, second, third = jobs
+        assert await stored_inputs(conn, user) == {red_sha, green_sha}
+        await age_inputs(conn, user, 2)  # as it would be two hours later: no create can be storing them now
+
+        await client.delete_job(first.id)
+        await eventually(lambda: row_count(conn, first.id), lambda r: r == (0, 0, 0), within=15)
+        assert await stored_inputs(conn, user) == {red_sha, green_sha}, "the second job still names the red image"
+        assert (await client.get_job(second.id)).state == pb.JOB_STATE_COMPLETED
+
+        await client.delete_job(third.id)
+        await eventually(lambda: row_count(conn, third.id), lambda r: r == (0, 0, 0), within=15)
+        assert await stored_inputs(conn, user) == {red_sha}, "the green image went with the only job naming it"
+
+        await client.delete_job(second.id)
+        await eventually(lambda: row_count(conn, second.id), lambda r: r == (0, 0, 0), within=15)
+        assert await stored_inputs(conn, user) == set()
+
+
+async def test_the_input_images_of_a_refused_create_are_swept_once_no_create_can_still_need_them(
+    own_db: str, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    user = new_user()
+    kept, refused = png((0, 0, 255)), png((255, 255, 0))
+    job_settings = {**FAST, "create_rate_per_user": 1, "create_rate_window_seconds": 3600.0}
+    async with running_services(own_db, tmp_path, job=job_settings) as services, services.client(user) as client:
+        job = await client.wait(
+            (await client.create_job("a", model="local", sample_count=1, input_images=[inline_image(kept)])).id,
+            timeout=60,
+        )
+        assert job.state == pb.JOB_STATE_COMPLETED, job.error
+        failure = await failure_of(
+            client.create_job("b", model="local", sample_count=1, input_images=[inline_image(refused)])
+        )
+        assert failure.reason == "RATE_LIMITED"
+        refused_sha = hashlib.sha256(refused).hexdigest()
+        both = {hashlib.sha256(kept).hexdigest(), refused_sha}
+        # Stored before the create was refused; within the grace it stays (a create may be between storing its
+        # images and inserting its job), however many passes run.
+        assert await stored_inputs(conn, user) == both
+        await asyncio.sleep(1.0)  # five retention passes at 0.2 s
+        assert await stored_inputs(conn, user) == both
+
+        await age_inputs(conn, user, 2)
+        left = await eventually(lambda: stored_inputs(conn, user), lambda s: refused_sha not in s, within=15)
+        assert left == {hashlib.sha256(kept).hexdigest()}, "the job's own input image is kept: the job names it"
+        assert (await client.get_job(job.id)).state == pb.JOB_STATE_COMPLETED
+
+
+async def test_an_image_of_a_deleted_job_or_past_its_retention_cannot_be_an_input(
+    own_db: str, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    user = new_user()
+    async with (
+        running_services(own_db, tmp_path, job={**FAST, "image_retention_days": 1.0}) as services,
+        services.client(user) as client,
+    ):
+        deleted, expired = [
+            await client.wait((await client.create_job(p, model="local", sample_count=1)).id, timeout=60)
+            for p in ("a door", "a window")
+        ]
+        await client.delete_job(deleted.id)
+        await age(conn, expired.id, 2)
+        shown = await eventually(
+            lambda: client.get_job(expired.id), lambda j: j.HasField("images_delete_time"), within=15
+        )
+        assert shown.HasField("images_delete_time")
+        balance = await client.credit_balance()
+
+        failure = await failure_of(
+            client.create_job("edit", model="local", sample_count=1, input_images=[job_image(deleted.id, 0)])
+        )
+        assert failure.violations == {"input_images[0].job_image": f"no job {deleted.id} of yours"}
+        failure = await failure_of(
+            client.create_job("edit", model="local", sample_count=1, input_images=[job_image(expired.id, 0)])
+        )
+        assert failure.violations == {
+            "input_images[0].job_image": f"the images of job {expired.id} were deleted (retention)"
+        }
+        assert (await client.credit_balance()).reserved == balance.reserved == 0

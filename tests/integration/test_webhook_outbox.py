@@ -30,11 +30,15 @@ async def store(private_database_url: str) -> AsyncIterator[WebhookStore]:
 
 
 async def a_job_with_webhook(db: asyncpg.Connection, events: list[str]) -> str:
-    """A job inserted as the create functions insert one: the webhook inside params."""
+    """A job inserted as the create functions insert one: the webhook inside params.
+
+    It is inserted already ended (cancelled): the database is the session's, and a pending job with hand-made
+    events would be claimed by the services of later tests, whose claim then collides with its event seq 1.
+    """
     params = {"sample_count": 1, "webhook": {"url": "https://hooks.example.com/x", "events": events}}
     job_id = await db.fetchval(
-        """INSERT INTO generation_jobs (user_id, prompt, model, params, max_attempts)
-           VALUES ($1, 'p', 'local', $2::jsonb, 3) RETURNING id""",
+        """INSERT INTO generation_jobs (user_id, prompt, model, params, max_attempts, status, completed_at)
+           VALUES ($1, 'p', 'local', $2::jsonb, 3, 'cancelled', now()) RETURNING id""",
         uuid.uuid4(),
         json.dumps(params),
     )

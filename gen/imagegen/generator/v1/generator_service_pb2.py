@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-imagegen/generator/v1/generator_service.proto\x12\x15imagegen.generator.v1\x1a\x19google/protobuf/any.proto\"\xd7\x01\n\x0fGenerateRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x14\n\x0csample_count\x18\x06 \x01(\x05\x12\x14\n\x0c\x61spect_ratio\x18\x07 \x01(\t\x12\x12\n\nimage_size\x18\x08 \x01(\t\x12\x19\n\x11person_generation\x18\t \x01(\t\x12\x18\n\x10output_mime_type\x18\n \x01(\t\"\xd5\x01\n\x10GenerateResponse\x12;\n\x07started\x18\x01 \x01(\x0b\x32(.imagegen.generator.v1.GenerationStartedH\x00\x12:\n\x0cimage_stored\x18\x02 \x01(\x0b\x32\".imagegen.generator.v1.ImageStoredH\x00\x12?\n\tcompleted\x18\x03 \x01(\x0b\x32*.imagegen.generator.v1.GenerationCompletedH\x00\x42\x07\n\x05\x65vent\"\x89\x01\n\x13GenerateManyRequest\x12\x34\n\x05start\x18\x01 \x01(\x0b\x32#.imagegen.generator.v1.StartAttemptH\x00\x12\x32\n\x04stop\x18\x02 \x01(\x0b\x32\".imagegen.generator.v1.StopAttemptH\x00\x42\x08\n\x06\x61\x63tion\"\\\n\x0cStartAttempt\x12\x37\n\x07request\x18\x01 \x01(\x0b\x32&.imagegen.generator.v1.GenerateRequest\x12\x13\n\x0btraceparent\x18\x02 \x01(\t\".\n\x0bStopAttempt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"\xb2\x01\n\x14GenerateManyResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x38\n\x05\x65vent\x18\x03 \x01(\x0b\x32\'.imagegen.generator.v1.GenerateResponseH\x00\x12\x34\n\x05\x65rror\x18\x04 \x01(\x0b\x32#.imagegen.generator.v1.AttemptErrorH\x00\x42\t\n\x07outcome\"T\n\x0c\x41ttemptError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12%\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x14.google.protobuf.Any\"4\n\x11GenerationStarted\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"\x85\x01\n\x0bImageStored\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x14\n\x0cstorage_path\x18\x03 \x01(\t\x12\x11\n\tmime_type\x18\x04 \x01(\t\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\"`\n\x13GenerationCompleted\x12\x17\n\x0f\x64\x65livered_count\x18\x01 \x01(\x05\x12\x16\n\x0e\x66iltered_count\x18\x02 \x01(\x05\x12\x18\n\x10\x66iltered_reasons\x18\x03 \x03(\t\"N\n\x17\x44\x65leteJobObjectsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x12\n\nkeep_paths\x18\x03 \x03(\t\"1\n\x18\x44\x65leteJobObjectsResponse\x12\x15\n\rdeleted_paths\x18\x01 \x03(\t\"\x13\n\x11ListModelsRequest\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.imagegen.generator.v1.Model\"\xc0\x01\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x15\n\raspect_ratios\x18\x04 \x03(\t\x12\x13\n\x0bimage_sizes\x18\x05 \x03(\t\x12\x18\n\x10max_sample_count\x18\x06 \x01(\x05\x12!\n\x19person_generation_options\x18\x07 \x03(\t\x12\x1a\n\x12provider_price_usd\x18\x08 \x01(\x01\x32\xb6\x03\n\x10GeneratorService\x12]\n\x08Generate\x12&.imagegen.generator.v1.GenerateRequest\x1a\'.imagegen.generator.v1.GenerateResponse0\x01\x12k\n\x0cGenerateMany\x12*.imagegen.generator.v1.GenerateManyRequest\x1a+.imagegen.generator.v1.GenerateManyResponse(\x01\x30\x01\x12\x61\n\nListModels\x12(.imagegen.generator.v1.ListModelsRequest\x1a).imagegen.generator.v1.ListModelsResponse\x12s\n\x10\x44\x65leteJobObjects\x12..imagegen.generator.v1.DeleteJobObjectsRequest\x1a/.imagegen.generator.v1.DeleteJobObjectsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-imagegen/generator/v1/generator_service.proto\x12\x15imagegen.generator.v1\x1a\x19google/protobuf/any.proto\"\xe3\x03\n\x0fGenerateRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x14\n\x0csample_count\x18\x06 \x01(\x05\x12\x14\n\x0c\x61spect_ratio\x18\x07 \x01(\t\x12\x12\n\nimage_size\x18\x08 \x01(\t\x12\x19\n\x11person_generation\x18\t \x01(\t\x12\x18\n\x10output_mime_type\x18\n \x01(\t\x12\x11\n\x04seed\x18\x14 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\radd_watermark\x18\x15 \x01(\x08H\x01\x88\x01\x01\x12\x1b\n\x0e\x65nhance_prompt\x18\x16 \x01(\x08H\x02\x88\x01\x01\x12\x17\n\x0fnegative_prompt\x18\x17 \x01(\t\x12\x16\n\x0esafety_setting\x18\x18 \x01(\t\x12\x10\n\x08language\x18\x19 \x01(\t\x12\x14\n\x0cjpeg_quality\x18\x1a \x01(\x05\x12\x37\n\x0cinput_images\x18\x1b \x03(\x0b\x32!.imagegen.generator.v1.InputImageB\x07\n\x05_seedB\x10\n\x0e_add_watermarkB\x11\n\x0f_enhance_prompt\"C\n\nInputImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x14\n\x0cstorage_path\x18\x03 \x01(\t\"\xd5\x01\n\x10GenerateResponse\x12;\n\x07started\x18\x01 \x01(\x0b\x32(.imagegen.generator.v1.GenerationStartedH\x00\x12:\n\x0cimage_stored\x18\x02 \x01(\x0b\x32\".imagegen.generator.v1.ImageStoredH\x00\x12?\n\tcompleted\x18\x03 \x01(\x0b\x32*.imagegen.generator.v1.GenerationCompletedH\x00\x42\x07\n\x05\x65vent\"\x89\x01\n\x13GenerateManyRequest\x12\x34\n\x05start\x18\x01 \x01(\x0b\x32#.imagegen.generator.v1.StartAttemptH\x00\x12\x32\n\x04stop\x18\x02 \x01(\x0b\x32\".imagegen.generator.v1.StopAttemptH\x00\x42\x08\n\x06\x61\x63tion\"\\\n\x0cStartAttempt\x12\x37\n\x07request\x18\x01 \x01(\x0b\x32&.imagegen.generator.v1.GenerateRequest\x12\x13\n\x0btraceparent\x18\x02 \x01(\t\".\n\x0bStopAttempt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"\xb2\x01\n\x14GenerateManyResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x38\n\x05\x65vent\x18\x03 \x01(\x0b\x32\'.imagegen.generator.v1.GenerateResponseH\x00\x12\x34\n\x05\x65rror\x18\x04 \x01(\x0b\x32#.imagegen.generator.v1.AttemptErrorH\x00\x42\t\n\x07outcome\"T\n\x0c\x41ttemptError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12%\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x14.google.protobuf.Any\"4\n\x11GenerationStarted\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"\x85\x01\n\x0bImageStored\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x14\n\x0cstorage_path\x18\x03 \x01(\t\x12\x11\n\tmime_type\x18\x04 \x01(\t\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\"`\n\x13GenerationCompleted\x12\x17\n\x0f\x64\x65livered_count\x18\x01 \x01(\x05\x12\x16\n\x0e\x66iltered_count\x18\x02 \x01(\x05\x12\x18\n\x10\x66iltered_reasons\x18\x03 \x03(\t\"N\n\x17\x44\x65leteJobObjectsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x12\n\nkeep_paths\x18\x03 \x03(\t\"1\n\x18\x44\x65leteJobObjectsResponse\x12\x15\n\rdeleted_paths\x18\x01 \x03(\t\"\x13\n\x11ListModelsRequest\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.imagegen.generator.v1.Model\"\xac\x02\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x15\n\raspect_ratios\x18\x04 \x03(\t\x12\x13\n\x0bimage_sizes\x18\x05 \x03(\t\x12\x18\n\x10max_sample_count\x18\x06 \x01(\x05\x12!\n\x19person_generation_options\x18\x07 \x03(\t\x12\x1a\n\x12provider_price_usd\x18\x08 \x01(\x01\x12\x18\n\x10max_input_images\x18\x14 \x01(\x05\x12\x10\n\x08thinking\x18\x15 \x01(\x08\x12\x12\n\nparameters\x18\x16 \x03(\t\x12\x17\n\x0fsafety_settings\x18\x17 \x03(\t\x12\x11\n\tlanguages\x18\x18 \x03(\t2\xb6\x03\n\x10GeneratorService\x12]\n\x08Generate\x12&.imagegen.generator.v1.GenerateRequest\x1a\'.imagegen.generator.v1.GenerateResponse0\x01\x12k\n\x0cGenerateMany\x12*.imagegen.generator.v1.GenerateManyRequest\x1a+.imagegen.generator.v1.GenerateManyResponse(\x01\x30\x01\x12\x61\n\nListModels\x12(.imagegen.generator.v1.ListModelsRequest\x1a).imagegen.generator.v1.ListModelsResponse\x12s\n\x10\x44\x65leteJobObjects\x12..imagegen.generator.v1.DeleteJobObjectsRequest\x1a/.imagegen.generator.v1.DeleteJobObjectsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,35 +33,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imagegen.generator.v1.gener
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=100
-  _globals['_GENERATEREQUEST']._serialized_end=315
-  _globals['_GENERATERESPONSE']._serialized_start=318
-  _globals['_GENERATERESPONSE']._serialized_end=531
-  _globals['_GENERATEMANYREQUEST']._serialized_start=534
-  _globals['_GENERATEMANYREQUEST']._serialized_end=671
-  _globals['_STARTATTEMPT']._serialized_start=673
-  _globals['_STARTATTEMPT']._serialized_end=765
-  _globals['_STOPATTEMPT']._serialized_start=767
-  _globals['_STOPATTEMPT']._serialized_end=813
-  _globals['_GENERATEMANYRESPONSE']._serialized_start=816
-  _globals['_GENERATEMANYRESPONSE']._serialized_end=994
-  _globals['_ATTEMPTERROR']._serialized_start=996
-  _globals['_ATTEMPTERROR']._serialized_end=1080
-  _globals['_GENERATIONSTARTED']._serialized_start=1082
-  _globals['_GENERATIONSTARTED']._serialized_end=1134
-  _globals['_IMAGESTORED']._serialized_start=1137
-  _globals['_IMAGESTORED']._serialized_end=1270
-  _globals['_GENERATIONCOMPLETED']._serialized_start=1272
-  _globals['_GENERATIONCOMPLETED']._serialized_end=1368
-  _globals['_DELETEJOBOBJECTSREQUEST']._serialized_start=1370
-  _globals['_DELETEJOBOBJECTSREQUEST']._serialized_end=1448
-  _globals['_DELETEJOBOBJECTSRESPONSE']._serialized_start=1450
-  _globals['_DELETEJOBOBJECTSRESPONSE']._serialized_end=1499
-  _globals['_LISTMODELSREQUEST']._serialized_start=1501
-  _globals['_LISTMODELSREQUEST']._serialized_end=1520
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1522
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1588
-  _globals['_MODEL']._serialized_start=1591
-  _globals['_MODEL']._serialized_end=1783
-  _globals['_GENERATORSERVICE']._serialized_start=1786
-  _globals['_GENERATORSERVICE']._serialized_end=2224
+  _globals['_GENERATEREQUEST']._serialized_end=583
+  _globals['_INPUTIMAGE']._serialized_start=585
+  _globals['_INPUTIMAGE']._serialized_end=652
+  _globals['_GENERATERESPONSE']._serialized_start=655
+  _globals['_GENERATERESPONSE']._serialized_end=868
+  _globals['_GENERATEMANYREQUEST']._serialized_start=871
+  _globals['_GENERATEMANYREQUEST']._serialized_end=1008
+  _globals['_STARTATTEMPT']._serialized_start=1010
+  _globals['_STARTATTEMPT']._serialized_end=1102
+  _globals['_STOPATTEMPT']._serialized_start=1104
+  _globals['_STOPATTEMPT']._serialized_end=1150
+  _globals['_GENERATEMANYRESPONSE']._serialized_start=1153
+  _globals['_GENERATEMANYRESPONSE']._serialized_end=1331
+  _globals['_ATTEMPTERROR']._serialized_start=1333
+  _globals['_ATTEMPTERROR']._serialized_end=1417
+  _globals['_GENERATIONSTARTED']._serialized_start=1419
+  _globals['_GENERATIONSTARTED']._serialized_end=1471
+  _globals['_IMAGESTORED']._serialized_start=1474
+  _globals['_IMAGESTORED']._serialized_end=1607
+  _globals['_GENERATIONCOMPLETED']._serialized_start=1609
+  _globals['_GENERATIONCOMPLETED']._serialized_end=1705
+  _globals['_DELETEJOBOBJECTSREQUEST']._serialized_start=1707
+  _globals['_DELETEJOBOBJECTSREQUEST']._serialized_end=1785
+  _globals['_DELETEJOBOBJECTSRESPONSE']._serialized_start=1787
+  _globals['_DELETEJOBOBJECTSRESPONSE']._serialized_end=1836
+  _globals['_LISTMODELSREQUEST']._serialized_start=1838
+  _globals['_LISTMODELSREQUEST']._serialized_end=1857
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1859
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1925
+  _globals['_MODEL']._serialized_start=1928
+  _globals['_MODEL']._serialized_end=2228
+  _globals['_GENERATORSERVICE']._serialized_start=2231
+  _globals['_GENERATORSERVICE']._serialized_end=2669
 # @@protoc_insertion_point(module_scope)

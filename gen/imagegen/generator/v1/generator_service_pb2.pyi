@@ -35,6 +35,14 @@ class GenerateRequest(_message.Message):
     IMAGE_SIZE_FIELD_NUMBER: _builtins.int
     PERSON_GENERATION_FIELD_NUMBER: _builtins.int
     OUTPUT_MIME_TYPE_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    ADD_WATERMARK_FIELD_NUMBER: _builtins.int
+    ENHANCE_PROMPT_FIELD_NUMBER: _builtins.int
+    NEGATIVE_PROMPT_FIELD_NUMBER: _builtins.int
+    SAFETY_SETTING_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    JPEG_QUALITY_FIELD_NUMBER: _builtins.int
+    INPUT_IMAGES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Required. The job's id; part of the storage path."""
     attempt: _builtins.int
@@ -55,6 +63,31 @@ class GenerateRequest(_message.Message):
     """Optional. One of the model's `person_generation_options`."""
     output_mime_type: _builtins.str
     """Optional. "image/png" (default) or "image/jpeg"."""
+    seed: _builtins.int
+    """Optional parameters: each only for a model whose `Model.parameters` names
+    it; set on any other model, the request fails INVALID_ARGUMENT naming the
+    model and the field (never silently dropped).
+
+    Optional. The random seed, 1-2147483647; needs `add_watermark` false.
+    """
+    add_watermark: _builtins.bool
+    """Optional. Whether the provider adds its invisible (SynthID) watermark."""
+    enhance_prompt: _builtins.bool
+    """Optional. Whether the provider may rewrite the prompt before generating."""
+    negative_prompt: _builtins.str
+    """Optional. What the image should not show."""
+    safety_setting: _builtins.str
+    """Optional. One of the model's `safety_settings`."""
+    language: _builtins.str
+    """Optional. The prompt's language, one of the model's `languages`."""
+    jpeg_quality: _builtins.int
+    """Optional. JPEG quality 1-100 (with `output_mime_type` "image/jpeg")."""
+    @_builtins.property
+    def input_images(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputImage]:
+        """Optional. Images the model takes in (edit sources, references), at most
+        the model's `max_input_images`; sent after the prompt in this order.
+        """
+
     def __init__(
         self,
         *,
@@ -68,14 +101,67 @@ class GenerateRequest(_message.Message):
         image_size: _builtins.str = ...,
         person_generation: _builtins.str = ...,
         output_mime_type: _builtins.str = ...,
+        seed: _builtins.int | None = ...,
+        add_watermark: _builtins.bool | None = ...,
+        enhance_prompt: _builtins.bool | None = ...,
+        negative_prompt: _builtins.str = ...,
+        safety_setting: _builtins.str = ...,
+        language: _builtins.str = ...,
+        jpeg_quality: _builtins.int = ...,
+        input_images: _abc.Iterable[Global___InputImage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_add_watermark", b"_add_watermark", "_enhance_prompt", b"_enhance_prompt", "_seed", b"_seed", "add_watermark", b"add_watermark", "enhance_prompt", b"enhance_prompt", "seed", b"seed"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_add_watermark", b"_add_watermark", "_enhance_prompt", b"_enhance_prompt", "_seed", b"_seed", "add_watermark", b"add_watermark", "aspect_ratio", b"aspect_ratio", "attempt", b"attempt", "enhance_prompt", b"enhance_prompt", "image_size", b"image_size", "input_images", b"input_images", "job_id", b"job_id", "jpeg_quality", b"jpeg_quality", "language", b"language", "model", b"model", "negative_prompt", b"negative_prompt", "output_mime_type", b"output_mime_type", "person_generation", b"person_generation", "prompt", b"prompt", "safety_setting", b"safety_setting", "sample_count", b"sample_count", "seed", b"seed", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__add_watermark: _TypeAlias = _typing.Literal["add_watermark"]  # noqa: Y015
+    _WhichOneofArgType__add_watermark: _TypeAlias = _typing.Literal["_add_watermark", b"_add_watermark"]  # noqa: Y015
+    _WhichOneofReturnType__enhance_prompt: _TypeAlias = _typing.Literal["enhance_prompt"]  # noqa: Y015
+    _WhichOneofArgType__enhance_prompt: _TypeAlias = _typing.Literal["_enhance_prompt", b"_enhance_prompt"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__add_watermark) -> _WhichOneofReturnType__add_watermark | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__enhance_prompt) -> _WhichOneofReturnType__enhance_prompt | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+
+Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class InputImage(_message.Message):
+    """An image a model takes in."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    MIME_TYPE_FIELD_NUMBER: _builtins.int
+    STORAGE_PATH_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The image's bytes; or empty, with `storage_path` set."""
+    mime_type: _builtins.str
+    """Required. "image/png", "image/jpeg" or "image/webp" (read from the bytes
+    by JobService, not from a file name).
+    """
+    storage_path: _builtins.str
+    """The key of one of the same user's stored images (an `ImageStored.storage_path`
+    under `{prefix}/{user_id}/`), read from storage instead of sent again.
+    """
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        mime_type: _builtins.str = ...,
+        storage_path: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aspect_ratio", b"aspect_ratio", "attempt", b"attempt", "image_size", b"image_size", "job_id", b"job_id", "model", b"model", "output_mime_type", b"output_mime_type", "person_generation", b"person_generation", "prompt", b"prompt", "sample_count", b"sample_count", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "mime_type", b"mime_type", "storage_path", b"storage_path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+Global___InputImage: _TypeAlias = InputImage  # noqa: Y015
 
 @_typing.final
 class GenerateResponse(_message.Message):
@@ -505,11 +591,16 @@ class Model(_message.Message):
     MAX_SAMPLE_COUNT_FIELD_NUMBER: _builtins.int
     PERSON_GENERATION_OPTIONS_FIELD_NUMBER: _builtins.int
     PROVIDER_PRICE_USD_FIELD_NUMBER: _builtins.int
+    MAX_INPUT_IMAGES_FIELD_NUMBER: _builtins.int
+    THINKING_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    SAFETY_SETTINGS_FIELD_NUMBER: _builtins.int
+    LANGUAGES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The model id used in requests, e.g. "imagen-4.0-generate-001"."""
     provider: _builtins.str
-    """The provider serving it: "local", "vertex-imagen", "gemini-imagen" or
-    "gemini-image".
+    """The provider serving it: "local", "vertex-imagen", "gemini-imagen",
+    "gemini-image" or "vertex-gemini-image".
     """
     display_name: _builtins.str
     """A display name."""
@@ -517,17 +608,33 @@ class Model(_message.Message):
     """The most images one request may ask for."""
     provider_price_usd: _builtins.float
     """What the provider charges per image, in US dollars (informational)."""
+    max_input_images: _builtins.int
+    """How many input images one request may carry; 0: text only."""
+    thinking: _builtins.bool
+    """Whether the model thinks (and may draft interim images, never delivered)."""
     @_builtins.property
     def aspect_ratios(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Accepted aspect ratios."""
 
     @_builtins.property
     def image_sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Accepted image sizes ("1K", "2K")."""
+        """Accepted image sizes ("1K", "2K", "4K")."""
 
     @_builtins.property
     def person_generation_options(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Accepted person-generation options."""
+
+    @_builtins.property
+    def parameters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The optional `GenerateRequest` parameters it honours, e.g. "seed"."""
+
+    @_builtins.property
+    def safety_settings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Accepted `safety_setting` values (empty: not offered)."""
+
+    @_builtins.property
+    def languages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Accepted `language` values (empty: not offered)."""
 
     def __init__(
         self,
@@ -540,10 +647,15 @@ class Model(_message.Message):
         max_sample_count: _builtins.int = ...,
         person_generation_options: _abc.Iterable[_builtins.str] | None = ...,
         provider_price_usd: _builtins.float = ...,
+        max_input_images: _builtins.int = ...,
+        thinking: _builtins.bool = ...,
+        parameters: _abc.Iterable[_builtins.str] | None = ...,
+        safety_settings: _abc.Iterable[_builtins.str] | None = ...,
+        languages: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aspect_ratios", b"aspect_ratios", "display_name", b"display_name", "id", b"id", "image_sizes", b"image_sizes", "max_sample_count", b"max_sample_count", "person_generation_options", b"person_generation_options", "provider", b"provider", "provider_price_usd", b"provider_price_usd"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aspect_ratios", b"aspect_ratios", "display_name", b"display_name", "id", b"id", "image_sizes", b"image_sizes", "languages", b"languages", "max_input_images", b"max_input_images", "max_sample_count", b"max_sample_count", "parameters", b"parameters", "person_generation_options", b"person_generation_options", "provider", b"provider", "provider_price_usd", b"provider_price_usd", "safety_settings", b"safety_settings", "thinking", b"thinking"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -236,6 +236,9 @@ class Job(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     START_DEADLINE_FIELD_NUMBER: _builtins.int
     IMAGES_DELETE_TIME_FIELD_NUMBER: _builtins.int
+    INPUT_IMAGES_FIELD_NUMBER: _builtins.int
+    PARENT_JOB_ID_FIELD_NUMBER: _builtins.int
+    PARENT_IMAGE_INDEX_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The job's id, a UUID."""
     user_id: _builtins.str
@@ -278,6 +281,12 @@ class Job(_message.Message):
     priority per aging period (`JOB_PRIORITY_AGING_SECONDS`), so it is never
     passed by a job created more than (9 - priority) aging periods after it.
     """
+    parent_job_id: _builtins.str
+    """Output only. Lineage: the earlier job whose image this job was made from
+    (its first `job_image` input); empty when none.
+    """
+    parent_image_index: _builtins.int
+    """Output only. That image's index in the parent job; unset when none."""
     @_builtins.property
     def params(self) -> Global___GenerationParams:
         """Immutable. The generation parameters, with defaults filled in."""
@@ -334,6 +343,10 @@ class Job(_message.Message):
         each with an empty `url`, and the objects are gone or about to go.
         """
 
+    @_builtins.property
+    def input_images(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobInputImage]:
+        """Immutable. The images the job was given, in the order the model gets them."""
+
     def __init__(
         self,
         *,
@@ -364,14 +377,67 @@ class Job(_message.Message):
         priority: _builtins.int = ...,
         start_deadline: _timestamp_pb2.Timestamp | None = ...,
         images_delete_time: _timestamp_pb2.Timestamp | None = ...,
+        input_images: _abc.Iterable[Global___JobInputImage] | None = ...,
+        parent_job_id: _builtins.str = ...,
+        parent_image_index: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "images_delete_time", b"images_delete_time", "next_attempt_time", b"next_attempt_time", "params", b"params", "start_deadline", b"start_deadline", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_parent_image_index", b"_parent_image_index", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "images_delete_time", b"images_delete_time", "next_attempt_time", b"next_attempt_time", "params", b"params", "parent_image_index", b"parent_image_index", "start_deadline", b"start_deadline", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested", b"cancel_requested", "create_time", b"create_time", "credits_charged", b"credits_charged", "credits_reserved", b"credits_reserved", "end_time", b"end_time", "error", b"error", "filtered_count", b"filtered_count", "filtered_reasons", b"filtered_reasons", "id", b"id", "images", b"images", "images_delete_time", b"images_delete_time", "max_attempts", b"max_attempts", "model", b"model", "next_attempt_time", b"next_attempt_time", "params", b"params", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "start_deadline", b"start_deadline", "start_time", b"start_time", "state", b"state", "template_id", b"template_id", "update_time", b"update_time", "user_id", b"user_id", "webhook_events", b"webhook_events", "webhook_url", b"webhook_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_parent_image_index", b"_parent_image_index", "attempt", b"attempt", "cancel_requested", b"cancel_requested", "create_time", b"create_time", "credits_charged", b"credits_charged", "credits_reserved", b"credits_reserved", "end_time", b"end_time", "error", b"error", "filtered_count", b"filtered_count", "filtered_reasons", b"filtered_reasons", "id", b"id", "images", b"images", "images_delete_time", b"images_delete_time", "input_images", b"input_images", "max_attempts", b"max_attempts", "model", b"model", "next_attempt_time", b"next_attempt_time", "params", b"params", "parent_image_index", b"parent_image_index", "parent_job_id", b"parent_job_id", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "start_deadline", b"start_deadline", "start_time", b"start_time", "state", b"state", "template_id", b"template_id", "update_time", b"update_time", "user_id", b"user_id", "webhook_events", b"webhook_events", "webhook_url", b"webhook_url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__parent_image_index: _TypeAlias = _typing.Literal["parent_image_index"]  # noqa: Y015
+    _WhichOneofArgType__parent_image_index: _TypeAlias = _typing.Literal["_parent_image_index", b"_parent_image_index"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__parent_image_index) -> _WhichOneofReturnType__parent_image_index | None: ...
+
+Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class JobInputImage(_message.Message):
+    """An input image of a job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    MIME_TYPE_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    JOB_IMAGE_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Output only. Its position among the job's input images, from 0."""
+    mime_type: _builtins.str
+    """Output only. Its media type, read from its bytes."""
+    width: _builtins.int
+    """Output only. Width in pixels."""
+    height: _builtins.int
+    """Output only. Height in pixels."""
+    size_bytes: _builtins.int
+    """Output only. Size in bytes."""
+    sha256: _builtins.str
+    """Output only. SHA-256 of the bytes (hex), for an image sent inline."""
+    @_builtins.property
+    def job_image(self) -> Global___ImageRef:
+        """Output only. The earlier job's image, for an image given by reference."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        mime_type: _builtins.str = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        job_image: Global___ImageRef | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job_image", b"job_image"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["height", b"height", "index", b"index", "job_image", b"job_image", "mime_type", b"mime_type", "sha256", b"sha256", "size_bytes", b"size_bytes", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Job: _TypeAlias = Job  # noqa: Y015
+Global___JobInputImage: _TypeAlias = JobInputImage  # noqa: Y015
 
 @_typing.final
 class GenerationParams(_message.Message):
@@ -386,6 +452,13 @@ class GenerationParams(_message.Message):
     IMAGE_SIZE_FIELD_NUMBER: _builtins.int
     PERSON_GENERATION_FIELD_NUMBER: _builtins.int
     OUTPUT_MIME_TYPE_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    ADD_WATERMARK_FIELD_NUMBER: _builtins.int
+    ENHANCE_PROMPT_FIELD_NUMBER: _builtins.int
+    NEGATIVE_PROMPT_FIELD_NUMBER: _builtins.int
+    SAFETY_SETTING_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    JPEG_QUALITY_FIELD_NUMBER: _builtins.int
     sample_count: _builtins.int
     """Optional. Number of images, 1-4 (at most the model's `max_sample_count`).
     Default 4, or the model's maximum when that is lower.
@@ -400,6 +473,29 @@ class GenerationParams(_message.Message):
     """
     output_mime_type: _builtins.str
     """Optional. "image/png" or "image/jpeg". Default "image/png"."""
+    seed: _builtins.int
+    """Optional parameters: each only for a model whose `Model.parameters` names
+    it (see `ListModels`); set on any other model, `CreateJob` answers
+    `INVALID_ARGUMENT` naming the model and the field.
+
+    Optional. The random seed, 1-2147483647; needs `add_watermark` false.
+    """
+    add_watermark: _builtins.bool
+    """Optional. Whether the provider adds its invisible (SynthID) watermark."""
+    enhance_prompt: _builtins.bool
+    """Optional. Whether the provider may rewrite the prompt first."""
+    negative_prompt: _builtins.str
+    """Optional. What the image should not show (no current Google model takes
+    it; kept for models that do).
+    """
+    safety_setting: _builtins.str
+    """Optional. One of the model's `safety_settings`, e.g.
+    "block_medium_and_above".
+    """
+    language: _builtins.str
+    """Optional. The prompt's language, one of the model's `languages`."""
+    jpeg_quality: _builtins.int
+    """Optional. JPEG quality 1-100, with `output_mime_type` "image/jpeg"."""
     def __init__(
         self,
         *,
@@ -408,12 +504,30 @@ class GenerationParams(_message.Message):
         image_size: _builtins.str = ...,
         person_generation: _builtins.str = ...,
         output_mime_type: _builtins.str = ...,
+        seed: _builtins.int | None = ...,
+        add_watermark: _builtins.bool | None = ...,
+        enhance_prompt: _builtins.bool | None = ...,
+        negative_prompt: _builtins.str = ...,
+        safety_setting: _builtins.str = ...,
+        language: _builtins.str = ...,
+        jpeg_quality: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_add_watermark", b"_add_watermark", "_enhance_prompt", b"_enhance_prompt", "_seed", b"_seed", "add_watermark", b"add_watermark", "enhance_prompt", b"enhance_prompt", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aspect_ratio", b"aspect_ratio", "image_size", b"image_size", "output_mime_type", b"output_mime_type", "person_generation", b"person_generation", "sample_count", b"sample_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_add_watermark", b"_add_watermark", "_enhance_prompt", b"_enhance_prompt", "_seed", b"_seed", "add_watermark", b"add_watermark", "aspect_ratio", b"aspect_ratio", "enhance_prompt", b"enhance_prompt", "image_size", b"image_size", "jpeg_quality", b"jpeg_quality", "language", b"language", "negative_prompt", b"negative_prompt", "output_mime_type", b"output_mime_type", "person_generation", b"person_generation", "safety_setting", b"safety_setting", "sample_count", b"sample_count", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__add_watermark: _TypeAlias = _typing.Literal["add_watermark"]  # noqa: Y015
+    _WhichOneofArgType__add_watermark: _TypeAlias = _typing.Literal["_add_watermark", b"_add_watermark"]  # noqa: Y015
+    _WhichOneofReturnType__enhance_prompt: _TypeAlias = _typing.Literal["enhance_prompt"]  # noqa: Y015
+    _WhichOneofArgType__enhance_prompt: _TypeAlias = _typing.Literal["_enhance_prompt", b"_enhance_prompt"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__add_watermark) -> _WhichOneofReturnType__add_watermark | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__enhance_prompt) -> _WhichOneofReturnType__enhance_prompt | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
 
 Global___GenerationParams: _TypeAlias = GenerationParams  # noqa: Y015
 
@@ -629,6 +743,7 @@ class CreateJobRequest(_message.Message):
     WEBHOOK_EVENTS_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     START_WITHIN_FIELD_NUMBER: _builtins.int
+    INPUT_IMAGES_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """The prompt. Required unless `template_id` is set; at most the configured
     number of characters.
@@ -684,6 +799,17 @@ class CreateJobRequest(_message.Message):
         also while it waits between attempts.
         """
 
+    @_builtins.property
+    def input_images(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputImage]:
+        """Optional. Images the model takes in (an image to edit, references), in
+        order, at most the model's `max_input_images`. Inline bytes are checked by
+        their content (PNG, JPEG or WebP, at most the configured bytes and
+        pixels) and stored with the job; a `job_image` names one of the caller's
+        own delivered images and is not sent again. The whole request must fit
+        the server's message limit (`JOB_MAX_REQUEST_MB`), else gRPC answers
+        `RESOURCE_EXHAUSTED`.
+        """
+
     def __init__(
         self,
         *,
@@ -698,16 +824,198 @@ class CreateJobRequest(_message.Message):
         webhook_events: _abc.Iterable[Global___WebhookEvent.ValueType] | None = ...,
         priority: _builtins.int | None = ...,
         start_within: _duration_pb2.Duration | None = ...,
+        input_images: _abc.Iterable[Global___InputImage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "params", b"params", "priority", b"priority", "start_within", b"start_within"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "model", b"model", "params", b"params", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "start_within", b"start_within", "template_id", b"template_id", "template_variables", b"template_variables", "user_id", b"user_id", "webhook_events", b"webhook_events", "webhook_url", b"webhook_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "input_images", b"input_images", "model", b"model", "params", b"params", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "start_within", b"start_within", "template_id", b"template_id", "template_variables", b"template_variables", "user_id", b"user_id", "webhook_events", b"webhook_events", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
     _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__priority) -> _WhichOneofReturnType__priority | None: ...
 
 Global___CreateJobRequest: _TypeAlias = CreateJobRequest  # noqa: Y015
+
+@_typing.final
+class InputImage(_message.Message):
+    """An image a job takes in: inline bytes, or one of the caller's own stored
+    images of an earlier job.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    JOB_IMAGE_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """PNG, JPEG or WebP bytes (the type is read from the bytes)."""
+    @_builtins.property
+    def job_image(self) -> Global___ImageRef:
+        """A delivered image of one of the caller's jobs."""
+
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        job_image: Global___ImageRef | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "job_image", b"job_image", "source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "job_image", b"job_image", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["data", "job_image"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___InputImage: _TypeAlias = InputImage  # noqa: Y015
+
+@_typing.final
+class ImageRef(_message.Message):
+    """A delivered image of an earlier job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Required. The job's id."""
+    index: _builtins.int
+    """Required. The image's `index` in that job."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImageRef: _TypeAlias = ImageRef  # noqa: Y015
+
+@_typing.final
+class ListModelsRequest(_message.Message):
+    """Request message for `ListModels`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
+
+@_typing.final
+class ListModelsResponse(_message.Message):
+    """Response message for `ListModels`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___Model]:
+        """The models, in the generator's order."""
+
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___Model] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
+
+@_typing.final
+class Model(_message.Message):
+    """A model a job can use and what it accepts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    ASPECT_RATIOS_FIELD_NUMBER: _builtins.int
+    IMAGE_SIZES_FIELD_NUMBER: _builtins.int
+    MAX_SAMPLE_COUNT_FIELD_NUMBER: _builtins.int
+    PERSON_GENERATION_OPTIONS_FIELD_NUMBER: _builtins.int
+    MAX_INPUT_IMAGES_FIELD_NUMBER: _builtins.int
+    THINKING_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    SAFETY_SETTINGS_FIELD_NUMBER: _builtins.int
+    LANGUAGES_FIELD_NUMBER: _builtins.int
+    PRICE_PER_IMAGE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Output only. The id `CreateJob` takes, e.g. "gemini-2.5-flash-image"."""
+    display_name: _builtins.str
+    """Output only. A display name."""
+    provider: _builtins.str
+    """Output only. Who serves it, e.g. "gemini-image", "vertex-imagen"."""
+    max_sample_count: _builtins.int
+    """Output only. The most images one job may ask for."""
+    max_input_images: _builtins.int
+    """Output only. How many input images a job may give it; 0: text only."""
+    thinking: _builtins.bool
+    """Output only. Whether it thinks before drawing (slower, better prompts)."""
+    price_per_image: _builtins.int
+    """Output only. Credits charged per delivered image."""
+    @_builtins.property
+    def aspect_ratios(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. Accepted `aspect_ratio` values."""
+
+    @_builtins.property
+    def image_sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. Accepted `image_size` values ("1K", "2K", "4K")."""
+
+    @_builtins.property
+    def person_generation_options(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. Accepted `person_generation` values (empty: not offered)."""
+
+    @_builtins.property
+    def parameters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. The optional `GenerationParams` it honours, e.g. "seed"."""
+
+    @_builtins.property
+    def safety_settings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. Accepted `safety_setting` values."""
+
+    @_builtins.property
+    def languages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. Accepted `language` values."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        aspect_ratios: _abc.Iterable[_builtins.str] | None = ...,
+        image_sizes: _abc.Iterable[_builtins.str] | None = ...,
+        max_sample_count: _builtins.int = ...,
+        person_generation_options: _abc.Iterable[_builtins.str] | None = ...,
+        max_input_images: _builtins.int = ...,
+        thinking: _builtins.bool = ...,
+        parameters: _abc.Iterable[_builtins.str] | None = ...,
+        safety_settings: _abc.Iterable[_builtins.str] | None = ...,
+        languages: _abc.Iterable[_builtins.str] | None = ...,
+        price_per_image: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aspect_ratios", b"aspect_ratios", "display_name", b"display_name", "id", b"id", "image_sizes", b"image_sizes", "languages", b"languages", "max_input_images", b"max_input_images", "max_sample_count", b"max_sample_count", "parameters", b"parameters", "person_generation_options", b"person_generation_options", "price_per_image", b"price_per_image", "provider", b"provider", "safety_settings", b"safety_settings", "thinking", b"thinking"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Model: _TypeAlias = Model  # noqa: Y015
 
 @_typing.final
 class CreateJobResponse(_message.Message):

@@ -84,6 +84,11 @@ class JobServiceStub:
                 request_serializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.GetCreditBalanceRequest.SerializeToString,
                 response_deserializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.GetCreditBalanceResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/imagegen.job.v1.JobService/ListModels',
+                request_serializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
         self.GrantCredits = channel.unary_unary(
                 '/imagegen.job.v1.JobService/GrantCredits',
                 request_serializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.GrantCreditsRequest.SerializeToString,
@@ -184,6 +189,16 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Lists every model a caller may use, with its capabilities and its price
+        in credits, so an app can build a model picker. The list comes from the
+        generator and is cached for a while; without a reachable generator it
+        answers `UNAVAILABLE`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GrantCredits(self, request, context):
         """Adds credits to a user's account. Service role only.
 
@@ -245,6 +260,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.GetCreditBalance,
                     request_deserializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.GetCreditBalanceRequest.FromString,
                     response_serializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.GetCreditBalanceResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.ListModelsRequest.FromString,
+                    response_serializer=imagegen_dot_job_dot_v1_dot_job__service__pb2.ListModelsResponse.SerializeToString,
             ),
             'GrantCredits': grpc.unary_unary_rpc_method_handler(
                     servicer.GrantCredits,
@@ -483,6 +503,33 @@ class JobService:
             '/imagegen.job.v1.JobService/GetCreditBalance',
             imagegen_dot_job_dot_v1_dot_job__service__pb2.GetCreditBalanceRequest.SerializeToString,
             imagegen_dot_job_dot_v1_dot_job__service__pb2.GetCreditBalanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.job.v1.JobService/ListModels',
+            imagegen_dot_job_dot_v1_dot_job__service__pb2.ListModelsRequest.SerializeToString,
+            imagegen_dot_job_dot_v1_dot_job__service__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -82,6 +82,12 @@ class JobServiceStub:
     """Lists the prompt templates that `CreateJob` accepts as `template_id`."""
     GetCreditBalance: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.GetCreditBalanceRequest, _job_service_pb2.GetCreditBalanceResponse]
     """Returns the caller's credit balance."""
+    ListModels: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListModelsRequest, _job_service_pb2.ListModelsResponse]
+    """Lists every model a caller may use, with its capabilities and its price
+    in credits, so an app can build a model picker. The list comes from the
+    generator and is cached for a while; without a reachable generator it
+    answers `UNAVAILABLE`.
+    """
     GrantCredits: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.GrantCreditsRequest, _job_service_pb2.GrantCreditsResponse]
     """Adds credits to a user's account. Service role only.
 
@@ -148,6 +154,12 @@ class JobServiceAsyncStub(JobServiceStub):
     """Lists the prompt templates that `CreateJob` accepts as `template_id`."""
     GetCreditBalance: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GetCreditBalanceRequest, _job_service_pb2.GetCreditBalanceResponse]  # type: ignore[assignment]
     """Returns the caller's credit balance."""
+    ListModels: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListModelsRequest, _job_service_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """Lists every model a caller may use, with its capabilities and its price
+    in credits, so an app can build a model picker. The list comes from the
+    generator and is cached for a while; without a reachable generator it
+    answers `UNAVAILABLE`.
+    """
     GrantCredits: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GrantCreditsRequest, _job_service_pb2.GrantCreditsResponse]  # type: ignore[assignment]
     """Adds credits to a user's account. Service role only.
 
@@ -259,6 +271,18 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_job_service_pb2.GetCreditBalanceResponse, _abc.Awaitable[_job_service_pb2.GetCreditBalanceResponse]]:
         """Returns the caller's credit balance."""
+
+    @_abc_1.abstractmethod
+    def ListModels(
+        self,
+        request: _job_service_pb2.ListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.ListModelsResponse, _abc.Awaitable[_job_service_pb2.ListModelsResponse]]:
+        """Lists every model a caller may use, with its capabilities and its price
+        in credits, so an app can build a model picker. The list comes from the
+        generator and is cached for a while; without a reachable generator it
+        answers `UNAVAILABLE`.
+        """
 
     @_abc_1.abstractmethod
     def GrantCredits(
