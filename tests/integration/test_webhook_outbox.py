@@ -32,8 +32,8 @@ async def store(private_database_url: str) -> AsyncIterator[WebhookStore]:
 async def a_job_with_webhook(db: asyncpg.Connection, events: list[str]) -> str:
     """A job inserted as the create functions insert one: the webhook inside params.
 
-    It is inserted already ended (cancelled): the database is the session's, and a pending job with hand-made
-    events would be claimed by the services of later tests, whose claim then collides with its event seq 1.
+    It is inserted already ended (cancelled), in a database of the test's own: a pending job with hand-made events
+    is claimable, and a claim of it collides with its event seq 1.
     """
     params = {"sample_count": 1, "webhook": {"url": "https://hooks.example.com/x", "events": events}}
     job_id = await db.fetchval(
