@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import structlog
 
-from generator_service.domain import id_violations, job_folder
+from generator_service.domain import id_violations, invalid_request, job_folder
 from generator_service.storage.base import MAX_LISTED, Storage
-from imagegen_common.errors import FieldViolation, invalid_argument
+from imagegen_common.errors import FieldViolation
 
 log = structlog.get_logger(__name__)
 
@@ -28,9 +28,7 @@ def validate_delete(user_id: str, job_id: str, keep_paths: list[str]) -> None:
     elif any(len(path) > MAX_PATH_CHARS for path in keep_paths):
         problems.append(FieldViolation("keep_paths", f"each at most {MAX_PATH_CHARS} characters"))
     if problems:
-        error = invalid_argument(problems)
-        error.metadata["retryable"] = "false"
-        raise error
+        raise invalid_request(problems)
 
 
 class ObjectCleaner:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from imagegen_common.errors import ErrorKind, FieldViolation, ServiceError
+from imagegen_common.errors import ErrorKind, FieldViolation, ServiceError, invalid_argument
 
 # Imagen's output sizes per aspect ratio (Vertex AI model cards), in pixels.
 SIZES_1K = {"1:1": (1024, 1024), "3:4": (896, 1280), "4:3": (1280, 896), "9:16": (768, 1408), "16:9": (1408, 768)}
@@ -40,15 +40,16 @@ def job_folder(user_id: str, job_id: str) -> str:
     """
     problems = id_violations(user_id, job_id)
     if problems:
-        summary = "; ".join(f"{p.field}: {p.description}" for p in problems)
-        raise ServiceError(
-            ErrorKind.INVALID_ARGUMENT,
-            "INVALID_ARGUMENT",
-            f"invalid request: {summary}",
-            problems,
-            metadata={"retryable": "false"},
-        )
+        raise invalid_request(problems)
     return f"{user_id}/{job_id}"
+
+
+def invalid_request(problems: list[FieldViolation]) -> ServiceError:
+    """INVALID_ARGUMENT with every bad field (imagegen_common.errors.invalid_argument), marked not retryable: the
+    same request fails the same way, so JobService must not spend another attempt on it."""
+    error = invalid_argument(problems)
+    error.metadata["retryable"] = "false"
+    return error
 
 
 # The long-ish side of a square image per size name; other ratios keep about the same pixel count.

@@ -23,6 +23,7 @@ from generator_service.domain import (
     Stored,
     generation_error,
     id_violations,
+    invalid_request,
 )
 from generator_service.providers.base import Provider
 from generator_service.providers.memory import AttemptHoldings
@@ -98,14 +99,7 @@ def validate(request: GenerationRequest, model: ModelSpec) -> None:
         problems.append(FieldViolation("output_mime_type", f"must be one of {', '.join(MIME_EXTENSIONS)}"))
     problems += parameter_violations(request, model)
     if problems:
-        summary = "; ".join(f"{p.field}: {p.description}" for p in problems)
-        raise ServiceError(
-            ErrorKind.INVALID_ARGUMENT,
-            "INVALID_ARGUMENT",
-            f"invalid request: {summary}",
-            problems,
-            metadata={"retryable": "false"},
-        )
+        raise invalid_request(problems)
 
 
 class Generator:
