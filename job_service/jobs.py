@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-import json
-import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
@@ -16,10 +14,21 @@ import structlog
 from PIL import Image
 
 from imagegen_common.errors import ErrorKind, FieldViolation, ServiceError, invalid_argument
+from job_service.create_request import (
+    MAX_NAME_CHARS,
+    REQUEST_ID,
+    REQUEST_ID_RULE,
+    CreateJobInput,
+    InputImageInput,
+    NewJob,
+    RequestRules,
+    bad_text,
+    check_create_request,
+    job_model,
+)
 from job_service.domain import (
     DEFAULT_PRIORITY,
     MAX_PRIORITY,
-    MIN_PRIORITY,
     CreditBalance,
     EventType,
     GenerationFailure,
@@ -28,39 +37,21 @@ from job_service.domain import (
     JobEvent,
     JobStatus,
     ModelInfo,
-    Params,
     Principal,
     Template,
 )
 from job_service.notifications import JobNotifications
 from job_service.page_tokens import PageTokens
 from job_service.store import ClaimAtCreate, CreateRules, JobStore
-from job_service.templates import render
 from job_service.webhook_store import DeliveryRecord, WebhookStore
-from job_service.webhooks import DEFAULT_EVENTS, WebhookPolicy, event_violations, url_violations
+from job_service.webhooks import WebhookPolicy
 
 log = structlog.get_logger(__name__)
 
-# Static limits, for when the generator's catalogue cannot be read: every value some model takes (the generator
-# re-validates each attempt against the model's own list).
-ASPECT_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9", "1:4", "4:1", "1:8", "8:1")
-IMAGE_SIZES = ("1K", "2K", "4K")
-PERSON_GENERATION = ("dont_allow", "allow_adult", "allow_all")
-MIME_TYPES = ("image/png", "image/jpeg")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-# C0 control characters other than tab, newline and carriage return. NUL in particular cannot be stored
-# in a PostgreSQL text column at all, so it must be refused here rather than fail in the database.
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-MAX_NAME_CHARS = 128  # model and template ids
-MAX_SAMPLE_COUNT = 4  # images per job, whatever more a model could make
-MAX_SEED = 2_147_483_647  # Imagen's seed is a positive int32
-MAX_NEGATIVE_PROMPT_CHARS = 1_000
 MAX_GRANT = 1_000_000_000
 MAX_REASON_CHARS = 200
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
-MIN_START_WITHIN_SECONDS = 1.0
-MAX_START_WITHIN_SECONDS = 7 * 86_400.0
 
 
 class ModelCatalog(Protocol):
@@ -126,40 +117,6 @@ class JobPolicy:
         )
 
 
-@dataclass(frozen=True)
-class CreateJobInput:
-    prompt: str = ""
-    model: str = ""
-    params: Params | None = None
-    # Fields the caller set explicitly (the rest come from the template, then the defaults).
-    params_set: frozenset[str] = frozenset()
-    template_id: str = ""
-    template_variables: Mapping[str, str] | None = None
-    request_id: str = ""
-    user_id: str = ""
-    webhook_url: str = ""
-    # Event names (webhooks.WebhookEvent values); empty: DEFAULT_EVENTS.
-    webhook_events: tuple[str, ...] = ()
-    # None: the account's default.
-    priority: int | None = None
-    # Seconds within which the job must start, or it ends EXPIRED; None: no deadline.
-    start_within: float | None = None
-    input_images: tuple[InputImageInput, ...] = ()
-
-
-# More distinct webhook events than there are is a client bug: one violation, not one per entry.
-MAX_WEBHOOK_EVENTS = 16
-
-
-@dataclass(frozen=True)
-class InputImageInput:
-    """One input image as CreateJob got it: inline bytes, or (job_id, index) of one of the caller's images."""
-
-    data: bytes = b""
-    job_id: str = ""
-    index: int = 0
-
-
 MAX_INPUT_IMAGES = 16  # whatever the model: more are refused before any is looked at
 _INPUT_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
@@ -189,15 +146,6 @@ def sniff_image(data: bytes, max_pixels: int) -> tuple[str, int, int] | str:
 def not_found(job_id: str) -> ServiceError:
     # The same answer whether the job does not exist or belongs to someone else.
     return ServiceError(ErrorKind.NOT_FOUND, "JOB_NOT_FOUND", f"job {job_id} not found")
-
-
-def _bad_text(value: str, max_chars: int | None = None) -> str | None:
-    """Why a free-text field is unacceptable, or None."""
-    if _CONTROL_CHARS.search(value):
-        return "must not contain control characters"
-    if max_chars is not None and len(value) > max_chars:
-        return f"at most {max_chars} characters"
-    return None
 
 
 def parse_uuid(value: str, field: str) -> str:
@@ -284,111 +232,47 @@ class JobManager:
 
     async def create_job(self, principal: Principal, request: CreateJobInput) -> Job:
         user_id = self._acting_user(principal, request.user_id)
-        violations: list[FieldViolation] = []
+        # What the request names is looked up here; a name that is itself invalid is not looked up (the pure step
+        # reports it, and checks the params against the static limits when the model cannot be named).
         template: Template | None = None
-        prompt = request.prompt
-        # Every problem of the request is reported at once: a bad name is not looked up, and the rest is
-        # still checked (params against the static limits when the model cannot be named).
-        bad_names = {
-            name: problem
-            for name, value in (("template_id", request.template_id), ("model", request.model))
-            if (problem := _bad_text(value, MAX_NAME_CHARS))
-        }
-        violations += [FieldViolation(name, problem) for name, problem in bad_names.items()]
-        if request.template_id and "template_id" not in bad_names:
-            template = await self._store.get_template(request.template_id)
-            if template is None:
-                raise ServiceError(
-                    ErrorKind.NOT_FOUND,
-                    "TEMPLATE_NOT_FOUND",
-                    f"template {request.template_id!r} not found; ListTemplates lists them",
-                )
-            if not template.is_active:
-                raise ServiceError(
-                    ErrorKind.FAILED_PRECONDITION,
-                    "TEMPLATE_INACTIVE",
-                    f"template {template.id!r} is not active",
-                )
-            if request.prompt:
-                violations.append(FieldViolation("prompt", "must be empty when template_id is set"))
-            variables = request.template_variables or {}
-            prompt, template_violations = render(template.prompt_template, variables)
-            violations += template_violations
-            violations += [
-                FieldViolation(f"template_variables[{name}]", problem)
-                for name, value in variables.items()
-                if name in template.variables and (problem := _bad_text(value))
-            ]
-        elif request.template_variables and not request.template_id:
-            violations.append(FieldViolation("template_variables", "only allowed with template_id"))
-
-        if "template_id" not in bad_names:  # else the prompt comes from a template that cannot be named
-            violations += self._prompt_violations(prompt, template)
-        if request.request_id and not _REQUEST_ID.match(request.request_id):
-            violations.append(FieldViolation("request_id", "1-64 characters of A-Z a-z 0-9 _ . : -"))
-        webhook, webhook_violations = self._webhook(request)
-        violations += webhook_violations
-        if request.priority is not None and not MIN_PRIORITY <= request.priority <= MAX_PRIORITY:
-            violations.append(FieldViolation("priority", f"must be {MIN_PRIORITY}-{MAX_PRIORITY}"))
-        if request.start_within is not None and not (
-            MIN_START_WITHIN_SECONDS <= request.start_within <= MAX_START_WITHIN_SECONDS
-        ):
-            violations.append(FieldViolation("start_within", "must be between 1 second and 7 days"))
-
-        model = request.model or (template.model if template and template.model else self._policy.default_model)
-        params = self._merge_params(request, template)
-        count_is_default = "sample_count" not in request.params_set and not (
-            template and "sample_count" in template.default_params
-        )
-        person_is_default = "person_generation" not in request.params_set and not (
-            template and "person_generation" in template.default_params
-        )
-        params, model_violations = await self._check_model(
-            model, params, count_is_default, look_up="model" not in bad_names, person_is_default=person_is_default
-        )
-        violations += model_violations
+        if request.template_id and not bad_text(request.template_id, MAX_NAME_CHARS):
+            template = await self._active_template(request.template_id)
+        catalog = await self._catalog() if not bad_text(request.model, MAX_NAME_CHARS) else None
+        model = job_model(request, template, self._policy.default_model)
         inputs, blobs, input_violations = await self._check_inputs(user_id, model, request.input_images)
-        violations += input_violations
-        if violations:
-            raise invalid_argument(violations)
-        if inputs:
-            params = replace(params, input_images=inputs)
-            if blobs:
-                # Stored before the job that names them, so its first attempt finds them (see the migration).
-                await self._store.put_input_blobs(user_id, blobs)
-
-        price = (
-            template.price_per_image
-            if template and template.price_per_image is not None
-            else self._policy.model_prices.get(model, self._policy.default_price_per_image)
+        checked = check_create_request(
+            request,
+            user_id=user_id,
+            template=template,
+            catalog=catalog,
+            rules=self._request_rules(),
+            inputs=inputs,
+            input_violations=input_violations,
         )
-        identity: list[object] = [prompt, model, params.as_dict(), request.template_id]
-        # Each addition only when set, so the digest of a request without it is the one it always was (a replay
-        # across an upgrade stays a replay).
-        if webhook is not None:
-            identity.append(webhook)
-        if request.priority is not None or request.start_within is not None:
-            identity += [request.priority, request.start_within]
-        request_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+        if not isinstance(checked, NewJob):
+            raise invalid_argument(checked)
+        if blobs:
+            # Stored before the job that names them, so its first attempt finds them (see the migration).
+            await self._store.put_input_blobs(user_id, blobs)
         rules = self._policy.rules_for(principal)
 
         def create(claim: ClaimAtCreate | None) -> Awaitable[tuple[Job, bool]]:
             return self._store.create_job(
-                user_id=user_id,
-                prompt=prompt,
-                model=model,
-                params=params,
-                template_id=template.id if template else None,
-                request_id=request.request_id or None,
-                request_hash=request_hash,
-                price_per_image=price,
+                user_id=checked.user_id,
+                prompt=checked.prompt,
+                model=checked.model,
+                params=checked.params,
+                template_id=checked.template_id,
+                request_id=checked.request_id,
+                request_hash=checked.request_hash,
+                price_per_image=checked.price_per_image,
                 max_attempts=self._policy.max_attempts,
                 active_limit=self._policy.active_jobs_per_user,
                 new_user_credits=self._welcome_credits(principal),
                 claim=claim,
-                webhook=webhook,
-                priority=request.priority,
-                start_within=request.start_within,
+                webhook=checked.webhook,
+                priority=checked.priority,
+                start_within=checked.start_within,
                 rules=rules,
             )
 
@@ -403,26 +287,40 @@ class JobManager:
             )
         return as_created(job) if created else job
 
-    def _webhook(self, request: CreateJobInput) -> tuple[dict[str, object] | None, list[FieldViolation]]:
-        """The job's webhook ({"url", "events"}) as it is stored, or None; and what is wrong with the request's."""
-        if not request.webhook_url:
-            if request.webhook_events:
-                return None, [FieldViolation("webhook_events", "only allowed with webhook_url")]
-            return None, []
-        if self._policy.webhooks is None:
+    async def _active_template(self, template_id: str) -> Template:
+        template = await self._store.get_template(template_id)
+        if template is None:
+            raise ServiceError(
+                ErrorKind.NOT_FOUND,
+                "TEMPLATE_NOT_FOUND",
+                f"template {template_id!r} not found; ListTemplates lists them",
+            )
+        if not template.is_active:
             raise ServiceError(
                 ErrorKind.FAILED_PRECONDITION,
-                "WEBHOOKS_DISABLED",
-                "this service sends no webhooks (no JOB_WEBHOOK_SECRETS is configured)",
+                "TEMPLATE_INACTIVE",
+                f"template {template.id!r} is not active",
             )
-        violations = url_violations(request.webhook_url, self._policy.webhooks)
-        events = sorted(set(request.webhook_events))
-        if len(events) > MAX_WEBHOOK_EVENTS:
-            violations.append(FieldViolation("webhook_events", f"at most {MAX_WEBHOOK_EVENTS} distinct events"))
-        else:
-            violations += event_violations(events)
-        chosen = events or sorted(e.value for e in DEFAULT_EVENTS)
-        return {"url": request.webhook_url, "events": chosen}, violations
+        return template
+
+    async def _catalog(self) -> dict[str, ModelInfo] | None:
+        """The generator's models, or None when it cannot be asked now: the static limits are checked instead,
+        and the generator re-validates each attempt."""
+        try:
+            return await self._models.list_models()
+        except GenerationFailure as failure:
+            log.warning("model catalogue unavailable; static validation only", error=failure.message)
+            return None
+
+    def _request_rules(self) -> RequestRules:
+        policy = self._policy
+        return RequestRules(
+            default_model=policy.default_model,
+            max_prompt_chars=policy.max_prompt_chars,
+            default_price_per_image=policy.default_price_per_image,
+            model_prices=policy.model_prices,
+            webhooks=policy.webhooks,
+        )
 
     async def _check_inputs(
         self, user_id: str, model: str, images: tuple[InputImageInput, ...]
@@ -498,117 +396,6 @@ class JobManager:
             ),
             "",
         )
-
-    def _prompt_violations(self, prompt: str, template: Template | None) -> list[FieldViolation]:
-        if not prompt.strip():
-            return [FieldViolation("prompt", "required (or set template_id)")]
-        if len(prompt) > self._policy.max_prompt_chars:
-            field = "prompt" if not template else "template_variables"
-            return [FieldViolation(field, f"the prompt may have at most {self._policy.max_prompt_chars} characters")]
-        if not template and _CONTROL_CHARS.search(prompt):
-            return [FieldViolation("prompt", "must not contain control characters")]
-        return []
-
-    def _merge_params(self, request: CreateJobInput, template: Template | None) -> Params:
-        """Request over template defaults over the documented defaults."""
-        merged = Params()
-        if template:
-            merged = replace(merged, **template.default_params)  # type: ignore[arg-type]
-        if request.params is not None:
-            explicit = {name: getattr(request.params, name) for name in request.params_set}
-            merged = replace(merged, **explicit)
-        return merged
-
-    async def _check_model(
-        self,
-        model: str,
-        params: Params,
-        count_is_default: bool,
-        *,
-        look_up: bool = True,
-        person_is_default: bool = True,
-    ) -> tuple[Params, list[FieldViolation]]:
-        """The params (defaults fitted to the model) and what the model cannot do.
-
-        Every check reads the generator's declaration of the model (ModelInfo): a parameter it does not honour is
-        refused naming the model and the field, never dropped. With `look_up` false (a model name that is itself
-        invalid) only the static limits are checked.
-        """
-        violations: list[FieldViolation] = []
-        catalog: dict[str, ModelInfo] | None = None
-        try:
-            if look_up:
-                catalog = await self._models.list_models()
-        except GenerationFailure as failure:
-            # Cannot ask the generator now: check the static limits; it re-validates each attempt.
-            log.warning("model catalogue unavailable; static validation only", error=failure.message)
-        info = catalog.get(model) if catalog is not None else None
-        if catalog is not None and info is None:
-            return params, [FieldViolation("model", f"unknown model {model!r}; one of: {', '.join(sorted(catalog))}")]
-        max_samples = min(info.max_sample_count, MAX_SAMPLE_COUNT) if info else MAX_SAMPLE_COUNT
-        if count_is_default and params.sample_count > max_samples:
-            # The caller left the count unset: "as many as the model makes", up to the default of 4.
-            params = replace(params, sample_count=max_samples)
-        if info is not None and person_is_default and not info.person_generation_options:
-            # The documented default means "the model's own behaviour" on a model without the control.
-            params = replace(params, person_generation="")
-        ratios = info.aspect_ratios if info else list(ASPECT_RATIOS)
-        sizes = info.image_sizes if info else list(IMAGE_SIZES)
-        people = info.person_generation_options if info else list(PERSON_GENERATION)
-        if not 1 <= params.sample_count <= max_samples:
-            violations.append(FieldViolation("params.sample_count", f"must be 1-{max_samples}"))
-        if params.aspect_ratio not in ratios:
-            violations.append(FieldViolation("params.aspect_ratio", f"{model} supports {', '.join(ratios)}"))
-        if params.image_size not in sizes:
-            violations.append(FieldViolation("params.image_size", f"{model} supports {', '.join(sizes)}"))
-        if params.person_generation and params.person_generation not in people:
-            problem = f"must be one of {', '.join(people)}" if people else f"{model} does not take person_generation"
-            violations.append(FieldViolation("params.person_generation", problem))
-        if params.output_mime_type not in MIME_TYPES:
-            violations.append(FieldViolation("params.output_mime_type", f"must be one of {', '.join(MIME_TYPES)}"))
-        violations += self._optional_violations(model, params, info)
-        return params, violations
-
-    @staticmethod
-    def _optional_violations(model: str, params: Params, info: ModelInfo | None) -> list[FieldViolation]:
-        """The optional parameters (seed, watermark, ...): each only where the model honours it, within bounds."""
-        violations: list[FieldViolation] = []
-        set_now = params.set_optional()
-        if info is not None:
-            violations += [
-                FieldViolation(f"params.{name}", f"{model} does not take {name}")
-                for name in set_now
-                if name not in info.parameters
-            ]
-        refused = {v.field for v in violations}
-
-        def check(name: str, problem: str | None) -> None:
-            if problem and name in set_now and f"params.{name}" not in refused:
-                violations.append(FieldViolation(f"params.{name}", problem))
-
-        seed = params.seed
-        check("seed", f"must be 1-{MAX_SEED}" if seed is not None and not 1 <= seed <= MAX_SEED else None)
-        check(
-            "seed",
-            "needs add_watermark=false (a watermarked image takes no seed)"
-            if seed is not None and 1 <= seed <= MAX_SEED and params.add_watermark is not False
-            else None,
-        )
-        check("negative_prompt", _bad_text(params.negative_prompt, MAX_NEGATIVE_PROMPT_CHARS))
-        # Without the catalogue (generator unreachable) only the generator can tell; it re-validates each attempt.
-        levels = info.safety_settings if info else [params.safety_setting]
-        check("safety_setting", None if params.safety_setting in levels else f"must be one of {', '.join(levels)}")
-        languages = info.languages if info else [params.language]
-        check("language", None if params.language in languages else f"must be one of {', '.join(languages)}")
-        quality = params.jpeg_quality
-        check("jpeg_quality", "must be 1-100" if not 1 <= quality <= 100 else None)
-        check(
-            "jpeg_quality",
-            "only with output_mime_type image/jpeg"
-            if 1 <= quality <= 100 and params.output_mime_type != "image/jpeg"
-            else None,
-        )
-        return violations
 
     async def list_models(self) -> list[tuple[ModelInfo, int]]:
         """Every model a job can use, with its price per delivered image in credits (JOB_MODEL_PRICES, else the
@@ -762,10 +549,10 @@ class JobManager:
             violations.append(FieldViolation("user_id", "required"))
         if not 1 <= amount <= MAX_GRANT:
             violations.append(FieldViolation("amount", f"must be 1-{MAX_GRANT}"))
-        if problem := _bad_text(reason, MAX_REASON_CHARS):
+        if problem := bad_text(reason, MAX_REASON_CHARS):
             violations.append(FieldViolation("reason", problem))
-        if request_id and not _REQUEST_ID.match(request_id):
-            violations.append(FieldViolation("request_id", "1-64 characters of A-Z a-z 0-9 _ . : -"))
+        if request_id and not REQUEST_ID.match(request_id):
+            violations.append(FieldViolation("request_id", REQUEST_ID_RULE))
         if violations:
             raise invalid_argument(violations)
         owner = parse_uuid(user_id, "user_id")

@@ -17,8 +17,9 @@ from imagegen_common.errors import FieldViolation, invalid_argument
 from imagegen_common.grpc_errors import stream_errors, unary_errors
 from imagegen_common.rpc_observability import peer_of
 from job_service.auth import TokenVerifier
+from job_service.create_request import MAX_SAMPLE_COUNT, CreateJobInput, InputImageInput
 from job_service.domain import EventType, Job, JobEvent, JobStatus, Params, Principal, StoredImage, Template
-from job_service.jobs import MAX_INPUT_IMAGES, MAX_SAMPLE_COUNT, CreateJobInput, InputImageInput, JobManager
+from job_service.jobs import MAX_INPUT_IMAGES, JobManager
 from job_service.store import CONNECTION_ERRORS
 from job_service.watch_limits import WatchStreams
 from job_service.webhook_store import DeliveryRecord
