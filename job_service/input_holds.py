@@ -6,7 +6,9 @@ active-job limit...) the bytes would stay until the orphan sweep, an hour later.
 stored (a count on the row) and gives it back when it ends, whatever the outcome; an image no job names and no other
 create still holds is deleted then. Another create of the same user with the same image keeps it: it holds it from
 the moment it stored it until its own job is committed, and one that stores it after the delete brings the bytes
-again. If the release fails (the database is down), the orphan sweep remains the backstop.
+again. Only a create whose outcome is known releases: one that returned a job, or one refused (ServiceError). One
+cancelled or failed otherwise may still have its job committed, so it keeps its holds; the orphan sweep (which
+ignores holds once no create has stored the image for an hour) remains the backstop, also when a release fails.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from types import TracebackType
 from typing import Protocol
 
 import structlog
+
+from imagegen_common.errors import ServiceError
 
 log = structlog.get_logger(__name__)
 
@@ -47,6 +51,10 @@ class HeldInputs:
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
         if not self._digests:
+            return
+        if kind is not None and not issubclass(kind, ServiceError):
+            # Cancelled, or the database failed mid-create: the job may still be committed (a group commit runs on
+            # for a caller that went away), so nothing is released; the orphan sweep deletes what no job names.
             return
         try:
             deleted = await self._store.release_input_blobs(self._user_id, self._digests)
