@@ -16,6 +16,9 @@ ALL_ASPECT_RATIOS = ["1:1", "3:4", "4:3", "9:16", "16:9"]
 GEMINI_ASPECT_RATIOS = ["1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9"]
 # Gemini 3.1 Flash Image adds the extremes.
 GEMINI_31_ASPECT_RATIOS = [*GEMINI_ASPECT_RATIOS, "1:4", "4:1", "1:8", "8:1"]
+# Gemini 3.1 Flash Image also makes 512 px images: `imageSize` "512" (the Gemini API's discovery document: "Supported
+# values are `512`, `1K`, `2K`, `4K`"); no other catalogued model does.
+GEMINI_31_IMAGE_SIZES = ["512", "1K", "2K", "4K"]
 PERSON_GENERATION = ["dont_allow", "allow_adult", "allow_all"]
 # Imagen's safety filter levels (`safetySetting`); BLOCK_NONE needs an allow-listed project and is not offered.
 SAFETY_SETTINGS = ["block_low_and_above", "block_medium_and_above", "block_only_high"]
@@ -39,8 +42,8 @@ _IMAGEN_VERTEX_PARAMETERS = ["seed", "add_watermark", "enhance_prompt", "safety_
 # `parameters`; person_generation follows person_generation_options.
 _ALWAYS_HONOURED = ("jpeg_quality",)
 
-# Where the catalogue's facts come from (docs/generator.md has the table): checked 2026-12-06.
-CATALOGUE_CHECKED = "2026-12-06"
+# Where the catalogue's facts come from (docs/generator.md has the table): checked 2026-12-07.
+CATALOGUE_CHECKED = "2026-12-07"
 
 
 class ConfigurationError(RuntimeError):
@@ -58,7 +61,7 @@ class ModelSpec(BaseModel):
     # Google model (Imagen 4 on Vertex and on the Gemini API), and our catalogue ids must stay unique.
     provider_model: str | None = None
     aspect_ratios: list[str] = Field(default_factory=lambda: list(ALL_ASPECT_RATIOS))
-    # Output sizes ("1K", "2K", "4K"). A model with more than one gets the size on the wire for every request
+    # Output sizes ("512", "1K", "2K", "4K"). A model with more than one gets the size on the wire for every request
     # (imageConfig.imageSize / sampleImageSize); a model with one gets nothing (its only size is the default,
     # and Imagen 4 Fast refuses sampleImageSize).
     image_sizes: list[str] = Field(default_factory=lambda: ["1K"])
@@ -75,6 +78,10 @@ class ModelSpec(BaseModel):
     safety_settings: list[str] = Field(default_factory=list)
     languages: list[str] = Field(default_factory=list)
     provider_price_usd: float = 0.0
+    # Vertex AI only: the locations (GEN_VERTEX_LOCATION) Google serves it at; empty: not restricted here (served in
+    # many regions, or the list is not known). A model not served at the configured location is not listed
+    # (generator_service/served_models.py): every call would answer 404.
+    vertex_locations: list[str] = Field(default_factory=list)
     # Per-model limits, so a burst queues here instead of failing at the provider.
     max_concurrency: int = 8
     requests_per_minute: int = 0  # 0: no limit
@@ -112,45 +119,62 @@ def _gemini_image_models(provider: Literal["gemini-image", "vertex-gemini-image"
     """The Gemini image models ("Nano Banana") on the Gemini API or on Vertex AI: the same Google models.
 
     On the Gemini API they keep their Google ids; on Vertex AI they are listed as `vertex/<google id>`. Only
-    Vertex AI takes `personGeneration` (google-genai refuses it on the Gemini API).
+    Vertex AI takes `personGeneration` (google-genai refuses it on the Gemini API). The two `-preview` ids stay
+    listed for the jobs and templates that name them, but Google shut those previews down (Gemini API 2026-06-25,
+    Vertex AI 2026-07-17) in favour of the GA ids `gemini-3-pro-image` and `gemini-3.1-flash-image`.
     """
     vertex = provider == "vertex-gemini-image"
     prefix, where = ("vertex/", "Vertex AI") if vertex else ("", "Gemini API")
     people = list(PERSON_GENERATION) if vertex else []
-    return [
-        ModelSpec(
-            id=f"{prefix}gemini-2.5-flash-image",
+    # The previews' Vertex model cards list one location, `global`; the GA models' cards list regions too.
+    preview_locations = ["global"] if vertex else []
+
+    def model(google_id: str, name: str, **spec: object) -> ModelSpec:
+        return ModelSpec(
+            id=f"{prefix}{google_id}",
             provider=provider,
-            provider_model="gemini-2.5-flash-image",
-            display_name=f"Gemini 2.5 Flash Image, Nano Banana ({where})",
-            aspect_ratios=list(GEMINI_ASPECT_RATIOS),
+            provider_model=google_id,
+            display_name=f"{name} ({where})",
             person_generation_options=people,
+            **spec,  # type: ignore[arg-type]
+        )
+
+    pro = {
+        "aspect_ratios": list(GEMINI_ASPECT_RATIOS),
+        "image_sizes": ["1K", "2K", "4K"],
+        "max_input_images": 14,
+        "thinking": True,
+        "provider_price_usd": 0.134,  # 1K and 2K; 4K is 0.24
+    }
+    flash = {
+        "aspect_ratios": list(GEMINI_31_ASPECT_RATIOS),
+        "image_sizes": list(GEMINI_31_IMAGE_SIZES),
+        "max_input_images": 14,
+        "thinking": True,
+        "provider_price_usd": 0.067,  # 1K; 512 is 0.045, 2K 0.101, 4K 0.151
+    }
+    retired = "preview, shut down by Google in 2026; use"
+    return [
+        model(
+            "gemini-2.5-flash-image",
+            "Gemini 2.5 Flash Image, Nano Banana",
+            aspect_ratios=list(GEMINI_ASPECT_RATIOS),
             max_input_images=3,
             provider_price_usd=0.039,
         ),
-        ModelSpec(
-            id=f"{prefix}gemini-3-pro-image-preview",
-            provider=provider,
-            provider_model="gemini-3-pro-image-preview",
-            display_name=f"Gemini 3 Pro Image, Nano Banana Pro ({where})",
-            aspect_ratios=list(GEMINI_ASPECT_RATIOS),
-            image_sizes=["1K", "2K", "4K"],
-            person_generation_options=people,
-            max_input_images=14,
-            thinking=True,
-            provider_price_usd=0.134,
+        model("gemini-3-pro-image", "Gemini 3 Pro Image, Nano Banana Pro", **pro),
+        model("gemini-3.1-flash-image", "Gemini 3.1 Flash Image, Nano Banana 2", **flash),
+        model(
+            "gemini-3-pro-image-preview",
+            f"Gemini 3 Pro Image {retired} {prefix}gemini-3-pro-image",
+            vertex_locations=preview_locations,
+            **pro,
         ),
-        ModelSpec(
-            id=f"{prefix}gemini-3.1-flash-image-preview",
-            provider=provider,
-            provider_model="gemini-3.1-flash-image-preview",
-            display_name=f"Gemini 3.1 Flash Image, Nano Banana 2 ({where})",
-            aspect_ratios=list(GEMINI_31_ASPECT_RATIOS),
-            image_sizes=["1K", "2K", "4K"],
-            person_generation_options=people,
-            max_input_images=14,
-            thinking=True,
-            provider_price_usd=0.067,
+        model(
+            "gemini-3.1-flash-image-preview",
+            f"Gemini 3.1 Flash Image {retired} {prefix}gemini-3.1-flash-image",
+            vertex_locations=preview_locations,
+            **flash,
         ),
     ]
 

@@ -53,7 +53,7 @@ def invalid_request(problems: list[FieldViolation]) -> ServiceError:
 
 
 # The long-ish side of a square image per size name; other ratios keep about the same pixel count.
-_SIZE_EDGE = {"1K": 1024, "2K": 2048, "4K": 4096}
+_SIZE_EDGE = {"512": 512, "1K": 1024, "2K": 2048, "4K": 4096}
 
 
 def image_dimensions(aspect_ratio: str, image_size: str) -> tuple[int, int]:

@@ -29,6 +29,7 @@ from generator_service.providers.local import LocalProvider
 from generator_service.providers.memory import MemoryBudget
 from generator_service.providers.vertex_imagen import VertexImagenProvider, vertex_models_url
 from generator_service.retry import RetryPolicy
+from generator_service.served_models import served_models
 from generator_service.servicer import GeneratorServicer
 from generator_service.storage.base import Storage
 from generator_service.storage.local import LocalStorage
@@ -232,7 +233,7 @@ async def _start(settings: GeneratorSettings, closers: list[Any]) -> GeneratorAp
     }
     for provider in providers.values():
         closers.append(provider.aclose)
-    models: dict[str, ModelSpec] = {m.id: m for m in settings.models if m.provider in providers}
+    models: dict[str, ModelSpec] = served_models(settings.models, providers, settings.vertex_location)
     generator = Generator(models, providers, storage)
     load_image_formats()
 

@@ -104,7 +104,7 @@ def generate(
     aspect: Annotated[
         str, typer.Option(help="An aspect ratio the model takes, e.g. 16:9, 21:9 (`imagegen models`).")
     ] = "1:1",
-    size: Annotated[str, typer.Option(help="1K, 2K or 4K, where the model offers it (`imagegen models`).")] = "",
+    size: Annotated[str, typer.Option(help="512, 1K, 2K or 4K, where the model offers it (`imagegen models`).")] = "",
     seed: Annotated[
         int | None, typer.Option(help="Random seed (needs --no-watermark), where the model takes one.")
     ] = None,
@@ -174,7 +174,7 @@ def edit(
     index: Annotated[int, typer.Option(help="Which of the job's images.")] = 0,
     n: Annotated[int, typer.Option("-n", "--count", help="Number of images, 1-4.")] = 1,
     aspect: Annotated[str, typer.Option(help="Aspect ratio; default the model's.")] = "",
-    size: Annotated[str, typer.Option(help="1K, 2K or 4K, where the model offers it.")] = "",
+    size: Annotated[str, typer.Option(help="512, 1K, 2K or 4K, where the model offers it.")] = "",
     model: Annotated[str, typer.Option(help="Model id; default the source job's.")] = "",
     image: Annotated[
         list[Path] | None, typer.Option("--image", help="More input images after the edited one; repeat, in order.")

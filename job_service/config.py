@@ -125,6 +125,9 @@ class JobSettings(BaseSettings):
     # Largest request message the server accepts (gRPC's default is 4 MB, too small for images inline); past it
     # gRPC itself answers RESOURCE_EXHAUSTED. It bounds the memory one call can take before anything else runs.
     max_request_mb: int = Field(default=32, ge=1, le=1024)
+    # Inline input image bytes all CreateJob calls in progress may hold together; a call past it is refused with
+    # RESOURCE_EXHAUSTED (INPUT_IMAGE_BUDGET_EXHAUSTED) and RetryInfo (job_service/input_budget.py). 0: no limit.
+    input_image_budget_mb: int = Field(default=128, ge=0)
 
     # WatchJob streams one user (service-role callers are not counted per user), and one connection (by peer
     # address: behind a proxy, all of its users), may hold open at once; beyond, RESOURCE_EXHAUSTED. 0: no cap.

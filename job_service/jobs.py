@@ -40,6 +40,7 @@ from job_service.domain import (
     Principal,
     Template,
 )
+from job_service.input_holds import HeldInputs
 from job_service.notifications import JobNotifications
 from job_service.page_tokens import PageTokens
 from job_service.store import ClaimAtCreate, CreateRules, JobStore
@@ -231,6 +232,11 @@ class JobManager:
     # -- CreateJob --------------------------------------------------------------------------------
 
     async def create_job(self, principal: Principal, request: CreateJobInput) -> Job:
+        # The inline images it stores are released when it ends: kept for its job, deleted if it was refused.
+        async with HeldInputs(self._store) as held:
+            return await self._create_job(principal, request, held)
+
+    async def _create_job(self, principal: Principal, request: CreateJobInput, held: HeldInputs) -> Job:
         user_id = self._acting_user(principal, request.user_id)
         # What the request names is looked up here; a name that is itself invalid is not looked up (the pure step
         # reports it, and checks the params against the static limits when the model cannot be named).
@@ -253,7 +259,7 @@ class JobManager:
             raise invalid_argument(checked)
         if blobs:
             # Stored before the job that names them, so its first attempt finds them (see the migration).
-            await self._store.put_input_blobs(user_id, blobs)
+            await held.put(user_id, blobs)
         rules = self._policy.rules_for(principal)
 
         def create(claim: ClaimAtCreate | None) -> Awaitable[tuple[Job, bool]]:

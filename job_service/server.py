@@ -32,6 +32,7 @@ from job_service.config import ConfigurationError, JobSettings
 from job_service.dispatcher import Dispatcher, DispatcherConfig
 from job_service.domain import EventType, Job, JobEvent
 from job_service.generator_client import GeneratorClient
+from job_service.input_budget import InputImageBudget
 from job_service.jobs import JobManager, JobPolicy
 from job_service.metrics import InstrumentedJobStore, JobMetrics, WebhookMetrics
 from job_service.notifications import JobNotifications
@@ -253,6 +254,7 @@ class JobApp:
     metrics: MetricsServer | None = None
     servicer: JobServicer | None = None
     watch_streams: WatchStreams | None = None
+    input_budget: InputImageBudget | None = None
     sweeper: Sweeper | None = None
     retention: RetentionSweeper | None = None
     webhooks: WebhookSender | None = None
@@ -470,7 +472,8 @@ async def start(settings: JobSettings) -> JobApp:
         webhooks=webhook_store,
     )
     watch_streams = WatchStreams(settings.watch_streams_per_user, settings.watch_streams_per_connection)
-    servicer = JobServicer(jobs, build_verifier(settings, http), watch_streams)
+    input_budget = InputImageBudget(settings.input_image_budget_mb * 1024 * 1024)
+    servicer = JobServicer(jobs, build_verifier(settings, http), watch_streams, input_budget)
     tls = (
         TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
         if settings.tls_cert and settings.tls_key
@@ -515,6 +518,7 @@ async def start(settings: JobSettings) -> JobApp:
     )
     app = JobApp(settings, running, dispatcher, notifications, pool, generator, http, embedded, owner, health)
     app.registry, app.metrics, app.servicer, app.watch_streams = registry, metrics, servicer, watch_streams
+    app.input_budget = input_budget
     app.sweeper, app.retention = sweeper, retention
     app.webhooks = webhooks
     return app

@@ -19,6 +19,7 @@ from imagegen_common.rpc_observability import peer_of
 from job_service.auth import TokenVerifier
 from job_service.create_request import MAX_SAMPLE_COUNT, CreateJobInput, InputImageInput
 from job_service.domain import EventType, Job, JobEvent, JobStatus, Params, Principal, StoredImage, Template
+from job_service.input_budget import InputImageBudget
 from job_service.jobs import MAX_INPUT_IMAGES, JobManager
 from job_service.store import CONNECTION_ERRORS
 from job_service.watch_limits import WatchStreams
@@ -254,8 +255,15 @@ class _WatchResponses:
 
 
 class JobServicer(pb_grpc.JobServiceServicer):
-    def __init__(self, jobs: JobManager, verifier: TokenVerifier, watch_streams: WatchStreams) -> None:
+    def __init__(
+        self,
+        jobs: JobManager,
+        verifier: TokenVerifier,
+        watch_streams: WatchStreams,
+        input_budget: InputImageBudget | None = None,
+    ) -> None:
         self._jobs = jobs
+        self._input_budget = input_budget or InputImageBudget(0)
         self._verifier = verifier
         self._watch_streams = watch_streams
         self._watch_responses = _WatchResponses()
@@ -292,26 +300,30 @@ class JobServicer(pb_grpc.JobServiceServicer):
             # Duration at all) becomes -1, which the range check refuses.
             valid = span.seconds >= 0 and 0 <= span.nanos < 1_000_000_000
             start_within = span.seconds + span.nanos / 1e9 if valid else -1.0
-        job = await self._jobs.create_job(
-            principal,
-            CreateJobInput(
-                prompt=request.prompt,
-                model=request.model,
-                params=params,
-                params_set=params_set,
-                template_id=request.template_id,
-                template_variables=dict(request.template_variables),
-                request_id=request.request_id,
-                user_id=request.user_id,
-                webhook_url=request.webhook_url,
-                # proto3 enums are open: a number this server does not know is passed on as a name the
-                # validation refuses.
-                webhook_events=tuple(
-                    _WEBHOOK_EVENT_FROM_PB.get(number, f"#{number}") for number in request.webhook_events
+        inline_bytes = sum(len(i.data) for i in inputs)
+        job = await self._input_budget.run(
+            inline_bytes,
+            lambda: self._jobs.create_job(
+                principal,
+                CreateJobInput(
+                    prompt=request.prompt,
+                    model=request.model,
+                    params=params,
+                    params_set=params_set,
+                    template_id=request.template_id,
+                    template_variables=dict(request.template_variables),
+                    request_id=request.request_id,
+                    user_id=request.user_id,
+                    webhook_url=request.webhook_url,
+                    # proto3 enums are open: a number this server does not know is passed on as a name the
+                    # validation refuses.
+                    webhook_events=tuple(
+                        _WEBHOOK_EVENT_FROM_PB.get(number, f"#{number}") for number in request.webhook_events
+                    ),
+                    priority=request.priority if request.HasField("priority") else None,
+                    start_within=start_within,
+                    input_images=inputs,
                 ),
-                priority=request.priority if request.HasField("priority") else None,
-                start_within=start_within,
-                input_images=inputs,
             ),
         )
         return pb.CreateJobResponse(job=job_to_pb(job))

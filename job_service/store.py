@@ -466,16 +466,54 @@ class JobStore:
         return outcomes
 
     async def put_input_blobs(self, user_id: str, blobs: list[tuple[str, str, bytes]]) -> None:
-        """Stores input images (sha256, media type, bytes) of a user; one already stored keeps its bytes.
+        """Stores input images (sha256, media type, bytes) of a user for a create in progress; one already stored
+        keeps its bytes. Each gets one more hold (release_input_blobs takes it back when the create ends).
 
         Storing one again moves its created_at to now: the orphan sweep (job_service.retention) deletes only an
         image no job names and that no CreateJob stored within the grace, and this create's job is not inserted yet.
         """
         await self._pool.executemany(
-            "INSERT INTO job_input_blobs (user_id, sha256, mime_type, data) VALUES ($1, $2, $3, $4)"
-            " ON CONFLICT (user_id, sha256) DO UPDATE SET created_at = now()",
+            "INSERT INTO job_input_blobs (user_id, sha256, mime_type, data, holds) VALUES ($1, $2, $3, $4, 1)"
+            " ON CONFLICT (user_id, sha256) DO UPDATE SET created_at = now(), holds = job_input_blobs.holds + 1",
             [(user_id, digest, mime, data) for digest, mime, data in blobs],
         )
+
+    async def release_input_blobs(self, user_id: str, digests: list[str]) -> int:
+        """Takes back one hold on each of a user's input images (a create that stored them has ended) and deletes
+        those no job names and no other create holds; returns how many it deleted.
+
+        The rows are locked first, then read by statements of their own: each takes its snapshot after the locks,
+        so it sees every create that released (or stored) the same image before, and that create's job, which
+        commits before its release. A create storing an image later brings its bytes again (put_input_blobs).
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT 1 FROM job_input_blobs WHERE user_id = $1 AND sha256 = ANY($2::text[])"
+                " ORDER BY sha256 FOR UPDATE",
+                user_id,
+                digests,
+            )
+            await conn.execute(
+                "UPDATE job_input_blobs SET holds = greatest(holds - 1, 0)"
+                " WHERE user_id = $1 AND sha256 = ANY($2::text[])",
+                user_id,
+                digests,
+            )
+            deleted: int = await conn.fetchval(
+                """WITH gone AS (
+                       DELETE FROM job_input_blobs b
+                       WHERE b.user_id = $1 AND b.sha256 = ANY($2::text[]) AND b.holds = 0
+                         AND NOT EXISTS (
+                             SELECT 1 FROM generation_jobs j
+                             WHERE j.user_id = b.user_id
+                               AND j.params -> 'input_images'
+                                   @> jsonb_build_array(jsonb_build_object('sha256', b.sha256)))
+                       RETURNING 1)
+                   SELECT count(*) FROM gone""",
+                user_id,
+                digests,
+            )
+        return deleted
 
     async def input_blobs(self, user_id: str, digests: list[str]) -> dict[str, bytes]:
         """The stored bytes of a user's input images, by sha256 (those that exist)."""

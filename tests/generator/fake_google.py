@@ -281,7 +281,12 @@ class FakeGeminiImage(_FakeService):
         super().__init__()
         self.api_key = api_key
         self.delay: Callable[[], Awaitable[None]] | None = None
-        self.thinking_models = {"gemini-3-pro-image-preview", "gemini-3.1-flash-image-preview"}
+        self.thinking_models = {
+            "gemini-3-pro-image",
+            "gemini-3.1-flash-image",
+            "gemini-3-pro-image-preview",
+            "gemini-3.1-flash-image-preview",
+        }
         self.thoughts = 0
 
     def refuse(self, request: RecordedRequest) -> Reply | None:

@@ -104,9 +104,20 @@ async def test_every_size_is_sent_as_image_size_and_the_image_comes_back_at_it(
     assert (image.width, image.height) == gemini_image_size("16:9", size)
 
 
+async def test_gemini_31_flash_image_sends_512_and_no_other_model_takes_it(gemini_image_api: FakeGeminiImage) -> None:
+    flash = CATALOGUE["gemini-3.1-flash-image"]
+    (image,) = await run_gemini(gemini_image_api, flash, sample_count=1, aspect_ratio="1:1", image_size="512")
+
+    assert gemini_image_api.requests[0].json()["generationConfig"]["imageConfig"]["imageSize"] == "512"
+    assert isinstance(image, GeneratedImage) and (image.width, image.height) == (512, 512)
+    assert "image_size" in violations_of("gemini-3-pro-image", image_size="512")
+
+
 def test_the_catalogue_offers_4k_only_where_google_documents_it() -> None:
     assert CATALOGUE["gemini-3-pro-image-preview"].image_sizes == ["1K", "2K", "4K"]
-    assert CATALOGUE["vertex/gemini-3.1-flash-image-preview"].image_sizes == ["1K", "2K", "4K"]
+    assert CATALOGUE["gemini-3-pro-image"].image_sizes == ["1K", "2K", "4K"]
+    assert CATALOGUE["vertex/gemini-3.1-flash-image"].image_sizes == ["512", "1K", "2K", "4K"]
+    assert CATALOGUE["vertex/gemini-3.1-flash-image-preview"].image_sizes == ["512", "1K", "2K", "4K"]
     assert violations_of("gemini-2.5-flash-image", image_size="4K") == {
         "image_size": "must be one of 1K for gemini-2.5-flash-image"
     }
@@ -427,7 +438,7 @@ async def test_list_models_reports_each_models_capabilities(tmp_path: Path) -> N
     pro = models["gemini-3-pro-image-preview"]
     assert (list(pro.image_sizes), pro.max_input_images, pro.thinking) == (["1K", "2K", "4K"], 14, True)
     assert list(pro.person_generation_options) == []
-    assert "person_generation" in models["vertex/gemini-3-pro-image-preview"].parameters
+    assert "person_generation" in models["vertex/gemini-3-pro-image"].parameters
     imagen = models["imagen-4.0-generate-001"]
     assert {"seed", "add_watermark", "enhance_prompt", "safety_setting", "language"} <= set(imagen.parameters)
     assert "negative_prompt" not in imagen.parameters

@@ -67,6 +67,8 @@ async def test_list_models_lists_only_models_whose_provider_is_configured(tmp_pa
         "gemini-api/imagen-4.0-ultra-generate-001": "gemini-imagen",
         "gemini-api/imagen-4.0-fast-generate-001": "gemini-imagen",
         "gemini-2.5-flash-image": "gemini-image",
+        "gemini-3-pro-image": "gemini-image",
+        "gemini-3.1-flash-image": "gemini-image",
         "gemini-3-pro-image-preview": "gemini-image",
         "gemini-3.1-flash-image-preview": "gemini-image",
     }
@@ -77,8 +79,9 @@ async def test_list_models_lists_only_models_whose_provider_is_configured(tmp_pa
         "imagen-4.0-ultra-generate-001": "vertex-imagen",
         "imagen-4.0-fast-generate-001": "vertex-imagen",
         "vertex/gemini-2.5-flash-image": "vertex-gemini-image",
-        "vertex/gemini-3-pro-image-preview": "vertex-gemini-image",
-        "vertex/gemini-3.1-flash-image-preview": "vertex-gemini-image",
+        "vertex/gemini-3-pro-image": "vertex-gemini-image",
+        "vertex/gemini-3.1-flash-image": "vertex-gemini-image",
+        # The previews are served at `global` only, not at the default us-central1 (test_model_locations.py).
     }
 
 

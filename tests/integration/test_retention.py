@@ -28,7 +28,7 @@ from imagegen_client import ImageGenClient, inline_image, job_image
 from job_service.cleanup import CleanupStore, Sweeper, SweeperConfig
 from job_service.generator_client import GeneratorClient
 from job_service.retention import RetentionConfig, RetentionStore, RetentionSweeper
-from job_service.store import create_pool
+from job_service.store import JobStore, create_pool
 from tests.generator.fake_google import FakeGeminiImage, hang
 from tests.generator.fake_http import Exchange, Reply
 from tests.generator.fake_supabase import FakeSupabaseStorage
@@ -554,7 +554,7 @@ async def test_the_input_images_of_a_refused_create_are_swept_once_no_create_can
     own_db: str, conn: asyncpg.Connection, tmp_path: Path
 ) -> None:
     user = new_user()
-    kept, refused = png((0, 0, 255)), png((255, 255, 0))
+    kept, refused, orphan = png((0, 0, 255)), png((255, 255, 0)), png((0, 255, 255))
     job_settings = {**FAST, "create_rate_per_user": 1, "create_rate_window_seconds": 3600.0}
     async with running_services(own_db, tmp_path, job=job_settings) as services, services.client(user) as client:
         job = await client.wait(
@@ -566,17 +566,18 @@ async def test_the_input_images_of_a_refused_create_are_swept_once_no_create_can
             client.create_job("b", model="local", sample_count=1, input_images=[inline_image(refused)])
         )
         assert failure.reason == "RATE_LIMITED"
-        refused_sha = hashlib.sha256(refused).hexdigest()
-        both = {hashlib.sha256(kept).hexdigest(), refused_sha}
-        # Stored before the create was refused; within the grace it stays (a create may be between storing its
-        # images and inserting its job), however many passes run.
-        assert await stored_inputs(conn, user) == both
+        kept_sha, orphan_sha = hashlib.sha256(kept).hexdigest(), hashlib.sha256(orphan).hexdigest()
+        # The refused create deleted what it stored when it ended (job_service/input_holds.py).
+        assert await stored_inputs(conn, user) == {kept_sha}
+        # A create that died between storing its images and inserting its job never released them: within the
+        # grace they stay (it could still be running, on another replica), however many passes run.
+        await JobStore(services.job.pool).put_input_blobs(user, [(orphan_sha, "image/png", orphan)])
         await asyncio.sleep(1.0)  # five retention passes at 0.2 s
-        assert await stored_inputs(conn, user) == both
+        assert await stored_inputs(conn, user) == {kept_sha, orphan_sha}
 
         await age_inputs(conn, user, 2)
-        left = await eventually(lambda: stored_inputs(conn, user), lambda s: refused_sha not in s, within=15)
-        assert left == {hashlib.sha256(kept).hexdigest()}, "the job's own input image is kept: the job names it"
+        left = await eventually(lambda: stored_inputs(conn, user), lambda s: orphan_sha not in s, within=15)
+        assert left == {kept_sha}, "the job's own input image is kept: the job names it"
         assert (await client.get_job(job.id)).state == pb.JOB_STATE_COMPLETED
 
 

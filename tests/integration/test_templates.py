@@ -28,6 +28,13 @@ async def services(database_url: str, tmp_path_factory: pytest.TempPathFactory) 
         "models": [
             ModelSpec(id="local", provider="local", display_name="local", image_sizes=["1K", "2K"]),
             ModelSpec(id="small", provider="local", display_name="small", max_sample_count=2),
+            # Honours Imagen's parameters, as Vertex Imagen does (the catalogue's `parameters`).
+            ModelSpec(
+                id="seeded",
+                provider="local",
+                display_name="seeded",
+                parameters=["seed", "add_watermark", "enhance_prompt"],
+            ),
         ]
     }
     job = {"max_in_flight": 0, "active_jobs_per_user": 100}
@@ -181,3 +188,35 @@ async def test_an_over_long_model_and_a_bad_sample_count_are_reported_together(s
     assert failure.code == "INVALID_ARGUMENT"
     assert sorted(failure.violations) == ["model", "params.sample_count"]
     assert failure.violations["model"] == "at most 128 characters"
+
+
+async def test_a_template_defaults_seed_watermark_and_prompt_enhancement_under_the_request(
+    services: Services, database_url: str
+) -> None:
+    template = f"seeded-{uuid.uuid4().hex[:6]}"
+    conn = await asyncpg.connect(database_url)
+    await conn.execute(
+        """INSERT INTO templates (id, name, description, prompt_template, model, default_params, is_active)
+           VALUES ($1, 'Seeded', '', 'A {thing}', 'seeded',
+                   '{"seed": 42, "add_watermark": false, "enhance_prompt": true, "sample_count": 1}', true)""",
+        template,
+    )
+    await conn.close()
+    async with services.client() as client:
+        listed = {t.id: t for t in await client.list_templates()}[template].default_params
+        from_defaults = await client.create_job(template_id=template, template_variables={"thing": "fox"})
+        overridden = await client.create_job(
+            template_id=template,
+            template_variables={"thing": "fox"},
+            params=pb.GenerationParams(seed=7, enhance_prompt=False),
+        )
+
+    assert (listed.seed, listed.add_watermark, listed.enhance_prompt) == (42, False, True)
+    assert from_defaults.params.HasField("add_watermark") and from_defaults.params.HasField("enhance_prompt")
+    params = from_defaults.params
+    assert (params.seed, params.add_watermark, params.enhance_prompt) == (42, False, True)
+    assert (overridden.params.seed, overridden.params.add_watermark, overridden.params.enhance_prompt) == (
+        7,
+        False,
+        False,
+    )

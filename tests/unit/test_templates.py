@@ -61,7 +61,15 @@ def test_missing_and_unknown_together() -> None:
 
 
 def test_only_well_typed_generation_params_are_template_defaults() -> None:
-    stored = {"sample_count": 2, "aspect_ratio": "9:16", "image_size": 2, "seed": 7, "person_generation": True}
+    stored = {"sample_count": 2, "aspect_ratio": "9:16", "image_size": 2, "seed": "7", "person_generation": True}
     assert usable_defaults("t", stored) == {"sample_count": 2, "aspect_ratio": "9:16"}
     assert usable_defaults("t", {"sample_count": "2"}) == {}
     assert usable_defaults("t", ["not", "an", "object"]) == {}
+
+
+def test_imagen_parameters_are_template_defaults_of_their_own_type() -> None:
+    stored = {"seed": 42, "add_watermark": False, "enhance_prompt": True, "jpeg_quality": 80, "language": "ja"}
+    assert usable_defaults("t", stored) == stored
+    # A bool is no seed and a number no watermark choice; a template names no input images; null means unset.
+    wrong = {"seed": True, "add_watermark": 0, "input_images": [], "enhance_prompt": None}
+    assert usable_defaults("t", wrong) == {}
