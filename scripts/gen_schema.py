@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+import warnings
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -194,6 +195,8 @@ def _run(server_url: str | None) -> str:
 
 
 def main() -> int:
+    # pgserver asks platformdirs for a runtime dir at import, and warns where there is none (CI, containers).
+    warnings.filterwarnings("ignore", category=UserWarning, module="platformdirs")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="compare with supabase/schema.sql; write nothing")
     parser.add_argument("--server-url", help="PostgreSQL server to build on (default: DATABASE_URL, else embedded)")
