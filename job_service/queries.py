@@ -36,6 +36,8 @@ class Query:
 
 
 class Queries:
+    """The queries of one file, by name."""
+
     def __init__(self, queries: dict[str, Query], source: str) -> None:
         self._queries = queries
         self._source = source

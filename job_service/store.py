@@ -1,8 +1,8 @@
 """PostgreSQL access for jobs, events, templates and credits (asyncpg; no gRPC).
 
 Every state change is one call of a SQL function from the migrations (one round trip, one
-transaction); this module turns rows into domain objects and SQLSTATEs into ServiceErrors. Its reads
-are named queries of job_service/sql/queries.sql.
+transaction); this module turns rows into domain objects and SQLSTATEs into ServiceErrors. Its reads and
+simple writes are named queries of job_service/sql/queries.sql.
 """
 
 from __future__ import annotations
