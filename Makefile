@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.synced
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto proto-check lint typecheck test test-fast compose-test run bench clean
+.PHONY: help setup proto proto-check schema schema-check lint typecheck test test-fast compose-test run bench clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-12s %s\n", $$1, $$2}'
@@ -34,6 +34,12 @@ proto-check: $(STAMP) ## Fail when protos/ and gen/ disagree, buf lint finds a p
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/buf breaking --against protos/released/imagegen-v1.json
 	$(PY) scripts/check_generated.py
+
+schema: $(STAMP) ## Regenerate supabase/schema.sql from supabase/migrations/ (DATABASE_URL's server, else embedded)
+	$(PY) scripts/gen_schema.py
+
+schema-check: $(STAMP) ## Fail when supabase/schema.sql differs from what the migrations build (make test checks it too)
+	$(PY) scripts/gen_schema.py --check
 
 lint: $(STAMP) ## ruff (lint and format check)
 	$(VENV)/bin/ruff check .

@@ -23,6 +23,7 @@ import asyncpg
 import structlog
 
 from job_service.dispatcher import retry_delay
+from job_service.queries import queries
 from job_service.store import CONNECTION_ERRORS
 
 log = structlog.get_logger(__name__)
@@ -59,6 +60,7 @@ class SweepObserver(Protocol):
 class CleanupStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self._sql = queries()
 
     async def take_due(self, limit: int, delay_seconds: float, lease_seconds: float) -> list[Cleanup]:
         """Up to `limit` rows due now (and older than `delay_seconds`), leased for `lease_seconds`.
@@ -66,28 +68,7 @@ class CleanupStore:
         The keep list is read with them: the job's recorded images (result_paths, and images[].storage_path in
         case the two ever differ), or nothing for a row that asks for everything or whose job is gone.
         """
-        rows = await self._pool.fetch(
-            """WITH due AS (
-                   SELECT job_id FROM storage_cleanups
-                   WHERE not_before <= now() AND created_at <= now() - make_interval(secs => $2)
-                   ORDER BY not_before
-                   LIMIT $1
-                   FOR UPDATE SKIP LOCKED
-               )
-               UPDATE storage_cleanups c SET not_before = now() + make_interval(secs => $3)
-               FROM due LEFT JOIN generation_jobs g ON g.id = due.job_id
-               WHERE c.job_id = due.job_id
-               RETURNING c.job_id::text AS job_id, c.user_id::text AS user_id, c.tries, c.not_before,
-                   CASE WHEN c.keep_all_recorded AND g.id IS NOT NULL THEN ARRAY(
-                       SELECT DISTINCT path FROM (
-                           SELECT unnest(g.result_paths) AS path
-                           UNION SELECT image ->> 'storage_path' FROM jsonb_array_elements(g.images) image
-                       ) recorded WHERE path IS NOT NULL
-                   ) ELSE '{}'::text[] END AS keep_paths""",
-            limit,
-            delay_seconds,
-            lease_seconds,
-        )
+        rows = await self._pool.fetch(self._sql["cleanup_take_due"], limit, delay_seconds, lease_seconds)
         return [
             Cleanup(row["job_id"], row["user_id"], list(row["keep_paths"]), row["tries"], row["not_before"])
             for row in rows
@@ -95,17 +76,13 @@ class CleanupStore:
 
     async def done(self, cleanup: Cleanup) -> bool:
         """Deletes the row, if this sweeper's lease still holds it."""
-        status = await self._pool.execute(
-            "DELETE FROM storage_cleanups WHERE job_id = $1 AND not_before = $2", cleanup.job_id, cleanup.lease
-        )
+        status = await self._pool.execute(self._sql["cleanup_done"], cleanup.job_id, cleanup.lease)
         return str(status) == "DELETE 1"
 
     async def failed(self, cleanup: Cleanup, error: str, retry_in_seconds: float) -> bool:
         """Records a failed try and when to try again, if this sweeper's lease still holds the row."""
         status = await self._pool.execute(
-            """UPDATE storage_cleanups
-               SET tries = tries + 1, last_error = $3, not_before = now() + make_interval(secs => $4)
-               WHERE job_id = $1 AND not_before = $2""",
+            self._sql["cleanup_failed"],
             cleanup.job_id,
             cleanup.lease,
             error[:MAX_ERROR_CHARS],
@@ -115,7 +92,7 @@ class CleanupStore:
 
     async def waiting(self) -> int:
         """Rows in the table: folders still to sweep, due or not (all replicas)."""
-        count = await self._pool.fetchval("SELECT count(*) FROM storage_cleanups")
+        count = await self._pool.fetchval(self._sql["cleanup_waiting"])
         return int(count)
 
 

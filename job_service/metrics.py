@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from job_service.cleanup import CleanupStore
 from job_service.domain import EventType, Job, JobEvent, JobStatus
+from job_service.queries import queries
 from job_service.store import JobStore
 from job_service.webhook_sender import WebhookMetricsSink
 from job_service.webhook_store import WebhookStore
@@ -40,6 +41,7 @@ def _transition_details(job: Job, event: str) -> dict[str, Any]:
 
 class JobMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self._sql = queries()
         self.transitions = Counter(
             "imagegen_job_transitions",
             "Job events written by this replica, by event and the state the job is in after it.",
@@ -139,13 +141,8 @@ class JobMetrics:
         )
 
     async def refresh_queue(self, pool: asyncpg.Pool) -> None:
-        """One query over the active jobs (indexed: generation_jobs_user_active covers pending and generating)."""
-        rows = await pool.fetch(
-            """SELECT status, count(*) AS jobs,
-                      count(*) FILTER (WHERE next_attempt_at <= now()) AS due,
-                      coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest
-               FROM generation_jobs WHERE status IN ('pending', 'generating') GROUP BY status"""
-        )
+        """One indexed query over the active jobs."""
+        rows = await pool.fetch(self._sql["job_queue_stats"])
         by_state = {row["status"]: row for row in rows}
         for state in ACTIVE_STATES:
             row = by_state.get(state.value)

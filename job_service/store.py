@@ -1,7 +1,8 @@
 """PostgreSQL access for jobs, events, templates and credits (asyncpg; no gRPC).
 
 Every state change is one call of a SQL function from the migrations (one round trip, one
-transaction); this module turns rows into domain objects and SQLSTATEs into ServiceErrors.
+transaction); this module turns rows into domain objects and SQLSTATEs into ServiceErrors. Its reads and
+simple writes are named queries of job_service/sql/queries.sql.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from job_service.domain import (
     Template,
 )
 from job_service.group_commit import GroupCommit
+from job_service.queries import queries
 
 log = structlog.get_logger(__name__)
 
@@ -297,6 +299,7 @@ CREATE_CALLS = 4
 class JobStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self._sql = queries()
         self._creates: GroupCommit[_NewJob, tuple[Job, bool]] = GroupCommit(
             self._create_one, self._create_many, max_batch=CREATE_BATCH, max_calls=CREATE_CALLS
         )
@@ -473,8 +476,7 @@ class JobStore:
         image no job names and that no CreateJob stored within the grace, and this create's job is not inserted yet.
         """
         await self._pool.executemany(
-            "INSERT INTO job_input_blobs (user_id, sha256, mime_type, data, holds) VALUES ($1, $2, $3, $4, 1)"
-            " ON CONFLICT (user_id, sha256) DO UPDATE SET created_at = now(), holds = job_input_blobs.holds + 1",
+            self._sql["put_input_blobs"],
             [(user_id, digest, mime, data) for digest, mime, data in blobs],
         )
 
@@ -488,28 +490,17 @@ class JobStore:
         """
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute(
-                "SELECT 1 FROM job_input_blobs WHERE user_id = $1 AND sha256 = ANY($2::text[])"
-                " ORDER BY sha256 FOR UPDATE",
+                self._sql["lock_input_blobs"],
                 user_id,
                 digests,
             )
             await conn.execute(
-                "UPDATE job_input_blobs SET holds = greatest(holds - 1, 0)"
-                " WHERE user_id = $1 AND sha256 = ANY($2::text[])",
+                self._sql["release_input_blob_holds"],
                 user_id,
                 digests,
             )
             deleted: int = await conn.fetchval(
-                """WITH gone AS (
-                       DELETE FROM job_input_blobs b
-                       WHERE b.user_id = $1 AND b.sha256 = ANY($2::text[]) AND b.holds = 0
-                         AND NOT EXISTS (
-                             SELECT 1 FROM generation_jobs j
-                             WHERE j.user_id = b.user_id
-                               AND j.params -> 'input_images'
-                                   @> jsonb_build_array(jsonb_build_object('sha256', b.sha256)))
-                       RETURNING 1)
-                   SELECT count(*) FROM gone""",
+                self._sql["delete_unheld_input_blobs"],
                 user_id,
                 digests,
             )
@@ -517,15 +508,11 @@ class JobStore:
 
     async def input_blobs(self, user_id: str, digests: list[str]) -> dict[str, bytes]:
         """The stored bytes of a user's input images, by sha256 (those that exist)."""
-        rows = await self._pool.fetch(
-            "SELECT sha256, data FROM job_input_blobs WHERE user_id = $1 AND sha256 = ANY($2::text[])",
-            user_id,
-            digests,
-        )
+        rows = await self._pool.fetch(self._sql["input_blobs"], user_id, digests)
         return {row["sha256"]: bytes(row["data"]) for row in rows}
 
     async def get_job(self, job_id: str) -> Job | None:
-        row = await self._pool.fetchrow("SELECT * FROM generation_jobs WHERE id = $1", job_id)
+        row = await self._pool.fetchrow(self._sql["get_job"], job_id)
         return job_from_row(row) if row else None
 
     async def list_jobs(
@@ -538,12 +525,7 @@ class JobStore:
     ) -> list[Job]:
         """A user's jobs newest first, keyset-paginated on (created_at, id)."""
         rows = await self._pool.fetch(
-            """SELECT * FROM generation_jobs
-               WHERE user_id = $1 AND deleted_at IS NULL
-                 AND ($2::text IS NULL OR status = $2)
-                 AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4::uuid))
-               ORDER BY created_at DESC, id DESC
-               LIMIT $5""",
+            self._sql["list_jobs"],
             user_id,
             status.value if status else None,
             after[0] if after else None,
@@ -559,21 +541,8 @@ class JobStore:
         return [_event_from_row(r) for r in rows]
 
     async def job_and_events_after(self, job_id: str, seq: int) -> tuple[Job | None, list[JobEvent]]:
-        # One statement reads from one snapshot, so the job is never older than the newest event returned;
-        # and it is one round trip, where a read-only transaction of two queries took four.
-        row = await self._pool.fetchrow(
-            """SELECT g.*, e.seqs, e.types, e.statuses, e.attempts, e.ats, e.messages
-               FROM generation_jobs g
-               CROSS JOIN LATERAL (
-                   SELECT array_agg(seq ORDER BY seq) AS seqs, array_agg(type ORDER BY seq) AS types,
-                          array_agg(status ORDER BY seq) AS statuses, array_agg(attempt ORDER BY seq) AS attempts,
-                          array_agg(at ORDER BY seq) AS ats,
-                          array_agg(coalesce(detail ->> 'message', '') ORDER BY seq) AS messages
-                   FROM job_events WHERE job_id = g.id AND seq > $2) e
-               WHERE g.id = $1""",
-            job_id,
-            seq,
-        )
+        # One statement, one snapshot: the job is never older than the newest event returned (see the query).
+        row = await self._pool.fetchrow(self._sql["job_and_events_after"], job_id, seq)
         if row is None:
             return None, []
         job = job_from_row(row)
@@ -696,10 +665,7 @@ class JobStore:
         if not held:
             return {}
         rows = await self._pool.fetch(
-            """UPDATE generation_jobs g SET lease_expires_at = now() + make_interval(secs => $4)
-               FROM unnest($2::uuid[], $3::int[]) AS h(id, attempt)
-               WHERE g.id = h.id AND g.attempt = h.attempt AND g.status = 'generating' AND g.lease_owner = $1
-               RETURNING g.id, g.cancel_requested""",
+            self._sql["renew_leases"],
             owner,
             [job_id for job_id, _ in held],
             [attempt for _, attempt in held],
@@ -708,11 +674,7 @@ class JobStore:
         return {str(r["id"]): r["cancel_requested"] for r in rows}
 
     async def expired_leases(self, limit: int) -> list[Job]:
-        rows = await self._pool.fetch(
-            """SELECT * FROM generation_jobs WHERE status = 'generating' AND lease_expires_at < now()
-               ORDER BY lease_expires_at LIMIT $1""",
-            limit,
-        )
+        rows = await self._pool.fetch(self._sql["expired_leases"], limit)
         return [job_from_row(r) for r in rows]
 
     async def next_due_in(self) -> float | None:
@@ -723,24 +685,17 @@ class JobStore:
         return float(value) if value is not None else None
 
     async def list_templates(self, *, active_only: bool = True) -> list[Template]:
-        rows = await self._pool.fetch("SELECT * FROM templates WHERE $1 = false OR is_active ORDER BY id", active_only)
+        rows = await self._pool.fetch(self._sql["list_templates"], active_only)
         return [_template_from_row(r) for r in rows]
 
     async def get_template(self, template_id: str) -> Template | None:
-        row = await self._pool.fetchrow("SELECT * FROM templates WHERE id = $1", template_id)
+        row = await self._pool.fetchrow(self._sql["get_template"], template_id)
         return _template_from_row(row) if row else None
 
     async def credit_balance(self, user_id: str, new_user_credits: int) -> CreditBalance:
         async with self._pool.acquire() as conn:
-            await conn.execute("SELECT imagegen_ensure_account($1, $2)", user_id, new_user_credits)
-            row = await conn.fetchrow(
-                """SELECT a.balance, a.is_premium,
-                          coalesce((SELECT sum(credits_reserved) FROM generation_jobs
-                                    WHERE user_id = a.user_id AND status IN ('pending', 'generating')), 0)
-                              AS reserved
-                   FROM credit_accounts a WHERE a.user_id = $1""",
-                user_id,
-            )
+            await conn.execute(self._sql["ensure_account"], user_id, new_user_credits)
+            row = await conn.fetchrow(self._sql["credit_balance"], user_id)
         assert row is not None
         return CreditBalance(user_id, row["balance"], int(row["reserved"]), row["is_premium"])
 
@@ -757,7 +712,7 @@ class JobStore:
         which answers the account as the first grant with that key left it."""
         try:
             row = await self._pool.fetchrow(
-                "SELECT balance, is_premium, granted FROM imagegen_grant_credits_v2($1, $2, $3, $4, $5, $6)",
+                self._sql["grant_credits"],
                 user_id,
                 amount,
                 reason,

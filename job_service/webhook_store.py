@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from job_service.domain import Job
+from job_service.queries import queries
 from job_service.store import job_from_row
 
 MAX_ERROR_CHARS = 500
@@ -78,6 +79,7 @@ def _snapshot(row: asyncpg.Record) -> Job:
 class WebhookStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self._sql = queries()
 
     async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Delivery]:
         """Up to `limit` due deliveries, leased to `owner`: each the earliest of its job still pending (a job's
@@ -85,25 +87,7 @@ class WebhookStore:
         if limit <= 0:
             return []
         rows = await self._pool.fetch(
-            """WITH due AS (
-                   SELECT d.id FROM webhook_deliveries d
-                   WHERE d.state = 'pending' AND d.next_attempt_at <= now()
-                     AND (d.lease_expires_at IS NULL OR d.lease_expires_at < now())
-                     AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p
-                                     WHERE p.job_id = d.job_id AND p.state = 'pending' AND p.seq < d.seq)
-                   ORDER BY d.next_attempt_at
-                   LIMIT $2
-                   FOR UPDATE SKIP LOCKED
-               ), claimed AS (
-                   UPDATE webhook_deliveries d SET lease_owner = $1,
-                       lease_expires_at = now() + make_interval(secs => $3), attempts = d.attempts + 1
-                   FROM due WHERE d.id = due.id
-                   RETURNING d.id AS delivery_id, d.job_id AS delivery_job_id, d.seq AS delivery_seq,
-                             d.type AS delivery_type, d.url AS delivery_url, d.job AS snapshot, d.event_at,
-                             d.attempts AS delivery_attempts, d.created_at AS delivery_created_at
-               )
-               SELECT c.*, s.* FROM claimed c
-               CROSS JOIN LATERAL jsonb_populate_record(NULL::generation_jobs, c.snapshot) s""",
+            self._sql["webhook_claim"],
             owner,
             limit,
             lease_seconds,
@@ -135,18 +119,7 @@ class WebhookStore:
             state = "pending"
         error = outcome.error[:MAX_ERROR_CHARS]
         row = await self._pool.fetchrow(
-            """WITH attempt AS (
-                   INSERT INTO webhook_attempts (delivery_id, attempt, duration_seconds, http_status, error, worker)
-                   VALUES ($1, $2, $3, $4, $5, $6)
-                   ON CONFLICT (delivery_id, attempt) DO NOTHING
-               )
-               UPDATE webhook_deliveries SET state = $7, last_status = $4, last_error = nullif($5, ''),
-                   lease_owner = NULL, lease_expires_at = NULL,
-                   next_attempt_at = CASE WHEN $7 = 'pending' THEN now() + make_interval(secs => $8)
-                                          ELSE next_attempt_at END,
-                   ended_at = CASE WHEN $7 = 'pending' THEN NULL ELSE now() END
-               WHERE id = $1 AND state = 'pending' AND lease_owner = $6 AND attempts = $2
-               RETURNING state""",
+            self._sql["webhook_record"],
             delivery.id,
             delivery.attempts,
             outcome.duration_seconds,
@@ -162,8 +135,7 @@ class WebhookStore:
         """Hands back deliveries whose sends this replica abandoned (shutdown): due again at once, anywhere."""
         if delivery_ids:
             await self._pool.execute(
-                """UPDATE webhook_deliveries SET lease_owner = NULL, lease_expires_at = NULL
-                   WHERE id = ANY($2::uuid[]) AND lease_owner = $1 AND state = 'pending'""",
+                self._sql["webhook_release"],
                 owner,
                 list(delivery_ids),
             )
@@ -174,28 +146,12 @@ class WebhookStore:
         Only the earliest pending delivery of each job counts: the ones behind it are not claimable however
         overdue they are, and counting them would have a sender poll in a loop while the first waits to retry.
         """
-        value = await self._pool.fetchval(
-            """SELECT extract(epoch FROM min(greatest(d.next_attempt_at,
-                                                      coalesce(d.lease_expires_at, d.next_attempt_at))) - now())
-               FROM webhook_deliveries d
-               WHERE d.state = 'pending'
-                 AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p
-                                 WHERE p.job_id = d.job_id AND p.state = 'pending' AND p.seq < d.seq)"""
-        )
+        value = await self._pool.fetchval(self._sql["webhook_next_due_in"])
         return float(value) if value is not None else None
 
     async def for_job(self, job_id: str) -> list[DeliveryRecord]:
         rows = await self._pool.fetch(
-            """SELECT d.id, d.seq, d.type, d.state, d.created_at, d.ended_at, d.next_attempt_at, d.last_error,
-                      coalesce(array_agg(a.attempt ORDER BY a.attempt) FILTER (WHERE a.attempt IS NOT NULL), '{}')
-                          AS numbers,
-                      array_agg(a.at ORDER BY a.attempt) FILTER (WHERE a.attempt IS NOT NULL) AS ats,
-                      array_agg(a.duration_seconds ORDER BY a.attempt) FILTER (WHERE a.attempt IS NOT NULL)
-                          AS durations,
-                      array_agg(a.http_status ORDER BY a.attempt) FILTER (WHERE a.attempt IS NOT NULL) AS statuses,
-                      array_agg(a.error ORDER BY a.attempt) FILTER (WHERE a.attempt IS NOT NULL) AS errors
-               FROM webhook_deliveries d LEFT JOIN webhook_attempts a ON a.delivery_id = d.id
-               WHERE d.job_id = $1 GROUP BY d.id ORDER BY d.seq""",
+            self._sql["webhook_deliveries_of_job"],
             job_id,
         )
         records = []
@@ -227,10 +183,6 @@ class WebhookStore:
         return records
 
     async def queue_stats(self) -> dict[str, Any]:
-        row = await self._pool.fetchrow(
-            """SELECT count(*) AS pending, count(*) FILTER (WHERE next_attempt_at <= now()) AS due,
-                      coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest
-               FROM webhook_deliveries WHERE state = 'pending'"""
-        )
+        row = await self._pool.fetchrow(self._sql["webhook_queue_stats"])
         assert row is not None
         return dict(row)
