@@ -21,7 +21,6 @@ from job_service.domain import (
     MAX_PRIORITY,
     MIN_PRIORITY,
     CreditBalance,
-    EventType,
     GenerationFailure,
     InputRef,
     Job,
@@ -34,6 +33,7 @@ from job_service.domain import (
 )
 from job_service.notifications import JobNotifications
 from job_service.page_tokens import PageTokens
+from job_service.state_changes import StateChange
 from job_service.store import ClaimAtCreate, CreateRules, JobStore
 from job_service.templates import render
 from job_service.webhook_store import DeliveryRecord, WebhookStore
@@ -695,23 +695,16 @@ class JobManager:
                 )
             if job.status is JobStatus.PENDING:
                 updated = await self._store.advance(
-                    job.id,
-                    attempt=None,
-                    from_statuses=(JobStatus.PENDING,),
-                    event=EventType.CANCELLED,
-                    to=JobStatus.CANCELLED,
-                    message="cancelled by the user",
+                    job.id, StateChange.cancelled(), attempt=None, from_states=(JobStatus.PENDING,)
                 )
             elif job.cancel_requested:
                 return job
             else:
                 updated = await self._store.advance(
                     job.id,
+                    StateChange.cancel_requested_by_user(),
                     attempt=job.attempt,
-                    from_statuses=(JobStatus.GENERATING,),
-                    event=EventType.CANCEL_REQUESTED,
-                    cancel_requested=True,
-                    message="cancel requested",
+                    from_states=(JobStatus.GENERATING,),
                 )
             if updated is not None:
                 log.info("cancel", job_id=job.id, status=updated.status.value)
