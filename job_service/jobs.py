@@ -763,7 +763,12 @@ class JobManager:
             raise invalid_argument(violations)
         owner = parse_uuid(user_id, "user_id")
         balance, is_premium, granted = await self._store.grant_credits(
-            owner, amount, reason or "grant", premium, self._policy.new_user_credits, request_id or None
+            owner,
+            amount,
+            reason or "grant",
+            premium=premium,
+            new_user_credits=self._policy.new_user_credits,
+            request_id=request_id or None,
         )
         if granted:
             log.info("credits granted", user_id=owner, amount=amount, balance=balance)

@@ -55,13 +55,15 @@ _CREATE_ERRORS = {
 }
 
 
-def _detail(detail: str | None) -> dict[str, Any]:
-    """The JSON object a refusal carries in its DETAIL (rate limit, priority), or {}."""
+def _detail(detail: str | None) -> dict[str, float]:
+    """The numbers of the JSON object a refusal carries in its DETAIL (rate limit, priority), or {}."""
     try:
         value = json.loads(detail or "{}")
     except ValueError:
         return {}
-    return value if isinstance(value, dict) else {}
+    if not isinstance(value, dict):
+        return {}
+    return {key: float(number) for key, number in value.items() if type(number) in (int, float)}
 
 
 def _create_refusal(sqlstate: str | None, message: str, detail: str | None = None) -> ServiceError | None:
@@ -645,6 +647,7 @@ class JobStore:
         user_id: str,
         amount: int,
         reason: str,
+        *,
         premium: bool | None,
         new_user_credits: int,
         request_id: str | None = None,
