@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -189,7 +188,7 @@ def _batch_item(change: StateChange) -> dict[str, object]:
     if change.error_code is not None:
         item["error_code"] = change.error_code
     if change.image is not None:
-        item["image"] = dataclasses.asdict(change.image)
+        item["image"] = vars(change.image)
     if change.filtered_count is not None:
         item["filtered"] = change.filtered_count
     if change.filtered_reasons is not None:
@@ -539,7 +538,7 @@ class JobStore:
                 change.to.value if change.to is not None else None,
                 change.message,
                 change.error_code,
-                dataclasses.asdict(change.image) if change.image is not None else None,
+                vars(change.image) if change.image is not None else None,
                 change.filtered_count,
                 list(change.filtered_reasons) if change.filtered_reasons is not None else None,
                 change.retry_delay,
