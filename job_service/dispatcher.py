@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import functools
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import structlog
 
@@ -30,7 +30,8 @@ from job_service.domain import (
 )
 from job_service.failure_messages import logged_detail, user_message
 from job_service.mailbox import Mailbox
-from job_service.store import CONNECTION_ERRORS, ClaimAtCreate, JobStore
+from job_service.state_changes import StateChange
+from job_service.store import CONNECTION_ERRORS, ClaimAtCreate
 
 log = structlog.get_logger(__name__)
 
@@ -41,8 +42,41 @@ MAX_CLAIM_BATCH = 512
 CancelReason = Literal["user", "shutdown", "lost"]
 
 
-class Generator(Protocol):
+class GenerationSource(Protocol):
+    """Runs one attempt of a job at the generator (job_service.generator_client.GeneratorClient)."""
+
     def generate(self, job: Job) -> AsyncGenerator[GenerationEvent, None]: ...
+
+
+class DispatcherStore(Protocol):
+    """The database as the dispatcher uses it (job_service.store.JobStore; tests.support.memory_store in the unit
+    tests). Every write of an attempt is fenced on its attempt number and the states it may be in."""
+
+    async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]: ...
+
+    async def get_job(self, job_id: str) -> Job | None: ...
+
+    async def advance(
+        self,
+        job_id: str,
+        change: StateChange,
+        *,
+        attempt: int | None,
+        from_states: Sequence[JobStatus],
+        only_if_lease_expired: bool = False,
+    ) -> Job | None: ...
+
+    async def advance_batch(
+        self, job_id: str, changes: Sequence[StateChange], *, attempt: int, from_states: Sequence[JobStatus]
+    ) -> list[Job]: ...
+
+    async def renew_leases(
+        self, owner: str, held: Sequence[tuple[str, int]], lease_seconds: float
+    ) -> dict[str, bool]: ...
+
+    async def expired_leases(self, limit: int) -> list[Job]: ...
+
+    async def expire_due(self, limit: int) -> list[Job]: ...
 
 
 @dataclass(frozen=True)
@@ -141,7 +175,7 @@ async def _read_stream(events: AsyncIterator[GenerationEvent], queue: Mailbox[_R
 
 
 class Dispatcher:
-    def __init__(self, store: JobStore, generator: Generator, config: DispatcherConfig) -> None:
+    def __init__(self, store: DispatcherStore, generator: GenerationSource, config: DispatcherConfig) -> None:
         self._store = store
         self._generator = generator
         self._config = config
@@ -224,8 +258,8 @@ class Dispatcher:
     def _cancel_checked(self, job_id: str, _task: asyncio.Task[None]) -> None:
         self._cancel_checks.pop(job_id, None)
 
-    def on_written(self, job: Job, event: EventType) -> None:
-        """An event this process just committed, with the job's row as the write returned it.
+    def on_committed(self, job: Job, event: EventType) -> None:
+        """The latest event of a job, which this process just committed, with the job's row as the write returned it.
 
         The row is the database's word, so a cancel it records stops the attempt without another read;
         anything else is handled as its notification would be.
@@ -399,48 +433,32 @@ class Dispatcher:
             if job.id in self._running:
                 continue  # ours: the renewal that failed will succeed again or lose it
             if job.cancel_requested:
-                updated = await self._advance(
-                    job,
-                    event=EventType.CANCELLED,
-                    to=JobStatus.CANCELLED,
-                    message="cancelled while its worker was gone",
-                    only_if_lease_expired=True,
-                )
+                change = StateChange.cancelled("cancelled while its worker was gone")
             elif job.failed_attempts + 1 >= job.max_attempts:
-                updated = await self._advance(
-                    job,
-                    event=EventType.FAILED,
-                    to=JobStatus.FAILED,
-                    error_code="LEASE_EXPIRED",
-                    count_failure=True,
-                    message="the worker running the last attempt stopped responding",
-                    only_if_lease_expired=True,
-                )
+                message = "the worker running the last attempt stopped responding"
+                change = StateChange.failed("LEASE_EXPIRED", message, count_failure=True)
             else:
-                updated = await self._advance(
-                    job,
-                    event=EventType.LEASE_EXPIRED,
-                    to=JobStatus.PENDING,
-                    count_failure=True,
-                    message=f"worker {job.lease_owner} stopped responding",
-                    only_if_lease_expired=True,
-                )
-                await self._cancel_if_requested(updated)
+                change = StateChange.lease_expired(f"worker {job.lease_owner} stopped responding")
+            # Only if the lease is still out when the write lands: its owner may have renewed it meanwhile.
+            updated = await self._advance(job, change, only_if_lease_expired=True)
+            await self._cancel_if_requested(updated)
             if updated is not None:
                 log.warning(
                     "lease expired", job_id=job.id, attempt=job.attempt, owner=job.lease_owner, now=updated.status
                 )
 
-    async def _advance(self, job: Job, **changes: Any) -> Job | None:
+    async def _advance(self, job: Job, change: StateChange, *, only_if_lease_expired: bool = False) -> Job | None:
         """A write for `job`'s attempt, fenced: it lands only while this attempt still holds the job."""
-        return await self._store.advance(job.id, attempt=job.attempt, from_statuses=GENERATING, **changes)
+        return await self._store.advance(
+            job.id, change, attempt=job.attempt, from_states=GENERATING, only_if_lease_expired=only_if_lease_expired
+        )
 
-    async def _write(self, job: Job, **changes: Any) -> Job | None:
+    async def _write(self, job: Job, change: StateChange) -> Job | None:
         """One fenced write of the attempt that rides out a database outage (see _write_batch)."""
-        written = await self._write_batch(job, [changes])
+        written = await self._write_batch(job, [change])
         return written[-1] if written else None
 
-    async def _write_batch(self, job: Job, batch: list[dict[str, Any]]) -> list[Job]:
+    async def _write_batch(self, job: Job, batch: Sequence[StateChange]) -> list[Job]:
         """Fenced writes of the attempt, in order and in one transaction, that ride out a database outage.
 
         Returns the job after each write that landed: fewer than `batch` means the fence refused the next
@@ -454,7 +472,7 @@ class Dispatcher:
         deadline = loop.time() + self._config.write_patience_seconds
         delay = 0.1
         retrying = False
-        images = [changes["image"] for changes in batch if changes.get("image") is not None]
+        images = [change.image for change in batch if change.image is not None]
         while True:
             try:
                 if retrying and images:
@@ -465,18 +483,16 @@ class Dispatcher:
                     if any(stored.storage_path == images[0].storage_path for stored in current.images):
                         return [current] * len(batch)
                 if len(batch) == 1:
-                    updated = await self._advance(job, **batch[0])
+                    updated = await self._advance(job, batch[0])
                     return [updated] if updated is not None else []
-                return await self._store.advance_batch(
-                    job.id, attempt=job.attempt, from_statuses=GENERATING, events=batch
-                )
+                return await self._store.advance_batch(job.id, batch, attempt=job.attempt, from_states=GENERATING)
             except CONNECTION_ERRORS as exc:
                 if loop.time() + delay > deadline:
                     raise
                 log.warning(
                     "database write failed; retrying",
                     job_id=job.id,
-                    job_event=",".join(str(changes.get("event")) for changes in batch),
+                    job_event=",".join(change.event.value for change in batch),
                     error=str(exc) or type(exc).__name__,
                 )
                 await asyncio.sleep(delay)
@@ -487,12 +503,7 @@ class Dispatcher:
         """A job sent back to pending while a cancel was requested ends cancelled instead of running again."""
         if job is not None and job.status is JobStatus.PENDING and job.cancel_requested:
             await self._store.advance(
-                job.id,
-                attempt=job.attempt,
-                from_statuses=(JobStatus.PENDING,),
-                event=EventType.CANCELLED,
-                to=JobStatus.CANCELLED,
-                message="cancelled by the user",
+                job.id, StateChange.cancelled(), attempt=job.attempt, from_states=(JobStatus.PENDING,)
             )
 
     async def _run(self, job: Job) -> None:
@@ -538,12 +549,7 @@ class Dispatcher:
             # Earlier attempts delivered every image (the last one ended before its completion landed: its stream
             # broke, or its lease ran out). They stay the job's, so there is nothing to ask the generator for.
             self._streaming.discard(job.id)
-            await self._write(
-                job,
-                event=EventType.COMPLETED,
-                to=JobStatus.COMPLETED,
-                message=f"{len(job.images)} delivered by earlier attempts",
-            )
+            await self._write(job, StateChange.completed(f"{len(job.images)} delivered by earlier attempts"))
             return
         # The stream is read by a task of its own into a queue, and every write takes all that is queued at
         # that moment into one transaction: the events that arrive while one write runs (a zero-latency
@@ -583,12 +589,12 @@ class Dispatcher:
         An image past what the attempt asked for is not written: every delivered image is charged, and a job
         never delivers more than sample_count, whatever a provider answers.
         """
-        writes: list[dict[str, Any]] = []
+        writes: list[StateChange] = []
         done: GenerationDone | None = None
         end: _Read = _NOTHING
         for item in batch:
             if isinstance(item, GenerationStarted):
-                writes.append({"event": EventType.GENERATION_STARTED, "message": f"provider {item.provider}"})
+                writes.append(StateChange.generation_started(item.provider))
             elif isinstance(item, ImageStored):
                 if owed.left <= 0:
                     log.warning(
@@ -599,18 +605,16 @@ class Dispatcher:
                     )
                     continue
                 owed.left -= 1
-                writes.append({"event": EventType.IMAGE_STORED, "image": item.image})
+                writes.append(StateChange.image_stored(item.image))
             elif isinstance(item, GenerationDone):
                 done = item
+                message = f"{item.delivered_count} delivered, {item.filtered_count} filtered" + (
+                    f", {len(job.images)} delivered by earlier attempts" if job.images else ""
+                )
                 writes.append(
-                    {
-                        "event": EventType.COMPLETED,
-                        "to": JobStatus.COMPLETED,
-                        "filtered_count": item.filtered_count,
-                        "filtered_reasons": item.filtered_reasons,
-                        "message": f"{item.delivered_count} delivered, {item.filtered_count} filtered"
-                        + (f", {len(job.images)} delivered by earlier attempts" if job.images else ""),
-                    }
+                    StateChange.completed(
+                        message, filtered_count=item.filtered_count, filtered_reasons=item.filtered_reasons
+                    )
                 )
             else:
                 end = item  # the stream failed or ended: always the last thing read
@@ -646,34 +650,16 @@ class Dispatcher:
             retry_in_seconds=round(decision.delay, 2) if decision.delay is not None else None,
         )
         if decision.delay is not None:
-            updated = await self._write(
-                job,
-                event=EventType.RETRY_SCHEDULED,
-                to=JobStatus.PENDING,
-                error_code=failure.reason,
-                message=message,
-                retry_delay=decision.delay,
-                count_failure=decision.count_failure,
+            retry = StateChange.retry_scheduled(
+                failure.reason, message, delay=decision.delay, count_failure=decision.count_failure
             )
-            await self._cancel_if_requested(updated)
+            await self._cancel_if_requested(await self._write(job, retry))
         else:
-            await self._write(
-                job,
-                event=EventType.FAILED,
-                to=JobStatus.FAILED,
-                error_code=failure.reason,
-                message=message,
-                count_failure=decision.count_failure,
-            )
+            await self._write(job, StateChange.failed(failure.reason, message, count_failure=decision.count_failure))
 
     async def _after_cancel(self, job: Job, reason: CancelReason) -> None:
         if reason == "user":
-            await self._write(job, event=EventType.CANCELLED, to=JobStatus.CANCELLED, message="cancelled by the user")
+            await self._write(job, StateChange.cancelled())
         elif reason == "shutdown":
-            updated = await self._write(
-                job,
-                event=EventType.HANDED_BACK,
-                to=JobStatus.PENDING,
-                message=f"handed back: worker {self._config.owner} is shutting down (shutdown)",
-            )
-            await self._cancel_if_requested(updated)
+            message = f"handed back: worker {self._config.owner} is shutting down (shutdown)"
+            await self._cancel_if_requested(await self._write(job, StateChange.handed_back(message)))

@@ -8,7 +8,6 @@ import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 from google.rpc import code_pb2, status_pb2
@@ -278,7 +277,9 @@ class GeneratorClient:
         self._streams.append(stream)
         return stream
 
-    async def _read(self, stream: _Stream, call: Any) -> None:
+    async def _read(
+        self, stream: _Stream, call: grpc.aio.StreamStreamCall[pb.GenerateManyRequest, pb.GenerateManyResponse]
+    ) -> None:
         """Hands each answer to its attempt; when the stream ends, every attempt still on it fails, uncounted."""
         failure = GenerationFailure("GENERATOR_UNAVAILABLE", "the generator ended the stream", True, counts=False)
         try:

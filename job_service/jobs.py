@@ -30,7 +30,6 @@ from job_service.domain import (
     DEFAULT_PRIORITY,
     MAX_PRIORITY,
     CreditBalance,
-    EventType,
     GenerationFailure,
     InputRef,
     Job,
@@ -43,6 +42,7 @@ from job_service.domain import (
 from job_service.input_holds import HeldInputs
 from job_service.notifications import JobNotifications
 from job_service.page_tokens import PageTokens
+from job_service.state_changes import StateChange
 from job_service.store import ClaimAtCreate, CreateRules, JobStore
 from job_service.webhook_store import DeliveryRecord, WebhookStore
 from job_service.webhooks import WebhookPolicy
@@ -488,23 +488,16 @@ class JobManager:
                 )
             if job.status is JobStatus.PENDING:
                 updated = await self._store.advance(
-                    job.id,
-                    attempt=None,
-                    from_statuses=(JobStatus.PENDING,),
-                    event=EventType.CANCELLED,
-                    to=JobStatus.CANCELLED,
-                    message="cancelled by the user",
+                    job.id, StateChange.cancelled(), attempt=None, from_states=(JobStatus.PENDING,)
                 )
             elif job.cancel_requested:
                 return job
             else:
                 updated = await self._store.advance(
                     job.id,
+                    StateChange.cancel_requested_by_user(),
                     attempt=job.attempt,
-                    from_statuses=(JobStatus.GENERATING,),
-                    event=EventType.CANCEL_REQUESTED,
-                    cancel_requested=True,
-                    message="cancel requested",
+                    from_states=(JobStatus.GENERATING,),
                 )
             if updated is not None:
                 log.info("cancel", job_id=job.id, status=updated.status.value)
@@ -563,7 +556,12 @@ class JobManager:
             raise invalid_argument(violations)
         owner = parse_uuid(user_id, "user_id")
         balance, is_premium, granted = await self._store.grant_credits(
-            owner, amount, reason or "grant", premium, self._policy.new_user_credits, request_id or None
+            owner,
+            amount,
+            reason or "grant",
+            premium=premium,
+            new_user_credits=self._policy.new_user_credits,
+            request_id=request_id or None,
         )
         if granted:
             log.info("credits granted", user_id=owner, amount=amount, balance=balance)

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from job_service.cleanup import CleanupStore
 from job_service.domain import EventType, Job, JobEvent, JobStatus
 from job_service.queries import queries
-from job_service.store import JobStore
+from job_service.store import CommittedEvents, JobStore
 from job_service.webhook_sender import WebhookMetricsSink
 from job_service.webhook_store import WebhookStore
 
@@ -155,14 +155,14 @@ class JobMetrics:
 class InstrumentedJobStore(JobStore):
     """A JobStore that counts and logs every transition it writes, and the credits each one moves."""
 
-    def __init__(self, pool: asyncpg.Pool, metrics: JobMetrics) -> None:
-        super().__init__(pool)
+    def __init__(self, pool: asyncpg.Pool, metrics: JobMetrics, events: CommittedEvents | None = None) -> None:
+        super().__init__(pool, events)
         self._metrics = metrics
 
-    def _written(self, job: Job, event: JobEvent) -> None:
+    def _committed(self, job: Job, event: JobEvent) -> None:
         # Every event this store commits passes here once (an idempotent replay of CreateJob is not one).
         self._metrics.transition(job, event)
-        super()._written(job, event)
+        super()._committed(job, event)
 
     async def create_job(self, **kwargs: Any) -> tuple[Job, bool]:
         job, created = await super().create_job(**kwargs)

@@ -6,9 +6,10 @@ After the LISTEN connection is lost and re-established, every feed re-reads what
 missed, so a watcher never skips an event.
 
 Events this process writes itself (its dispatcher runs the job) are handed to its watchers as soon as
-the write answers (`publish`, from JobStore.on_event_written); a NOTIFY that finds every watcher already
-there, or this process's write to the job still under way, reads nothing. A watcher only ever takes
-the next seq, so a published event never jumps a gap; whatever is missing is read as before.
+the write answers (`publish`, from job_service.fanout.EventFanout); a NOTIFY that finds every watcher
+already there, or this process's write to the job still under way (EventFanout.write_in_flight), reads
+nothing. A watcher only ever takes the next seq, so a published event never jumps a gap; whatever is
+missing is read as before.
 """
 
 from __future__ import annotations
@@ -17,17 +18,30 @@ import asyncio
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import asyncpg
 import structlog
 
 from job_service.domain import EventType, Job, JobEvent
 from job_service.mailbox import Mailbox
-from job_service.store import NOTIFY_CHANNEL, JobStore
+from job_service.store import NOTIFY_CHANNEL
 
 log = structlog.get_logger(__name__)
 
 Update = tuple[Job, JobEvent]
+
+
+class EventReads(Protocol):
+    """The one read the feeds make (job_service.store.JobStore)."""
+
+    async def job_and_events_after(self, job_id: str, seq: int) -> tuple[Job | None, list[JobEvent]]: ...
+
+
+class WritesInFlight(Protocol):
+    """This process's writes under way (job_service.fanout.EventFanout)."""
+
+    def write_in_flight(self, job_id: str) -> asyncio.Event | None: ...
 
 
 @dataclass(eq=False)
@@ -72,13 +86,15 @@ class JobNotifications:
     def __init__(
         self,
         dsn: str,
-        store: JobStore,
+        store: EventReads,
         *,
+        writes: WritesInFlight | None = None,
         on_event: Callable[[str, int, EventType | None], None] | None = None,
         on_connection_change: Callable[[bool], None] | None = None,
     ) -> None:
         self._dsn = dsn
         self._store = store
+        self._writes = writes
         self._on_event = on_event
         self._on_connection_change = on_connection_change
         self._feeds: dict[str, _Feed] = {}
@@ -168,7 +184,7 @@ class JobNotifications:
             if not feed.must_read:
                 if since >= feed.announced_seq:
                     continue  # every watcher already has what was announced (published by this process)
-                writing = self._store.write_in_flight(feed.job_id)
+                writing = self._writes.write_in_flight(feed.job_id) if self._writes is not None else None
                 if writing is not None:
                     # This process is writing to the job, and the NOTIFY of its commit beat the write's
                     # own answer, which brings the same events: wait for it, then look again.

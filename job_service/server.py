@@ -30,7 +30,8 @@ from job_service.auth import JwksKeys, ServiceApiKeys, TokenVerifier
 from job_service.cleanup import CleanupStore, Sweeper, SweeperConfig
 from job_service.config import ConfigurationError, JobSettings
 from job_service.dispatcher import Dispatcher, DispatcherConfig
-from job_service.domain import EventType, Job, JobEvent
+from job_service.domain import Job
+from job_service.fanout import EventFanout
 from job_service.generator_client import GeneratorClient
 from job_service.input_budget import InputImageBudget
 from job_service.jobs import JobManager, JobPolicy
@@ -351,7 +352,8 @@ async def start(settings: JobSettings) -> JobApp:
     registry = CollectorRegistry()
     rpc_metrics = RpcMetrics.create(registry)
     job_metrics = JobMetrics(registry)
-    store = InstrumentedJobStore(pool, job_metrics)
+    fanout = EventFanout()
+    store = InstrumentedJobStore(pool, job_metrics, fanout)
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     generator = GeneratorClient(
         settings.generator_target,
@@ -381,28 +383,10 @@ async def start(settings: JobSettings) -> JobApp:
     webhook_store = WebhookStore(pool)
     webhook_metrics = WebhookMetrics(registry)
     webhooks = build_webhook_sender(settings, webhook_store, owner, webhook_metrics)
-
-    def notified(job_id: str, seq: int, event: EventType | None) -> None:
-        dispatcher.on_notification(job_id, seq, event)
-        if webhooks is not None:
-            # Any replica's event may have queued a delivery (in its own transaction): look now, not at the poll.
-            webhooks.wake()
-
-    notifications = JobNotifications(dsn, store, on_event=notified, on_connection_change=health.database_reachable)
-
-    def written_here(job: Job, event: JobEvent) -> None:
-        # What this process commits reaches its own watchers without a read, and its dispatcher (a new job
-        # to claim, a cancel to act on) without waiting for the NOTIFY to come back; the NOTIFY still comes
-        # and finds nothing left to do.
-        notifications.publish(job, event)
-        # Only the job's latest event concerns the dispatcher: the 'created' of a job claimed as it was created
-        # (attempt_started came with it) must not wake a claim for a job that is no longer pending.
-        if event.seq == job.last_event_seq:
-            dispatcher.on_written(job, event.type)
-        if webhooks is not None:
-            webhooks.wake()
-
-    store.on_event_written(written_here)
+    notifications = JobNotifications(
+        dsn, store, writes=fanout, on_event=fanout.notified, on_connection_change=health.database_reachable
+    )
+    fanout.deliver_to(watchers=notifications, runner=dispatcher, webhooks=webhooks)
     await notifications.start()
     with contextlib.suppress(TimeoutError):  # if not yet, health says NOT_SERVING until it is
         await asyncio.wait_for(notifications.connected.wait(), timeout=10.0)

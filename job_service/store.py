@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import asyncpg
 import structlog
@@ -31,6 +32,7 @@ from job_service.domain import (
 )
 from job_service.group_commit import GroupCommit
 from job_service.queries import queries
+from job_service.state_changes import StateChange
 
 log = structlog.get_logger(__name__)
 
@@ -54,13 +56,15 @@ _CREATE_ERRORS = {
 }
 
 
-def _detail(detail: str | None) -> dict[str, Any]:
-    """The JSON object a refusal carries in its DETAIL (rate limit, priority), or {}."""
+def _detail(detail: str | None) -> dict[str, float]:
+    """The numbers of the JSON object a refusal carries in its DETAIL (rate limit, priority), or {}."""
     try:
         value = json.loads(detail or "{}")
     except ValueError:
         return {}
-    return value if isinstance(value, dict) else {}
+    if not isinstance(value, dict):
+        return {}
+    return {key: float(number) for key, number in value.items() if type(number) in (int, float)}
 
 
 def _create_refusal(sqlstate: str | None, message: str, detail: str | None = None) -> ServiceError | None:
@@ -120,7 +124,7 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int, statement_cache
 _RESERVED_BEFORE = "(SELECT g.credits_reserved FROM generation_jobs g WHERE g.id = $1) AS reserved_before"
 
 
-def job_from_row(row: asyncpg.Record | dict[str, Any]) -> Job:
+def job_from_row(row: asyncpg.Record) -> Job:
     params = row["params"] or {}
     return Job(
         id=str(row["id"]),
@@ -159,19 +163,6 @@ def job_from_row(row: asyncpg.Record | dict[str, Any]) -> Job:
     )
 
 
-def _event_from_row(row: asyncpg.Record) -> JobEvent:
-    detail = row["detail"] or {}
-    return JobEvent(
-        job_id=str(row["job_id"]),
-        seq=row["seq"],
-        type=EventType(row["type"]),
-        status=JobStatus(row["status"]),
-        attempt=row["attempt"],
-        at=row["at"],
-        message=str(detail.get("message") or ""),
-    )
-
-
 def _template_from_row(row: asyncpg.Record) -> Template:
     from job_service.templates import placeholders, usable_defaults  # the template rules live together
 
@@ -188,51 +179,53 @@ def _template_from_row(row: asyncpg.Record) -> Template:
     )
 
 
-_BATCH_KEYS = {
-    "event",
-    "to",
-    "message",
-    "error_code",
-    "image",
-    "filtered_count",
-    "filtered_reasons",
-    "retry_delay",
-    "cancel_requested",
-    "count_failure",
-}
-
-
-def _batch_event(changes: dict[str, Any]) -> dict[str, Any]:
-    """One element of imagegen_advance_batch's p_events: advance's keyword arguments as JSON, nulls left out."""
-    unknown = set(changes) - _BATCH_KEYS
-    if unknown:
-        raise TypeError(f"not an event field: {sorted(unknown)}")
-    item: dict[str, Any] = {"event": EventType(changes["event"]).value}
-    if changes.get("to") is not None:
-        item["to"] = JobStatus(changes["to"]).value
-    for key in ("message", "error_code", "retry_delay", "cancel_requested"):
-        if changes.get(key) is not None:
-            item[key] = changes[key]
-    if changes.get("image") is not None:
-        item["image"] = changes["image"].__dict__
-    if changes.get("filtered_count") is not None:
-        item["filtered"] = changes["filtered_count"]
-    if changes.get("filtered_reasons") is not None:
-        item["filtered_reasons"] = list(changes["filtered_reasons"])
-    if changes.get("count_failure"):
+def _batch_item(change: StateChange) -> dict[str, object]:
+    """One element of imagegen_advance_batch's p_events: imagegen_advance's parameters without the p_, nulls left
+    out (the function reads a missing key as NULL)."""
+    item: dict[str, object] = {"event": change.event.value}
+    if change.to is not None:
+        item["to"] = change.to.value
+    if change.message is not None:
+        item["message"] = change.message
+    if change.error_code is not None:
+        item["error_code"] = change.error_code
+    if change.image is not None:
+        item["image"] = vars(change.image)
+    if change.filtered_count is not None:
+        item["filtered"] = change.filtered_count
+    if change.filtered_reasons is not None:
+        item["filtered_reasons"] = list(change.filtered_reasons)
+    if change.retry_delay is not None:
+        item["retry_delay"] = change.retry_delay
+    if change.cancel_requested is not None:
+        item["cancel_requested"] = change.cancel_requested
+    if change.count_failure:
         item["count_failure"] = True
     return item
 
 
-EventListener = Callable[[Job, JobEvent], None]
+class CommittedEvents(Protocol):
+    """Who hears of the events this store commits: job_service.fanout.EventFanout in the service.
+
+    The store is given it, rather than handing each write's events back for its callers to pass on: every
+    write of a job event goes through this store (the dispatcher's, CancelJob's, CreateJob's), so no caller can
+    forget to deliver them, and the write is known to be under way from before it is sent (`writing`), which the
+    watchers' feeds need (see job_service.fanout).
+    """
+
+    def writing(self, job_id: str) -> AbstractContextManager[None]: ...
+
+    def committed(self, job: Job, event: JobEvent) -> None: ...
 
 
-@dataclass
-class _Writes:
-    """This process's writes to one job that have not answered yet."""
+class _Unheard:
+    """No one hears of the commits: a store used on its own (scripts, tests)."""
 
-    count: int = 0
-    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    def writing(self, _job_id: str) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def committed(self, job: Job, event: JobEvent) -> None:
+        pass
 
 
 class _NewJob(NamedTuple):
@@ -282,11 +275,10 @@ class ClaimAtCreate:
     lease_seconds: float
 
 
-def _event_of(job: Job, event: EventType | str, message: str | None) -> JobEvent:
+def _event_of(job: Job, event: EventType, message: str | None) -> JobEvent:
     """The event a write just committed, from the row it returned: the job's latest event, exactly as a read of
     job_events would give it (its `at` is the transaction's now(), which is also the row's updated_at)."""
-    kind = EventType(event)
-    return JobEvent(job.id, job.last_event_seq, kind, job.status, job.attempt, job.updated_at, message or "")
+    return JobEvent(job.id, job.last_event_seq, event, job.status, job.attempt, job.updated_at, message or "")
 
 
 # Group commit of creates: up to CREATE_CALLS calls at once, the creates that arrive meanwhile share the
@@ -297,69 +289,34 @@ CREATE_CALLS = 4
 
 
 class JobStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, events: CommittedEvents | None = None) -> None:
         self._pool = pool
         self._sql = queries()
         self._creates: GroupCommit[_NewJob, tuple[Job, bool]] = GroupCommit(
             self._create_one, self._create_many, max_batch=CREATE_BATCH, max_calls=CREATE_CALLS
         )
-        self._listener: EventListener | None = None
-        self._writes: dict[str, _Writes] = {}
+        self._events: CommittedEvents = events if events is not None else _Unheard()
 
-    def on_event_written(self, listener: EventListener) -> None:
-        """`listener(job, event)` after each job event this store commits (create, advance, advance_batch, claim),
-        with the job as the write left it.
+    def _committed(self, job: Job, event: JobEvent) -> None:
+        """Each job event this store commits (create, advance, advance_batch, claim, expire_due), once, right after
+        its write answered, with the job as the write left it.
 
-        The event is built from the row the write returned, exactly as a read of job_events would give it, so
-        this process's watchers can have it without reading it back. It is the job's latest event, except the
-        'created' of a job claimed as it was created: 'attempt_started' follows it in the same transaction.
+        The event is built from the row the write returned, exactly as a read of job_events would give it, so this
+        process's watchers can have it without reading it back. It is the job's latest event, except the 'created'
+        of a job claimed as it was created: 'attempt_started' follows it in the same transaction.
         """
-        self._listener = listener
+        self._events.committed(job, event)
 
-    def write_in_flight(self, job_id: str) -> asyncio.Event | None:
-        """Set once this process's writes to the job now under way have answered (and been published)."""
-        writes = self._writes.get(job_id)
-        return writes.ended if writes is not None else None
-
-    @contextlib.contextmanager
-    def _writing(self, job_id: str) -> Iterator[None]:
-        # The NOTIFY of a commit often reaches the LISTEN connection before the write's own answer does;
-        # a watcher's feed that sees the write still under way waits for its publish instead of reading.
-        writes = self._writes.get(job_id)
-        if writes is None:
-            writes = self._writes[job_id] = _Writes()
-        writes.count += 1
-        try:
-            yield
-        finally:
-            writes.count -= 1
-            if writes.count == 0:
-                del self._writes[job_id]
-                writes.ended.set()
-
-    def _wrote(
-        self, job: Job, row: asyncpg.Record, event: EventType, message: str | None, to: JobStatus | None
-    ) -> None:
+    def _committed_change(self, job: Job, row: asyncpg.Record, event: EventType, message: str | None) -> None:
         """Reports one committed advance of `job` (as `row`, read with _RESERVED_BEFORE, returned it), and its
         settlement when it ended the job."""
-        self._written(job, _event_of(job, event, message))
-        if to is not None and job.status.terminal:
+        self._committed(job, _event_of(job, event, message))
+        if job.status.terminal:
             self._settled(job, row["reserved_before"])
 
     def _settled(self, job: Job, released: int) -> None:
         """A write just ended `job` and settled its reservation: released `released` credits (all it held) and
         captured `job.credits_charged`. A hook for the metrics layer; the ledger has the same two rows."""
-
-    def _written(self, job: Job, event: JobEvent) -> None:
-        """Each job event this store commits, once, right after its write answered."""
-        if self._listener is None:
-            return
-        try:
-            self._listener(job, event)
-        except Exception:
-            # The write has committed; a listener's fault must not make it look failed (the NOTIFY and a
-            # read still bring the event to the watchers).
-            log.exception("event listener failed", job_id=job.id, seq=event.seq)
 
     async def create_job(
         self,
@@ -416,10 +373,10 @@ class JobStore:
         )
         if created:
             if job.status is JobStatus.GENERATING:  # claimed as it was created: seq 1 created, seq 2 started
-                self._written(job, JobEvent(job.id, 1, EventType.CREATED, JobStatus.PENDING, 0, job.updated_at))
-                self._written(job, _event_of(job, EventType.ATTEMPT_STARTED, None))
+                self._committed(job, JobEvent(job.id, 1, EventType.CREATED, JobStatus.PENDING, 0, job.updated_at))
+                self._committed(job, _event_of(job, EventType.ATTEMPT_STARTED, None))
             else:
-                self._written(job, _event_of(job, EventType.CREATED, None))
+                self._committed(job, _event_of(job, EventType.CREATED, None))
         return job, created
 
     async def _create_one(self, new: _NewJob) -> tuple[Job, bool]:
@@ -534,12 +491,6 @@ class JobStore:
         )
         return [job_from_row(r) for r in rows]
 
-    async def events_after(self, job_id: str, seq: int) -> list[JobEvent]:
-        rows = await self._pool.fetch(
-            "SELECT * FROM job_events WHERE job_id = $1 AND seq > $2 ORDER BY seq", job_id, seq
-        )
-        return [_event_from_row(r) for r in rows]
-
     async def job_and_events_after(self, job_id: str, seq: int) -> tuple[Job | None, list[JobEvent]]:
         # One statement, one snapshot: the job is never older than the newest event returned (see the query).
         row = await self._pool.fetchrow(self._sql["job_and_events_after"], job_id, seq)
@@ -571,23 +522,16 @@ class JobStore:
     async def advance(
         self,
         job_id: str,
+        change: StateChange,
         *,
         attempt: int | None,
-        from_statuses: Sequence[JobStatus],
-        event: EventType,
-        to: JobStatus | None = None,
-        message: str | None = None,
-        error_code: str | None = None,
-        image: StoredImage | None = None,
-        filtered_count: int | None = None,
-        filtered_reasons: Sequence[str] | None = None,
-        retry_delay: float | None = None,
-        cancel_requested: bool | None = None,
-        count_failure: bool = False,
+        from_states: Sequence[JobStatus],
         only_if_lease_expired: bool = False,
     ) -> Job | None:
-        """Applies one event; None when the fence refused it (the caller no longer holds the job)."""
-        with self._writing(job_id):
+        """Applies one change, fenced: only while the job is in one of `from_states` and at `attempt` (None: any),
+        and with `only_if_lease_expired` only once its lease has run out. None when the fence refused it (the
+        caller no longer holds the job)."""
+        with self._events.writing(job_id):
             row = await self._pool.fetchrow(
                 f"""SELECT a.*, {_RESERVED_BEFORE} FROM imagegen_advance(
                        p_id => $1, p_attempt => $2, p_from => $3, p_event => $4, p_to => $5, p_message => $6,
@@ -596,54 +540,52 @@ class JobStore:
                        p_only_if_lease_expired => $14) a""",
                 job_id,
                 attempt,
-                [s.value for s in from_statuses],
-                event.value,
-                to.value if to else None,
-                message,
-                error_code,
-                image.__dict__ if image else None,
-                filtered_count,
-                list(filtered_reasons) if filtered_reasons is not None else None,
-                retry_delay,
-                cancel_requested,
-                count_failure,
+                [state.value for state in from_states],
+                change.event.value,
+                change.to.value if change.to is not None else None,
+                change.message,
+                change.error_code,
+                vars(change.image) if change.image is not None else None,
+                change.filtered_count,
+                list(change.filtered_reasons) if change.filtered_reasons is not None else None,
+                change.retry_delay,
+                change.cancel_requested,
+                change.count_failure,
                 only_if_lease_expired,
             )
             # A composite NULL comes back as a row of NULLs.
             if row is None or row["id"] is None:
                 return None
             job = job_from_row(row)
-            self._wrote(job, row, event, message, to)
+            self._committed_change(job, row, change.event, change.message)
             return job
 
     async def advance_batch(
-        self, job_id: str, *, attempt: int, from_statuses: Sequence[JobStatus], events: Sequence[dict[str, Any]]
+        self, job_id: str, changes: Sequence[StateChange], *, attempt: int, from_states: Sequence[JobStatus]
     ) -> list[Job]:
-        """Applies `events` in order in one transaction, each as `advance` would with the same fence.
+        """Applies `changes` in order in one transaction, each as `advance` would with the same fence.
 
-        Each event is a dict of advance's keyword arguments (event, to, message, error_code, image,
-        filtered_count, filtered_reasons, retry_delay, cancel_requested, count_failure). Returns the job
-        after each event applied; fewer jobs than events means the fence refused the next one (the caller
-        no longer holds the job) and nothing after it was written.
+        Returns the job after each change applied; fewer jobs than changes means the fence refused the next one
+        (the caller no longer holds the job) and nothing after it was written.
         """
-        with self._writing(job_id):
+        with self._events.writing(job_id):
             rows = await self._pool.fetch(
                 f"SELECT b.*, {_RESERVED_BEFORE} FROM imagegen_advance_batch($1, $2, $3, $4) b",
                 job_id,
                 attempt,
-                [s.value for s in from_statuses],
-                [_batch_event(changes) for changes in events],
+                [state.value for state in from_states],
+                [_batch_item(change) for change in changes],
             )
             jobs = [job_from_row(row) for row in rows]
-            for job, changes, row in zip(jobs, events, rows, strict=False):
-                self._wrote(job, row, changes["event"], changes.get("message"), changes.get("to"))
+            for job, change, row in zip(jobs, changes, rows, strict=False):
+                self._committed_change(job, row, change.event, change.message)
             return jobs
 
     async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
         rows = await self._pool.fetch("SELECT * FROM imagegen_claim_jobs($1, $2, $3)", owner, limit, lease_seconds)
         jobs = [job_from_row(r) for r in rows]
         for job in jobs:
-            self._written(job, _event_of(job, EventType.ATTEMPT_STARTED, None))
+            self._committed(job, _event_of(job, EventType.ATTEMPT_STARTED, None))
         return jobs
 
     async def expire_due(self, limit: int) -> list[Job]:
@@ -654,7 +596,7 @@ class JobStore:
         )
         jobs = [job_from_row(row) for row in rows]
         for job, row in zip(jobs, rows, strict=True):
-            self._wrote(job, row, EventType.EXPIRED, job.error_message, JobStatus.EXPIRED)
+            self._committed_change(job, row, EventType.EXPIRED, job.error_message)
         return jobs
 
     async def renew_leases(self, owner: str, held: Sequence[tuple[str, int]], lease_seconds: float) -> dict[str, bool]:
@@ -677,13 +619,6 @@ class JobStore:
         rows = await self._pool.fetch(self._sql["expired_leases"], limit)
         return [job_from_row(r) for r in rows]
 
-    async def next_due_in(self) -> float | None:
-        """Seconds until the earliest pending job is due (<= 0: due now); None when nothing is pending."""
-        value = await self._pool.fetchval(
-            "SELECT extract(epoch FROM min(next_attempt_at) - now()) FROM generation_jobs WHERE status = 'pending'"
-        )
-        return float(value) if value is not None else None
-
     async def list_templates(self, *, active_only: bool = True) -> list[Template]:
         rows = await self._pool.fetch(self._sql["list_templates"], active_only)
         return [_template_from_row(r) for r in rows]
@@ -704,6 +639,7 @@ class JobStore:
         user_id: str,
         amount: int,
         reason: str,
+        *,
         premium: bool | None,
         new_user_credits: int,
         request_id: str | None = None,

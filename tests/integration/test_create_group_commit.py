@@ -76,9 +76,9 @@ async def test_batched_creates_follow_every_rule_per_user(store: tuple[CountingS
     capped = str(uuid.uuid4())  # plenty of credits, at most two active jobs
     replaying = str(uuid.uuid4())  # the same request_id three times, once with a different request
     for user in poor:
-        await jobs.grant_credits(user, 7, "test", None, 0)
-    await jobs.grant_credits(capped, 100, "test", None, 0)
-    await jobs.grant_credits(replaying, 100, "test", None, 0)
+        await jobs.grant_credits(user, 7, "test", premium=None, new_user_credits=0)
+    await jobs.grant_credits(capped, 100, "test", premium=None, new_user_credits=0)
+    await jobs.grant_credits(replaying, 100, "test", premium=None, new_user_credits=0)
 
     calls: list[tuple[str, Any]] = [(user, create(jobs, user, prompt=f"p{i}")) for i in range(5) for user in poor]
     calls += [(capped, create(jobs, capped, prompt=f"c{i}", limit=2)) for i in range(5)]
@@ -126,7 +126,7 @@ async def test_a_create_that_breaks_its_batch_fails_alone(store: tuple[CountingS
     jobs, url = store
     users = [str(uuid.uuid4()) for _ in range(12)]
     for user in users:
-        await jobs.grant_credits(user, 10, "test", None, 0)
+        await jobs.grant_credits(user, 10, "test", premium=None, new_user_credits=0)
 
     # max_attempts 0 breaks a CHECK constraint: no create rule answers it, so the whole batched call fails.
     calls = [create(jobs, user, max_attempts=0 if i == 7 else 3) for i, user in enumerate(users)]
@@ -147,7 +147,7 @@ async def test_batched_creates_claim_the_jobs_they_are_asked_to_claim(store: tup
     jobs, url = store
     users = [str(uuid.uuid4()) for _ in range(24)]
     for user in users:
-        await jobs.grant_credits(user, 10, "test", None, 0)
+        await jobs.grant_credits(user, 10, "test", premium=None, new_user_credits=0)
 
     # Every other create claims its job for replica "w" (as Dispatcher.run_when_created asks when it has room).
     # The others stay pending: at a lower priority, so that they are not ahead of the claimed ones in the queue

@@ -28,6 +28,7 @@ from job_service.domain import (
     StoredImage,
 )
 from job_service.notifications import JobNotifications
+from job_service.state_changes import StateChange
 from job_service.store import ClaimAtCreate, JobStore, create_pool
 from tests.support.cluster import events_of, eventually, fresh_database
 from tests.support.ledger import assert_credits_consistent
@@ -97,10 +98,9 @@ async def store(dispatcher_db: str) -> AsyncIterator[JobStore]:
     for row in await pool.fetch("SELECT id FROM generation_jobs WHERE status IN ('pending', 'generating')"):
         await JobStore(pool).advance(
             str(row["id"]),
+            StateChange(event=EventType.CANCELLED, to=JobStatus.CANCELLED),
             attempt=None,
-            from_statuses=(JobStatus.PENDING, JobStatus.GENERATING),
-            event=EventType.CANCELLED,
-            to=JobStatus.CANCELLED,
+            from_states=(JobStatus.PENDING, JobStatus.GENERATING),
         )
     await pool.close()
 
@@ -331,16 +331,17 @@ async def test_a_cancel_while_generating_charges_the_images_stored_before_it_and
     images = [StoredImage(i, f"http://storage/{p}", p, "image/png", 8, 8, 100) for i, p in enumerate(paths)]
     for image in images[:2]:
         stored = await store.advance(
-            job.id, attempt=claimed.attempt, from_statuses=generating, event=EventType.IMAGE_STORED, image=image
+            job.id, StateChange.image_stored(image), attempt=claimed.attempt, from_states=generating
         )
         assert stored is not None
     cancelled = await store.advance(
-        job.id, attempt=claimed.attempt, from_statuses=generating, event=EventType.CANCELLED, to=JobStatus.CANCELLED
-    )
+        job.id, StateChange(event=EventType.CANCELLED, to=JobStatus.CANCELLED), attempt=claimed.attempt,
+        from_states=generating,
+    )  # fmt: skip
     assert cancelled is not None and (cancelled.status, cancelled.credits_charged) == (JobStatus.CANCELLED, 2)
     # The attempt's next image arrives after the cancel: fenced out, neither kept nor charged.
     late = await store.advance(
-        job.id, attempt=claimed.attempt, from_statuses=generating, event=EventType.IMAGE_STORED, image=images[2]
+        job.id, StateChange.image_stored(images[2]), attempt=claimed.attempt, from_states=generating
     )
     assert late is None
     final = await store.get_job(job.id)
@@ -375,11 +376,9 @@ async def test_a_stale_attempt_can_neither_complete_nor_charge(store: JobStore, 
     await conn.execute("UPDATE generation_jobs SET lease_expires_at = now() - interval '1 s' WHERE id = $1", job.id)
     reaped = await store.advance(
         job.id,
+        StateChange(event=EventType.LEASE_EXPIRED, to=JobStatus.PENDING, count_failure=True),
         attempt=first.attempt,
-        from_statuses=(JobStatus.GENERATING,),
-        event=EventType.LEASE_EXPIRED,
-        to=JobStatus.PENDING,
-        count_failure=True,
+        from_states=(JobStatus.GENERATING,),
         only_if_lease_expired=True,
     )
     assert reaped is not None and reaped.status is JobStatus.PENDING
@@ -388,15 +387,13 @@ async def test_a_stale_attempt_can_neither_complete_nor_charge(store: JobStore, 
 
     path = f"{job.user_id}/{job.id}/1-0.png"
     image = StoredImage(0, f"http://storage/{path}", path, "image/png", 8, 8, 100)
-    for event, to, extra in (
-        (EventType.IMAGE_STORED, None, {"image": image}),
-        (EventType.COMPLETED, JobStatus.COMPLETED, {}),
-        (EventType.FAILED, JobStatus.FAILED, {}),
+    for change in (
+        StateChange(event=EventType.IMAGE_STORED, image=image),
+        StateChange(event=EventType.COMPLETED, to=JobStatus.COMPLETED),
+        StateChange(event=EventType.FAILED, to=JobStatus.FAILED),
     ):
-        stale = await store.advance(
-            job.id, attempt=first.attempt, from_statuses=(JobStatus.GENERATING,), event=event, to=to, **extra
-        )
-        assert stale is None, f"{event} of the stale attempt landed"
+        stale = await store.advance(job.id, change, attempt=first.attempt, from_states=(JobStatus.GENERATING,))
+        assert stale is None, f"{change.event} of the stale attempt landed"
     # Nor can the old owner renew a lease it no longer holds.
     assert await store.renew_leases("w1", [(job.id, first.attempt)], 30.0) == {}
 
@@ -466,8 +463,8 @@ async def test_a_drain_whose_hand_back_the_database_refuses_leaves_nothing_runni
     await eventually(lambda: asyncio.sleep(0, len(generator.opened)), lambda n: n == 1, within=10)
     tried: list[object] = []
 
-    async def refused(*_args: object, **changes: object) -> None:
-        tried.append(changes.get("event"))
+    async def refused(_job_id: str, change: StateChange, **_fence: object) -> None:
+        tried.append(change.event)
         raise asyncpg.InterfaceError("pool is closed")
 
     monkeypatch.setattr(store, "advance", refused)
@@ -507,10 +504,9 @@ async def test_a_cancel_requested_before_a_failed_attempt_ends_the_job_instead_o
         assert running is not None
         await store.advance(
             job.id,
+            StateChange(event=EventType.CANCEL_REQUESTED, cancel_requested=True),
             attempt=running.attempt,
-            from_statuses=(JobStatus.GENERATING,),
-            event=EventType.CANCEL_REQUESTED,
-            cancel_requested=True,
+            from_states=(JobStatus.GENERATING,),
         )
         gate.set()
         done = await eventually(lambda: store.get_job(job.id), lambda j: j is not None and j.status.terminal, within=10)
@@ -605,21 +601,21 @@ async def test_a_batch_stops_at_the_first_event_the_fence_refuses(store: JobStor
     # The wrong attempt: nothing is written.
     stale = await store.advance_batch(
         job.id,
+        [StateChange(event=EventType.IMAGE_STORED, image=images[0])],
         attempt=claimed.attempt + 1,
-        from_statuses=generating,
-        events=[{"event": EventType.IMAGE_STORED, "image": images[0]}],
+        from_states=generating,
     )
     assert stale == []
     # An event after the completion is refused by the fence; the batch stops there and keeps what came before.
     written = await store.advance_batch(
         job.id,
-        attempt=claimed.attempt,
-        from_statuses=generating,
-        events=[
-            {"event": EventType.IMAGE_STORED, "image": images[0]},
-            {"event": EventType.COMPLETED, "to": JobStatus.COMPLETED, "filtered_count": 1, "filtered_reasons": ["x"]},
-            {"event": EventType.IMAGE_STORED, "image": images[1]},
+        [
+            StateChange(event=EventType.IMAGE_STORED, image=images[0]),
+            StateChange(event=EventType.COMPLETED, to=JobStatus.COMPLETED, filtered_count=1, filtered_reasons=("x",)),
+            StateChange(event=EventType.IMAGE_STORED, image=images[1]),
         ],
+        attempt=claimed.attempt,
+        from_states=generating,
     )
     assert [j.status for j in written] == [JobStatus.GENERATING, JobStatus.COMPLETED]
     assert [j.last_event_seq for j in written] == [3, 4]
@@ -766,9 +762,9 @@ async def test_a_job_that_completes_just_before_a_lease_renewal_is_not_reported_
 
     advance_batch = store.advance_batch
 
-    async def complete_then_wait_for_a_renewal(job_id: str, **kwargs: Any) -> list[Job]:
+    async def complete_then_wait_for_a_renewal(job_id: str, changes: Sequence[StateChange], **kwargs: Any) -> list[Job]:
         # The completion has landed, but its attempt is still in flight when the next renewal comes round.
-        written = await advance_batch(job_id, **kwargs)
+        written = await advance_batch(job_id, changes, **kwargs)
         if written and written[-1].status is JobStatus.COMPLETED:
             renewed.clear()
             await renewed.wait()
@@ -940,10 +936,9 @@ async def test_a_forged_cancel_notification_changes_nothing_and_a_real_cancel_st
         assert running is not None
         await store.advance(
             real.id,
+            StateChange(event=EventType.CANCEL_REQUESTED, cancel_requested=True),
             attempt=running.attempt,
-            from_statuses=(JobStatus.GENERATING,),
-            event=EventType.CANCEL_REQUESTED,
-            cancel_requested=True,
+            from_states=(JobStatus.GENERATING,),
         )
         # The real cancel stops its attempt promptly (long before any lease renewal would see it)...
         cancelled = await eventually(

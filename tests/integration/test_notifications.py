@@ -9,28 +9,45 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from job_service.domain import EventType, Job, JobStatus, Params, StoredImage
+from job_service.domain import EventType, Job, JobEvent, JobStatus, Params, StoredImage
+from job_service.fanout import EventFanout
 from job_service.notifications import JobNotifications
+from job_service.state_changes import StateChange
 from job_service.store import JobStore, create_pool
 from tests.support.cluster import fresh_database
 
 
 @pytest.fixture
-async def store_and_dsn(pg_server: str) -> AsyncIterator[tuple[JobStore, str]]:
+async def fanout() -> EventFanout:
+    return EventFanout()
+
+
+@pytest.fixture
+async def store_and_dsn(pg_server: str, fanout: EventFanout) -> AsyncIterator[tuple[JobStore, str]]:
     async with fresh_database(pg_server) as url:
         pool = await create_pool(url, min_size=1, max_size=10, statement_cache_size=100)
-        yield JobStore(pool), url
+        yield JobStore(pool, fanout), url
         await pool.close()
+
+
+class Heard:
+    """Watchers that only note what they hear."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int, EventType]] = []
+
+    def publish(self, job: Job, event: JobEvent) -> None:
+        self.events.append((job.id, event.seq, event.type))
 
 
 @pytest.mark.parametrize("writer", ["this process", "another process"])
 async def test_watchers_subscribing_while_the_job_changes_each_get_every_later_event_once(
-    store_and_dsn: tuple[JobStore, str], writer: str
+    store_and_dsn: tuple[JobStore, str], fanout: EventFanout, writer: str
 ) -> None:
     store, dsn = store_and_dsn
-    hub = JobNotifications(dsn, store)
+    hub = JobNotifications(dsn, store, writes=fanout)
     if writer == "this process":  # as server.py wires it: the writes reach the watchers without a read
-        store.on_event_written(hub.publish)
+        fanout.deliver_to(watchers=hub)
     await hub.start()
     await asyncio.wait_for(hub.connected.wait(), timeout=10)
     job, _created = await store.create_job(
@@ -51,14 +68,14 @@ async def test_watchers_subscribing_while_the_job_changes_each_get_every_later_e
     async def write() -> None:
         for n in range(changes):
             await store.advance(
-                job.id, attempt=None, from_statuses=(JobStatus.PENDING,), event=EventType.RETRY_SCHEDULED,
-                message=f"change {n}",
+                job.id, StateChange(event=EventType.RETRY_SCHEDULED, message=f"change {n}"), attempt=None,
+                from_states=(JobStatus.PENDING,),
             )  # fmt: skip
             if n % 10 == 0:
                 await asyncio.sleep(0.01)
         await store.advance(
-            job.id, attempt=None, from_statuses=(JobStatus.PENDING,), event=EventType.CANCELLED,
-            to=JobStatus.CANCELLED,
+            job.id, StateChange(event=EventType.CANCELLED, to=JobStatus.CANCELLED), attempt=None,
+            from_states=(JobStatus.PENDING,),
         )  # fmt: skip
 
     async def watch() -> tuple[int, list[int]]:
@@ -91,11 +108,11 @@ async def test_watchers_subscribing_while_the_job_changes_each_get_every_later_e
 
 
 async def test_an_event_published_by_its_writer_is_the_event_the_database_holds(
-    store_and_dsn: tuple[JobStore, str],
+    store_and_dsn: tuple[JobStore, str], fanout: EventFanout
 ) -> None:
     store, dsn = store_and_dsn
-    hub = JobNotifications(dsn, store)
-    store.on_event_written(hub.publish)
+    hub = JobNotifications(dsn, store, writes=fanout)
+    fanout.deliver_to(watchers=hub)
     await hub.start()
     await asyncio.wait_for(hub.connected.wait(), timeout=10)
     job, _created = await store.create_job(
@@ -109,12 +126,13 @@ async def test_an_event_published_by_its_writer_is_the_event_the_database_holds(
         [claimed] = await store.claim("worker-a", 1, 30.0)
         image = StoredImage(0, "http://storage/0.png", "u/j/1/0.png", "image/png", 1024, 1024, 5000)
         written = await store.advance_batch(
-            job.id, attempt=claimed.attempt, from_statuses=(JobStatus.GENERATING,),
-            events=[
-                {"event": EventType.GENERATION_STARTED, "message": "provider local"},
-                {"event": EventType.IMAGE_STORED, "image": image},
-                {"event": EventType.COMPLETED, "to": JobStatus.COMPLETED, "filtered_count": 0, "filtered_reasons": []},
+            job.id,
+            [
+                StateChange(event=EventType.GENERATION_STARTED, message="provider local"),
+                StateChange(event=EventType.IMAGE_STORED, image=image),
+                StateChange(event=EventType.COMPLETED, to=JobStatus.COMPLETED, filtered_count=0, filtered_reasons=()),
             ],
+            attempt=claimed.attempt, from_states=(JobStatus.GENERATING,),
         )  # fmt: skip
         assert len(written) == 3
         got = [await asyncio.wait_for(subscription.queue.get(), timeout=5) for _ in range(4)]
@@ -131,11 +149,11 @@ async def test_an_event_published_by_its_writer_is_the_event_the_database_holds(
 
 
 async def test_the_writer_hears_of_a_created_job_once_and_not_of_its_idempotent_replay(
-    store_and_dsn: tuple[JobStore, str],
+    store_and_dsn: tuple[JobStore, str], fanout: EventFanout
 ) -> None:
     store, _dsn = store_and_dsn
-    heard: list[tuple[str, int, EventType]] = []
-    store.on_event_written(lambda job, event: heard.append((job.id, event.seq, event.type)))
+    heard = Heard()
+    fanout.deliver_to(watchers=heard)
 
     async def create() -> tuple[Job, bool]:
         return await store.create_job(
@@ -148,24 +166,26 @@ async def test_the_writer_hears_of_a_created_job_once_and_not_of_its_idempotent_
     first, created = await create()
     again, created_again = await create()
     assert (created, created_again) == (True, False) and again.id == first.id
-    assert heard == [(first.id, 1, EventType.CREATED)]
+    assert heard.events == [(first.id, 1, EventType.CREATED)]
 
 
 async def test_a_failing_listener_does_not_make_a_committed_write_look_failed(
-    store_and_dsn: tuple[JobStore, str],
+    store_and_dsn: tuple[JobStore, str], fanout: EventFanout
 ) -> None:
     store, _dsn = store_and_dsn
 
-    def broken(_job: Job, _event: object) -> None:
-        raise RuntimeError("listener bug")
+    class Broken:
+        def publish(self, _job: Job, _event: JobEvent) -> None:
+            raise RuntimeError("watcher bug")
 
-    store.on_event_written(broken)
+    fanout.deliver_to(watchers=Broken())
     job, created = await store.create_job(
         user_id=str(uuid.uuid4()), prompt="kept", model="local", params=Params(sample_count=1), template_id=None,
         request_id=None, request_hash="h", price_per_image=1, max_attempts=5, active_limit=10, new_user_credits=100,
     )  # fmt: skip
     cancelled = await store.advance(
-        job.id, attempt=None, from_statuses=(JobStatus.PENDING,), event=EventType.CANCELLED, to=JobStatus.CANCELLED
-    )
+        job.id, StateChange(event=EventType.CANCELLED, to=JobStatus.CANCELLED), attempt=None,
+        from_states=(JobStatus.PENDING,),
+    )  # fmt: skip
     assert created and cancelled is not None and cancelled.status is JobStatus.CANCELLED
     assert (await store.get_job(job.id)).status is JobStatus.CANCELLED  # type: ignore[union-attr]

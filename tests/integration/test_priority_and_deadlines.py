@@ -26,6 +26,7 @@ from job_service.domain import (
     Params,
     StoredImage,
 )
+from job_service.state_changes import StateChange
 from job_service.store import ClaimAtCreate, CreateRules, JobStore, create_pool
 from tests.support.cluster import events_of, eventually, fresh_database
 from tests.support.ledger import assert_credits_consistent
@@ -61,10 +62,9 @@ async def store(priority_db: str) -> AsyncIterator[JobStore]:
     for row in await pool.fetch("SELECT id FROM generation_jobs WHERE status IN ('pending', 'generating')"):
         await JobStore(pool).advance(
             str(row["id"]),
+            StateChange(event=EventType.CANCELLED, to=JobStatus.CANCELLED),
             attempt=None,
-            from_statuses=(JobStatus.PENDING, JobStatus.GENERATING),
-            event=EventType.CANCELLED,
-            to=JobStatus.CANCELLED,
+            from_states=(JobStatus.PENDING, JobStatus.GENERATING),
         )
     await pool.close()
 
@@ -255,12 +255,9 @@ async def test_the_claim_never_takes_a_job_past_its_deadline_and_a_started_job_n
     # Back to pending between attempts, as after a retryable failure: it has started, so its deadline is over.
     retried = await store.advance(
         started.id,
+        StateChange(event=EventType.RETRY_SCHEDULED, to=JobStatus.PENDING, retry_delay=0, count_failure=True),
         attempt=1,
-        from_statuses=(JobStatus.GENERATING,),
-        event=EventType.RETRY_SCHEDULED,
-        to=JobStatus.PENDING,
-        retry_delay=0,
-        count_failure=True,
+        from_states=(JobStatus.GENERATING,),
     )
     assert retried is not None and retried.status is JobStatus.PENDING
     await asyncio.sleep(1.3)

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from job_service.domain import EventType, JobStatus, Params, StoredImage
 from job_service.metrics import InstrumentedJobStore, JobMetrics
+from job_service.state_changes import StateChange
 from job_service.store import create_pool
 from tests.support.cluster import fresh_database
 
@@ -109,32 +110,33 @@ async def test_each_settlement_counts_what_the_ledger_released_and_captured(
     # Two of four images, and the completion, in one transaction: 4 released, 2 captured.
     written = await store.advance_batch(
         delivered_two.id,
-        attempt=1,
-        from_statuses=running,
-        events=[
-            {"event": EventType.IMAGE_STORED, "image": image(0)},
-            {"event": EventType.IMAGE_STORED, "image": image(1)},
-            {"event": EventType.COMPLETED, "to": JobStatus.COMPLETED, "filtered_count": 2, "filtered_reasons": []},
+        [
+            StateChange(event=EventType.IMAGE_STORED, image=image(0)),
+            StateChange(event=EventType.IMAGE_STORED, image=image(1)),
+            StateChange(event=EventType.COMPLETED, to=JobStatus.COMPLETED, filtered_count=2, filtered_reasons=()),
         ],
+        attempt=1,
+        from_states=running,
     )
     assert written[-1].status is JobStatus.COMPLETED and written[-1].credits_charged == 2
     assert (credits(registry, "released"), credits(registry, "captured")) == (4, 2)
     # A failure alone: 3 released, nothing captured.
     failed = await store.advance(
-        fails.id, attempt=1, from_statuses=running, event=EventType.FAILED, to=JobStatus.FAILED, error_code="X"
-    )
+        fails.id, StateChange(event=EventType.FAILED, to=JobStatus.FAILED, error_code="X"), attempt=1,
+        from_states=running,
+    )  # fmt: skip
     assert failed is not None and failed.status is JobStatus.FAILED
     # A pending job cancelled: 2 released.
     cancelled = await store.advance(
         stays_pending.id,
+        StateChange(event=EventType.CANCELLED, to=JobStatus.CANCELLED),
         attempt=0,
-        from_statuses=(JobStatus.PENDING,),
-        event=EventType.CANCELLED,
-        to=JobStatus.CANCELLED,
+        from_states=(JobStatus.PENDING,),
     )
     assert cancelled is not None and cancelled.status is JobStatus.CANCELLED
     # A write the fence refuses settles nothing and counts nothing.
-    assert await store.advance(fails.id, attempt=1, from_statuses=running, event=EventType.CANCELLED) is None
+    refused = await store.advance(fails.id, StateChange(event=EventType.CANCELLED), attempt=1, from_states=running)
+    assert refused is None
 
     ledger = await pool.fetchrow(
         """SELECT sum(amount) FILTER (WHERE kind = 'release') AS released,

@@ -38,9 +38,6 @@ class SlowStore:
         )  # fmt: skip
         return Job(**fields)
 
-    def write_in_flight(self, job_id: str) -> asyncio.Event | None:
-        return None  # this process writes nothing here; tests publish by hand
-
     async def job_and_events_after(self, job_id: str, seq: int) -> tuple[Job, list[JobEvent]]:
         self.reads += 1
         snapshot = list(self.events)  # what a REPEATABLE READ transaction would see from here on
