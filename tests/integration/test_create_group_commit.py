@@ -16,8 +16,8 @@ import asyncpg
 import pytest
 
 from imagegen_common.errors import ServiceError
-from job_service.domain import Job, Params
-from job_service.store import ClaimAtCreate, JobStore, _NewJob, create_pool
+from job_service.domain import Params
+from job_service.store import ClaimAtCreate, CreatedJob, JobStore, _NewJob, create_pool
 from tests.support.cluster import fresh_database
 from tests.support.ledger import assert_credits_consistent
 
@@ -27,7 +27,7 @@ class CountingStore(JobStore):
 
     batches: list[int]
 
-    async def _create_many(self, batch: list[_NewJob]) -> list[tuple[Job, bool] | BaseException]:
+    async def _create_many(self, batch: list[_NewJob]) -> list[CreatedJob | BaseException]:
         self.batches.append(len(batch))
         return await super()._create_many(batch)
 
@@ -98,15 +98,15 @@ async def test_batched_creates_follow_every_rule_per_user(store: tuple[CountingS
             refused[user, outcome.reason] += 1
         else:
             assert not isinstance(outcome, BaseException), repr(outcome)
-            job, created = outcome
+            job, created = outcome.job, outcome.created
             assert job.user_id == user and job.credits_reserved == 2
             made[user] += created
     for user in poor:
         assert made[user] == 3 and refused[user, "INSUFFICIENT_CREDITS"] == 2
     assert made[capped] == 2 and refused[capped, "TOO_MANY_ACTIVE_JOBS"] == 3
     assert made[replaying] == 1 and refused[replaying, "REQUEST_ID_REUSED"] == 1
-    replays = [o for (u, _), o in zip(calls, outcomes, strict=True) if u == replaying and isinstance(o, tuple)]
-    assert len(replays) == 2 and replays[0][0].id == replays[1][0].id  # the replay answers the same job
+    replays = [o for (u, _), o in zip(calls, outcomes, strict=True) if u == replaying and isinstance(o, CreatedJob)]
+    assert len(replays) == 2 and replays[0].job.id == replays[1].job.id  # the replay answers the same job
 
     conn = await asyncpg.connect(url)
     try:
@@ -134,7 +134,7 @@ async def test_a_create_that_breaks_its_batch_fails_alone(store: tuple[CountingS
 
     assert jobs.batches and max(jobs.batches) > 1
     assert isinstance(outcomes[7], asyncpg.CheckViolationError)
-    assert all(isinstance(o, tuple) and o[1] for i, o in enumerate(outcomes) if i != 7)
+    assert all(isinstance(o, CreatedJob) and o.created for i, o in enumerate(outcomes) if i != 7)
     conn = await asyncpg.connect(url)
     try:
         assert await conn.fetchval("SELECT count(*) FROM generation_jobs") == 11
@@ -149,7 +149,7 @@ async def test_batched_creates_claim_the_jobs_they_are_asked_to_claim(store: tup
     for user in users:
         await jobs.grant_credits(user, 10, "test", None, 0)
 
-    # Every other create claims its job for replica "w" (as Dispatcher.run_when_created asks when it has room).
+    # Every other create claims its job for replica "w" (as JobManager.create_job asks when its dispatcher has room).
     # The others stay pending: at a lower priority, so that they are not ahead of the claimed ones in the queue
     # (a create does not claim its job while a due job ahead of it waits; see test_priority_and_deadlines).
     claims = [ClaimAtCreate("w", 30.0) if i % 2 else None for i in range(len(users))]
@@ -160,8 +160,9 @@ async def test_batched_creates_claim_the_jobs_they_are_asked_to_claim(store: tup
     assert jobs.batches and max(jobs.batches) > 1
     conn = await asyncpg.connect(url)
     try:
-        for (job, created), claim in zip(outcomes, claims, strict=True):
-            assert created
+        for made, claim in zip(outcomes, claims, strict=True):
+            job = made.claimed or made.job  # as the create left it
+            assert made.created
             events = [
                 (r["seq"], r["type"], r["attempt"])
                 for r in await conn.fetch("SELECT * FROM job_events WHERE job_id = $1 ORDER BY seq", job.id)
