@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from imagegen_common.errors import ServiceError
-from job_service.domain import Params
+from job_service.domain import EventType, Job, JobEvent, JobStatus, Params
 from job_service.store import ClaimAtCreate, CreatedJob, JobStore, _NewJob, create_pool
 from tests.support.cluster import fresh_database
 from tests.support.ledger import assert_credits_consistent
@@ -173,6 +173,86 @@ async def test_batched_creates_claim_the_jobs_they_are_asked_to_claim(store: tup
             else:
                 assert (job.status.value, job.attempt, job.lease_owner) == ("pending", 0, None)
                 assert events == [(1, "created", 0)]
+        await assert_credits_consistent(conn)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("together", [1, 24], ids=["alone", "batched"])
+async def test_a_create_answers_the_job_as_created_its_claim_and_the_events_it_committed(
+    store: tuple[CountingStore, str], together: int
+) -> None:
+    jobs, _url = store
+    heard: list[tuple[Job, JobEvent]] = []
+    jobs.on_event_written(lambda job, event: heard.append((job, event)))
+    users = [str(uuid.uuid4()) for _ in range(together)]
+    for user in users:
+        await jobs.grant_credits(user, 10, "test", None, 0)
+    claims = [ClaimAtCreate("w", 30.0) if i % 2 == 0 else None for i in range(together)]
+
+    outcomes = await asyncio.gather(
+        *(create(jobs, user, claim=c, priority=None if c else 0) for user, c in zip(users, claims, strict=True))
+    )
+
+    assert bool(jobs.batches) == (together > 1), jobs.batches
+    delivered: list[tuple[Job, JobEvent]] = []
+    for made, claim in zip(outcomes, claims, strict=True):
+        job = made.job
+        assert made.created
+        assert (job.status, job.attempt, job.lease_owner, job.started_at, job.last_event_seq) == (
+            JobStatus.PENDING,
+            0,
+            None,
+            None,
+            1,
+        ), "CreateJob answers the job as its 'created' event left it"
+        _now, stored = await jobs.job_and_events_after(job.id, 0)
+        assert list(made.events) == stored, "the events are the ones the database holds, time and all"
+        if claim:
+            assert made.claimed is not None
+            assert (made.claimed.status, made.claimed.attempt, made.claimed.lease_owner) == (
+                JobStatus.GENERATING,
+                1,
+                "w",
+            )
+            assert made.claimed == await jobs.get_job(job.id), "the claimed job is the row as the create left it"
+            assert [e.type for e in made.events] == [EventType.CREATED, EventType.ATTEMPT_STARTED]
+        else:
+            assert made.claimed is None
+            assert [e.type for e in made.events] == [EventType.CREATED]
+        delivered += [(made.claimed or job, event) for event in made.events]
+    assert sorted(heard, key=lambda h: (h[1].job_id, h[1].seq)) == sorted(
+        delivered, key=lambda h: (h[1].job_id, h[1].seq)
+    ), "the listener heard each committed event once, with the job as the create left it"
+
+    first = await create(jobs, users[-1], request_id="again", claim=ClaimAtCreate("w", 30.0))
+    heard.clear()
+    again = await create(jobs, users[-1], request_id="again", claim=ClaimAtCreate("w", 30.0))
+    assert (again.created, again.claimed, again.events, heard) == (False, None, (), [])
+    assert again.job == await jobs.get_job(first.job.id), "a replay answers the earlier job as it is now"
+
+
+async def test_the_previous_create_function_still_answers_as_it_did(store: tuple[CountingStore, str]) -> None:
+    """imagegen_create_job_v4 now runs v5's body: a replica of the previous version, during an upgrade, still gets
+    the job as the call left it (generating when it claimed it)."""
+    _jobs, url = store
+    conn = await asyncpg.connect(url)
+    try:
+        answers = []
+        for claim_owner in ("old-replica", None):
+            answers.append(
+                await conn.fetchrow(
+                    """SELECT (r.job).status, (r.job).attempt, (r.job).lease_owner, (r.job).last_event_seq, r.created
+                       FROM imagegen_create_job_v4($1, 'p', 'local', '{}', NULL, NULL, 'h', 1, 1, 3, 10, 100, $2, 30,
+                                                   NULL, NULL, NULL, NULL, NULL, NULL) r""",
+                    uuid.uuid4(),
+                    claim_owner,
+                )
+            )
+        assert [tuple(answer) for answer in answers] == [
+            ("generating", 1, "old-replica", 2, True),
+            ("pending", 0, None, 1, True),
+        ]
         await assert_credits_consistent(conn)
     finally:
         await conn.close()
