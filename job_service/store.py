@@ -482,7 +482,7 @@ class JobStore:
                 rate_window_seconds=rules.rate_window_seconds,
             )
         )
-        for event in made.events:
+        for event in made.events:  # each with the job as this write left it, as every write reports its events
             self._written(made.claimed or made.job, event)
         return made
 
@@ -521,9 +521,8 @@ class JobStore:
             # create rules, which the function answers per item) must not fail the others: each goes again alone.
             log.warning("batched create failed; creating one by one", jobs=len(batch), error=repr(exc))
             return list(await asyncio.gather(*(self._create_one(new) for new in batch), return_exceptions=True))
-        outcomes: list[CreatedJob | BaseException] = [RuntimeError("imagegen_create_jobs left this job out")] * len(
-            batch
-        )
+        left_out = RuntimeError("imagegen_create_jobs_v3 left this job out")
+        outcomes: list[CreatedJob | BaseException] = [left_out] * len(batch)
         for row in rows:
             position = order[row["idx"] - 1]
             if row["error_code"] is None:
