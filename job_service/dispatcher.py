@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import functools
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -140,6 +140,14 @@ def after_failure(job: Job, failure: GenerationFailure, base: float, cap: float)
     return AfterFailure(None, failure.counts)
 
 
+@dataclass(frozen=True, eq=False)
+class DispatchSlot:
+    """Room in a replica for one job while its create is under way (Dispatcher.reserve): the create claims the
+    job for this replica with `claim`, then the replica runs it (adopt) or gets the room back (release)."""
+
+    claim: ClaimAtCreate
+
+
 class _Marker:
     pass
 
@@ -189,8 +197,10 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._claiming = True
         self._claim_size = config.claim_batch
-        # Creates under way that claim for this replica (run_when_created): each holds room for its job.
-        self._creating: set[asyncio.Future[tuple[Job, bool]]] = set()
+        # Creates under way that claim for this replica (reserve): each holds room for its job until adopt or release.
+        self._slots: set[DispatchSlot] = set()
+        self._no_slots = asyncio.Event()
+        self._no_slots.set()
         self._loops: list[asyncio.Task[None]] = []
 
     @property
@@ -200,7 +210,7 @@ class Dispatcher:
     @property
     def _room(self) -> int:
         """Attempts this replica can still take: running ones and creates claiming for it hold room."""
-        return self._config.max_in_flight - len(self._running) - len(self._creating)
+        return self._config.max_in_flight - len(self._running) - len(self._slots)
 
     def start(self) -> None:
         self._loops = [
@@ -212,31 +222,35 @@ class Dispatcher:
     def wake(self) -> None:
         self._wake.set()
 
-    async def run_when_created(
-        self, create: Callable[[ClaimAtCreate | None], Awaitable[tuple[Job, bool]]]
-    ) -> tuple[Job, bool]:
-        """Makes a job with `create` and, when this replica has room for it, has it claimed for this replica in
-        the transaction that creates it, and runs it: no NOTIFY to wait for and no claim of its own between a
-        job's creation and its attempt.
+    def reserve(self) -> DispatchSlot | None:
+        """Room for a job about to be created, so that its create can claim it for this replica in the transaction
+        that makes it: no NOTIFY to wait for and no claim of its own between a job's creation and its attempt.
 
-        The create goes on if the caller is cancelled meanwhile (a CreateJob whose client went away), and a job
-        it claimed still runs here, instead of waiting for its lease to run out.
+        None while draining or without room (the job is then created pending, for any replica's claim). The slot
+        holds its room until adopt or release, which the creator must call whatever becomes of the create.
         """
         if not self._claiming or self._room <= 0:
-            return await create(None)
-        made = asyncio.ensure_future(create(ClaimAtCreate(self._config.owner, self._config.lease_seconds)))
-        self._creating.add(made)
-        made.add_done_callback(self._take)
-        return await asyncio.shield(made)
+            return None
+        slot = DispatchSlot(ClaimAtCreate(self._config.owner, self._config.lease_seconds))
+        self._slots.add(slot)
+        self._no_slots.clear()
+        return slot
 
-    def _take(self, made: asyncio.Future[tuple[Job, bool]]) -> None:
-        """Ends a run_when_created: runs the job its create claimed for this replica, or gives the room back."""
-        self._creating.discard(made)
-        job, created = (None, False) if made.cancelled() or made.exception() is not None else made.result()
-        if job is not None and created and job.status is JobStatus.GENERATING and job.lease_owner == self._config.owner:
-            self._start(job)
-        elif self._room == 1:
+    def adopt(self, slot: DispatchSlot, job: Job) -> None:
+        """Runs `job`, which the create holding `slot` claimed for this replica: the slot's room becomes its run's."""
+        self._end_slot(slot)
+        self._start(job)
+
+    def release(self, slot: DispatchSlot) -> None:
+        """Gives the slot's room back: its create failed, or made the job without claiming it, or was a replay."""
+        self._end_slot(slot)
+        if self._room == 1:
             self._wake.set()  # the room held was what kept a full replica's claimer waiting
+
+    def _end_slot(self, slot: DispatchSlot) -> None:
+        self._slots.remove(slot)
+        if not self._slots:
+            self._no_slots.set()
 
     def on_notification(self, job_id: str, _seq: int, event: EventType | None) -> None:
         """Called for every NOTIFY: new or returned work wakes the claimer; a cancel stops its attempt."""
@@ -305,9 +319,9 @@ class Dispatcher:
         if self._loops:
             # A claim under way finishes first, so no job it takes is left behind unseen.
             await asyncio.wait(self._loops[:1], timeout=10.0)
-        # So do creates that claim for this replica (each is one database call).
-        if self._creating:
-            await asyncio.wait(list(self._creating), timeout=10.0)
+        # So do creates that claim for this replica (each is one database call): a job one claimed runs (adopt).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._no_slots.wait(), timeout=10.0)
         tasks = [task for _, task in self._running.values()]
         if tasks:
             log.info("draining", in_flight=len(tasks), grace_seconds=grace)

@@ -7,7 +7,7 @@ import hashlib
 import io
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
@@ -26,6 +26,7 @@ from job_service.create_request import (
     check_create_request,
     job_model,
 )
+from job_service.dispatcher import DispatchSlot
 from job_service.domain import (
     DEFAULT_PRIORITY,
     MAX_PRIORITY,
@@ -43,7 +44,7 @@ from job_service.input_holds import HeldInputs
 from job_service.notifications import JobNotifications
 from job_service.page_tokens import PageTokens
 from job_service.state_changes import StateChange
-from job_service.store import ClaimAtCreate, CreateRules, JobStore
+from job_service.store import CreatedJob, CreateRules, JobStore
 from job_service.webhook_store import DeliveryRecord, WebhookStore
 from job_service.webhooks import WebhookPolicy
 
@@ -98,7 +99,7 @@ class JobPolicy:
     max_input_image_pixels: int = 25_000_000
 
     def rules_for(self, principal: Principal) -> CreateRules:
-        """What imagegen_create_job_v4 applies to this caller's create."""
+        """What imagegen_create_job_v5 applies to this caller's create."""
         if principal.is_service:
             priorities = (self.priority_default, MAX_PRIORITY, self.premium_priority_default, MAX_PRIORITY)
             rates = (self.create_rate_service_role, self.create_rate_service_role)
@@ -156,20 +157,15 @@ def parse_uuid(value: str, field: str) -> str:
         raise invalid_argument([FieldViolation(field, "must be a UUID")]) from None
 
 
-class JobStarter(Protocol):
-    """The dispatcher, as CreateJob sees it: it may claim and run a job as it is created (Dispatcher)."""
+class CreateDispatch(Protocol):
+    """The dispatcher, as CreateJob sees it: room to claim a job as it is created, and the run of a job so claimed
+    (Dispatcher)."""
 
-    async def run_when_created(
-        self, create: Callable[[ClaimAtCreate | None], Awaitable[tuple[Job, bool]]]
-    ) -> tuple[Job, bool]: ...
+    def reserve(self) -> DispatchSlot | None: ...
 
+    def adopt(self, slot: DispatchSlot, job: Job) -> None: ...
 
-def as_created(job: Job) -> Job:
-    """The job as its 'created' event left it, for a job claimed in the same transaction: CreateJob answers
-    with the job in JOB_STATE_PENDING, as the API says, whether or not an attempt started with it."""
-    if job.status is not JobStatus.GENERATING or job.last_event_seq != 2:
-        return job
-    return replace(job, status=JobStatus.PENDING, attempt=0, lease_owner=None, started_at=None, last_event_seq=1)
+    def release(self, slot: DispatchSlot) -> None: ...
 
 
 class JobManager:
@@ -181,7 +177,7 @@ class JobManager:
         policy: JobPolicy,
         page_tokens: PageTokens,
         deletions: Deletions,
-        starter: JobStarter | None = None,
+        dispatcher: CreateDispatch | None = None,
         deletion_queued: Callable[[], None] = lambda: None,
         webhooks: WebhookStore | None = None,
     ) -> None:
@@ -194,7 +190,9 @@ class JobManager:
         self._models = models
         self._notifications = notifications
         self._policy = policy
-        self._starter = starter
+        self._dispatcher = dispatcher
+        # Creates that go on after their caller was cancelled: referenced until they end (the loop holds tasks weakly).
+        self._creating: set[asyncio.Task[CreatedJob]] = set()
 
     # -- who acts for whom ----------------------------------------------------------------------
 
@@ -260,29 +258,33 @@ class JobManager:
         if blobs:
             # Stored before the job that names them, so its first attempt finds them (see the migration).
             await held.put(user_id, blobs)
-        rules = self._policy.rules_for(principal)
-
-        def create(claim: ClaimAtCreate | None) -> Awaitable[tuple[Job, bool]]:
-            return self._store.create_job(
-                user_id=checked.user_id,
-                prompt=checked.prompt,
-                model=checked.model,
-                params=checked.params,
-                template_id=checked.template_id,
-                request_id=checked.request_id,
-                request_hash=checked.request_hash,
-                price_per_image=checked.price_per_image,
-                max_attempts=self._policy.max_attempts,
-                active_limit=self._policy.active_jobs_per_user,
-                new_user_credits=self._welcome_credits(principal),
-                claim=claim,
-                webhook=checked.webhook,
-                priority=checked.priority,
-                start_within=checked.start_within,
-                rules=rules,
-            )
-
-        job, created = await (self._starter.run_when_created(create) if self._starter else create(None))
+        # With room in this replica, the job is claimed for it in the transaction that creates it, and runs here.
+        slot = self._dispatcher.reserve() if self._dispatcher is not None else None
+        create = self._store.create_job(
+            user_id=checked.user_id,
+            prompt=checked.prompt,
+            model=checked.model,
+            params=checked.params,
+            template_id=checked.template_id,
+            request_id=checked.request_id,
+            request_hash=checked.request_hash,
+            price_per_image=checked.price_per_image,
+            max_attempts=self._policy.max_attempts,
+            active_limit=self._policy.active_jobs_per_user,
+            new_user_credits=self._welcome_credits(principal),
+            claim=slot.claim if slot is not None else None,
+            webhook=checked.webhook,
+            priority=checked.priority,
+            start_within=checked.start_within,
+            rules=self._policy.rules_for(principal),
+        )
+        # The create goes on if the caller is cancelled meanwhile (a CreateJob whose client went away): the job is
+        # made all the same, and one it claimed runs here instead of waiting for its lease to run out.
+        creating = asyncio.ensure_future(self._run_if_claimed(slot, create))
+        self._creating.add(creating)
+        creating.add_done_callback(self._creating.discard)
+        made = await asyncio.shield(creating)
+        job = made.job  # as its 'created' event left it (JOB_STATE_PENDING), or the earlier job for a replay
         if job.deleted_at is not None:
             # A replay whose job was deleted since (its row waits for its objects to go): not shown any more, and
             # no new job either, which a retry of a create that did commit must never make.
@@ -291,7 +293,21 @@ class JobManager:
                 "JOB_DELETED",
                 f"request_id {request.request_id!r} made a job that has since been deleted; use a new request_id",
             )
-        return as_created(job) if created else job
+        return job
+
+    async def _run_if_claimed(self, slot: DispatchSlot | None, create: Awaitable[CreatedJob]) -> CreatedJob:
+        """Awaits `create`, then has the dispatcher run the job it claimed with `slot`, or gives the slot back."""
+        claimed: Job | None = None
+        try:
+            made = await create
+            claimed = made.claimed
+            return made
+        finally:
+            if slot is not None and self._dispatcher is not None:
+                if claimed is not None:
+                    self._dispatcher.adopt(slot, claimed)
+                else:
+                    self._dispatcher.release(slot)
 
     async def _active_template(self, template_id: str) -> Template:
         template = await self._store.get_template(template_id)

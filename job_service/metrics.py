@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from job_service.cleanup import CleanupStore
 from job_service.domain import EventType, Job, JobEvent, JobStatus
 from job_service.queries import queries
-from job_service.store import CommittedEvents, JobStore
+from job_service.store import CommittedEvents, CreatedJob, JobStore
 from job_service.webhook_sender import WebhookMetricsSink
 from job_service.webhook_store import WebhookStore
 
@@ -164,11 +164,11 @@ class InstrumentedJobStore(JobStore):
         self._metrics.transition(job, event)
         super()._committed(job, event)
 
-    async def create_job(self, **kwargs: Any) -> tuple[Job, bool]:
-        job, created = await super().create_job(**kwargs)
-        if created:  # the database says whether this call made the job, in the same round trip
-            self._metrics.credits.labels("reserved").inc(job.credits_reserved)
-        return job, created
+    async def create_job(self, **kwargs: Any) -> CreatedJob:
+        made = await super().create_job(**kwargs)
+        if made.created:  # the database says whether this call made the job, in the same round trip
+            self._metrics.credits.labels("reserved").inc(made.job.credits_reserved)
+        return made
 
     def _settled(self, job: Job, released: int) -> None:
         self._metrics.credits.labels("released").inc(released)

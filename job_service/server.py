@@ -451,7 +451,7 @@ async def start(settings: JobSettings) -> JobApp:
         ),
         page_tokens(settings),
         retention_store,
-        starter=dispatcher,
+        dispatcher=dispatcher,
         deletion_queued=deletion_queued,
         webhooks=webhook_store,
     )

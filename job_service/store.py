@@ -12,7 +12,7 @@ import contextlib
 import json
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol
 
@@ -229,7 +229,7 @@ class _Unheard:
 
 
 class _NewJob(NamedTuple):
-    """One CreateJob's write: imagegen_create_job_v4's parameters, in its order, under their SQL names."""
+    """One CreateJob's write: imagegen_create_job_v5's parameters, in its order, under their SQL names."""
 
     user: str
     prompt: str
@@ -255,7 +255,7 @@ class _NewJob(NamedTuple):
 
 @dataclass(frozen=True)
 class CreateRules:
-    """The rules of the account a job is created for, applied by imagegen_create_job_v4 under the account's lock
+    """The rules of the account a job is created for, applied by imagegen_create_job_v5 under the account's lock
     (only the account knows whether the user is premium). None: no rule of that kind."""
 
     # (default, max, premium default, premium max); None: any priority 0-9, default 5.
@@ -275,6 +275,76 @@ class ClaimAtCreate:
     lease_seconds: float
 
 
+@dataclass(frozen=True, kw_only=True)
+class CreatedJob:
+    """What one create did, as imagegen_create_job_v5 answered it."""
+
+    # The job as its 'created' event left it (pending, attempt 0): what CreateJob answers. For an idempotent replay,
+    # the earlier job as it is now.
+    job: Job
+    # False: an idempotent replay of request_id; nothing was written.
+    created: bool
+    # The job as this call claimed it for ClaimAtCreate.owner (generating, attempt 1, leased), or None: no claim was
+    # asked for, a due job ahead of it in the queue kept it pending, or it is a replay.
+    claimed: Job | None
+    # The events this call committed, in order: 'created', then 'attempt_started' when it claimed; none for a replay.
+    events: tuple[JobEvent, ...]
+
+
+# What a create function answers, a row per create: the job as created, whether this call made it, the columns the
+# claim changed (NULL when it did not claim; lease_expires_at is not one the Job holds) and the committed events.
+_CREATED_COLUMNS = """(r.job).*, r.created,
+       (r.claimed).status AS claimed_status, (r.claimed).attempt AS claimed_attempt,
+       (r.claimed).lease_owner AS claimed_by, (r.claimed).started_at AS claimed_started_at,
+       (r.claimed).last_event_seq AS claimed_seq,
+       e.seqs, e.types, e.statuses, e.attempts, e.ats, e.messages"""
+_CREATED_EVENTS = """CROSS JOIN LATERAL (
+           SELECT array_agg(seq ORDER BY seq) AS seqs, array_agg(type ORDER BY seq) AS types,
+                  array_agg(status ORDER BY seq) AS statuses, array_agg(attempt ORDER BY seq) AS attempts,
+                  array_agg(at ORDER BY seq) AS ats,
+                  array_agg(coalesce(detail ->> 'message', '') ORDER BY seq) AS messages
+           FROM unnest(r.events)) e"""
+
+
+def _events_of_row(job_id: str, row: asyncpg.Record) -> list[JobEvent]:
+    """The events a row carries as arrays (seqs, types, statuses, attempts, ats, messages), in seq order."""
+    return [
+        JobEvent(
+            job_id=job_id,
+            seq=seq,
+            type=EventType(kind),
+            status=JobStatus(status),
+            attempt=attempt,
+            at=at,
+            message=message,
+        )
+        for seq, kind, status, attempt, at, message in zip(
+            row["seqs"] or (),
+            row["types"] or (),
+            row["statuses"] or (),
+            row["attempts"] or (),
+            row["ats"] or (),
+            row["messages"] or (),
+            strict=True,
+        )
+    ]
+
+
+def _created_from_row(row: asyncpg.Record) -> CreatedJob:
+    job = job_from_row(row)
+    claimed = None
+    if row["claimed_status"] is not None:
+        claimed = replace(
+            job,
+            status=JobStatus(row["claimed_status"]),
+            attempt=row["claimed_attempt"],
+            lease_owner=row["claimed_by"],
+            started_at=row["claimed_started_at"],
+            last_event_seq=row["claimed_seq"],
+        )
+    return CreatedJob(job=job, created=row["created"], claimed=claimed, events=tuple(_events_of_row(job.id, row)))
+
+
 def _event_of(job: Job, event: EventType, message: str | None) -> JobEvent:
     """The event a write just committed, from the row it returned: the job's latest event, exactly as a read of
     job_events would give it (its `at` is the transaction's now(), which is also the row's updated_at)."""
@@ -292,7 +362,7 @@ class JobStore:
     def __init__(self, pool: asyncpg.Pool, events: CommittedEvents | None = None) -> None:
         self._pool = pool
         self._sql = queries()
-        self._creates: GroupCommit[_NewJob, tuple[Job, bool]] = GroupCommit(
+        self._creates: GroupCommit[_NewJob, CreatedJob] = GroupCommit(
             self._create_one, self._create_many, max_batch=CREATE_BATCH, max_calls=CREATE_CALLS
         )
         self._events: CommittedEvents = events if events is not None else _Unheard()
@@ -301,9 +371,9 @@ class JobStore:
         """Each job event this store commits (create, advance, advance_batch, claim, expire_due), once, right after
         its write answered, with the job as the write left it.
 
-        The event is built from the row the write returned, exactly as a read of job_events would give it, so this
-        process's watchers can have it without reading it back. It is the job's latest event, except the 'created'
-        of a job claimed as it was created: 'attempt_started' follows it in the same transaction.
+        The event is built from what the write returned, exactly as a read of job_events would give it, so
+        this process's watchers can have it without reading it back. It is the job's latest event, except the
+        'created' of a job claimed as it was created: 'attempt_started' follows it in the same transaction.
         """
         self._events.committed(job, event)
 
@@ -337,17 +407,18 @@ class JobStore:
         priority: int | None = None,
         start_within: float | None = None,
         rules: CreateRules = CreateRules(),
-    ) -> tuple[Job, bool]:
-        """The job, and whether this call made it (False: an idempotent replay of an earlier request).
+    ) -> CreatedJob:
+        """Creates a job (imagegen_create_job_v5), or answers the earlier one for a replay of request_id.
 
         `webhook` ({"url", "events"}) travels in the params, under "webhook": the create functions insert params
         as they are, and a trigger (migration 20261206000200) moves it into the job's webhook columns in that
         same INSERT, so the webhook is as atomic as the job without another parameter on every create function.
 
-        With `claim`, a job this call makes is also claimed, in the same transaction, and comes back generating
-        (attempt 1, leased to claim.owner); a replay claims nothing.
+        With `claim`, a job this call makes is also claimed, in the same transaction, unless a due job ahead of it
+        in the queue waits (it must not jump the queue); CreatedJob.claimed says whether it was. A replay claims
+        nothing.
         """
-        job, created = await self._creates.submit(
+        made = await self._creates.submit(
             _NewJob(
                 user=user_id,
                 prompt=prompt,
@@ -371,20 +442,17 @@ class JobStore:
                 rate_window_seconds=rules.rate_window_seconds,
             )
         )
-        if created:
-            if job.status is JobStatus.GENERATING:  # claimed as it was created: seq 1 created, seq 2 started
-                self._committed(job, JobEvent(job.id, 1, EventType.CREATED, JobStatus.PENDING, 0, job.updated_at))
-                self._committed(job, _event_of(job, EventType.ATTEMPT_STARTED, None))
-            else:
-                self._committed(job, _event_of(job, EventType.CREATED, None))
-        return job, created
+        for event in made.events:  # each with the job as this write left it, as every write reports its events
+            self._committed(made.claimed or made.job, event)
+        return made
 
-    async def _create_one(self, new: _NewJob) -> tuple[Job, bool]:
+    async def _create_one(self, new: _NewJob) -> CreatedJob:
         try:
             row = await self._pool.fetchrow(
-                """SELECT (r.job).*, r.created
-                   FROM imagegen_create_job_v4($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
-                                               $15, $16, $17, $18, $19, $20) r""",
+                f"""SELECT {_CREATED_COLUMNS}
+                    FROM imagegen_create_job_v5($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
+                                                $15, $16, $17, $18, $19, $20) r
+                    {_CREATED_EVENTS}""",
                 *new,
             )
         except asyncpg.PostgresError as exc:
@@ -393,16 +461,17 @@ class JobStore:
                 raise
             raise refusal from exc
         assert row is not None
-        return job_from_row(row), bool(row["created"])
+        return _created_from_row(row)
 
-    async def _create_many(self, batch: list[_NewJob]) -> list[tuple[Job, bool] | BaseException]:
+    async def _create_many(self, batch: list[_NewJob]) -> list[CreatedJob | BaseException]:
         # Sorted by user (stable: one user's creates keep their order), so that every batch takes the account
         # locks in the same order and two batches in flight at once never deadlock.
         order = sorted(range(len(batch)), key=lambda i: batch[i].user)
         try:
             rows = await self._pool.fetch(
-                """SELECT r.idx, (r.job).*, r.created, r.error_code, r.error_message, r.error_detail
-                   FROM imagegen_create_jobs_v2($1) r""",
+                f"""SELECT r.idx, {_CREATED_COLUMNS}, r.error_code, r.error_message, r.error_detail
+                    FROM imagegen_create_jobs_v3($1) r
+                    {_CREATED_EVENTS}""",
                 [batch[i]._asdict() for i in order],
             )
         except asyncpg.PostgresError as exc:
@@ -412,13 +481,12 @@ class JobStore:
             # create rules, which the function answers per item) must not fail the others: each goes again alone.
             log.warning("batched create failed; creating one by one", jobs=len(batch), error=repr(exc))
             return list(await asyncio.gather(*(self._create_one(new) for new in batch), return_exceptions=True))
-        outcomes: list[tuple[Job, bool] | BaseException] = [
-            RuntimeError("imagegen_create_jobs left this job out")
-        ] * len(batch)
+        left_out = RuntimeError("imagegen_create_jobs_v3 left this job out")
+        outcomes: list[CreatedJob | BaseException] = [left_out] * len(batch)
         for row in rows:
             position = order[row["idx"] - 1]
             if row["error_code"] is None:
-                outcomes[position] = (job_from_row(row), bool(row["created"]))
+                outcomes[position] = _created_from_row(row)
             else:
                 outcomes[position] = _create_refusal(
                     row["error_code"], row["error_message"], row["error_detail"]
@@ -497,27 +565,7 @@ class JobStore:
         if row is None:
             return None, []
         job = job_from_row(row)
-        events = [
-            JobEvent(
-                job_id=job.id,
-                seq=event_seq,
-                type=EventType(kind),
-                status=JobStatus(status),
-                attempt=attempt,
-                at=at,
-                message=message,
-            )
-            for event_seq, kind, status, attempt, at, message in zip(
-                row["seqs"] or (),
-                row["types"] or (),
-                row["statuses"] or (),
-                row["attempts"] or (),
-                row["ats"] or (),
-                row["messages"] or (),
-                strict=True,
-            )
-        ]
-        return job, events
+        return job, _events_of_row(job.id, row)
 
     async def advance(
         self,

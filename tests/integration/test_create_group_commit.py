@@ -16,18 +16,32 @@ import asyncpg
 import pytest
 
 from imagegen_common.errors import ServiceError
-from job_service.domain import Job, Params
-from job_service.store import ClaimAtCreate, JobStore, _NewJob, create_pool
+from job_service.domain import EventType, Job, JobEvent, JobStatus, Params
+from job_service.fanout import EventFanout
+from job_service.store import ClaimAtCreate, CreatedJob, JobStore, _NewJob, create_pool
 from tests.support.cluster import fresh_database
 from tests.support.ledger import assert_credits_consistent
+
+
+class _Recorder:
+    """The local watchers, as the fan-out sees them: records every event it is given."""
+
+    def __init__(self) -> None:
+        self.heard: list[tuple[Job, JobEvent]] = []
+        self.fanout = EventFanout()
+        self.fanout.deliver_to(watchers=self)
+
+    def publish(self, job: Job, event: JobEvent) -> None:
+        self.heard.append((job, event))
 
 
 class CountingStore(JobStore):
     """Counts the batched calls, so the test knows the batch path is the one it checked."""
 
     batches: list[int]
+    heard: list[tuple[Job, JobEvent]]  # every event the store handed its fan-out
 
-    async def _create_many(self, batch: list[_NewJob]) -> list[tuple[Job, bool] | BaseException]:
+    async def _create_many(self, batch: list[_NewJob]) -> list[CreatedJob | BaseException]:
         self.batches.append(len(batch))
         return await super()._create_many(batch)
 
@@ -36,8 +50,10 @@ class CountingStore(JobStore):
 async def store(pg_server: str) -> AsyncIterator[tuple[CountingStore, str]]:
     async with fresh_database(pg_server) as url:
         pool = await create_pool(url, min_size=1, max_size=4, statement_cache_size=100)
-        counting = CountingStore(pool)
+        recorder = _Recorder()
+        counting = CountingStore(pool, recorder.fanout)
         counting.batches = []
+        counting.heard = recorder.heard
         yield counting, url
         await pool.close()
 
@@ -98,15 +114,15 @@ async def test_batched_creates_follow_every_rule_per_user(store: tuple[CountingS
             refused[user, outcome.reason] += 1
         else:
             assert not isinstance(outcome, BaseException), repr(outcome)
-            job, created = outcome
+            job, created = outcome.job, outcome.created
             assert job.user_id == user and job.credits_reserved == 2
             made[user] += created
     for user in poor:
         assert made[user] == 3 and refused[user, "INSUFFICIENT_CREDITS"] == 2
     assert made[capped] == 2 and refused[capped, "TOO_MANY_ACTIVE_JOBS"] == 3
     assert made[replaying] == 1 and refused[replaying, "REQUEST_ID_REUSED"] == 1
-    replays = [o for (u, _), o in zip(calls, outcomes, strict=True) if u == replaying and isinstance(o, tuple)]
-    assert len(replays) == 2 and replays[0][0].id == replays[1][0].id  # the replay answers the same job
+    replays = [o for (u, _), o in zip(calls, outcomes, strict=True) if u == replaying and isinstance(o, CreatedJob)]
+    assert len(replays) == 2 and replays[0].job.id == replays[1].job.id  # the replay answers the same job
 
     conn = await asyncpg.connect(url)
     try:
@@ -134,7 +150,7 @@ async def test_a_create_that_breaks_its_batch_fails_alone(store: tuple[CountingS
 
     assert jobs.batches and max(jobs.batches) > 1
     assert isinstance(outcomes[7], asyncpg.CheckViolationError)
-    assert all(isinstance(o, tuple) and o[1] for i, o in enumerate(outcomes) if i != 7)
+    assert all(isinstance(o, CreatedJob) and o.created for i, o in enumerate(outcomes) if i != 7)
     conn = await asyncpg.connect(url)
     try:
         assert await conn.fetchval("SELECT count(*) FROM generation_jobs") == 11
@@ -149,7 +165,7 @@ async def test_batched_creates_claim_the_jobs_they_are_asked_to_claim(store: tup
     for user in users:
         await jobs.grant_credits(user, 10, "test", premium=None, new_user_credits=0)
 
-    # Every other create claims its job for replica "w" (as Dispatcher.run_when_created asks when it has room).
+    # Every other create claims its job for replica "w" (as JobManager.create_job asks when its dispatcher has room).
     # The others stay pending: at a lower priority, so that they are not ahead of the claimed ones in the queue
     # (a create does not claim its job while a due job ahead of it waits; see test_priority_and_deadlines).
     claims = [ClaimAtCreate("w", 30.0) if i % 2 else None for i in range(len(users))]
@@ -160,8 +176,9 @@ async def test_batched_creates_claim_the_jobs_they_are_asked_to_claim(store: tup
     assert jobs.batches and max(jobs.batches) > 1
     conn = await asyncpg.connect(url)
     try:
-        for (job, created), claim in zip(outcomes, claims, strict=True):
-            assert created
+        for made, claim in zip(outcomes, claims, strict=True):
+            job = made.claimed or made.job  # as the create left it
+            assert made.created
             events = [
                 (r["seq"], r["type"], r["attempt"])
                 for r in await conn.fetch("SELECT * FROM job_events WHERE job_id = $1 ORDER BY seq", job.id)
@@ -172,6 +189,85 @@ async def test_batched_creates_claim_the_jobs_they_are_asked_to_claim(store: tup
             else:
                 assert (job.status.value, job.attempt, job.lease_owner) == ("pending", 0, None)
                 assert events == [(1, "created", 0)]
+        await assert_credits_consistent(conn)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("together", [1, 24], ids=["alone", "batched"])
+async def test_a_create_answers_the_job_as_created_its_claim_and_the_events_it_committed(
+    store: tuple[CountingStore, str], together: int
+) -> None:
+    jobs, _url = store
+    heard = jobs.heard
+    users = [str(uuid.uuid4()) for _ in range(together)]
+    for user in users:
+        await jobs.grant_credits(user, 10, "test", None, 0)
+    claims = [ClaimAtCreate("w", 30.0) if i % 2 == 0 else None for i in range(together)]
+
+    outcomes = await asyncio.gather(
+        *(create(jobs, user, claim=c, priority=None if c else 0) for user, c in zip(users, claims, strict=True))
+    )
+
+    assert bool(jobs.batches) == (together > 1), jobs.batches
+    delivered: list[tuple[Job, JobEvent]] = []
+    for made, claim in zip(outcomes, claims, strict=True):
+        job = made.job
+        assert made.created
+        assert (job.status, job.attempt, job.lease_owner, job.started_at, job.last_event_seq) == (
+            JobStatus.PENDING,
+            0,
+            None,
+            None,
+            1,
+        ), "CreateJob answers the job as its 'created' event left it"
+        _now, stored = await jobs.job_and_events_after(job.id, 0)
+        assert list(made.events) == stored, "the events are the ones the database holds, time and all"
+        if claim:
+            assert made.claimed is not None
+            assert (made.claimed.status, made.claimed.attempt, made.claimed.lease_owner) == (
+                JobStatus.GENERATING,
+                1,
+                "w",
+            )
+            assert made.claimed == await jobs.get_job(job.id), "the claimed job is the row as the create left it"
+            assert [e.type for e in made.events] == [EventType.CREATED, EventType.ATTEMPT_STARTED]
+        else:
+            assert made.claimed is None
+            assert [e.type for e in made.events] == [EventType.CREATED]
+        delivered += [(made.claimed or job, event) for event in made.events]
+    assert sorted(heard, key=lambda h: (h[1].job_id, h[1].seq)) == sorted(
+        delivered, key=lambda h: (h[1].job_id, h[1].seq)
+    ), "the listener heard each committed event once, with the job as the create left it"
+
+    first = await create(jobs, users[-1], request_id="again", claim=ClaimAtCreate("w", 30.0))
+    heard.clear()
+    again = await create(jobs, users[-1], request_id="again", claim=ClaimAtCreate("w", 30.0))
+    assert (again.created, again.claimed, again.events, heard) == (False, None, (), [])
+    assert again.job == await jobs.get_job(first.job.id), "a replay answers the earlier job as it is now"
+
+
+async def test_the_previous_create_function_still_answers_as_it_did(store: tuple[CountingStore, str]) -> None:
+    """imagegen_create_job_v4 now runs v5's body: a replica of the previous version, during an upgrade, still gets
+    the job as the call left it (generating when it claimed it)."""
+    _jobs, url = store
+    conn = await asyncpg.connect(url)
+    try:
+        answers = []
+        for claim_owner in ("old-replica", None):
+            answers.append(
+                await conn.fetchrow(
+                    """SELECT (r.job).status, (r.job).attempt, (r.job).lease_owner, (r.job).last_event_seq, r.created
+                       FROM imagegen_create_job_v4($1, 'p', 'local', '{}', NULL, NULL, 'h', 1, 1, 3, 10, 100, $2, 30,
+                                                   NULL, NULL, NULL, NULL, NULL, NULL) r""",
+                    uuid.uuid4(),
+                    claim_owner,
+                )
+            )
+        assert [tuple(answer) for answer in answers] == [
+            ("generating", 1, "old-replica", 2, True),
+            ("pending", 0, None, 1, True),
+        ]
         await assert_credits_consistent(conn)
     finally:
         await conn.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,8 +29,9 @@ from job_service.domain import (
 )
 from job_service.notifications import JobNotifications
 from job_service.state_changes import StateChange
-from job_service.store import ClaimAtCreate, JobStore, create_pool
+from job_service.store import ClaimAtCreate, CreatedJob, JobStore, create_pool
 from tests.support.cluster import events_of, eventually, fresh_database
+from tests.support.creates import Create, create_here
 from tests.support.ledger import assert_credits_consistent
 
 
@@ -124,9 +125,6 @@ def config(owner: str = "w1", **overrides: float) -> DispatcherConfig:
     return DispatcherConfig(owner=owner, **values)  # type: ignore[arg-type]
 
 
-Create = Callable[[ClaimAtCreate | None], Awaitable[tuple[Job, bool]]]
-
-
 def creating(
     store: JobStore,
     *,
@@ -135,10 +133,10 @@ def creating(
     sample_count: int = 2,
     max_attempts: int = 3,
 ) -> Create:
-    """CreateJob's write for one new job, as JobManager hands it to the dispatcher."""
+    """CreateJob's write for one new job, as JobManager makes it (with the claim of a slot, or None)."""
     user_id = user or str(uuid.uuid4())
 
-    def create(claim: ClaimAtCreate | None) -> Awaitable[tuple[Job, bool]]:
+    def create(claim: ClaimAtCreate | None) -> Awaitable[CreatedJob]:
         return store.create_job(
             user_id=user_id,
             prompt="a lighthouse at dusk",
@@ -158,8 +156,7 @@ def creating(
 
 
 async def new_job(store: JobStore, *, sample_count: int = 2, max_attempts: int = 5) -> Job:
-    job, _created = await creating(store, sample_count=sample_count, max_attempts=max_attempts)(None)
-    return job
+    return (await creating(store, sample_count=sample_count, max_attempts=max_attempts)(None)).job
 
 
 async def run_until(store: JobStore, job_id: str, statuses: tuple[JobStatus, ...], dispatcher: Dispatcher) -> Job:
@@ -783,10 +780,10 @@ async def test_a_job_that_completes_just_before_a_lease_renewal_is_not_reported_
     await assert_credits_consistent(conn)
 
 
-# -- A job claimed in the transaction that creates it (Dispatcher.run_when_created) ---------------------------
+# -- A job claimed in the transaction that creates it (Dispatcher.reserve, adopt, release) ----------------------
 # A replica with room claims the job it creates in the create's own transaction and runs it without a claim; a
-# full or draining replica, or an idempotent replay, claims nothing as it creates. A create whose caller went
-# away still runs its job here.
+# full or draining replica, or an idempotent replay, claims nothing as it creates. (A create whose caller went away
+# still runs its job here: JobManager's guarantee, tested in test_create_and_claim.)
 
 
 def event_rows(events: list[dict[str, object]]) -> list[tuple[object, ...]]:
@@ -798,7 +795,7 @@ async def test_a_job_created_with_room_is_claimed_in_its_create_and_runs_without
 ) -> None:
     dispatcher = Dispatcher(store, ScriptedGenerator(), config(max_in_flight=4, poll_interval=60.0))
     claims = count_claims(store)
-    job, created = await dispatcher.run_when_created(creating(store))
+    job, created = await create_here(dispatcher, creating(store))
 
     assert created and (job.status, job.attempt, job.lease_owner) == (JobStatus.GENERATING, 1, "w1")
     assert dispatcher.in_flight == 1, "the create handed its job to the dispatcher"
@@ -823,8 +820,8 @@ async def test_a_full_replica_creates_the_job_pending_and_claims_it_once_it_has_
 ) -> None:
     generator = ScriptedGenerator(deque(["block"]))
     dispatcher = Dispatcher(store, generator, config(max_in_flight=1, poll_interval=60.0))
-    blocking, _ = await dispatcher.run_when_created(creating(store))
-    waiting, _ = await dispatcher.run_when_created(creating(store))
+    blocking, _ = await create_here(dispatcher, creating(store))
+    waiting, _ = await create_here(dispatcher, creating(store))
 
     assert (blocking.status, waiting.status) == (JobStatus.GENERATING, JobStatus.PENDING)
     assert waiting.attempt == 0 and waiting.lease_owner is None
@@ -844,7 +841,7 @@ async def test_a_full_replica_creates_the_job_pending_and_claims_it_once_it_has_
 async def test_a_draining_replica_claims_nothing_as_it_creates(store: JobStore, conn: asyncpg.Connection) -> None:
     dispatcher = Dispatcher(store, ScriptedGenerator(), config(max_in_flight=4))
     await dispatcher.drain(0.1)
-    job, created = await dispatcher.run_when_created(creating(store))
+    job, created = await create_here(dispatcher, creating(store))
 
     assert created and (job.status, job.attempt) == (JobStatus.PENDING, 0)
     assert dispatcher.in_flight == 0
@@ -855,8 +852,8 @@ async def test_a_replayed_create_claims_nothing_more(store: JobStore, conn: asyn
     generator = ScriptedGenerator(deque(["block"]))
     dispatcher = Dispatcher(store, generator, config(max_in_flight=4, poll_interval=60.0))
     create = creating(store, request_id="checkout-1")
-    first, first_created = await dispatcher.run_when_created(create)
-    again, again_created = await dispatcher.run_when_created(create)
+    first, first_created = await create_here(dispatcher, create)
+    again, again_created = await create_here(dispatcher, create)
     try:
         assert (first_created, again_created) == (True, False)
         assert again.id == first.id and (again.status, again.attempt) == (JobStatus.GENERATING, 1)
@@ -866,29 +863,6 @@ async def test_a_replayed_create_claims_nothing_more(store: JobStore, conn: asyn
         await dispatcher.drain(0.1)  # hands the blocked attempt back
     types = [e["type"] for e in await events_of(conn, first.id)]
     assert types.count("attempt_started") == 1 and types[0] == "created"
-    await assert_credits_consistent(conn)
-
-
-async def test_a_job_whose_creator_went_away_still_runs_here(store: JobStore, conn: asyncpg.Connection) -> None:
-    dispatcher = Dispatcher(store, ScriptedGenerator(), config(max_in_flight=4, poll_interval=60.0))
-    claims = count_claims(store)
-    user = str(uuid.uuid4())
-    caller = asyncio.create_task(dispatcher.run_when_created(creating(store, user=user)))
-    await asyncio.sleep(0)  # the create is under way
-    caller.cancel()
-    dispatcher.start()
-    try:
-        job_id = await eventually(
-            lambda: conn.fetchval("SELECT id::text FROM generation_jobs WHERE user_id = $1", uuid.UUID(user)),
-            lambda found: found is not None,
-            within=10,
-        )
-        done = await eventually(lambda: store.get_job(job_id), lambda j: j is not None and j.status.terminal, within=10)
-    finally:
-        await dispatcher.drain(1.0)
-    assert caller.cancelled()
-    assert done is not None and (done.status, done.attempt) == (JobStatus.COMPLETED, 1)
-    assert sum(claimed for _, claimed in claims) == 0, "it ran from its create, not from a claim"
     await assert_credits_consistent(conn)
 
 

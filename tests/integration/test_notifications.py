@@ -13,7 +13,7 @@ from job_service.domain import EventType, Job, JobEvent, JobStatus, Params, Stor
 from job_service.fanout import EventFanout
 from job_service.notifications import JobNotifications
 from job_service.state_changes import StateChange
-from job_service.store import JobStore, create_pool
+from job_service.store import CreatedJob, JobStore, create_pool
 from tests.support.cluster import fresh_database
 
 
@@ -50,7 +50,7 @@ async def test_watchers_subscribing_while_the_job_changes_each_get_every_later_e
         fanout.deliver_to(watchers=hub)
     await hub.start()
     await asyncio.wait_for(hub.connected.wait(), timeout=10)
-    job, _created = await store.create_job(
+    made = await store.create_job(
         user_id=str(uuid.uuid4()),
         prompt="watched",
         model="local",
@@ -63,6 +63,7 @@ async def test_watchers_subscribing_while_the_job_changes_each_get_every_later_e
         active_limit=10,
         new_user_credits=100,
     )
+    job = made.job
     changes = 120
 
     async def write() -> None:
@@ -115,11 +116,12 @@ async def test_an_event_published_by_its_writer_is_the_event_the_database_holds(
     fanout.deliver_to(watchers=hub)
     await hub.start()
     await asyncio.wait_for(hub.connected.wait(), timeout=10)
-    job, _created = await store.create_job(
+    made = await store.create_job(
         user_id=str(uuid.uuid4()), prompt="published", model="local", params=Params(sample_count=1),
         template_id=None, request_id=None, request_hash="x", price_per_image=3, max_attempts=5, active_limit=10,
         new_user_credits=100,
     )  # fmt: skip
+    job = made.job
     subscription = hub.subscribe(job.id)
     try:
         subscription.start_from(job.last_event_seq)
@@ -155,7 +157,7 @@ async def test_the_writer_hears_of_a_created_job_once_and_not_of_its_idempotent_
     heard = Heard()
     fanout.deliver_to(watchers=heard)
 
-    async def create() -> tuple[Job, bool]:
+    async def create() -> CreatedJob:
         return await store.create_job(
             user_id=user, prompt="once", model="local", params=Params(sample_count=1), template_id=None,
             request_id="same-request", request_hash="h", price_per_image=1, max_attempts=5, active_limit=10,
@@ -163,10 +165,9 @@ async def test_the_writer_hears_of_a_created_job_once_and_not_of_its_idempotent_
         )  # fmt: skip
 
     user = str(uuid.uuid4())
-    first, created = await create()
-    again, created_again = await create()
-    assert (created, created_again) == (True, False) and again.id == first.id
-    assert heard.events == [(first.id, 1, EventType.CREATED)]
+    first, again = await create(), await create()
+    assert (first.created, again.created) == (True, False) and again.job.id == first.job.id
+    assert heard.events == [(first.job.id, 1, EventType.CREATED)]
 
 
 async def test_a_failing_listener_does_not_make_a_committed_write_look_failed(
@@ -179,13 +180,13 @@ async def test_a_failing_listener_does_not_make_a_committed_write_look_failed(
             raise RuntimeError("watcher bug")
 
     fanout.deliver_to(watchers=Broken())
-    job, created = await store.create_job(
+    made = await store.create_job(
         user_id=str(uuid.uuid4()), prompt="kept", model="local", params=Params(sample_count=1), template_id=None,
         request_id=None, request_hash="h", price_per_image=1, max_attempts=5, active_limit=10, new_user_credits=100,
     )  # fmt: skip
     cancelled = await store.advance(
-        job.id, StateChange(event=EventType.CANCELLED, to=JobStatus.CANCELLED), attempt=None,
+        made.job.id, StateChange(event=EventType.CANCELLED, to=JobStatus.CANCELLED), attempt=None,
         from_states=(JobStatus.PENDING,),
     )  # fmt: skip
-    assert created and cancelled is not None and cancelled.status is JobStatus.CANCELLED
-    assert (await store.get_job(job.id)).status is JobStatus.CANCELLED  # type: ignore[union-attr]
+    assert made.created and cancelled is not None and cancelled.status is JobStatus.CANCELLED
+    assert (await store.get_job(made.job.id)).status is JobStatus.CANCELLED  # type: ignore[union-attr]

@@ -27,8 +27,9 @@ from job_service.domain import (
     StoredImage,
 )
 from job_service.state_changes import StateChange
-from job_service.store import ClaimAtCreate, CreateRules, JobStore, create_pool
+from job_service.store import ClaimAtCreate, CreatedJob, CreateRules, JobStore, create_pool
 from tests.support.cluster import events_of, eventually, fresh_database
+from tests.support.creates import create_here
 from tests.support.ledger import assert_credits_consistent
 
 
@@ -97,7 +98,7 @@ def create(
     start_within: float | None = None,
     claim: ClaimAtCreate | None = None,
     user: str | None = None,
-) -> Awaitable[tuple[Job, bool]]:
+) -> Awaitable[CreatedJob]:
     return store.create_job(
         user_id=user or str(uuid.uuid4()),
         prompt="a lighthouse at dusk",
@@ -118,8 +119,7 @@ def create(
 
 
 async def job_of(store: JobStore, priority: int, aging: float = 3600.0) -> str:
-    job, _ = await create(store, priority=priority, aging=aging)
-    return job.id
+    return (await create(store, priority=priority, aging=aging)).job.id
 
 
 async def run_in_order(store: JobStore, generator: GatedGenerator, dispatcher: Dispatcher, jobs: list[str]) -> None:
@@ -190,12 +190,12 @@ async def test_a_job_created_with_room_is_not_claimed_at_create_while_a_job_ahea
     # Never started: its claim loop does not run, so only the create itself may claim.
     dispatcher = Dispatcher(store, generator, one_slot(max_in_flight=4))
     try:
-        waiting, _ = await create(store, priority=7)
+        waiting = (await create(store, priority=7)).job
 
-        behind, _ = await dispatcher.run_when_created(lambda claim: create(store, priority=3, claim=claim))
+        behind, _ = await create_here(dispatcher, lambda claim: create(store, priority=3, claim=claim))
         assert behind.status is JobStatus.PENDING, "a lower priority must not jump the queue at create"
 
-        ahead, _ = await dispatcher.run_when_created(lambda claim: create(store, priority=9, claim=claim))
+        ahead, _ = await create_here(dispatcher, lambda claim: create(store, priority=9, claim=claim))
         assert ahead.status is JobStatus.GENERATING, "a job that goes first anyway is claimed as it is created"
         assert ahead.lease_owner == "w1"
         rows = await conn.fetch(
@@ -220,7 +220,7 @@ async def test_a_job_not_started_by_its_deadline_expires_with_its_credits_releas
     try:
         busy = await job_of(store, 9)  # holds the only slot
         await eventually(lambda: asyncio.sleep(0, list(generator.started)), lambda s: s == [busy], within=20)
-        job, _ = await create(store, user=user, start_within=1.0)
+        job = (await create(store, user=user, start_within=1.0)).job
         assert job.start_deadline is not None and job.credits_reserved == 3
         assert await conn.fetchval("SELECT balance FROM credit_accounts WHERE user_id = $1", user) == 97
 
@@ -248,8 +248,8 @@ async def test_a_job_not_started_by_its_deadline_expires_with_its_credits_releas
 async def test_the_claim_never_takes_a_job_past_its_deadline_and_a_started_job_never_expires(
     store: JobStore, conn: asyncpg.Connection
 ) -> None:
-    never_started, _ = await create(store, start_within=1.0)
-    started, _ = await create(store, start_within=1.0, priority=9)
+    never_started = (await create(store, start_within=1.0)).job
+    started = (await create(store, start_within=1.0, priority=9)).job
     claimed = await store.claim("w1", 1, 30.0)
     assert [j.id for j in claimed] == [started.id]
     # Back to pending between attempts, as after a retryable failure: it has started, so its deadline is over.

@@ -57,16 +57,17 @@ async def test_a_replay_is_not_counted_and_costs_no_extra_query(
 ) -> None:
     store, registry = instrumented
     user = str(uuid.uuid4())
-    first, made = await store.create_job(**request(user, "r1"))
-    assert made and created(registry) == 1 and reserved(registry) == 2
-    again, made_again = await store.create_job(**request(user, "r1"))
-    assert again.id == first.id and not made_again
-    replayed, _ = await store.create_job(**request(user, "r1"))
+    made = await store.create_job(**request(user, "r1"))
+    first = made.job
+    assert made.created and created(registry) == 1 and reserved(registry) == 2
+    again = await store.create_job(**request(user, "r1"))
+    assert again.job.id == first.id and not again.created
+    replayed = (await store.create_job(**request(user, "r1"))).job
     assert replayed.id == first.id
     assert created(registry) == 1 and reserved(registry) == 2, "replays are not counted"
 
-    other, _ = await store.create_job(**request(user, "r2"))
-    without_id, _ = await store.create_job(**request(user, None))
+    other = (await store.create_job(**request(user, "r2"))).job
+    without_id = (await store.create_job(**request(user, None))).job
     assert len({first.id, other.id, without_id.id}) == 3
     assert created(registry) == 3 and reserved(registry) == 6
 
@@ -96,11 +97,11 @@ async def test_each_settlement_counts_what_the_ledger_released_and_captured(
     store, registry = instrumented
     pool = store._pool
     user = str(uuid.uuid4())
-    delivered_two, _ = await store.create_job(**request(user, "a", sample_count=4))
-    fails, _ = await store.create_job(**request(user, "b", sample_count=3))
+    delivered_two = (await store.create_job(**request(user, "a", sample_count=4))).job
+    fails = (await store.create_job(**request(user, "b", sample_count=3))).job
     claimed = {job.id: job for job in await store.claim("replica-1", 10, 60.0)}
     assert set(claimed) == {delivered_two.id, fails.id}
-    stays_pending, _ = await store.create_job(**request(user, "c", sample_count=2))
+    stays_pending = (await store.create_job(**request(user, "c", sample_count=2))).job
 
     def image(index: int) -> StoredImage:
         path = f"{user}/{delivered_two.id}/1-{index}.png"
@@ -154,7 +155,7 @@ async def test_an_expired_job_is_counted_as_a_transition_and_its_whole_reservati
 ) -> None:
     store, registry = instrumented
     user = str(uuid.uuid4())
-    job, _ = await store.create_job(**request(user, None, sample_count=3), start_within=1.0)
+    job = (await store.create_job(**request(user, None, sample_count=3), start_within=1.0)).job
     await asyncio.sleep(1.2)
 
     expired = await store.expire_due(10)
