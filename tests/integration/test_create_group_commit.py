@@ -202,7 +202,7 @@ async def test_a_create_answers_the_job_as_created_its_claim_and_the_events_it_c
     heard = jobs.heard
     users = [str(uuid.uuid4()) for _ in range(together)]
     for user in users:
-        await jobs.grant_credits(user, 10, "test", None, 0)
+        await jobs.grant_credits(user, 10, "test", premium=None, new_user_credits=0)
     claims = [ClaimAtCreate("w", 30.0) if i % 2 == 0 else None for i in range(together)]
 
     outcomes = await asyncio.gather(
