@@ -1,8 +1,8 @@
 """PostgreSQL access for jobs, events, templates and credits (asyncpg; no gRPC).
 
 Every state change is one call of a SQL function from the migrations (one round trip, one
-transaction); this module turns rows into domain objects and SQLSTATEs into ServiceErrors. Its reads and
-simple writes are named queries of job_service/sql/queries.sql.
+transaction); this module turns rows into domain objects and SQLSTATEs into ServiceErrors. Every query it
+runs is a named query of job_service/sql/queries.sql.
 """
 
 from __future__ import annotations
@@ -121,7 +121,6 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int, statement_cache
 # statement began, whatever the function it calls changes meanwhile, so this is the reservation the write released
 # if it settled the job (imagegen_advance zeroes credits_reserved then): the metrics layer gets it from the write's
 # own answer instead of reading the ledger once more per settled job.
-_RESERVED_BEFORE = "(SELECT g.credits_reserved FROM generation_jobs g WHERE g.id = $1) AS reserved_before"
 
 
 def job_from_row(row: asyncpg.Record) -> Job:
@@ -291,21 +290,6 @@ class CreatedJob:
     events: tuple[JobEvent, ...]
 
 
-# What a create function answers, a row per create: the job as created, whether this call made it, the columns the
-# claim changed (NULL when it did not claim; lease_expires_at is not one the Job holds) and the committed events.
-_CREATED_COLUMNS = """(r.job).*, r.created,
-       (r.claimed).status AS claimed_status, (r.claimed).attempt AS claimed_attempt,
-       (r.claimed).lease_owner AS claimed_by, (r.claimed).started_at AS claimed_started_at,
-       (r.claimed).last_event_seq AS claimed_seq,
-       e.seqs, e.types, e.statuses, e.attempts, e.ats, e.messages"""
-_CREATED_EVENTS = """CROSS JOIN LATERAL (
-           SELECT array_agg(seq ORDER BY seq) AS seqs, array_agg(type ORDER BY seq) AS types,
-                  array_agg(status ORDER BY seq) AS statuses, array_agg(attempt ORDER BY seq) AS attempts,
-                  array_agg(at ORDER BY seq) AS ats,
-                  array_agg(coalesce(detail ->> 'message', '') ORDER BY seq) AS messages
-           FROM unnest(r.events)) e"""
-
-
 def _events_of_row(job_id: str, row: asyncpg.Record) -> list[JobEvent]:
     """The events a row carries as arrays (seqs, types, statuses, attempts, ats, messages), in seq order."""
     return [
@@ -378,7 +362,7 @@ class JobStore:
         self._events.committed(job, event)
 
     def _committed_change(self, job: Job, row: asyncpg.Record, event: EventType, message: str | None) -> None:
-        """Reports one committed advance of `job` (as `row`, read with _RESERVED_BEFORE, returned it), and its
+        """Reports one committed advance of `job` (as `row`, with its reserved_before, returned it), and its
         settlement when it ended the job."""
         self._committed(job, _event_of(job, event, message))
         if job.status.terminal:
@@ -449,10 +433,7 @@ class JobStore:
     async def _create_one(self, new: _NewJob) -> CreatedJob:
         try:
             row = await self._pool.fetchrow(
-                f"""SELECT {_CREATED_COLUMNS}
-                    FROM imagegen_create_job_v5($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
-                                                $15, $16, $17, $18, $19, $20) r
-                    {_CREATED_EVENTS}""",
+                self._sql["create_job"],
                 *new,
             )
         except asyncpg.PostgresError as exc:
@@ -469,9 +450,7 @@ class JobStore:
         order = sorted(range(len(batch)), key=lambda i: batch[i].user)
         try:
             rows = await self._pool.fetch(
-                f"""SELECT r.idx, {_CREATED_COLUMNS}, r.error_code, r.error_message, r.error_detail
-                    FROM imagegen_create_jobs_v3($1) r
-                    {_CREATED_EVENTS}""",
+                self._sql["create_jobs"],
                 [batch[i]._asdict() for i in order],
             )
         except asyncpg.PostgresError as exc:
@@ -581,11 +560,7 @@ class JobStore:
         caller no longer holds the job)."""
         with self._events.writing(job_id):
             row = await self._pool.fetchrow(
-                f"""SELECT a.*, {_RESERVED_BEFORE} FROM imagegen_advance(
-                       p_id => $1, p_attempt => $2, p_from => $3, p_event => $4, p_to => $5, p_message => $6,
-                       p_error_code => $7, p_image => $8, p_filtered => $9, p_filtered_reasons => $10,
-                       p_retry_delay => $11, p_cancel_requested => $12, p_count_failure => $13,
-                       p_only_if_lease_expired => $14) a""",
+                self._sql["advance"],
                 job_id,
                 attempt,
                 [state.value for state in from_states],
@@ -618,7 +593,7 @@ class JobStore:
         """
         with self._events.writing(job_id):
             rows = await self._pool.fetch(
-                f"SELECT b.*, {_RESERVED_BEFORE} FROM imagegen_advance_batch($1, $2, $3, $4) b",
+                self._sql["advance_batch"],
                 job_id,
                 attempt,
                 [state.value for state in from_states],
@@ -630,7 +605,7 @@ class JobStore:
             return jobs
 
     async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
-        rows = await self._pool.fetch("SELECT * FROM imagegen_claim_jobs($1, $2, $3)", owner, limit, lease_seconds)
+        rows = await self._pool.fetch(self._sql["claim_jobs"], owner, limit, lease_seconds)
         jobs = [job_from_row(r) for r in rows]
         for job in jobs:
             self._committed(job, _event_of(job, EventType.ATTEMPT_STARTED, None))
@@ -639,9 +614,7 @@ class JobStore:
     async def expire_due(self, limit: int) -> list[Job]:
         """Ends up to `limit` jobs that never started and are past their start deadline (EXPIRED, reservation
         released); safe on every replica at once (SKIP LOCKED)."""
-        rows = await self._pool.fetch(
-            "SELECT (e.job).*, e.released AS reserved_before FROM imagegen_expire_jobs($1) e", limit
-        )
+        rows = await self._pool.fetch(self._sql["expire_jobs"], limit)
         jobs = [job_from_row(row) for row in rows]
         for job, row in zip(jobs, rows, strict=True):
             self._committed_change(job, row, EventType.EXPIRED, job.error_message)

@@ -6,7 +6,7 @@
 -- tests/unit/test_queries.py checks that every name the code looks up is here and that every query here is used.
 --
 -- The SQL functions these call (imagegen_*) and the tables are in supabase/schema.sql, generated from the
--- migrations. store.py's writes (create, advance, claim, expire) still hold their own SQL for now.
+-- migrations.
 
 
 -- Jobs, templates and credits (job_service/store.py) ------------------------------------------------------------
@@ -390,3 +390,65 @@ SELECT status, count(*) AS jobs,
        count(*) FILTER (WHERE next_attempt_at <= now()) AS due,
        coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest
 FROM generation_jobs WHERE status IN ('pending', 'generating') GROUP BY status
+
+
+-- Job state changes (job_service/store.py): each one call of a SQL function, one transaction --------------------
+
+-- name: create_job
+-- One CreateJob (imagegen_create_job_v5, its 20 parameters in order): the job as created, whether this call made
+-- it, the columns its claim changed (NULL when it did not claim), and the events it committed as arrays.
+SELECT (r.job).*, r.created,
+       (r.claimed).status AS claimed_status, (r.claimed).attempt AS claimed_attempt,
+       (r.claimed).lease_owner AS claimed_by, (r.claimed).started_at AS claimed_started_at,
+       (r.claimed).last_event_seq AS claimed_seq,
+       e.seqs, e.types, e.statuses, e.attempts, e.ats, e.messages
+FROM imagegen_create_job_v5($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
+                            $15, $16, $17, $18, $19, $20) r
+CROSS JOIN LATERAL (
+    SELECT array_agg(seq ORDER BY seq) AS seqs, array_agg(type ORDER BY seq) AS types,
+           array_agg(status ORDER BY seq) AS statuses, array_agg(attempt ORDER BY seq) AS attempts,
+           array_agg(at ORDER BY seq) AS ats,
+           array_agg(coalesce(detail ->> 'message', '') ORDER BY seq) AS messages
+    FROM unnest(r.events)) e
+
+-- name: create_jobs
+-- A batch of creates ($1: a JSON array of create_job's parameters by name; imagegen_create_jobs_v3), each in a
+-- subtransaction of its own: a row per create, as create_job answers it, with its position (idx) and, when the
+-- create rules refused it, the SQLSTATE, message and detail instead of a job.
+SELECT r.idx, (r.job).*, r.created,
+       (r.claimed).status AS claimed_status, (r.claimed).attempt AS claimed_attempt,
+       (r.claimed).lease_owner AS claimed_by, (r.claimed).started_at AS claimed_started_at,
+       (r.claimed).last_event_seq AS claimed_seq,
+       e.seqs, e.types, e.statuses, e.attempts, e.ats, e.messages,
+       r.error_code, r.error_message, r.error_detail
+FROM imagegen_create_jobs_v3($1) r
+CROSS JOIN LATERAL (
+    SELECT array_agg(seq ORDER BY seq) AS seqs, array_agg(type ORDER BY seq) AS types,
+           array_agg(status ORDER BY seq) AS statuses, array_agg(attempt ORDER BY seq) AS attempts,
+           array_agg(at ORDER BY seq) AS ats,
+           array_agg(coalesce(detail ->> 'message', '') ORDER BY seq) AS messages
+    FROM unnest(r.events)) e
+
+-- name: advance
+-- One fenced change of a job ($1; imagegen_advance's parameters by name), and the credits the job held before it
+-- (reserved_before: what a change that ends the job released). A row of NULLs when the fence refused it.
+SELECT a.*, (SELECT g.credits_reserved FROM generation_jobs g WHERE g.id = $1) AS reserved_before
+FROM imagegen_advance(
+    p_id => $1, p_attempt => $2, p_from => $3, p_event => $4, p_to => $5, p_message => $6,
+    p_error_code => $7, p_image => $8, p_filtered => $9, p_filtered_reasons => $10,
+    p_retry_delay => $11, p_cancel_requested => $12, p_count_failure => $13,
+    p_only_if_lease_expired => $14) a
+
+-- name: advance_batch
+-- Fenced changes of a job ($1) at attempt $2 from states $3, in order in one transaction ($4: a JSON array): the
+-- job after each one applied, up to the first the fence refused; reserved_before as for advance.
+SELECT b.*, (SELECT g.credits_reserved FROM generation_jobs g WHERE g.id = $1) AS reserved_before
+FROM imagegen_advance_batch($1, $2, $3, $4) b
+
+-- name: claim_jobs
+-- Claims up to $2 due jobs for owner $1 with a lease of $3 seconds (SKIP LOCKED, in dispatch order).
+SELECT * FROM imagegen_claim_jobs($1, $2, $3)
+
+-- name: expire_jobs
+-- Ends up to $1 jobs past their start deadline that never started; reserved_before: the credits each released.
+SELECT (e.job).*, e.released AS reserved_before FROM imagegen_expire_jobs($1) e
