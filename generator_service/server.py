@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,7 @@ from generator_service.storage.base import Storage
 from generator_service.storage.local import LocalStorage
 from generator_service.storage.supabase import SupabaseStorage
 from imagegen_common.grpc_server import RunningServer, TlsFiles, start_server
-from imagegen_common.lifecycle import run_until_signalled
+from imagegen_common.lifecycle import on_close, run_until_signalled
 from imagegen_common.metrics import MetricsServer, RpcMetrics
 from imagegen_common.rpc_observability import ServerObservability
 from imagegen_common.transport import check_listener, is_loopback_host
@@ -138,32 +138,25 @@ def build_supabase_storage(settings: GeneratorSettings) -> SupabaseStorage:
 class GeneratorApp:
     settings: GeneratorSettings
     running: RunningServer
-    closers: list[Any] = field(default_factory=list)
     registry: CollectorRegistry | None = None
     metrics: MetricsServer | None = None
     servicer: GeneratorServicer | None = None
+    # What start opened, in order: unwinding it is the stop (see start).
+    opened: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
 
     @property
     def port(self) -> int:
         return self.running.port
 
     async def stop(self) -> None:
-        log.info("shutting down", grace_seconds=self.settings.shutdown_grace_seconds)
-        if self.servicer is not None:
-            self.servicer.drain()
-        await self.running.stop(self.settings.shutdown_grace_seconds)
-        await close_all(self.closers)
+        await self.opened.aclose()
 
 
-async def close_all(closers: list[Any]) -> None:
-    """Calls each closer (sync or async), the last built first; one that fails does not keep the rest open."""
-    for close in reversed(closers):
-        try:
-            result = close()
-            if asyncio.iscoroutine(result):
-                await result
-        except Exception:
-            log.exception("closing failed", closer=getattr(close, "__qualname__", repr(close)))
+async def stop_serving(settings: GeneratorSettings, running: RunningServer, servicer: GeneratorServicer) -> None:
+    """Refuses new attempts, then lets the streams in flight finish within the grace."""
+    log.info("shutting down", grace_seconds=settings.shutdown_grace_seconds)
+    servicer.drain()
+    await running.stop(settings.shutdown_grace_seconds)
 
 
 def check_callers_authenticated(settings: GeneratorSettings) -> None:
@@ -186,53 +179,60 @@ def check_callers_authenticated(settings: GeneratorSettings) -> None:
 
 
 async def start(settings: GeneratorSettings) -> GeneratorApp:
-    """Builds and starts everything. If a step fails (a port in use, unreadable TLS files...), what was
-    already built (storage HTTP server, storage, providers, gRPC server) is closed before the error
-    propagates, so a failed start leaves no thread, port or client behind."""
-    closers: list[Any] = []
+    """Builds and starts everything. Each part is registered on one exit stack as soon as it is open, so that
+    unwinding the stack is the stop, in reverse: stop serving (drain the streams within the grace), then the
+    providers, the storage, the storage HTTP server and the metrics listener. If a step fails (a port in use,
+    unreadable TLS files, a bucket that does not match...), the stack is unwound before the error propagates,
+    so a failed start leaves no thread, port or client behind."""
+    tls_configured = bool(settings.tls_cert and settings.tls_key)
     try:
-        return await _start(settings, closers)
+        check_listener(settings.host, tls_configured, settings.allow_plaintext, "GEN_ALLOW_PLAINTEXT")
+        check_callers_authenticated(settings)
+        async with contextlib.AsyncExitStack() as opened:
+            app = await _start(settings, opened)
+            app.opened = opened.pop_all()
+            return app
     except ConfigurationError as error:
         log.error("refusing to start", reason=str(error))
-        await close_all(closers)
-        raise
-    except BaseException:
-        await close_all(closers)
         raise
 
 
-async def _start(settings: GeneratorSettings, closers: list[Any]) -> GeneratorApp:
-    """`closers` receives a closer for each part as soon as it is built."""
-    tls_configured = bool(settings.tls_cert and settings.tls_key)
-    check_listener(settings.host, tls_configured, settings.allow_plaintext, "GEN_ALLOW_PLAINTEXT")
-    check_callers_authenticated(settings)
-    # One registry per app: several apps (tests) can live in one process.
-    registry = CollectorRegistry()
-    rpc_metrics = RpcMetrics.create(registry)
-    metrics = GeneratorMetrics(registry)
+async def open_storage(
+    settings: GeneratorSettings, metrics: GeneratorMetrics, opened: contextlib.AsyncExitStack
+) -> Storage:
+    """The configured storage (and, for local storage, the HTTP server of its images), its bucket checked."""
     storage: Storage
     if settings.storage_backend == "local":
         http = local_storage_server(settings)
         http.start()
-        closers.append(http.stop)
+        on_close(opened, http.stop)
         base = settings.storage_public_base_url or f"http://{settings.storage_http_host}:{http.port}"
         storage = LocalStorage(settings.storage_dir, settings.storage_bucket, base, settings.storage_prefix)
+        on_close(opened, storage.aclose)
     else:
         supabase = build_supabase_storage(settings)
-        try:
-            await supabase.check_bucket()
-        except BaseException:
-            await supabase.aclose()
-            raise
+        on_close(opened, supabase.aclose)
+        await supabase.check_bucket()
         storage = supabase
-    storage = MeteredStorage(storage, settings.storage_backend, metrics)
-    closers.append(storage.aclose)
+    return MeteredStorage(storage, settings.storage_backend, metrics)
 
-    providers: dict[str, Provider] = {
-        name: MeteredProvider(provider, metrics) for name, provider in build_providers(settings).items()
-    }
-    for provider in providers.values():
-        closers.append(provider.aclose)
+
+async def _start(settings: GeneratorSettings, opened: contextlib.AsyncExitStack) -> GeneratorApp:
+    # One registry per app: several apps (tests) can live in one process.
+    registry = CollectorRegistry()
+    rpc_metrics = RpcMetrics.create(registry)
+    metrics = GeneratorMetrics(registry)
+    # First up and last down, so a scrape sees the drain.
+    metrics_server = None
+    if settings.metrics_port:
+        metrics_server = await MetricsServer(registry, settings.metrics_host, settings.metrics_port).start()
+        on_close(opened, metrics_server.stop)
+        log.info("metrics serving", url=f"http://{settings.metrics_host}:{metrics_server.port}/metrics")
+    storage = await open_storage(settings, metrics, opened)
+    providers: dict[str, Provider] = {}
+    for name, provider in build_providers(settings).items():
+        providers[name] = MeteredProvider(provider, metrics)
+        on_close(opened, providers[name].aclose)
     models: dict[str, ModelSpec] = served_models(settings.models, providers, settings.vertex_location)
     generator = Generator(models, providers, storage)
     load_image_formats()
@@ -258,20 +258,9 @@ async def _start(settings: GeneratorSettings, closers: list[Any]) -> GeneratorAp
         interceptors=interceptors,
         options=[("grpc.max_receive_message_length", settings.max_request_mb * 1024 * 1024)],
     )
+    on_close(opened, lambda: stop_serving(settings, running, servicer))
     log.info("generator serving", port=running.port, models=sorted(models), storage=settings.storage_backend)
-    metrics_server = None
-    if settings.metrics_port:
-        metrics_server = MetricsServer(registry, settings.metrics_host, settings.metrics_port)
-        try:
-            await metrics_server.start()
-        except BaseException:
-            # GeneratorApp.stop stops the gRPC server apart from the closers, so a failure past this point
-            # must stop it here (start closes the rest).
-            await running.stop(0)
-            raise
-        closers.insert(0, metrics_server.stop)
-        log.info("metrics serving", url=f"http://{settings.metrics_host}:{metrics_server.port}/metrics")
-    return GeneratorApp(settings, running, closers, registry, metrics_server, servicer)
+    return GeneratorApp(settings, running, registry, metrics_server, servicer)
 
 
 async def serve(settings: GeneratorSettings) -> None:

@@ -1,6 +1,8 @@
 """Errors that domain code raises; the servicer layer turns them into rich gRPC statuses.
 
-Domain and store modules import nothing from grpc, so they say *what kind* of failure it is
+Every error the services raise on purpose is an ImagegenError: a ServiceError (what a caller should see), a
+DatabaseUnavailable (the database is away: retry), or JobService's GenerationFailure (an attempt that did not
+complete). Domain and store modules import nothing from grpc, so they say *what kind* of failure it is
 (`ErrorKind`, named after the gRPC code it becomes) and *why* (an UPPER_SNAKE reason).
 """
 
@@ -24,6 +26,14 @@ class ErrorKind(StrEnum):
     INTERNAL = "INTERNAL"
 
 
+class ImagegenError(Exception):
+    """The root of the services' own errors; imagegen_common.grpc_errors.service_error maps it to a status."""
+
+
+class DatabaseUnavailable(ImagegenError):
+    """The database could not be reached, or a connection to it broke: a retry later may succeed."""
+
+
 @dataclass
 class FieldViolation:
     field: str
@@ -31,7 +41,7 @@ class FieldViolation:
 
 
 @dataclass
-class ServiceError(Exception):
+class ServiceError(ImagegenError):
     """A failure the caller should see, with a stable reason."""
 
     kind: ErrorKind

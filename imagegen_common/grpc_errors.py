@@ -1,4 +1,5 @@
-"""The one place where ServiceError becomes a gRPC status (google.rpc.Status with ErrorInfo and details)."""
+"""The one place where the services' errors (ImagegenError) become gRPC statuses (google.rpc.Status with ErrorInfo
+and details)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from imagegen_common.bounds import clip
-from imagegen_common.errors import ErrorKind, FieldViolation, ServiceError
+from imagegen_common.errors import DatabaseUnavailable, ErrorKind, FieldViolation, ServiceError
 
 log = structlog.get_logger(__name__)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-Transient = tuple[type[BaseException], ...]
+DatabaseErrors = tuple[type[BaseException], ...]
 
 
 # What a status may hold. Its message travels as grpc-message and its details as grpc-status-details-bin
@@ -111,33 +112,44 @@ def from_status_proto(code: str, status: status_pb2.Status, default_reason: str 
     return ServiceError(kind, reason, status.message, violations, metadata, retry_after)
 
 
-def service_error(exc: BaseException, transient: Transient = ()) -> ServiceError:
-    """What a handler's exception tells its caller: itself if a ServiceError, else a stable, logged stand-in."""
+def service_error(exc: BaseException) -> ServiceError:
+    """What a handler's exception tells its caller: a ServiceError as it is; DatabaseUnavailable as UNAVAILABLE,
+    which tells clients to retry; anything else (a GenerationFailure that got this far, a bug) as INTERNAL with a
+    stable reason, logged."""
     if isinstance(exc, ServiceError):
         return exc
-    if transient and isinstance(exc, transient):
-        # A dependency is down (e.g. the database): UNAVAILABLE is what tells clients to retry.
-        log.warning("dependency unavailable", error=str(exc) or type(exc).__name__)
+    if isinstance(exc, DatabaseUnavailable):
+        log.warning("dependency unavailable", error=str(exc))
         return ServiceError(ErrorKind.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE", "a dependency is unavailable; retry")
     # Never a traceback to the caller: log it here, answer INTERNAL with a stable reason.
     log.exception("unhandled error in RPC handler", exc_info=exc)
     return ServiceError(ErrorKind.INTERNAL, "INTERNAL", "internal error; see the server log")
 
 
+def rooted(exc: Exception, database_errors: DatabaseErrors) -> Exception:
+    """`exc`, or the DatabaseUnavailable it stands for when it is one of the database driver's connection errors
+    (which reach the handler as they are), with `exc` as its cause."""
+    if not database_errors or not isinstance(exc, database_errors):
+        return exc
+    unavailable = DatabaseUnavailable(str(exc) or type(exc).__name__)
+    unavailable.__cause__ = exc
+    return unavailable
+
+
 async def _abort(
-    context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, domain: str, transient: Transient
+    context: grpc.aio.ServicerContext[Any, Any], exc: Exception, domain: str, database_errors: DatabaseErrors
 ) -> None:
-    status = to_grpc_status(service_error(exc, transient), domain)
+    status = to_grpc_status(service_error(rooted(exc, database_errors)), domain)
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 def unary_errors(
     domain: str,
-    transient: Transient = (),
+    database_errors: DatabaseErrors = (),
 ) -> Callable[[Callable[[Any, Req, Any], Awaitable[Resp]]], Callable[[Any, Req, Any], Awaitable[Resp]]]:
-    """Decorates a unary servicer method so every ServiceError it raises becomes a rich status.
+    """Decorates a unary servicer method so every error it raises becomes a rich status (see service_error).
 
-    Exceptions of the `transient` types (a dependency that is down) become UNAVAILABLE, anything else INTERNAL.
+    Exceptions of the `database_errors` types (the driver's connection errors) are DatabaseUnavailable.
     """
 
     def decorate(
@@ -150,7 +162,7 @@ def unary_errors(
             except Exception as exc:
                 if isinstance(exc, grpc.aio.AbortError):
                     raise
-                await _abort(context, exc, domain, transient)
+                await _abort(context, exc, domain, database_errors)
                 raise  # unreachable: abort raises
 
         return wrapper
@@ -160,7 +172,7 @@ def unary_errors(
 
 def stream_errors(
     domain: str,
-    transient: Transient = (),
+    database_errors: DatabaseErrors = (),
 ) -> Callable[[Callable[[Any, Req, Any], AsyncIterator[Resp]]], Callable[[Any, Req, Any], AsyncIterator[Resp]]]:
     """Decorates a server-streaming servicer method the same way as `unary_errors`."""
 
@@ -177,7 +189,7 @@ def stream_errors(
             except Exception as exc:
                 if isinstance(exc, grpc.aio.AbortError):
                     raise
-                await _abort(context, exc, domain, transient)
+                await _abort(context, exc, domain, database_errors)
 
         return wrapper
 

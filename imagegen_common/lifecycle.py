@@ -1,14 +1,40 @@
-"""How both services run in the foreground: until SIGTERM or SIGINT, then their own graceful stop."""
+"""How both services start, run and stop: one exit stack of what they opened; run until SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import inspect
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import structlog
+
 from imagegen_common.loop_lag import LoopLagMonitor
+
+log = structlog.get_logger(__name__)
+
+Closer = Callable[[], Awaitable[None] | None]
+
+
+def on_close(stack: contextlib.AsyncExitStack, close: Closer) -> None:
+    """Has `close` (sync or async) run when `stack` unwinds, the last registered first.
+
+    A closer that fails is logged, not raised: it must not keep the rest open, nor hide the error that a failed
+    start is unwinding for.
+    """
+
+    async def closing() -> None:
+        try:
+            result = close()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("closing failed", closer=getattr(close, "__qualname__", repr(close)))
+
+    stack.push_async_callback(closing)
 
 
 async def run_until_signalled(stop_app: Callable[[], Awaitable[None]], loop_lag_file: Path | None) -> None:

@@ -14,7 +14,6 @@ ran out (and whose row another took, or a new request replaced) changes nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -23,8 +22,8 @@ import asyncpg
 import structlog
 
 from job_service.dispatcher import retry_delay
+from job_service.periodic import PeriodicTask
 from job_service.queries import queries
-from job_service.store import CONNECTION_ERRORS
 
 log = structlog.get_logger(__name__)
 
@@ -115,43 +114,26 @@ class Sweeper:
         self._deleter = deleter
         self._config = config
         self._observer = observer
-        self._stopping = False
-        self._wake = asyncio.Event()
-        self._loop_task: asyncio.Task[None] | None = None
+        # After a failed sweep, the next waits the interval as any other.
+        self._loop = PeriodicTask(
+            "storage-sweeper", "storage sweep", self._round, after_failure=lambda _: config.interval_seconds
+        )
 
     def start(self) -> None:
-        self._loop_task = asyncio.create_task(self._loop(), name="storage-sweeper")
+        self._loop.start()
 
     def wake(self) -> None:
         """Sweeps now instead of at the next interval (tests, an operator's nudge)."""
-        self._wake.set()
+        self._loop.wake()
 
     async def stop(self, patience_seconds: float = 10.0) -> None:
         """Lets a sweep under way finish within `patience_seconds`, then stops; rows it leaves are retaken later."""
-        self._stopping = True
-        self._wake.set()
-        if self._loop_task is None:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._loop_task), timeout=patience_seconds)
-        self._loop_task.cancel()
-        await asyncio.gather(self._loop_task, return_exceptions=True)
+        await self._loop.stop(patience_seconds)
 
-    async def _loop(self) -> None:
-        while not self._stopping:
-            self._wake.clear()
-            try:
-                taken = await self.sweep_once()
-            except CONNECTION_ERRORS as exc:
-                log.warning("storage sweep failed; will retry", error=str(exc) or type(exc).__name__)
-                taken = 0
-            except Exception:
-                log.exception("storage sweep failed unexpectedly; will retry")
-                taken = 0
-            if taken >= self._config.batch_size:
-                continue  # a full batch: more may be due right now
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._config.interval_seconds)
+    async def _round(self) -> float:
+        taken = await self.sweep_once()
+        # A full batch: more may be due right now.
+        return 0.0 if taken >= self._config.batch_size else self._config.interval_seconds
 
     async def sweep_once(self) -> int:
         """Takes one batch of due rows and sweeps them (concurrently); how many were taken."""

@@ -538,7 +538,7 @@ class Dispatcher:
                 raise
             except Exception:
                 log.exception("attempt crashed", job_id=job.id)
-                failure = GenerationFailure("INTERNAL", "internal error in JobService", True)
+                failure = GenerationFailure("INTERNAL", "internal error in JobService", retryable=True)
             finally:
                 self._streaming.discard(job.id)
             # A cancel beats a retry: the user asked for the job to end.
@@ -646,7 +646,7 @@ class Dispatcher:
         if isinstance(end, BaseException):
             raise end
         if end is _ENDED:
-            raise GenerationFailure("STREAM_ENDED", "the generator ended the stream without completing", True)
+            raise GenerationFailure("STREAM_ENDED", "the generator ended the stream without completing", retryable=True)
         return False
 
     async def _after_failure(self, job: Job, failure: GenerationFailure) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime
 from enum import StrEnum
+
+from imagegen_common.errors import ImagegenError
 
 
 class JobStatus(StrEnum):
@@ -289,7 +291,7 @@ GenerationEvent = GenerationStarted | ImageStored | GenerationDone
 
 
 @dataclass
-class GenerationFailure(Exception):
+class GenerationFailure(ImagegenError):
     """An attempt that did not complete.
 
     `retryable`: another attempt may succeed. `counts`: it uses up one of the job's attempts (a
@@ -298,6 +300,7 @@ class GenerationFailure(Exception):
 
     reason: str
     message: str
+    _: KW_ONLY
     retryable: bool
     counts: bool = True
     retry_after: float | None = None

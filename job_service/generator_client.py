@@ -172,7 +172,7 @@ class GeneratorClient:
         for ref in refs:
             if ref.sha256 and ref.sha256 not in blobs:
                 raise GenerationFailure(
-                    "INPUT_IMAGE_MISSING", f"input image {ref.sha256} of job {job.id} is not stored", False
+                    "INPUT_IMAGE_MISSING", f"input image {ref.sha256} of job {job.id} is not stored", retryable=False
                 )
             if ref.sha256:
                 images.append(pb.InputImage(data=blobs[ref.sha256], mime_type=ref.mime_type))
@@ -222,7 +222,7 @@ class GeneratorClient:
                 except TimeoutError:
                     code = "DEADLINE_EXCEEDED"
                     message = f"no answer within {self._timeout:g} s"
-                    raise GenerationFailure("DEADLINE_EXCEEDED", message, True) from None
+                    raise GenerationFailure("DEADLINE_EXCEEDED", message, retryable=True) from None
                 if isinstance(item, GenerationFailure):  # the stream broke or ended under the attempt
                     code, ended = "UNAVAILABLE", True
                     raise item
@@ -281,7 +281,9 @@ class GeneratorClient:
         self, stream: _Stream, call: grpc.aio.StreamStreamCall[pb.GenerateManyRequest, pb.GenerateManyResponse]
     ) -> None:
         """Hands each answer to its attempt; when the stream ends, every attempt still on it fails, uncounted."""
-        failure = GenerationFailure("GENERATOR_UNAVAILABLE", "the generator ended the stream", True, counts=False)
+        failure = GenerationFailure(
+            "GENERATOR_UNAVAILABLE", "the generator ended the stream", retryable=True, counts=False
+        )
         try:
             async for response in call:
                 inbox = stream.inboxes.get((response.job_id, response.attempt))
@@ -290,7 +292,7 @@ class GeneratorClient:
         except grpc.aio.AioRpcError as error:
             failure = _failure(error)
             if failure.counts:  # no attempt is to blame for a whole stream's failure
-                failure = GenerationFailure("GENERATOR_UNAVAILABLE", failure.message, True, counts=False)
+                failure = GenerationFailure("GENERATOR_UNAVAILABLE", failure.message, retryable=True, counts=False)
         finally:
             stream.accepting = False
             self._streams.remove(stream)
@@ -387,9 +389,11 @@ def _classified(code: grpc.StatusCode, detail: ServiceError) -> GenerationFailur
     stated = detail.metadata.get("retryable")
     if detail.reason == "DRAINING":
         # The generator is shutting down and refused to start the attempt: like one that is down, not the job's fault.
-        return GenerationFailure("GENERATOR_UNAVAILABLE", detail.message, True, counts=False)
+        return GenerationFailure("GENERATOR_UNAVAILABLE", detail.message, retryable=True, counts=False)
     if stated is not None:
-        return GenerationFailure(detail.reason, detail.message, stated == "true", True, detail.retry_after)
+        return GenerationFailure(
+            detail.reason, detail.message, retryable=stated == "true", counts=True, retry_after=detail.retry_after
+        )
     # No ErrorInfo: the generator never answered (down, unreachable, overloaded) or went away mid-call
     # (killed: UNAVAILABLE; shut down past its grace: UNAVAILABLE or CANCELLED, as our own cancels
     # never get here). Wait for it.
@@ -398,7 +402,7 @@ def _classified(code: grpc.StatusCode, detail: ServiceError) -> GenerationFailur
     return GenerationFailure(
         "GENERATOR_UNAVAILABLE" if unreachable else detail.reason,
         detail.message or code.name,
-        retryable,
+        retryable=retryable,
         counts=not unreachable,
         retry_after=detail.retry_after,
     )

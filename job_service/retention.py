@@ -20,8 +20,6 @@ and each job is queued and deleted by one of them; a replica that dies mid-step 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -29,8 +27,8 @@ from typing import Protocol
 import asyncpg
 import structlog
 
+from job_service.periodic import PeriodicTask
 from job_service.queries import queries
-from job_service.store import CONNECTION_ERRORS
 
 log = structlog.get_logger(__name__)
 
@@ -124,41 +122,24 @@ class RetentionSweeper:
         self._observer = observer
         # Told when objects were queued: the storage sweeper is woken instead of waiting for its interval.
         self._queued = queued
-        self._stopping = False
-        self._wake = asyncio.Event()
-        self._loop_task: asyncio.Task[None] | None = None
+        # After a failed pass, the next waits the interval as any other.
+        self._loop = PeriodicTask(
+            "retention-sweeper", "retention pass", self._round, after_failure=lambda _: config.interval_seconds
+        )
 
     def start(self) -> None:
-        self._loop_task = asyncio.create_task(self._loop(), name="retention-sweeper")
+        self._loop.start()
 
     def wake(self) -> None:
-        self._wake.set()
+        self._loop.wake()
 
     async def stop(self, patience_seconds: float = 10.0) -> None:
         """Lets a pass under way finish within `patience_seconds` (a cancelled one is rolled back), then stops."""
-        self._stopping = True
-        self._wake.set()
-        if self._loop_task is None:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._loop_task), timeout=patience_seconds)
-        self._loop_task.cancel()
-        await asyncio.gather(self._loop_task, return_exceptions=True)
+        await self._loop.stop(patience_seconds)
 
-    async def _loop(self) -> None:
-        while not self._stopping:
-            self._wake.clear()
-            full = False
-            try:
-                full = (await self.pass_once()).full
-            except CONNECTION_ERRORS as exc:
-                log.warning("retention pass failed; will retry", error=str(exc) or type(exc).__name__)
-            except Exception:
-                log.exception("retention pass failed unexpectedly; will retry")
-            if full and not self._stopping:
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._config.interval_seconds)
+    async def _round(self) -> float:
+        # A step took a full batch: more may be due right now.
+        return 0.0 if (await self.pass_once()).full else self._config.interval_seconds
 
     async def pass_once(self) -> PassResult:
         """One bounded pass: each of its five steps takes at most `batch_size` jobs (or input images)."""

@@ -8,7 +8,7 @@ import os
 import secrets
 import socket
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 import httpx
@@ -21,8 +21,8 @@ from prometheus_client import CollectorRegistry
 from imagegen_common.dev_tokens import DEV_JWT_SECRET
 from imagegen_common.embedded_postgres import EmbeddedPostgres
 from imagegen_common.grpc_server import RunningServer, TlsFiles, start_server
-from imagegen_common.lifecycle import run_until_signalled
-from imagegen_common.metrics import MetricsServer, RpcMetrics
+from imagegen_common.lifecycle import on_close, run_until_signalled
+from imagegen_common.metrics import MetricsServer, Refresher, RpcMetrics
 from imagegen_common.migrate import migrate
 from imagegen_common.rpc_observability import OutgoingCalls, ServerObservability
 from imagegen_common.transport import check_client, check_listener, is_loopback_host, target_is_local
@@ -259,6 +259,8 @@ class JobApp:
     sweeper: Sweeper | None = None
     retention: RetentionSweeper | None = None
     webhooks: WebhookSender | None = None
+    # What start opened, in order: unwinding it is the stop (see start).
+    opened: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
 
     @property
     def port(self) -> int:
@@ -266,23 +268,23 @@ class JobApp:
 
     async def stop(self) -> None:
         """The system's `beforeunload`: NOT_SERVING, stop claiming, finish or hand back, close."""
-        grace = self.settings.shutdown_grace_seconds
-        log.info("shutting down", grace_seconds=grace, in_flight=self.dispatcher.in_flight)
-        if self.health is not None:
-            await self.health.stop(self.running)
-        else:
-            await self.running.set_serving(False)
-        sweeping = self.sweeper.stop() if self.sweeper is not None else asyncio.sleep(0)
-        retaining = self.retention.stop() if self.retention is not None else asyncio.sleep(0)
-        await asyncio.gather(self.dispatcher.drain(grace), self.running.stop(min(grace, 5.0)), sweeping, retaining)
-        if self.webhooks is not None:
-            await self.webhooks.stop()
-        await self.notifications.stop()
-        await self.generator.close()
-        await self.http.aclose()
-        await self.pool.close()
-        if self.metrics is not None:
-            await self.metrics.stop()
+        await self.opened.aclose()
+
+
+async def stop_serving(
+    settings: JobSettings,
+    running: RunningServer,
+    health: HealthReporter,
+    dispatcher: Dispatcher,
+    sweeper: Sweeper,
+    retention: RetentionSweeper,
+) -> None:
+    """NOT_SERVING, then at once: no new RPCs (those under way finish within 5 s at most), no new claims (running
+    attempts finish within the grace, the rest are handed back), the sweeps under way finish."""
+    grace = settings.shutdown_grace_seconds
+    log.info("shutting down", grace_seconds=grace, in_flight=dispatcher.in_flight)
+    await health.stop(running)
+    await asyncio.gather(dispatcher.drain(grace), running.stop(min(grace, 5.0)), sweeper.stop(), retention.stop())
 
 
 async def connect_database(settings: JobSettings, dsn: str) -> asyncpg.Pool:
@@ -342,20 +344,35 @@ async def migrate_when_reachable(dsn: str, wait_seconds: float) -> list[str]:
             delay = min(delay * 2, 5.0)
 
 
-async def start(settings: JobSettings) -> JobApp:
-    # Both before anything starts, so a refused configuration leaves nothing running.
-    check_transport(settings)
-    check_jwt_secret(settings)
-    dsn, embedded = resolve_database_url(settings)
-    pool = await connect_database(settings, dsn)
-    # One registry per app: several apps (tests) can live in one process.
-    registry = CollectorRegistry()
-    rpc_metrics = RpcMetrics.create(registry)
-    job_metrics = JobMetrics(registry)
-    fanout = EventFanout()
-    store = InstrumentedJobStore(pool, job_metrics, fanout)
-    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-    generator = GeneratorClient(
+def job_policy(settings: JobSettings, *, webhooks_on: bool) -> JobPolicy:
+    return JobPolicy(
+        default_model=settings.default_model,
+        max_prompt_chars=settings.max_prompt_chars,
+        active_jobs_per_user=settings.active_jobs_per_user,
+        max_attempts=settings.max_attempts,
+        default_price_per_image=settings.default_price_per_image,
+        model_prices=settings.model_prices,
+        new_user_credits=settings.new_user_credits,
+        anonymous_user_credits=settings.anonymous_user_credits,
+        webhooks=webhook_policy(settings) if webhooks_on else None,
+        priority_default=settings.priority_default,
+        priority_max=settings.priority_max,
+        premium_priority_default=settings.premium_priority_default,
+        premium_priority_max=settings.premium_priority_max,
+        priority_aging_seconds=settings.priority_aging_seconds,
+        create_rate_per_user=settings.create_rate_per_user,
+        create_rate_premium=settings.create_rate_premium,
+        create_rate_service_role=settings.create_rate_service_role,
+        create_rate_window_seconds=settings.create_rate_window_seconds,
+        max_input_image_bytes=settings.max_input_image_bytes,
+        max_input_image_pixels=settings.max_input_image_pixels,
+    )
+
+
+def build_generator_client(
+    settings: JobSettings, store: InstrumentedJobStore, rpc_metrics: RpcMetrics
+) -> GeneratorClient:
+    return GeneratorClient(
         settings.generator_target,
         token=settings.generator_token.get_secret_value() if settings.generator_token else None,
         tls_ca=settings.generator_tls_ca,
@@ -366,7 +383,12 @@ async def start(settings: JobSettings) -> JobApp:
         calls=OutgoingCalls(rpc_metrics),
         input_blobs=store.input_blobs,
     )
-    dispatcher = Dispatcher(
+
+
+def build_dispatcher(
+    settings: JobSettings, store: InstrumentedJobStore, generator: GeneratorClient, owner: str
+) -> Dispatcher:
+    return Dispatcher(
         store,
         generator,
         DispatcherConfig(
@@ -379,19 +401,12 @@ async def start(settings: JobSettings) -> JobApp:
             expiry_interval=settings.expiry_sweep_seconds,
         ),
     )
-    health = HealthReporter()
-    webhook_store = WebhookStore(pool)
-    webhook_metrics = WebhookMetrics(registry)
-    webhooks = build_webhook_sender(settings, webhook_store, owner, webhook_metrics)
-    notifications = JobNotifications(
-        dsn, store, writes=fanout, on_event=fanout.notified, on_connection_change=health.database_reachable
-    )
-    fanout.deliver_to(watchers=notifications, runner=dispatcher, webhooks=webhooks)
-    await notifications.start()
-    with contextlib.suppress(TimeoutError):  # if not yet, health says NOT_SERVING until it is
-        await asyncio.wait_for(notifications.connected.wait(), timeout=10.0)
-    http = httpx.AsyncClient()
-    cleanups = CleanupStore(pool)
+
+
+def build_sweepers(
+    settings: JobSettings, pool: asyncpg.Pool, cleanups: CleanupStore, generator: GeneratorClient, metrics: JobMetrics
+) -> tuple[Sweeper, RetentionSweeper, RetentionStore]:
+    """The storage sweeper, and the retention sweeper that wakes it when it queued objects (and its store)."""
     sweeper = Sweeper(
         cleanups,
         generator,
@@ -403,7 +418,7 @@ async def start(settings: JobSettings) -> JobApp:
             backoff_base_seconds=settings.cleanup_backoff_base_seconds,
             backoff_max_seconds=settings.cleanup_backoff_max_seconds,
         ),
-        job_metrics,
+        metrics,
     )
     retention_store = RetentionStore(pool)
     retention = RetentionSweeper(
@@ -414,9 +429,86 @@ async def start(settings: JobSettings) -> JobApp:
             interval_seconds=settings.retention_interval_seconds,
             batch_size=settings.retention_batch_size,
         ),
-        job_metrics,
+        metrics,
         queued=sweeper.wake,
     )
+    return sweeper, retention, retention_store
+
+
+async def start_metrics(
+    settings: JobSettings, registry: CollectorRegistry, refreshers: list[Refresher]
+) -> MetricsServer | None:
+    if not settings.metrics_port:
+        return None
+    metrics = await MetricsServer(registry, settings.metrics_host, settings.metrics_port, refreshers=refreshers).start()
+    log.info("metrics serving", url=f"http://{settings.metrics_host}:{metrics.port}/metrics")
+    return metrics
+
+
+async def start(settings: JobSettings) -> JobApp:
+    """Builds and starts every part. Each is registered on one exit stack as soon as it is open, so that
+    unwinding the stack is the stop, in reverse: stop serving and drain (while the LISTEN connection, the
+    generator and the pool are still there), then the LISTEN connection, the webhook sender, the generator
+    channel, the HTTP client, the metrics listener, the pool and the embedded database. If a step fails, the
+    stack is unwound before the error propagates: a failed start leaves no connection, task or port behind.
+    """
+    # Both before anything starts, so a refused configuration leaves nothing running.
+    check_transport(settings)
+    check_jwt_secret(settings)
+    async with contextlib.AsyncExitStack() as opened:
+        app = await _start(settings, opened)
+        app.opened = opened.pop_all()
+        return app
+
+
+async def _start(settings: JobSettings, opened: contextlib.AsyncExitStack) -> JobApp:
+    dsn, embedded = resolve_database_url(settings)
+    if embedded is not None:
+        on_close(opened, embedded.stop)
+    pool = await connect_database(settings, dsn)
+    on_close(opened, pool.close)
+    # One registry per app: several apps (tests) can live in one process.
+    registry = CollectorRegistry()
+    rpc_metrics = RpcMetrics.create(registry)
+    job_metrics = JobMetrics(registry)
+    webhook_metrics = WebhookMetrics(registry)
+    cleanups = CleanupStore(pool)
+    webhook_store = WebhookStore(pool)
+    # Up from here to the end of the stop (but for the pool), so a scrape sees the drain.
+    metrics = await start_metrics(
+        settings,
+        registry,
+        [
+            lambda: job_metrics.refresh_queue(pool),
+            lambda: job_metrics.refresh_cleanups(cleanups),
+            lambda: webhook_metrics.refresh_queue(webhook_store),
+        ],
+    )
+    if metrics is not None:
+        on_close(opened, metrics.stop)
+    http = httpx.AsyncClient()
+    on_close(opened, http.aclose)
+    fanout = EventFanout()
+    store = InstrumentedJobStore(pool, job_metrics, fanout)
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    generator = build_generator_client(settings, store, rpc_metrics)
+    on_close(opened, generator.close)
+    dispatcher = build_dispatcher(settings, store, generator, owner)
+    job_metrics.in_flight.set_function(lambda: dispatcher.in_flight)
+    health = HealthReporter()
+    webhooks = build_webhook_sender(settings, webhook_store, owner, webhook_metrics)
+    if webhooks is not None:
+        # Its HTTP client is open already; stopping it also hands back the deliveries it was sending.
+        on_close(opened, webhooks.stop)
+    notifications = JobNotifications(
+        dsn, store, writes=fanout, on_event=fanout.notified, on_connection_change=health.database_reachable
+    )
+    fanout.deliver_to(watchers=notifications, runner=dispatcher, webhooks=webhooks)
+    await notifications.start()
+    on_close(opened, notifications.stop)
+    with contextlib.suppress(TimeoutError):  # if not yet, health says NOT_SERVING until it is
+        await asyncio.wait_for(notifications.connected.wait(), timeout=10.0)
+    sweeper, retention, retention_store = build_sweepers(settings, pool, cleanups, generator, job_metrics)
 
     def deletion_queued() -> None:
         # DeleteJob queued objects (or will once its job has ended): sweep them, then remove the row, soon.
@@ -427,28 +519,7 @@ async def start(settings: JobSettings) -> JobApp:
         store,
         generator,
         notifications,
-        JobPolicy(
-            default_model=settings.default_model,
-            max_prompt_chars=settings.max_prompt_chars,
-            active_jobs_per_user=settings.active_jobs_per_user,
-            max_attempts=settings.max_attempts,
-            default_price_per_image=settings.default_price_per_image,
-            model_prices=settings.model_prices,
-            new_user_credits=settings.new_user_credits,
-            anonymous_user_credits=settings.anonymous_user_credits,
-            webhooks=webhook_policy(settings) if webhooks is not None else None,
-            priority_default=settings.priority_default,
-            priority_max=settings.priority_max,
-            premium_priority_default=settings.premium_priority_default,
-            premium_priority_max=settings.premium_priority_max,
-            priority_aging_seconds=settings.priority_aging_seconds,
-            create_rate_per_user=settings.create_rate_per_user,
-            create_rate_premium=settings.create_rate_premium,
-            create_rate_service_role=settings.create_rate_service_role,
-            create_rate_window_seconds=settings.create_rate_window_seconds,
-            max_input_image_bytes=settings.max_input_image_bytes,
-            max_input_image_pixels=settings.max_input_image_pixels,
-        ),
+        job_policy(settings, webhooks_on=webhooks is not None),
         page_tokens(settings),
         retention_store,
         dispatcher=dispatcher,
@@ -472,27 +543,14 @@ async def start(settings: JobSettings) -> JobApp:
         interceptors=[ServerObservability(rpc_metrics)],
         options=[("grpc.max_receive_message_length", settings.max_request_mb * 1024 * 1024)],
     )
+    # The first step of the stop: it stops whichever of these has started (none can fail to).
+    on_close(opened, lambda: stop_serving(settings, running, health, dispatcher, sweeper, retention))
     health.start(running)
     dispatcher.start()
     sweeper.start()
     retention.start()
     if webhooks is not None:
         webhooks.start()
-    job_metrics.in_flight.set_function(lambda: dispatcher.in_flight)
-    metrics = None
-    if settings.metrics_port:
-        metrics = MetricsServer(
-            registry,
-            settings.metrics_host,
-            settings.metrics_port,
-            refreshers=[
-                lambda: job_metrics.refresh_queue(pool),
-                lambda: job_metrics.refresh_cleanups(cleanups),
-                lambda: webhook_metrics.refresh_queue(webhook_store),
-            ],
-        )
-        await metrics.start()
-        log.info("metrics serving", url=f"http://{settings.metrics_host}:{metrics.port}/metrics")
     log.info(
         "job service serving",
         port=running.port,

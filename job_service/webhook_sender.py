@@ -27,6 +27,7 @@ import httpx
 import structlog
 
 from job_service.domain import Job
+from job_service.periodic import PeriodicTask
 from job_service.store import CONNECTION_ERRORS
 from job_service.webhook_store import Delivery, Outcome, WebhookStore
 from job_service.webhooks import (
@@ -127,29 +128,30 @@ class WebhookSender:
             # A connection made to one checked name is never reused for another name on the same address.
             limits=httpx.Limits(max_keepalive_connections=0, max_connections=max(1, config.concurrency)),
         )
-        self._wake = asyncio.Event()
         self._sending: dict[str, asyncio.Task[None]] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
+        # The claim's wait doubles after each failure in a row (up to 5 s), from the poll interval.
+        self._loop = PeriodicTask(
+            "webhook-sender",
+            "webhook claim",
+            self._claim_round,
+            after_failure=lambda failures: min(config.poll_interval * 2**failures, 5.0),
+        )
 
     @property
     def in_flight(self) -> int:
         return len(self._sending)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="webhook-sender")
+        self._loop.start()
 
     def wake(self) -> None:
         """New work may be due (an event was written or notified)."""
-        self._wake.set()
+        self._loop.wake()
 
     async def stop(self) -> None:
         """Stops claiming, abandons the sends under way (their deliveries are handed back, due at once on any
         replica) and closes the HTTP client."""
-        self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._loop.stop(patience_seconds=0)
         abandoned = list(self._sending)
         for task in list(self._sending.values()):
             task.cancel()
@@ -158,35 +160,23 @@ class WebhookSender:
             await self._store.release(self._config.owner, abandoned)
         await self._http.aclose()
 
-    async def _run(self) -> None:
-        delay = self._config.poll_interval
-        while not self._stopping:
-            self._wake.clear()
-            free = self._config.concurrency - len(self._sending)
-            claimed: list[Delivery] = []
-            try:
-                if free > 0:
-                    claimed = await self._store.claim(self._config.owner, free, self._config.lease_seconds)
-                delay = self._config.poll_interval
-            except CONNECTION_ERRORS as exc:
-                log.warning("webhook claim failed; retrying", error=str(exc) or type(exc).__name__)
-                delay = min(delay * 2, 5.0)
-            except Exception:
-                log.exception("webhook claim failed")
-                delay = min(delay * 2, 5.0)
-            for delivery in claimed:
-                task = asyncio.create_task(self._send(delivery), name=f"webhook-{delivery.id}")
-                self._sending[delivery.id] = task
-            if claimed and len(claimed) == free:
-                continue  # more may be due right now
-            wait = delay
-            if not claimed and free > 0:
-                with contextlib.suppress(Exception):
-                    due_in = await self._store.next_due_in()
-                    if due_in is not None:
-                        wait = min(wait, max(0.01, due_in))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+    async def _claim_round(self) -> float:
+        """Claims what is due, as many as there are free slots, and sends each in a task of its own; the seconds
+        until the next claim (0 when every free slot was filled: more may be due right now)."""
+        free = self._config.concurrency - len(self._sending)
+        claimed = await self._store.claim(self._config.owner, free, self._config.lease_seconds) if free > 0 else []
+        for delivery in claimed:
+            task = asyncio.create_task(self._send(delivery), name=f"webhook-{delivery.id}")
+            self._sending[delivery.id] = task
+        if claimed and len(claimed) == free:
+            return 0.0
+        wait = self._config.poll_interval
+        if not claimed and free > 0:
+            with contextlib.suppress(Exception):
+                due_in = await self._store.next_due_in()
+                if due_in is not None:
+                    wait = min(wait, max(0.01, due_in))
+        return wait
 
     async def _send(self, delivery: Delivery) -> None:
         try:

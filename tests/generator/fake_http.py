@@ -83,6 +83,11 @@ class FakeHttpServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def open_connections(self) -> int:
+        """Client connections still open (each ends when its client closes it)."""
+        return len(self._connections)
+
     async def start(self, port: int = 0, tls: ssl.SSLContext | None = None) -> FakeHttpServer:
         """Listens on `port` (0: any free one; a fixed port lets a test bring a receiver back where it was), with
         TLS when `tls` is given."""

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 
+from generator_service.config import ConfigurationError
 from generator_service.server import start
+from tests.generator.fake_supabase import FakeSupabaseStorage
 from tests.generator.helpers import eventually, settings_for
 
 
@@ -37,6 +41,11 @@ def can_bind(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def tasks_started_since(before: set[asyncio.Task[Any]]) -> list[str]:
+    current = asyncio.current_task()
+    return sorted(t.get_name() for t in asyncio.all_tasks() - before if not t.done() and t is not current)
 
 
 def storage_http_threads() -> list[threading.Thread]:
@@ -74,6 +83,50 @@ async def test_a_metrics_port_in_use_stops_the_grpc_server_and_the_storage_serve
     assert await eventually(lambda: can_bind(grpc_port))
     assert await eventually(lambda: not storage_http_threads())
     assert can_bind(storage_port)
+
+
+async def test_a_bucket_that_does_not_match_leaves_no_listener_and_no_storage_connection(
+    tmp_path: Path, supabase_storage_api: FakeSupabaseStorage
+) -> None:
+    supabase_storage_api.buckets = {"images": False}  # private, while public URLs are configured
+    before = asyncio.all_tasks()
+    metrics_port = free_port()
+    settings = settings_for(
+        tmp_path,
+        storage_backend="supabase",
+        supabase_url=supabase_storage_api.url,
+        supabase_service_key="test-service-key",
+        storage_bucket="images",
+        metrics_port=metrics_port,
+        metrics_host="127.0.0.1",
+    )
+    with pytest.raises(ConfigurationError, match="GEN_STORAGE_PUBLIC"):
+        await start(settings)
+
+    # The storage client that checked the bucket hung up, and the metrics listener (up first) is closed.
+    assert await eventually(lambda: supabase_storage_api.http.open_connections == 0)
+    assert can_bind(metrics_port)
+    assert await eventually(lambda: not tasks_started_since(before))
+
+
+async def test_unreadable_tls_files_leave_no_storage_server_and_no_listener(tmp_path: Path) -> None:
+    assert await eventually(lambda: not storage_http_threads())
+    grpc_port, storage_port, metrics_port = free_port(), free_port(), free_port()
+    settings = settings_for(
+        tmp_path,
+        port=grpc_port,
+        storage_http_port=storage_port,
+        metrics_port=metrics_port,
+        metrics_host="127.0.0.1",
+        gemini_api_key="k",
+        tls_cert=tmp_path / "missing.crt",
+        tls_key=tmp_path / "missing.key",
+    )
+    with pytest.raises(FileNotFoundError):
+        await start(settings)
+
+    assert await eventually(lambda: not storage_http_threads())
+    assert can_bind(storage_port) and can_bind(metrics_port) and can_bind(grpc_port)
 
 
 async def test_the_image_formats_are_loaded_before_the_first_job(

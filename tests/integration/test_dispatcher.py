@@ -179,7 +179,9 @@ async def balance(conn: asyncpg.Connection, user_id: str) -> int:
 async def test_permanent_failure_fails_at_once_and_releases_the_reservation(
     store: JobStore, conn: asyncpg.Connection
 ) -> None:
-    generator = ScriptedGenerator(deque([GenerationFailure("PROMPT_BLOCKED", "the prompt was blocked", False)]))
+    generator = ScriptedGenerator(
+        deque([GenerationFailure("PROMPT_BLOCKED", "the prompt was blocked", retryable=False)])
+    )
     job = await new_job(store)
     done = await run_until(store, job.id, (JobStatus.FAILED,), Dispatcher(store, generator, config()))
 
@@ -202,9 +204,9 @@ async def test_retryable_failures_retry_until_max_attempts_then_fail_with_the_la
     generator = ScriptedGenerator(
         deque(
             [
-                GenerationFailure("PROVIDER_UNAVAILABLE", "503 from the provider", True),
-                GenerationFailure("STORAGE_FAILED", "storage answered 502", True),
-                GenerationFailure("RESOURCE_EXHAUSTED", "quota exceeded", True),
+                GenerationFailure("PROVIDER_UNAVAILABLE", "503 from the provider", retryable=True),
+                GenerationFailure("STORAGE_FAILED", "storage answered 502", retryable=True),
+                GenerationFailure("RESOURCE_EXHAUSTED", "quota exceeded", retryable=True),
             ]
         )
     )
@@ -230,7 +232,9 @@ async def test_retryable_failures_retry_until_max_attempts_then_fail_with_the_la
 async def test_a_retry_is_scheduled_no_earlier_than_the_providers_retry_after(
     store: JobStore, conn: asyncpg.Connection
 ) -> None:
-    generator = ScriptedGenerator(deque([GenerationFailure("RESOURCE_EXHAUSTED", "slow down", True, True, 30.0)]))
+    generator = ScriptedGenerator(
+        deque([GenerationFailure("RESOURCE_EXHAUSTED", "slow down", retryable=True, counts=True, retry_after=30.0)])
+    )
     job = await new_job(store)
     dispatcher = Dispatcher(store, generator, config())
     dispatcher.start()
@@ -252,8 +256,8 @@ async def test_transient_failures_then_success_charges_once_for_the_images_of_th
     generator = ScriptedGenerator(
         deque(
             [
-                GenerationFailure("GENERATOR_UNAVAILABLE", "connection refused", True, counts=False),
-                GenerationFailure("PROVIDER_UNAVAILABLE", "503", True),
+                GenerationFailure("GENERATOR_UNAVAILABLE", "connection refused", retryable=True, counts=False),
+                GenerationFailure("PROVIDER_UNAVAILABLE", "503", retryable=True),
             ]
         )
     )
@@ -270,7 +274,7 @@ async def test_transient_failures_then_success_charges_once_for_the_images_of_th
 async def test_a_retry_keeps_the_images_a_failed_attempt_delivered_and_asks_only_for_the_rest(
     store: JobStore, conn: asyncpg.Connection
 ) -> None:
-    generator = ScriptedGenerator(deque([Partial(2, GenerationFailure("PROVIDER_UNAVAILABLE", "503", True))]))
+    generator = ScriptedGenerator(deque([Partial(2, GenerationFailure("PROVIDER_UNAVAILABLE", "503", retryable=True))]))
     job = await new_job(store, sample_count=4)
     done = await run_until(store, job.id, (JobStatus.COMPLETED,), Dispatcher(store, generator, config()))
 
@@ -354,7 +358,9 @@ async def test_a_cancel_while_generating_charges_the_images_stored_before_it_and
 async def test_a_job_completed_after_a_failed_attempt_no_longer_carries_its_error(
     store: JobStore, conn: asyncpg.Connection
 ) -> None:
-    generator = ScriptedGenerator(deque([GenerationFailure("PROVIDER_UNAVAILABLE", "503 from the provider", True)]))
+    generator = ScriptedGenerator(
+        deque([GenerationFailure("PROVIDER_UNAVAILABLE", "503 from the provider", retryable=True)])
+    )
     job = await new_job(store, sample_count=1)
     done = await run_until(store, job.id, (JobStatus.COMPLETED,), Dispatcher(store, generator, config()))
 
@@ -488,7 +494,7 @@ async def test_a_cancel_requested_before_a_failed_attempt_ends_the_job_instead_o
         async def generate(self, job: Job) -> AsyncGenerator[GenerationEvent, None]:
             yield GenerationStarted("scripted")
             await gate.wait()
-            raise GenerationFailure("PROVIDER_UNAVAILABLE", "503", True)
+            raise GenerationFailure("PROVIDER_UNAVAILABLE", "503", retryable=True)
 
     job = await new_job(store)
     # No NOTIFY reaches this dispatcher, so the cancel meets the attempt only when it has failed.
