@@ -19,14 +19,14 @@ from typing import Literal, Protocol
 import structlog
 
 from job_service.domain import (
-    EventType,
-    GenerationDone,
+    GenerationCompleted,
     GenerationEvent,
     GenerationFailure,
     GenerationStarted,
     ImageStored,
     Job,
-    JobStatus,
+    JobEventType,
+    JobState,
 )
 from job_service.failure_messages import logged_detail, user_message
 from job_service.mailbox import Mailbox
@@ -35,7 +35,7 @@ from job_service.store import CONNECTION_ERRORS, ClaimAtCreate
 
 log = structlog.get_logger(__name__)
 
-GENERATING = (JobStatus.GENERATING,)
+GENERATING = (JobState.GENERATING,)
 # The most one claim takes while a backlog makes every claim full (each claimed job is one row update, one event
 # and one NOTIFY in the claim's transaction).
 MAX_CLAIM_BATCH = 512
@@ -62,12 +62,12 @@ class DispatcherStore(Protocol):
         change: StateChange,
         *,
         attempt: int | None,
-        from_states: Sequence[JobStatus],
+        from_states: Sequence[JobState],
         only_if_lease_expired: bool = False,
     ) -> Job | None: ...
 
     async def advance_batch(
-        self, job_id: str, changes: Sequence[StateChange], *, attempt: int, from_states: Sequence[JobStatus]
+        self, job_id: str, changes: Sequence[StateChange], *, attempt: int, from_states: Sequence[JobState]
     ) -> list[Job]: ...
 
     async def renew_leases(
@@ -170,7 +170,7 @@ async def _read_stream(events: AsyncIterator[GenerationEvent], queue: Mailbox[_R
     try:
         async for event in events:
             queue.put(event)
-            if isinstance(event, GenerationDone):
+            if isinstance(event, GenerationCompleted):
                 return
         queue.put(_ENDED)
     except Exception as exc:  # raised by the writer once everything before it is written
@@ -252,17 +252,17 @@ class Dispatcher:
         if not self._slots:
             self._no_slots.set()
 
-    def on_notification(self, job_id: str, _seq: int, event: EventType | None) -> None:
+    def on_notification(self, job_id: str, _seq: int, event: JobEventType | None) -> None:
         """Called for every NOTIFY: new or returned work wakes the claimer; a cancel stops its attempt."""
         if event in (
             None,
-            EventType.CREATED,
-            EventType.RETRY_SCHEDULED,
-            EventType.HANDED_BACK,
-            EventType.LEASE_EXPIRED,
+            JobEventType.CREATED,
+            JobEventType.RETRY_SCHEDULED,
+            JobEventType.HANDED_BACK,
+            JobEventType.LEASE_EXPIRED,
         ):
             self.wake()
-        elif event is EventType.CANCEL_REQUESTED and job_id in self._running and job_id not in self._cancel_checks:
+        elif event is JobEventType.CANCEL_REQUESTED and job_id in self._running and job_id not in self._cancel_checks:
             # Any database login can NOTIFY on the channel, so a notification is only a hint: the job's row
             # says whether a cancel was really requested for the attempt this replica runs.
             check = asyncio.create_task(self._cancel_if_row_says_so(job_id), name=f"cancel-check-{job_id}")
@@ -272,13 +272,13 @@ class Dispatcher:
     def _cancel_checked(self, job_id: str, _task: asyncio.Task[None]) -> None:
         self._cancel_checks.pop(job_id, None)
 
-    def on_committed(self, job: Job, event: EventType) -> None:
+    def on_committed(self, job: Job, event: JobEventType) -> None:
         """The latest event of a job, which this process just committed, with the job's row as the write returned it.
 
         The row is the database's word, so a cancel it records stops the attempt without another read;
         anything else is handled as its notification would be.
         """
-        if event is EventType.CANCEL_REQUESTED:
+        if event is JobEventType.CANCEL_REQUESTED:
             self._cancel_if_requested_for(job)
         else:
             self.on_notification(job.id, job.last_event_seq, event)
@@ -299,7 +299,7 @@ class Dispatcher:
         if (
             entry is not None
             and current.cancel_requested
-            and current.status is JobStatus.GENERATING
+            and current.status is JobState.GENERATING
             and current.attempt == entry[0].attempt
         ):
             self.cancel(current.id, "user")
@@ -491,7 +491,7 @@ class Dispatcher:
             try:
                 if retrying and images:
                     current = await self._store.get_job(job.id)
-                    if current is None or current.attempt != job.attempt or current.status is not JobStatus.GENERATING:
+                    if current is None or current.attempt != job.attempt or current.status is not JobState.GENERATING:
                         return []
                     # One transaction: either every write of the batch landed or none did.
                     if any(stored.storage_path == images[0].storage_path for stored in current.images):
@@ -515,9 +515,9 @@ class Dispatcher:
 
     async def _cancel_if_requested(self, job: Job | None) -> None:
         """A job sent back to pending while a cancel was requested ends cancelled instead of running again."""
-        if job is not None and job.status is JobStatus.PENDING and job.cancel_requested:
+        if job is not None and job.status is JobState.PENDING and job.cancel_requested:
             await self._store.advance(
-                job.id, StateChange.cancelled(), attempt=job.attempt, from_states=(JobStatus.PENDING,)
+                job.id, StateChange.cancelled(), attempt=job.attempt, from_states=(JobState.PENDING,)
             )
 
     async def _run(self, job: Job) -> None:
@@ -604,7 +604,7 @@ class Dispatcher:
         never delivers more than sample_count, whatever a provider answers.
         """
         writes: list[StateChange] = []
-        done: GenerationDone | None = None
+        done: GenerationCompleted | None = None
         end: _Read = _NOTHING
         for item in batch:
             if isinstance(item, GenerationStarted):
@@ -620,7 +620,7 @@ class Dispatcher:
                     continue
                 owed.left -= 1
                 writes.append(StateChange.image_stored(item.image))
-            elif isinstance(item, GenerationDone):
+            elif isinstance(item, GenerationCompleted):
                 done = item
                 message = f"{item.delivered_count} delivered, {item.filtered_count} filtered" + (
                     f", {len(job.images)} delivered by earlier attempts" if job.images else ""

@@ -9,7 +9,7 @@ from enum import StrEnum
 from imagegen_common.errors import ImagegenError
 
 
-class JobStatus(StrEnum):
+class JobState(StrEnum):
     # The seed's lower-case values, as stored in generation_jobs.status (Realtime clients read them).
     PENDING = "pending"
     GENERATING = "generating"
@@ -21,10 +21,10 @@ class JobStatus(StrEnum):
 
     @property
     def terminal(self) -> bool:
-        return self in TERMINAL_STATUSES
+        return self in TERMINAL_STATES
 
 
-class EventType(StrEnum):
+class JobEventType(StrEnum):
     CREATED = "created"
     ATTEMPT_STARTED = "attempt_started"
     GENERATION_STARTED = "generation_started"
@@ -39,7 +39,7 @@ class EventType(StrEnum):
     EXPIRED = "expired"
 
 
-TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED})
+TERMINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED})
 
 # Priorities: 0 (lowest) to 9 (highest). The bounds are also the generation_jobs.priority CHECK constraint.
 MIN_PRIORITY = 0
@@ -164,7 +164,7 @@ class StoredImage:
 class Job:
     id: str
     user_id: str
-    status: JobStatus
+    status: JobState
     prompt: str
     model: str
     params: Params
@@ -210,8 +210,8 @@ class Job:
 class JobEvent:
     job_id: str
     seq: int
-    type: EventType
-    status: JobStatus
+    type: JobEventType
+    status: JobState
     attempt: int
     at: datetime
     message: str = ""
@@ -281,13 +281,13 @@ class ImageStored:
 
 
 @dataclass(frozen=True)
-class GenerationDone:
+class GenerationCompleted:
     delivered_count: int
     filtered_count: int
     filtered_reasons: list[str]
 
 
-GenerationEvent = GenerationStarted | ImageStored | GenerationDone
+GenerationEvent = GenerationStarted | ImageStored | GenerationCompleted
 
 
 @dataclass

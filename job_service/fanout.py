@@ -22,7 +22,7 @@ from typing import Protocol
 
 import structlog
 
-from job_service.domain import EventType, Job, JobEvent
+from job_service.domain import Job, JobEvent, JobEventType
 
 log = structlog.get_logger(__name__)
 
@@ -34,9 +34,9 @@ class Watchers(Protocol):
 class Runner(Protocol):
     """The dispatcher, as the fan-out tells it of events."""
 
-    def on_committed(self, job: Job, event: EventType) -> None: ...
+    def on_committed(self, job: Job, event: JobEventType) -> None: ...
 
-    def on_notification(self, job_id: str, seq: int, event: EventType | None) -> None: ...
+    def on_notification(self, job_id: str, seq: int, event: JobEventType | None) -> None: ...
 
 
 class Wakeable(Protocol):
@@ -103,7 +103,7 @@ class EventFanout:
         except Exception:
             log.exception("delivering a committed event failed", job_id=job.id, seq=event.seq)
 
-    def notified(self, job_id: str, seq: int, event: EventType | None) -> None:
+    def notified(self, job_id: str, seq: int, event: JobEventType | None) -> None:
         """A NOTIFY from the database (any replica's commit), or after the LISTEN connection came back ("", 0,
         None: whatever was missed)."""
         if self._runner is not None:

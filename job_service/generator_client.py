@@ -18,7 +18,7 @@ from imagegen_common.errors import ServiceError
 from imagegen_common.grpc_errors import from_grpc_error, from_status_proto
 from imagegen_common.rpc_observability import OutgoingCalls
 from job_service.domain import (
-    GenerationDone,
+    GenerationCompleted,
     GenerationEvent,
     GenerationFailure,
     GenerationStarted,
@@ -235,7 +235,7 @@ class GeneratorClient:
                 event = _event(item.event)
                 if event is None:
                     continue
-                if isinstance(event, GenerationDone):
+                if isinstance(event, GenerationCompleted):
                     code, ended = "OK", True
                 yield event
                 if ended:
@@ -371,7 +371,7 @@ def _event(response: pb.GenerateResponse) -> GenerationEvent | None:
         return ImageStored(StoredImage(s.index, s.url, s.storage_path, s.mime_type, s.width, s.height, s.size_bytes))
     if kind == "completed":
         c = response.completed
-        return GenerationDone(c.delivered_count, c.filtered_count, list(c.filtered_reasons))
+        return GenerationCompleted(c.delivered_count, c.filtered_count, list(c.filtered_reasons))
     return None
 
 

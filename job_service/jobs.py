@@ -35,7 +35,7 @@ from job_service.domain import (
     InputRef,
     Job,
     JobEvent,
-    JobStatus,
+    JobState,
     ModelInfo,
     Principal,
     Template,
@@ -441,7 +441,7 @@ class JobManager:
         return await self._owned_job(principal, job_id)
 
     async def list_jobs(
-        self, principal: Principal, *, page_size: int, page_token: str, status: JobStatus | None, user_id: str
+        self, principal: Principal, *, page_size: int, page_token: str, status: JobState | None, user_id: str
     ) -> tuple[list[Job], str]:
         owner = self._acting_user(principal, user_id)
         if page_size < 0:
@@ -502,9 +502,9 @@ class JobManager:
                     "JOB_ALREADY_FINISHED",
                     f"job {job.id} is already {job.status.value}",
                 )
-            if job.status is JobStatus.PENDING:
+            if job.status is JobState.PENDING:
                 updated = await self._store.advance(
-                    job.id, StateChange.cancelled(), attempt=None, from_states=(JobStatus.PENDING,)
+                    job.id, StateChange.cancelled(), attempt=None, from_states=(JobState.PENDING,)
                 )
             elif job.cancel_requested:
                 return job
@@ -513,7 +513,7 @@ class JobManager:
                     job.id,
                     StateChange.cancel_requested_by_user(),
                     attempt=job.attempt,
-                    from_states=(JobStatus.GENERATING,),
+                    from_states=(JobState.GENERATING,),
                 )
             if updated is not None:
                 log.info("cancel", job_id=job.id, status=updated.status.value)

@@ -15,7 +15,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from job_service.cleanup import CleanupStore
-from job_service.domain import EventType, Job, JobEvent, JobStatus
+from job_service.domain import Job, JobEvent, JobEventType, JobState
 from job_service.queries import queries
 from job_service.store import CommittedEvents, CreatedJob, JobStore
 from job_service.webhook_sender import WebhookMetricsSink
@@ -23,18 +23,18 @@ from job_service.webhook_store import WebhookStore
 
 log = structlog.get_logger("job_service.transitions")
 
-ACTIVE_STATES = (JobStatus.PENDING, JobStatus.GENERATING)
+ACTIVE_STATES = (JobState.PENDING, JobState.GENERATING)
 CREDIT_KINDS = ("reserved", "captured", "released")
-_PROGRESS_EVENTS = frozenset({EventType.GENERATION_STARTED.value, EventType.IMAGE_STORED.value})
+_PROGRESS_EVENTS = frozenset({JobEventType.GENERATION_STARTED.value, JobEventType.IMAGE_STORED.value})
 
 
 def _transition_details(job: Job, event: str) -> dict[str, Any]:
     """What an operator asks about a job at this transition, beyond the ids and the state."""
-    if event == EventType.CREATED.value:
+    if event == JobEventType.CREATED.value:
         return {"model": job.model, "images": job.params.sample_count, "reserved": job.credits_reserved}
-    if job.status is JobStatus.COMPLETED:
+    if job.status is JobState.COMPLETED:
         return {"delivered": len(job.images), "filtered": job.filtered_count, "charged": job.credits_charged}
-    if job.error_code and event in (EventType.FAILED.value, EventType.RETRY_SCHEDULED.value):
+    if job.error_code and event in (JobEventType.FAILED.value, JobEventType.RETRY_SCHEDULED.value):
         return {"reason": job.error_code}
     return {}
 
@@ -147,7 +147,7 @@ class JobMetrics:
         for state in ACTIVE_STATES:
             row = by_state.get(state.value)
             self.jobs.labels(state.value).set(row["jobs"] if row else 0)
-        pending = by_state.get(JobStatus.PENDING.value)
+        pending = by_state.get(JobState.PENDING.value)
         self.queue_depth.set(pending["due"] if pending else 0)
         self.queue_oldest_age.set(max(0.0, pending["oldest"]) if pending else 0.0)
 

@@ -23,7 +23,7 @@ from typing import Protocol
 import asyncpg
 import structlog
 
-from job_service.domain import EventType, Job, JobEvent
+from job_service.domain import Job, JobEvent, JobEventType
 from job_service.mailbox import Mailbox
 from job_service.store import NOTIFY_CHANNEL
 
@@ -89,7 +89,7 @@ class JobNotifications:
         store: EventReads,
         *,
         writes: WritesInFlight | None = None,
-        on_event: Callable[[str, int, EventType | None], None] | None = None,
+        on_event: Callable[[str, int, JobEventType | None], None] | None = None,
         on_connection_change: Callable[[bool], None] | None = None,
     ) -> None:
         self._dsn = dsn
@@ -218,7 +218,7 @@ class JobNotifications:
             seq = int(seq_text)
         except ValueError:
             return
-        event = EventType(event_text) if event_text in EventType.__members__.values() else None
+        event = JobEventType(event_text) if event_text in JobEventType.__members__.values() else None
         if self._on_event is not None:
             self._on_event(job_id, seq, event)
         feed = self._feeds.get(job_id)

@@ -18,7 +18,7 @@ from imagegen_common.grpc_errors import stream_errors, unary_errors
 from imagegen_common.rpc_observability import peer_of
 from job_service.auth import TokenVerifier
 from job_service.create_request import MAX_SAMPLE_COUNT, CreateJobInput, InputImageInput
-from job_service.domain import EventType, Job, JobEvent, JobStatus, Params, Principal, StoredImage, Template
+from job_service.domain import Job, JobEvent, JobEventType, JobState, Params, Principal, StoredImage, Template
 from job_service.input_budget import InputImageBudget
 from job_service.jobs import MAX_INPUT_IMAGES, JobManager
 from job_service.store import CONNECTION_ERRORS
@@ -29,27 +29,27 @@ from job_service.webhooks import WebhookEvent, message_id
 DOMAIN = "imagegen.job.v1"
 
 _STATE_TO_PB = {
-    JobStatus.PENDING: pb.JOB_STATE_PENDING,
-    JobStatus.GENERATING: pb.JOB_STATE_GENERATING,
-    JobStatus.COMPLETED: pb.JOB_STATE_COMPLETED,
-    JobStatus.FAILED: pb.JOB_STATE_FAILED,
-    JobStatus.CANCELLED: pb.JOB_STATE_CANCELLED,
-    JobStatus.EXPIRED: pb.JOB_STATE_EXPIRED,
+    JobState.PENDING: pb.JOB_STATE_PENDING,
+    JobState.GENERATING: pb.JOB_STATE_GENERATING,
+    JobState.COMPLETED: pb.JOB_STATE_COMPLETED,
+    JobState.FAILED: pb.JOB_STATE_FAILED,
+    JobState.CANCELLED: pb.JOB_STATE_CANCELLED,
+    JobState.EXPIRED: pb.JOB_STATE_EXPIRED,
 }
 _STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
 _EVENT_TO_PB = {
-    EventType.CREATED: pb.JOB_EVENT_TYPE_CREATED,
-    EventType.ATTEMPT_STARTED: pb.JOB_EVENT_TYPE_ATTEMPT_STARTED,
-    EventType.GENERATION_STARTED: pb.JOB_EVENT_TYPE_GENERATION_STARTED,
-    EventType.IMAGE_STORED: pb.JOB_EVENT_TYPE_IMAGE_STORED,
-    EventType.COMPLETED: pb.JOB_EVENT_TYPE_COMPLETED,
-    EventType.RETRY_SCHEDULED: pb.JOB_EVENT_TYPE_RETRY_SCHEDULED,
-    EventType.FAILED: pb.JOB_EVENT_TYPE_FAILED,
-    EventType.CANCEL_REQUESTED: pb.JOB_EVENT_TYPE_CANCEL_REQUESTED,
-    EventType.CANCELLED: pb.JOB_EVENT_TYPE_CANCELLED,
-    EventType.LEASE_EXPIRED: pb.JOB_EVENT_TYPE_LEASE_EXPIRED,
-    EventType.HANDED_BACK: pb.JOB_EVENT_TYPE_HANDED_BACK,
-    EventType.EXPIRED: pb.JOB_EVENT_TYPE_EXPIRED,
+    JobEventType.CREATED: pb.JOB_EVENT_TYPE_CREATED,
+    JobEventType.ATTEMPT_STARTED: pb.JOB_EVENT_TYPE_ATTEMPT_STARTED,
+    JobEventType.GENERATION_STARTED: pb.JOB_EVENT_TYPE_GENERATION_STARTED,
+    JobEventType.IMAGE_STORED: pb.JOB_EVENT_TYPE_IMAGE_STORED,
+    JobEventType.COMPLETED: pb.JOB_EVENT_TYPE_COMPLETED,
+    JobEventType.RETRY_SCHEDULED: pb.JOB_EVENT_TYPE_RETRY_SCHEDULED,
+    JobEventType.FAILED: pb.JOB_EVENT_TYPE_FAILED,
+    JobEventType.CANCEL_REQUESTED: pb.JOB_EVENT_TYPE_CANCEL_REQUESTED,
+    JobEventType.CANCELLED: pb.JOB_EVENT_TYPE_CANCELLED,
+    JobEventType.LEASE_EXPIRED: pb.JOB_EVENT_TYPE_LEASE_EXPIRED,
+    JobEventType.HANDED_BACK: pb.JOB_EVENT_TYPE_HANDED_BACK,
+    JobEventType.EXPIRED: pb.JOB_EVENT_TYPE_EXPIRED,
 }
 _WEBHOOK_EVENT_TO_PB = {
     WebhookEvent.STARTED: pb.WEBHOOK_EVENT_STARTED,
@@ -67,7 +67,7 @@ _DELIVERY_STATE_TO_PB = {
 }
 # Every state with an error to show: why it failed, was cancelled or expired; on a pending job, the error of the
 # last attempt, which will be retried.
-_STATES_WITH_ERROR = (JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED, JobStatus.PENDING)
+_STATES_WITH_ERROR = (JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED, JobState.PENDING)
 _PARAM_FIELDS = (
     "sample_count",
     "aspect_ratio",
@@ -151,7 +151,7 @@ def job_to_pb(job: Job) -> pb.Job:
     )
     if job.error_code and job.status in _STATES_WITH_ERROR:
         message.error.CopyFrom(pb.JobError(reason=job.error_code, message=job.error_message or ""))
-    if job.status is JobStatus.PENDING:
+    if job.status is JobState.PENDING:
         message.next_attempt_time.CopyFrom(_stamp(job.next_attempt_at))
     for position, ref in enumerate(job.params.input_images):
         shown = message.input_images.add(

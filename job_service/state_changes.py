@@ -10,16 +10,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from job_service.domain import EventType, JobStatus, StoredImage
+from job_service.domain import JobEventType, JobState, StoredImage
 
 
 @dataclass(frozen=True, kw_only=True)
 class StateChange:
     """An event appended to the job, and what it changes in the job's row."""
 
-    event: EventType
+    event: JobEventType
     # The state the job moves to; None: it stays in the state it is in.
-    to: JobStatus | None = None
+    to: JobState | None = None
     # The event's message; with error_code, also the job's error message.
     message: str | None = None
     error_code: str | None = None
@@ -36,19 +36,19 @@ class StateChange:
 
     @classmethod
     def generation_started(cls, provider: str) -> StateChange:
-        return cls(event=EventType.GENERATION_STARTED, message=f"provider {provider}")
+        return cls(event=JobEventType.GENERATION_STARTED, message=f"provider {provider}")
 
     @classmethod
     def image_stored(cls, image: StoredImage) -> StateChange:
-        return cls(event=EventType.IMAGE_STORED, image=image)
+        return cls(event=JobEventType.IMAGE_STORED, image=image)
 
     @classmethod
     def completed(
         cls, message: str, *, filtered_count: int | None = None, filtered_reasons: Sequence[str] | None = None
     ) -> StateChange:
         return cls(
-            event=EventType.COMPLETED,
-            to=JobStatus.COMPLETED,
+            event=JobEventType.COMPLETED,
+            to=JobState.COMPLETED,
             message=message,
             filtered_count=filtered_count,
             filtered_reasons=tuple(filtered_reasons) if filtered_reasons is not None else None,
@@ -57,8 +57,8 @@ class StateChange:
     @classmethod
     def retry_scheduled(cls, error_code: str, message: str, *, delay: float, count_failure: bool) -> StateChange:
         return cls(
-            event=EventType.RETRY_SCHEDULED,
-            to=JobStatus.PENDING,
+            event=JobEventType.RETRY_SCHEDULED,
+            to=JobState.PENDING,
             error_code=error_code,
             message=message,
             retry_delay=delay,
@@ -68,8 +68,8 @@ class StateChange:
     @classmethod
     def failed(cls, error_code: str, message: str, *, count_failure: bool) -> StateChange:
         return cls(
-            event=EventType.FAILED,
-            to=JobStatus.FAILED,
+            event=JobEventType.FAILED,
+            to=JobState.FAILED,
             error_code=error_code,
             message=message,
             count_failure=count_failure,
@@ -78,18 +78,18 @@ class StateChange:
     @classmethod
     def cancel_requested_by_user(cls) -> StateChange:
         """Asks the replica running the attempt to stop it; the job stays generating until that replica ends it."""
-        return cls(event=EventType.CANCEL_REQUESTED, cancel_requested=True, message="cancel requested")
+        return cls(event=JobEventType.CANCEL_REQUESTED, cancel_requested=True, message="cancel requested")
 
     @classmethod
     def cancelled(cls, message: str = "cancelled by the user") -> StateChange:
-        return cls(event=EventType.CANCELLED, to=JobStatus.CANCELLED, message=message)
+        return cls(event=JobEventType.CANCELLED, to=JobState.CANCELLED, message=message)
 
     @classmethod
     def handed_back(cls, message: str) -> StateChange:
         """The attempt is given up unfinished (its replica shuts down): the job is due again at once, uncounted."""
-        return cls(event=EventType.HANDED_BACK, to=JobStatus.PENDING, message=message)
+        return cls(event=JobEventType.HANDED_BACK, to=JobState.PENDING, message=message)
 
     @classmethod
     def lease_expired(cls, message: str) -> StateChange:
         """The attempt's replica stopped renewing its lease: the job goes back to pending, the attempt counted."""
-        return cls(event=EventType.LEASE_EXPIRED, to=JobStatus.PENDING, message=message, count_failure=True)
+        return cls(event=JobEventType.LEASE_EXPIRED, to=JobState.PENDING, message=message, count_failure=True)

@@ -22,10 +22,10 @@ import structlog
 from imagegen_common.errors import ErrorKind, FieldViolation, ServiceError, invalid_argument
 from job_service.domain import (
     CreditBalance,
-    EventType,
     Job,
     JobEvent,
-    JobStatus,
+    JobEventType,
+    JobState,
     Params,
     StoredImage,
     Template,
@@ -128,7 +128,7 @@ def job_from_row(row: asyncpg.Record) -> Job:
     return Job(
         id=str(row["id"]),
         user_id=str(row["user_id"]),
-        status=JobStatus(row["status"]),
+        status=JobState(row["status"]),
         prompt=row["prompt"],
         model=row["model"],
         params=Params.from_dict(params),
@@ -296,8 +296,8 @@ def _events_of_row(job_id: str, row: asyncpg.Record) -> list[JobEvent]:
         JobEvent(
             job_id=job_id,
             seq=seq,
-            type=EventType(kind),
-            status=JobStatus(status),
+            type=JobEventType(kind),
+            status=JobState(status),
             attempt=attempt,
             at=at,
             message=message,
@@ -320,7 +320,7 @@ def _created_from_row(row: asyncpg.Record) -> CreatedJob:
     if row["claimed_status"] is not None:
         claimed = replace(
             job,
-            status=JobStatus(row["claimed_status"]),
+            status=JobState(row["claimed_status"]),
             attempt=row["claimed_attempt"],
             lease_owner=row["claimed_by"],
             started_at=row["claimed_started_at"],
@@ -329,7 +329,7 @@ def _created_from_row(row: asyncpg.Record) -> CreatedJob:
     return CreatedJob(job=job, created=row["created"], claimed=claimed, events=tuple(_events_of_row(job.id, row)))
 
 
-def _event_of(job: Job, event: EventType, message: str | None) -> JobEvent:
+def _event_of(job: Job, event: JobEventType, message: str | None) -> JobEvent:
     """The event a write just committed, from the row it returned: the job's latest event, exactly as a read of
     job_events would give it (its `at` is the transaction's now(), which is also the row's updated_at)."""
     return JobEvent(job.id, job.last_event_seq, event, job.status, job.attempt, job.updated_at, message or "")
@@ -361,7 +361,7 @@ class JobStore:
         """
         self._events.committed(job, event)
 
-    def _committed_change(self, job: Job, row: asyncpg.Record, event: EventType, message: str | None) -> None:
+    def _committed_change(self, job: Job, row: asyncpg.Record, event: JobEventType, message: str | None) -> None:
         """Reports one committed advance of `job` (as `row`, with its reserved_before, returned it), and its
         settlement when it ended the job."""
         self._committed(job, _event_of(job, event, message))
@@ -523,7 +523,7 @@ class JobStore:
         self,
         user_id: str,
         *,
-        status: JobStatus | None,
+        status: JobState | None,
         after: tuple[datetime, str] | None,
         limit: int,
     ) -> list[Job]:
@@ -552,7 +552,7 @@ class JobStore:
         change: StateChange,
         *,
         attempt: int | None,
-        from_states: Sequence[JobStatus],
+        from_states: Sequence[JobState],
         only_if_lease_expired: bool = False,
     ) -> Job | None:
         """Applies one change, fenced: only while the job is in one of `from_states` and at `attempt` (None: any),
@@ -584,7 +584,7 @@ class JobStore:
             return job
 
     async def advance_batch(
-        self, job_id: str, changes: Sequence[StateChange], *, attempt: int, from_states: Sequence[JobStatus]
+        self, job_id: str, changes: Sequence[StateChange], *, attempt: int, from_states: Sequence[JobState]
     ) -> list[Job]:
         """Applies `changes` in order in one transaction, each as `advance` would with the same fence.
 
@@ -608,7 +608,7 @@ class JobStore:
         rows = await self._pool.fetch(self._sql["claim_jobs"], owner, limit, lease_seconds)
         jobs = [job_from_row(r) for r in rows]
         for job in jobs:
-            self._committed(job, _event_of(job, EventType.ATTEMPT_STARTED, None))
+            self._committed(job, _event_of(job, JobEventType.ATTEMPT_STARTED, None))
         return jobs
 
     async def expire_due(self, limit: int) -> list[Job]:
@@ -617,7 +617,7 @@ class JobStore:
         rows = await self._pool.fetch(self._sql["expire_jobs"], limit)
         jobs = [job_from_row(row) for row in rows]
         for job, row in zip(jobs, rows, strict=True):
-            self._committed_change(job, row, EventType.EXPIRED, job.error_message)
+            self._committed_change(job, row, JobEventType.EXPIRED, job.error_message)
         return jobs
 
     async def renew_leases(self, owner: str, held: Sequence[tuple[str, int]], lease_seconds: float) -> dict[str, bool]:

@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from imagegen_common.errors import ServiceError
-from job_service.domain import EventType, Job, JobEvent, JobStatus, Params
+from job_service.domain import Job, JobEvent, JobEventType, JobState, Params
 from job_service.fanout import EventFanout
 from job_service.store import ClaimAtCreate, CreatedJob, JobStore, _NewJob, create_pool
 from tests.support.cluster import fresh_database
@@ -215,7 +215,7 @@ async def test_a_create_answers_the_job_as_created_its_claim_and_the_events_it_c
         job = made.job
         assert made.created
         assert (job.status, job.attempt, job.lease_owner, job.started_at, job.last_event_seq) == (
-            JobStatus.PENDING,
+            JobState.PENDING,
             0,
             None,
             None,
@@ -226,15 +226,15 @@ async def test_a_create_answers_the_job_as_created_its_claim_and_the_events_it_c
         if claim:
             assert made.claimed is not None
             assert (made.claimed.status, made.claimed.attempt, made.claimed.lease_owner) == (
-                JobStatus.GENERATING,
+                JobState.GENERATING,
                 1,
                 "w",
             )
             assert made.claimed == await jobs.get_job(job.id), "the claimed job is the row as the create left it"
-            assert [e.type for e in made.events] == [EventType.CREATED, EventType.ATTEMPT_STARTED]
+            assert [e.type for e in made.events] == [JobEventType.CREATED, JobEventType.ATTEMPT_STARTED]
         else:
             assert made.claimed is None
-            assert [e.type for e in made.events] == [EventType.CREATED]
+            assert [e.type for e in made.events] == [JobEventType.CREATED]
         delivered += [(made.claimed or job, event) for event in made.events]
     assert sorted(heard, key=lambda h: (h[1].job_id, h[1].seq)) == sorted(
         delivered, key=lambda h: (h[1].job_id, h[1].seq)

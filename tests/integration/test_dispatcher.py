@@ -16,14 +16,14 @@ import pytest
 from job_service import dispatcher as dispatcher_module
 from job_service.dispatcher import Dispatcher, DispatcherConfig
 from job_service.domain import (
-    EventType,
-    GenerationDone,
+    GenerationCompleted,
     GenerationEvent,
     GenerationFailure,
     GenerationStarted,
     ImageStored,
     Job,
-    JobStatus,
+    JobEventType,
+    JobState,
     Params,
     StoredImage,
 )
@@ -76,10 +76,10 @@ class ScriptedGenerator:
                 if step.failure is not None:
                     raise step.failure
                 if step.complete:
-                    yield GenerationDone(step.images, 0, [])
+                    yield GenerationCompleted(step.images, 0, [])
                 return
             finished = True
-            yield GenerationDone(job.images_owed, 0, [])
+            yield GenerationCompleted(job.images_owed, 0, [])
         finally:
             if not finished and not isinstance(step, GenerationFailure):
                 self.closed_early.append(job.attempt)
@@ -99,9 +99,9 @@ async def store(dispatcher_db: str) -> AsyncIterator[JobStore]:
     for row in await pool.fetch("SELECT id FROM generation_jobs WHERE status IN ('pending', 'generating')"):
         await JobStore(pool).advance(
             str(row["id"]),
-            StateChange(event=EventType.CANCELLED, to=JobStatus.CANCELLED),
+            StateChange(event=JobEventType.CANCELLED, to=JobState.CANCELLED),
             attempt=None,
-            from_states=(JobStatus.PENDING, JobStatus.GENERATING),
+            from_states=(JobState.PENDING, JobState.GENERATING),
         )
     await pool.close()
 
@@ -159,7 +159,7 @@ async def new_job(store: JobStore, *, sample_count: int = 2, max_attempts: int =
     return (await creating(store, sample_count=sample_count, max_attempts=max_attempts)(None)).job
 
 
-async def run_until(store: JobStore, job_id: str, statuses: tuple[JobStatus, ...], dispatcher: Dispatcher) -> Job:
+async def run_until(store: JobStore, job_id: str, statuses: tuple[JobState, ...], dispatcher: Dispatcher) -> Job:
     dispatcher.start()
     try:
         job = await eventually(
@@ -183,7 +183,7 @@ async def test_permanent_failure_fails_at_once_and_releases_the_reservation(
         deque([GenerationFailure("PROMPT_BLOCKED", "the prompt was blocked", retryable=False)])
     )
     job = await new_job(store)
-    done = await run_until(store, job.id, (JobStatus.FAILED,), Dispatcher(store, generator, config()))
+    done = await run_until(store, job.id, (JobState.FAILED,), Dispatcher(store, generator, config()))
 
     assert generator.opened == [1]
     # The user reads the reason's own plain sentence; the generator's text goes to the log only.
@@ -211,7 +211,7 @@ async def test_retryable_failures_retry_until_max_attempts_then_fail_with_the_la
         )
     )
     job = await new_job(store, max_attempts=3)
-    done = await run_until(store, job.id, (JobStatus.FAILED,), Dispatcher(store, generator, config()))
+    done = await run_until(store, job.id, (JobState.FAILED,), Dispatcher(store, generator, config()))
 
     assert generator.opened == [1, 2, 3]
     # A reason without a sentence of its own (a bare gRPC code here) gets the generic one, not "quota exceeded".
@@ -244,7 +244,7 @@ async def test_a_retry_is_scheduled_no_earlier_than_the_providers_retry_after(
         )
     finally:
         await dispatcher.drain(1.0)
-    assert waiting is not None and waiting.status is JobStatus.PENDING
+    assert waiting is not None and waiting.status is JobState.PENDING
     retry_at = await conn.fetchval("SELECT at FROM job_events WHERE job_id = $1 AND type = 'retry_scheduled'", job.id)
     assert (waiting.next_attempt_at - retry_at).total_seconds() >= 30.0 - 0.01
     assert waiting.error_code == "RESOURCE_EXHAUSTED"
@@ -262,7 +262,7 @@ async def test_transient_failures_then_success_charges_once_for_the_images_of_th
         )
     )
     job = await new_job(store, sample_count=3)
-    done = await run_until(store, job.id, (JobStatus.COMPLETED,), Dispatcher(store, generator, config()))
+    done = await run_until(store, job.id, (JobState.COMPLETED,), Dispatcher(store, generator, config()))
 
     assert (done.attempt, done.failed_attempts) == (3, 1), "an unreachable generator does not use up an attempt"
     assert [image.storage_path.split("/")[-1] for image in done.images] == ["3-0.png", "3-1.png", "3-2.png"]
@@ -276,7 +276,7 @@ async def test_a_retry_keeps_the_images_a_failed_attempt_delivered_and_asks_only
 ) -> None:
     generator = ScriptedGenerator(deque([Partial(2, GenerationFailure("PROVIDER_UNAVAILABLE", "503", retryable=True))]))
     job = await new_job(store, sample_count=4)
-    done = await run_until(store, job.id, (JobStatus.COMPLETED,), Dispatcher(store, generator, config()))
+    done = await run_until(store, job.id, (JobState.COMPLETED,), Dispatcher(store, generator, config()))
 
     assert generator.asked == [4, 2]
     assert [image.storage_path.split("/")[-1] for image in done.images] == ["1-0.png", "1-1.png", "2-0.png", "2-1.png"]
@@ -296,7 +296,7 @@ async def test_a_job_whose_earlier_attempt_delivered_every_image_completes_witho
     # Both images are stored, then the stream ends before the completion: a retryable failure.
     generator = ScriptedGenerator(deque([Partial(2, None)]))
     job = await new_job(store, sample_count=2)
-    done = await run_until(store, job.id, (JobStatus.COMPLETED,), Dispatcher(store, generator, config()))
+    done = await run_until(store, job.id, (JobState.COMPLETED,), Dispatcher(store, generator, config()))
 
     assert generator.opened == [1], "nothing was owed: the generator was not asked again"
     assert (done.attempt, len(done.images), done.credits_charged) == (2, 2, 2)
@@ -312,7 +312,7 @@ async def test_images_past_what_an_attempt_asked_for_are_neither_kept_nor_charge
     # The provider answers three images where two were asked for.
     generator = ScriptedGenerator(deque([Partial(3, complete=True)]))
     job = await new_job(store, sample_count=2)
-    done = await run_until(store, job.id, (JobStatus.COMPLETED,), Dispatcher(store, generator, config()))
+    done = await run_until(store, job.id, (JobState.COMPLETED,), Dispatcher(store, generator, config()))
 
     assert [image.storage_path.split("/")[-1] for image in done.images] == ["1-0.png", "1-1.png"]
     assert done.credits_charged == 2
@@ -327,7 +327,7 @@ async def test_a_cancel_while_generating_charges_the_images_stored_before_it_and
     job = await new_job(store, sample_count=4)
     [claimed] = await store.claim("w1", 1, 30.0)
     assert claimed.id == job.id
-    generating = (JobStatus.GENERATING,)
+    generating = (JobState.GENERATING,)
     paths = [f"{job.user_id}/{job.id}/1-{index}.png" for index in range(4)]
     images = [StoredImage(i, f"http://storage/{p}", p, "image/png", 8, 8, 100) for i, p in enumerate(paths)]
     for image in images[:2]:
@@ -336,10 +336,10 @@ async def test_a_cancel_while_generating_charges_the_images_stored_before_it_and
         )
         assert stored is not None
     cancelled = await store.advance(
-        job.id, StateChange(event=EventType.CANCELLED, to=JobStatus.CANCELLED), attempt=claimed.attempt,
+        job.id, StateChange(event=JobEventType.CANCELLED, to=JobState.CANCELLED), attempt=claimed.attempt,
         from_states=generating,
     )  # fmt: skip
-    assert cancelled is not None and (cancelled.status, cancelled.credits_charged) == (JobStatus.CANCELLED, 2)
+    assert cancelled is not None and (cancelled.status, cancelled.credits_charged) == (JobState.CANCELLED, 2)
     # The attempt's next image arrives after the cancel: fenced out, neither kept nor charged.
     late = await store.advance(
         job.id, StateChange.image_stored(images[2]), attempt=claimed.attempt, from_states=generating
@@ -362,7 +362,7 @@ async def test_a_job_completed_after_a_failed_attempt_no_longer_carries_its_erro
         deque([GenerationFailure("PROVIDER_UNAVAILABLE", "503 from the provider", retryable=True)])
     )
     job = await new_job(store, sample_count=1)
-    done = await run_until(store, job.id, (JobStatus.COMPLETED,), Dispatcher(store, generator, config()))
+    done = await run_until(store, job.id, (JobState.COMPLETED,), Dispatcher(store, generator, config()))
 
     assert done.attempt == 2
     # The row itself, as a Realtime subscriber reads it, not only what GetJob chooses to show.
@@ -379,30 +379,30 @@ async def test_a_stale_attempt_can_neither_complete_nor_charge(store: JobStore, 
     await conn.execute("UPDATE generation_jobs SET lease_expires_at = now() - interval '1 s' WHERE id = $1", job.id)
     reaped = await store.advance(
         job.id,
-        StateChange(event=EventType.LEASE_EXPIRED, to=JobStatus.PENDING, count_failure=True),
+        StateChange(event=JobEventType.LEASE_EXPIRED, to=JobState.PENDING, count_failure=True),
         attempt=first.attempt,
-        from_states=(JobStatus.GENERATING,),
+        from_states=(JobState.GENERATING,),
         only_if_lease_expired=True,
     )
-    assert reaped is not None and reaped.status is JobStatus.PENDING
+    assert reaped is not None and reaped.status is JobState.PENDING
     [second] = await store.claim("w2", 1, 30.0)
     assert second.attempt == first.attempt + 1
 
     path = f"{job.user_id}/{job.id}/1-0.png"
     image = StoredImage(0, f"http://storage/{path}", path, "image/png", 8, 8, 100)
     for change in (
-        StateChange(event=EventType.IMAGE_STORED, image=image),
-        StateChange(event=EventType.COMPLETED, to=JobStatus.COMPLETED),
-        StateChange(event=EventType.FAILED, to=JobStatus.FAILED),
+        StateChange(event=JobEventType.IMAGE_STORED, image=image),
+        StateChange(event=JobEventType.COMPLETED, to=JobState.COMPLETED),
+        StateChange(event=JobEventType.FAILED, to=JobState.FAILED),
     ):
-        stale = await store.advance(job.id, change, attempt=first.attempt, from_states=(JobStatus.GENERATING,))
+        stale = await store.advance(job.id, change, attempt=first.attempt, from_states=(JobState.GENERATING,))
         assert stale is None, f"{change.event} of the stale attempt landed"
     # Nor can the old owner renew a lease it no longer holds.
     assert await store.renew_leases("w1", [(job.id, first.attempt)], 30.0) == {}
 
     current = await store.get_job(job.id)
     assert current is not None and (current.status, current.attempt, current.images) == (
-        JobStatus.GENERATING,
+        JobState.GENERATING,
         second.attempt,
         [],
     )
@@ -427,7 +427,7 @@ async def test_a_replica_that_loses_its_lease_abandons_the_stream(store: JobStor
     finally:
         await dispatcher.drain(0.5)
     current = await store.get_job(job.id)
-    assert current is not None and (current.status, current.lease_owner) == (JobStatus.GENERATING, "w2")
+    assert current is not None and (current.status, current.lease_owner) == (JobState.GENERATING, "w2")
 
 
 async def test_drain_hands_back_what_outlives_the_grace_period(store: JobStore, conn: asyncpg.Connection) -> None:
@@ -442,7 +442,7 @@ async def test_drain_hands_back_what_outlives_the_grace_period(store: JobStore, 
     for job in jobs:
         current = await store.get_job(job.id)
         assert current is not None
-        assert (current.status, current.lease_owner, current.failed_attempts) == (JobStatus.PENDING, None, 0)
+        assert (current.status, current.lease_owner, current.failed_attempts) == (JobState.PENDING, None, 0)
         last = (await events_of(conn, job.id))[-1]
         assert last["type"] == "handed_back" and "shutdown" in last["detail"]["message"]
     # Handed back jobs are due at once: another replica picks them up without waiting.
@@ -473,14 +473,14 @@ async def test_a_drain_whose_hand_back_the_database_refuses_leaves_nothing_runni
     monkeypatch.setattr(store, "advance", refused)
     await dispatcher.drain(0.1)
 
-    assert tried and tried[0] is EventType.HANDED_BACK, tried
+    assert tried and tried[0] is JobEventType.HANDED_BACK, tried
     assert all(task.done() for task in tasks_of(job.id)), "nothing of the drained dispatcher is still running"
     retries = len(tried)
     await asyncio.sleep(0.5)
     assert len(tried) == retries, "no write after the drain"
     monkeypatch.undo()
     current = await store.get_job(job.id)
-    assert current is not None and (current.status, current.lease_owner) == (JobStatus.GENERATING, "w1"), (
+    assert current is not None and (current.status, current.lease_owner) == (JobState.GENERATING, "w1"), (
         "the job is left to its lease, as after a crash"
     )
 
@@ -507,15 +507,15 @@ async def test_a_cancel_requested_before_a_failed_attempt_ends_the_job_instead_o
         assert running is not None
         await store.advance(
             job.id,
-            StateChange(event=EventType.CANCEL_REQUESTED, cancel_requested=True),
+            StateChange(event=JobEventType.CANCEL_REQUESTED, cancel_requested=True),
             attempt=running.attempt,
-            from_states=(JobStatus.GENERATING,),
+            from_states=(JobState.GENERATING,),
         )
         gate.set()
         done = await eventually(lambda: store.get_job(job.id), lambda j: j is not None and j.status.terminal, within=10)
     finally:
         await dispatcher.drain(0.5)
-    assert done is not None and done.status is JobStatus.CANCELLED
+    assert done is not None and done.status is JobState.CANCELLED
     assert await balance(conn, job.user_id) == 100
     await assert_credits_consistent(conn)
 
@@ -526,7 +526,7 @@ async def test_events_waiting_together_are_written_in_one_transaction(
     """The scripted stream delivers all its events at once: one commit for all of them, each its own event row."""
     generator = ScriptedGenerator()
     job = await new_job(store, sample_count=3)
-    done = await run_until(store, job.id, (JobStatus.COMPLETED,), Dispatcher(store, generator, config()))
+    done = await run_until(store, job.id, (JobState.COMPLETED,), Dispatcher(store, generator, config()))
     assert len(done.images) == 3 and done.credits_charged == 3
 
     rows = await conn.fetch(
@@ -552,7 +552,7 @@ class SpreadImagesGenerator:
                 await asyncio.sleep(self.gap)
             path = f"{job.user_id}/{job.id}/{job.attempt}-{index}.png"
             yield ImageStored(StoredImage(index, f"http://storage/{path}", path, "image/png", 8, 8, 100))
-        yield GenerationDone(job.params.sample_count, 0, [])
+        yield GenerationCompleted(job.params.sample_count, 0, [])
 
 
 async def transactions_of(conn: asyncpg.Connection, job_id: str) -> list[list[str]]:
@@ -573,7 +573,7 @@ async def test_images_that_arrive_a_moment_apart_share_one_transaction_with_the_
 ) -> None:
     job = await new_job(store, sample_count=3)
     dispatcher = Dispatcher(store, SpreadImagesGenerator(gap=0.001), config(image_linger_seconds=0.05))
-    done = await run_until(store, job.id, (JobStatus.COMPLETED,), dispatcher)
+    done = await run_until(store, job.id, (JobState.COMPLETED,), dispatcher)
     assert len(done.images) == 3 and done.credits_charged == 3
     groups = await transactions_of(conn, job.id)
     # (GENERATION_STARTED, which comes with the first image, may share it too.)
@@ -587,7 +587,7 @@ async def test_an_image_whose_neighbours_take_longer_than_the_linger_is_written_
 ) -> None:
     job = await new_job(store, sample_count=3)
     dispatcher = Dispatcher(store, SpreadImagesGenerator(gap=0.5), config(image_linger_seconds=0.01))
-    await run_until(store, job.id, (JobStatus.COMPLETED,), dispatcher)
+    await run_until(store, job.id, (JobState.COMPLETED,), dispatcher)
     groups = await transactions_of(conn, job.id)
     first_image = next(g for g in groups if "image_stored" in g)
     assert first_image[-1] == "image_stored" and first_image.count("image_stored") == 1, groups
@@ -599,12 +599,12 @@ async def test_a_batch_stops_at_the_first_event_the_fence_refuses(store: JobStor
     [claimed] = await store.claim("w1", 1, 30.0)
     paths = [f"{job.user_id}/{job.id}/1-{index}.png" for index in range(2)]
     images = [StoredImage(i, f"http://storage/{p}", p, "image/png", 8, 8, 100) for i, p in enumerate(paths)]
-    generating = (JobStatus.GENERATING,)
+    generating = (JobState.GENERATING,)
 
     # The wrong attempt: nothing is written.
     stale = await store.advance_batch(
         job.id,
-        [StateChange(event=EventType.IMAGE_STORED, image=images[0])],
+        [StateChange(event=JobEventType.IMAGE_STORED, image=images[0])],
         attempt=claimed.attempt + 1,
         from_states=generating,
     )
@@ -613,14 +613,14 @@ async def test_a_batch_stops_at_the_first_event_the_fence_refuses(store: JobStor
     written = await store.advance_batch(
         job.id,
         [
-            StateChange(event=EventType.IMAGE_STORED, image=images[0]),
-            StateChange(event=EventType.COMPLETED, to=JobStatus.COMPLETED, filtered_count=1, filtered_reasons=("x",)),
-            StateChange(event=EventType.IMAGE_STORED, image=images[1]),
+            StateChange(event=JobEventType.IMAGE_STORED, image=images[0]),
+            StateChange(event=JobEventType.COMPLETED, to=JobState.COMPLETED, filtered_count=1, filtered_reasons=("x",)),
+            StateChange(event=JobEventType.IMAGE_STORED, image=images[1]),
         ],
         attempt=claimed.attempt,
         from_states=generating,
     )
-    assert [j.status for j in written] == [JobStatus.GENERATING, JobStatus.COMPLETED]
+    assert [j.status for j in written] == [JobState.GENERATING, JobState.COMPLETED]
     assert [j.last_event_seq for j in written] == [3, 4]
     final = await store.get_job(job.id)
     assert final is not None and [i.storage_path for i in final.images] == paths[:1]
@@ -650,7 +650,7 @@ async def test_a_batch_of_an_attempt_that_lost_the_job_writes_nothing(
             for index in range(job.params.sample_count):
                 path = f"{job.user_id}/{job.id}/{job.attempt}-{index}.png"
                 yield ImageStored(StoredImage(index, f"http://storage/{path}", path, "image/png", 8, 8, 100))
-            yield GenerationDone(job.params.sample_count, 0, [])
+            yield GenerationCompleted(job.params.sample_count, 0, [])
             self.closed_early.append(-1)  # never reached: the stream is closed after the fenced write
 
     generator = TakenOverMidStream()
@@ -665,7 +665,7 @@ async def test_a_batch_of_an_attempt_that_lost_the_job_writes_nothing(
         await dispatcher.drain(0.5)
     current = await store.get_job(job.id)
     assert current is not None and (current.status, current.images, current.lease_owner) == (
-        JobStatus.GENERATING,
+        JobState.GENERATING,
         [],
         "w2",
     )
@@ -768,7 +768,7 @@ async def test_a_job_that_completes_just_before_a_lease_renewal_is_not_reported_
     async def complete_then_wait_for_a_renewal(job_id: str, changes: Sequence[StateChange], **kwargs: Any) -> list[Job]:
         # The completion has landed, but its attempt is still in flight when the next renewal comes round.
         written = await advance_batch(job_id, changes, **kwargs)
-        if written and written[-1].status is JobStatus.COMPLETED:
+        if written and written[-1].status is JobState.COMPLETED:
             renewed.clear()
             await renewed.wait()
         return written
@@ -782,7 +782,7 @@ async def test_a_job_that_completes_just_before_a_lease_renewal_is_not_reported_
     assert renewed.is_set(), "a renewal ran while the completed attempt was still in flight"
     assert warnings.about(job.id) == []
     current = await store.get_job(job.id)
-    assert current is not None and current.status is JobStatus.COMPLETED
+    assert current is not None and current.status is JobState.COMPLETED
     await assert_credits_consistent(conn)
 
 
@@ -803,7 +803,7 @@ async def test_a_job_created_with_room_is_claimed_in_its_create_and_runs_without
     claims = count_claims(store)
     job, created = await create_here(dispatcher, creating(store))
 
-    assert created and (job.status, job.attempt, job.lease_owner) == (JobStatus.GENERATING, 1, "w1")
+    assert created and (job.status, job.attempt, job.lease_owner) == (JobState.GENERATING, 1, "w1")
     assert dispatcher.in_flight == 1, "the create handed its job to the dispatcher"
     await run_to_the_end(store, [job], dispatcher)
 
@@ -817,7 +817,7 @@ async def test_a_job_created_with_room_is_claimed_in_its_create_and_runs_without
         (6, "completed", "completed", 1),
     ]
     done = await store.get_job(job.id)
-    assert done is not None and (done.status, done.credits_charged) == (JobStatus.COMPLETED, 2)
+    assert done is not None and (done.status, done.credits_charged) == (JobState.COMPLETED, 2)
     await assert_credits_consistent(conn)
 
 
@@ -829,14 +829,14 @@ async def test_a_full_replica_creates_the_job_pending_and_claims_it_once_it_has_
     blocking, _ = await create_here(dispatcher, creating(store))
     waiting, _ = await create_here(dispatcher, creating(store))
 
-    assert (blocking.status, waiting.status) == (JobStatus.GENERATING, JobStatus.PENDING)
+    assert (blocking.status, waiting.status) == (JobState.GENERATING, JobState.PENDING)
     assert waiting.attempt == 0 and waiting.lease_owner is None
     dispatcher.start()
     try:
         await eventually(lambda: asyncio.sleep(0, generator.opened), lambda opened: opened == [1], within=10)
         dispatcher.cancel(blocking.id, "user")  # its room goes to the waiting job
         await eventually(
-            lambda: store.get_job(waiting.id), lambda j: j is not None and j.status is JobStatus.COMPLETED, within=10
+            lambda: store.get_job(waiting.id), lambda j: j is not None and j.status is JobState.COMPLETED, within=10
         )
     finally:
         await dispatcher.drain(1.0)
@@ -849,7 +849,7 @@ async def test_a_draining_replica_claims_nothing_as_it_creates(store: JobStore, 
     await dispatcher.drain(0.1)
     job, created = await create_here(dispatcher, creating(store))
 
-    assert created and (job.status, job.attempt) == (JobStatus.PENDING, 0)
+    assert created and (job.status, job.attempt) == (JobState.PENDING, 0)
     assert dispatcher.in_flight == 0
     assert event_rows(await events_of(conn, job.id)) == [(1, "created", "pending", 0)]
 
@@ -862,7 +862,7 @@ async def test_a_replayed_create_claims_nothing_more(store: JobStore, conn: asyn
     again, again_created = await create_here(dispatcher, create)
     try:
         assert (first_created, again_created) == (True, False)
-        assert again.id == first.id and (again.status, again.attempt) == (JobStatus.GENERATING, 1)
+        assert again.id == first.id and (again.status, again.attempt) == (JobState.GENERATING, 1)
         assert dispatcher.in_flight == 1, "one attempt runs"
         await eventually(lambda: asyncio.sleep(0, generator.opened), lambda opened: opened == [1], within=10)
     finally:
@@ -890,7 +890,7 @@ class GatedGenerator:
                 path = f"{job.user_id}/{job.id}/{job.attempt}-{index}.png"
                 yield ImageStored(StoredImage(index, f"http://storage/{path}", path, "image/png", 8, 8, 100))
             finished = True
-            yield GenerationDone(job.params.sample_count, 0, [])
+            yield GenerationCompleted(job.params.sample_count, 0, [])
         finally:
             if not finished:
                 self.closed_early.append(job.id)
@@ -916,15 +916,15 @@ async def test_a_forged_cancel_notification_changes_nothing_and_a_real_cancel_st
         assert running is not None
         await store.advance(
             real.id,
-            StateChange(event=EventType.CANCEL_REQUESTED, cancel_requested=True),
+            StateChange(event=JobEventType.CANCEL_REQUESTED, cancel_requested=True),
             attempt=running.attempt,
-            from_states=(JobStatus.GENERATING,),
+            from_states=(JobState.GENERATING,),
         )
         # The real cancel stops its attempt promptly (long before any lease renewal would see it)...
         cancelled = await eventually(
             lambda: store.get_job(real.id), lambda j: j is not None and j.status.terminal, within=5
         )
-        assert cancelled is not None and cancelled.status is JobStatus.CANCELLED
+        assert cancelled is not None and cancelled.status is JobState.CANCELLED
         # ...while the attempt named in the forged notification (sent first, so heard first) runs on.
         assert generator.closed_early == [real.id]
         generator.gate.set()
@@ -934,7 +934,7 @@ async def test_a_forged_cancel_notification_changes_nothing_and_a_real_cancel_st
     finally:
         await dispatcher.drain(0.5)
         await notifications.stop()
-    assert done is not None and done.status is JobStatus.COMPLETED
+    assert done is not None and done.status is JobState.COMPLETED
     assert len(done.images) == 3 and not done.cancel_requested
     assert await balance(conn, forged.user_id) == 100 - 3
     await assert_credits_consistent(conn)

@@ -11,7 +11,7 @@ from imagegen.generator.v1 import generator_service_pb2 as gen_pb
 from imagegen.generator.v1 import generator_service_pb2_grpc as gen_grpc
 
 from generator_service import server as generator_server
-from job_service.domain import GenerationDone, GenerationFailure, ImageStored, Job, Params
+from job_service.domain import GenerationCompleted, GenerationFailure, ImageStored, Job, Params
 from job_service.generator_client import GeneratorClient, channel_options
 from tests.support.jobs import a_job
 from tests.support.services import generator_settings
@@ -59,7 +59,7 @@ async def test_round_robin_spreads_attempts_over_replicas_and_skips_one_that_is_
         bases: list[str] = []
         for _ in range(8):
             events = await run_attempt(client)
-            assert isinstance(events[-1], GenerationDone)
+            assert isinstance(events[-1], GenerationCompleted)
             bases += [e.image.url.split("/storage/")[0] for e in events if isinstance(e, ImageStored)]
         assert len(set(bases)) == 2, f"both replicas served attempts: {bases}"
 
@@ -68,7 +68,7 @@ async def test_round_robin_spreads_attempts_over_replicas_and_skips_one_that_is_
         for _ in range(8):
             try:
                 events = await run_attempt(client)
-                outcomes.append("done" if isinstance(events[-1], GenerationDone) else "?")
+                outcomes.append("done" if isinstance(events[-1], GenerationCompleted) else "?")
             except GenerationFailure as failure:
                 # The one call that may meet the replica just as it goes away must be a retryable,
                 # uncounted failure, never a permanent one.

@@ -16,7 +16,7 @@ from imagegen.generator.v1 import generator_service_pb2_grpc as gen_grpc
 
 from generator_service import server as generator_server
 from generator_service.server import GeneratorApp
-from job_service.domain import GenerationDone, GenerationFailure, GenerationStarted, ImageStored, Job, Params
+from job_service.domain import GenerationCompleted, GenerationFailure, GenerationStarted, ImageStored, Job, Params
 from job_service.generator_client import GeneratorClient
 from tests.generator.helpers import eventually
 from tests.support.jobs import a_job
@@ -74,7 +74,7 @@ async def test_many_attempts_at_once_travel_on_a_few_streams_each_with_its_own_e
             await client.close()
         assert await eventually(lambda: streams_open(app) == 0), "closing the client ends its streams"
     for j, events in zip(jobs, results, strict=True):
-        assert isinstance(events[0], GenerationStarted) and isinstance(events[-1], GenerationDone)
+        assert isinstance(events[0], GenerationStarted) and isinstance(events[-1], GenerationCompleted)
         stored = [e.image for e in events if isinstance(e, ImageStored)]
         assert sorted(i.index for i in stored) == [0, 1]
         assert all(f"/{j.id}/" in i.storage_path for i in stored), "each attempt gets its own images"
@@ -88,7 +88,7 @@ async def test_one_attempts_error_arrives_with_its_details_and_leaves_the_others
             outcomes = await asyncio.gather(run(client, good), run(client, bad), return_exceptions=True)
         finally:
             await client.close()
-    assert isinstance(outcomes[0], list) and isinstance(outcomes[0][-1], GenerationDone)
+    assert isinstance(outcomes[0], list) and isinstance(outcomes[0][-1], GenerationCompleted)
     failure = outcomes[1]
     assert isinstance(failure, GenerationFailure)
     assert (failure.reason, failure.retryable, failure.counts) == ("UNKNOWN_MODEL", False, True)
@@ -123,7 +123,7 @@ async def test_leaving_an_attempt_early_stops_it_at_the_generator_and_not_its_ne
             await left.aclose()
             assert await eventually(lambda: attempts_running(app) == 1), "the attempt left was stopped"
             events = await neighbour
-            assert isinstance(events[-1], GenerationDone)
+            assert isinstance(events[-1], GenerationCompleted)
         finally:
             await client.close()
 
@@ -162,7 +162,7 @@ async def test_a_draining_generator_finishes_the_attempts_on_its_streams_and_ref
             False,
         )
         finished = await asyncio.gather(*running)
-        assert all(isinstance(events[-1], GenerationDone) for events in finished)
+        assert all(isinstance(events[-1], GenerationCompleted) for events in finished)
         await asyncio.wait_for(stopping, 20)
         assert streams_open(app) == 0
     finally:
@@ -182,9 +182,9 @@ async def test_a_stream_past_its_age_takes_no_new_attempts_and_closes_when_its_o
             second = asyncio.create_task(run(client, job()))
             assert await eventually(lambda: attempts_running(app) == 2)
             assert streams_open(app) == 2, "the old stream was too old for the second attempt"
-            assert isinstance((await first)[-1], GenerationDone), "an attempt on a retired stream still finishes"
+            assert isinstance((await first)[-1], GenerationCompleted), "an attempt on a retired stream still finishes"
             assert await eventually(lambda: streams_open(app) == 1), "the retired stream closed once it was empty"
-            assert isinstance((await second)[-1], GenerationDone)
+            assert isinstance((await second)[-1], GenerationCompleted)
         finally:
             await client.close()
 
@@ -229,4 +229,4 @@ async def test_an_event_of_a_kind_added_later_is_skipped_not_fatal() -> None:
     finally:
         await client.close()
         await server.stop(0)
-    assert events == [GenerationDone(1, 0, [])]
+    assert events == [GenerationCompleted(1, 0, [])]

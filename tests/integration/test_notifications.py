@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from job_service.domain import EventType, Job, JobEvent, JobStatus, Params, StoredImage
+from job_service.domain import Job, JobEvent, JobEventType, JobState, Params, StoredImage
 from job_service.fanout import EventFanout
 from job_service.notifications import JobNotifications
 from job_service.state_changes import StateChange
@@ -34,7 +34,7 @@ class Heard:
     """Watchers that only note what they hear."""
 
     def __init__(self) -> None:
-        self.events: list[tuple[str, int, EventType]] = []
+        self.events: list[tuple[str, int, JobEventType]] = []
 
     def publish(self, job: Job, event: JobEvent) -> None:
         self.events.append((job.id, event.seq, event.type))
@@ -69,14 +69,14 @@ async def test_watchers_subscribing_while_the_job_changes_each_get_every_later_e
     async def write() -> None:
         for n in range(changes):
             await store.advance(
-                job.id, StateChange(event=EventType.RETRY_SCHEDULED, message=f"change {n}"), attempt=None,
-                from_states=(JobStatus.PENDING,),
+                job.id, StateChange(event=JobEventType.RETRY_SCHEDULED, message=f"change {n}"), attempt=None,
+                from_states=(JobState.PENDING,),
             )  # fmt: skip
             if n % 10 == 0:
                 await asyncio.sleep(0.01)
         await store.advance(
-            job.id, StateChange(event=EventType.CANCELLED, to=JobStatus.CANCELLED), attempt=None,
-            from_states=(JobStatus.PENDING,),
+            job.id, StateChange(event=JobEventType.CANCELLED, to=JobState.CANCELLED), attempt=None,
+            from_states=(JobState.PENDING,),
         )  # fmt: skip
 
     async def watch() -> tuple[int, list[int]]:
@@ -130,11 +130,11 @@ async def test_an_event_published_by_its_writer_is_the_event_the_database_holds(
         written = await store.advance_batch(
             job.id,
             [
-                StateChange(event=EventType.GENERATION_STARTED, message="provider local"),
-                StateChange(event=EventType.IMAGE_STORED, image=image),
-                StateChange(event=EventType.COMPLETED, to=JobStatus.COMPLETED, filtered_count=0, filtered_reasons=()),
+                StateChange(event=JobEventType.GENERATION_STARTED, message="provider local"),
+                StateChange(event=JobEventType.IMAGE_STORED, image=image),
+                StateChange(event=JobEventType.COMPLETED, to=JobState.COMPLETED, filtered_count=0, filtered_reasons=()),
             ],
-            attempt=claimed.attempt, from_states=(JobStatus.GENERATING,),
+            attempt=claimed.attempt, from_states=(JobState.GENERATING,),
         )  # fmt: skip
         assert len(written) == 3
         got = [await asyncio.wait_for(subscription.queue.get(), timeout=5) for _ in range(4)]
@@ -144,10 +144,13 @@ async def test_an_event_published_by_its_writer_is_the_event_the_database_holds(
     _job, stored = await store.job_and_events_after(job.id, job.last_event_seq)
     assert [event for _job, event in got] == stored  # seq, type, status, attempt, time and message alike
     assert [event.type for event in stored] == [
-        EventType.ATTEMPT_STARTED, EventType.GENERATION_STARTED, EventType.IMAGE_STORED, EventType.COMPLETED,
-    ]  # fmt: skip
+        JobEventType.ATTEMPT_STARTED,
+        JobEventType.GENERATION_STARTED,
+        JobEventType.IMAGE_STORED,
+        JobEventType.COMPLETED,
+    ]
     final, _event = got[-1]
-    assert final.status is JobStatus.COMPLETED and final.credits_charged == 3 and len(final.images) == 1
+    assert final.status is JobState.COMPLETED and final.credits_charged == 3 and len(final.images) == 1
 
 
 async def test_the_writer_hears_of_a_created_job_once_and_not_of_its_idempotent_replay(
@@ -167,7 +170,7 @@ async def test_the_writer_hears_of_a_created_job_once_and_not_of_its_idempotent_
     user = str(uuid.uuid4())
     first, again = await create(), await create()
     assert (first.created, again.created) == (True, False) and again.job.id == first.job.id
-    assert heard.events == [(first.job.id, 1, EventType.CREATED)]
+    assert heard.events == [(first.job.id, 1, JobEventType.CREATED)]
 
 
 async def test_a_failing_listener_does_not_make_a_committed_write_look_failed(
@@ -185,8 +188,8 @@ async def test_a_failing_listener_does_not_make_a_committed_write_look_failed(
         request_id=None, request_hash="h", price_per_image=1, max_attempts=5, active_limit=10, new_user_credits=100,
     )  # fmt: skip
     cancelled = await store.advance(
-        made.job.id, StateChange(event=EventType.CANCELLED, to=JobStatus.CANCELLED), attempt=None,
-        from_states=(JobStatus.PENDING,),
+        made.job.id, StateChange(event=JobEventType.CANCELLED, to=JobState.CANCELLED), attempt=None,
+        from_states=(JobState.PENDING,),
     )  # fmt: skip
-    assert made.created and cancelled is not None and cancelled.status is JobStatus.CANCELLED
-    assert (await store.get_job(made.job.id)).status is JobStatus.CANCELLED  # type: ignore[union-attr]
+    assert made.created and cancelled is not None and cancelled.status is JobState.CANCELLED
+    assert (await store.get_job(made.job.id)).status is JobState.CANCELLED  # type: ignore[union-attr]

@@ -16,13 +16,13 @@ import pytest
 
 from job_service.dispatcher import Dispatcher, DispatcherConfig
 from job_service.domain import (
-    EventType,
-    GenerationDone,
+    GenerationCompleted,
     GenerationEvent,
     GenerationStarted,
     ImageStored,
     Job,
-    JobStatus,
+    JobEventType,
+    JobState,
     Params,
     StoredImage,
 )
@@ -46,7 +46,7 @@ class GatedGenerator:
         await self.gate.acquire()
         path = f"{job.user_id}/{job.id}/{job.attempt}-0.png"
         yield ImageStored(StoredImage(0, f"http://storage/{path}", path, "image/png", 8, 8, 100))
-        yield GenerationDone(1, 0, [])
+        yield GenerationCompleted(1, 0, [])
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +63,9 @@ async def store(priority_db: str) -> AsyncIterator[JobStore]:
     for row in await pool.fetch("SELECT id FROM generation_jobs WHERE status IN ('pending', 'generating')"):
         await JobStore(pool).advance(
             str(row["id"]),
-            StateChange(event=EventType.CANCELLED, to=JobStatus.CANCELLED),
+            StateChange(event=JobEventType.CANCELLED, to=JobState.CANCELLED),
             attempt=None,
-            from_states=(JobStatus.PENDING, JobStatus.GENERATING),
+            from_states=(JobState.PENDING, JobState.GENERATING),
         )
     await pool.close()
 
@@ -131,10 +131,10 @@ async def run_in_order(store: JobStore, generator: GatedGenerator, dispatcher: D
     for job_id in jobs:
         done = await eventually(
             lambda job_id=job_id: store.get_job(job_id),  # type: ignore[misc]
-            lambda j: j is not None and j.status is JobStatus.COMPLETED,
+            lambda j: j is not None and j.status is JobState.COMPLETED,
             within=20,
         )
-        assert done is not None and done.status is JobStatus.COMPLETED
+        assert done is not None and done.status is JobState.COMPLETED
 
 
 async def test_queued_jobs_start_by_priority_then_age_while_the_generator_lags_behind(store: JobStore) -> None:
@@ -193,10 +193,10 @@ async def test_a_job_created_with_room_is_not_claimed_at_create_while_a_job_ahea
         waiting = (await create(store, priority=7)).job
 
         behind, _ = await create_here(dispatcher, lambda claim: create(store, priority=3, claim=claim))
-        assert behind.status is JobStatus.PENDING, "a lower priority must not jump the queue at create"
+        assert behind.status is JobState.PENDING, "a lower priority must not jump the queue at create"
 
         ahead, _ = await create_here(dispatcher, lambda claim: create(store, priority=9, claim=claim))
-        assert ahead.status is JobStatus.GENERATING, "a job that goes first anyway is claimed as it is created"
+        assert ahead.status is JobState.GENERATING, "a job that goes first anyway is claimed as it is created"
         assert ahead.lease_owner == "w1"
         rows = await conn.fetch(
             "SELECT id, status FROM generation_jobs WHERE id = ANY($1::uuid[])", [waiting.id, behind.id]
@@ -232,7 +232,7 @@ async def test_a_job_not_started_by_its_deadline_expires_with_its_credits_releas
         await dispatcher.drain(1.0)
         await listener.close()
 
-    assert expired is not None and expired.status is JobStatus.EXPIRED
+    assert expired is not None and expired.status is JobState.EXPIRED
     assert (expired.attempt, expired.credits_reserved, expired.credits_charged) == (0, 0, 0)
     assert expired.error_code == "START_DEADLINE_EXCEEDED"
     assert expired.completed_at is not None and expired.completed_at >= expired.start_deadline  # type: ignore[operator]
@@ -255,16 +255,16 @@ async def test_the_claim_never_takes_a_job_past_its_deadline_and_a_started_job_n
     # Back to pending between attempts, as after a retryable failure: it has started, so its deadline is over.
     retried = await store.advance(
         started.id,
-        StateChange(event=EventType.RETRY_SCHEDULED, to=JobStatus.PENDING, retry_delay=0, count_failure=True),
+        StateChange(event=JobEventType.RETRY_SCHEDULED, to=JobState.PENDING, retry_delay=0, count_failure=True),
         attempt=1,
-        from_states=(JobStatus.GENERATING,),
+        from_states=(JobState.GENERATING,),
     )
-    assert retried is not None and retried.status is JobStatus.PENDING
+    assert retried is not None and retried.status is JobState.PENDING
     await asyncio.sleep(1.3)
 
     assert [j.id for j in await store.claim("w1", 10, 30.0)] == [started.id], "the expired job is not claimed"
     assert [j.id for j in await store.expire_due(100)] == [never_started.id]
     assert [j.id for j in await store.expire_due(100)] == [], "once"
     still = await store.get_job(started.id)
-    assert still is not None and still.status is JobStatus.GENERATING and still.attempt == 2
+    assert still is not None and still.status is JobState.GENERATING and still.attempt == 2
     await assert_credits_consistent(conn)

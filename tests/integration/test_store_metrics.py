@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from job_service.domain import EventType, JobStatus, Params, StoredImage
+from job_service.domain import JobEventType, JobState, Params, StoredImage
 from job_service.metrics import InstrumentedJobStore, JobMetrics
 from job_service.state_changes import StateChange
 from job_service.store import create_pool
@@ -107,36 +107,36 @@ async def test_each_settlement_counts_what_the_ledger_released_and_captured(
         path = f"{user}/{delivered_two.id}/1-{index}.png"
         return StoredImage(index, f"http://storage.test/{path}", path, "image/png", 1024, 1024, 1000)
 
-    running = (JobStatus.GENERATING,)
+    running = (JobState.GENERATING,)
     # Two of four images, and the completion, in one transaction: 4 released, 2 captured.
     written = await store.advance_batch(
         delivered_two.id,
         [
-            StateChange(event=EventType.IMAGE_STORED, image=image(0)),
-            StateChange(event=EventType.IMAGE_STORED, image=image(1)),
-            StateChange(event=EventType.COMPLETED, to=JobStatus.COMPLETED, filtered_count=2, filtered_reasons=()),
+            StateChange(event=JobEventType.IMAGE_STORED, image=image(0)),
+            StateChange(event=JobEventType.IMAGE_STORED, image=image(1)),
+            StateChange(event=JobEventType.COMPLETED, to=JobState.COMPLETED, filtered_count=2, filtered_reasons=()),
         ],
         attempt=1,
         from_states=running,
     )
-    assert written[-1].status is JobStatus.COMPLETED and written[-1].credits_charged == 2
+    assert written[-1].status is JobState.COMPLETED and written[-1].credits_charged == 2
     assert (credits(registry, "released"), credits(registry, "captured")) == (4, 2)
     # A failure alone: 3 released, nothing captured.
     failed = await store.advance(
-        fails.id, StateChange(event=EventType.FAILED, to=JobStatus.FAILED, error_code="X"), attempt=1,
+        fails.id, StateChange(event=JobEventType.FAILED, to=JobState.FAILED, error_code="X"), attempt=1,
         from_states=running,
     )  # fmt: skip
-    assert failed is not None and failed.status is JobStatus.FAILED
+    assert failed is not None and failed.status is JobState.FAILED
     # A pending job cancelled: 2 released.
     cancelled = await store.advance(
         stays_pending.id,
-        StateChange(event=EventType.CANCELLED, to=JobStatus.CANCELLED),
+        StateChange(event=JobEventType.CANCELLED, to=JobState.CANCELLED),
         attempt=0,
-        from_states=(JobStatus.PENDING,),
+        from_states=(JobState.PENDING,),
     )
-    assert cancelled is not None and cancelled.status is JobStatus.CANCELLED
+    assert cancelled is not None and cancelled.status is JobState.CANCELLED
     # A write the fence refuses settles nothing and counts nothing.
-    refused = await store.advance(fails.id, StateChange(event=EventType.CANCELLED), attempt=1, from_states=running)
+    refused = await store.advance(fails.id, StateChange(event=JobEventType.CANCELLED), attempt=1, from_states=running)
     assert refused is None
 
     ledger = await pool.fetchrow(
@@ -160,7 +160,7 @@ async def test_an_expired_job_is_counted_as_a_transition_and_its_whole_reservati
 
     expired = await store.expire_due(10)
 
-    assert [j.id for j in expired] == [job.id] and expired[0].status is JobStatus.EXPIRED
+    assert [j.id for j in expired] == [job.id] and expired[0].status is JobState.EXPIRED
     transitions = registry.get_sample_value("imagegen_job_transitions_total", {"event": "expired", "state": "expired"})
     assert transitions == 1
     assert (credits(registry, "released"), credits(registry, "captured")) == (3, 0)

@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from job_service.domain import Job, JobStatus, Params
+from job_service.domain import Job, JobState, Params
 
 
 def a_job(**overrides: Any) -> Job:
@@ -15,7 +15,7 @@ def a_job(**overrides: Any) -> Job:
     job = Job(
         id=str(uuid.uuid4()),
         user_id=str(uuid.uuid4()),
-        status=JobStatus.GENERATING,
+        status=JobState.GENERATING,
         prompt="a lighthouse at dusk",
         model="local",
         params=Params(),

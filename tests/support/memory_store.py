@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
-from job_service.domain import EventType, Job, JobEvent, JobStatus, Params, StoredImage
+from job_service.domain import Job, JobEvent, JobEventType, JobState, Params, StoredImage
 from job_service.state_changes import StateChange
 
 # Called before each write (the changes of one transaction), e.g. to hold it or to change the job meanwhile.
@@ -57,7 +57,7 @@ class MemoryStore:
         job = Job(
             id=str(uuid.uuid4()),
             user_id=str(uuid.uuid4()),
-            status=JobStatus.PENDING,
+            status=JobState.PENDING,
             prompt="a prompt",
             model="local",
             params=Params(sample_count=sample_count),
@@ -83,11 +83,11 @@ class MemoryStore:
             last_event_seq=1,
         )
         self._rows[job.id] = _Row(
-            job, price_per_image, events=[JobEvent(job.id, 1, EventType.CREATED, job.status, 0, now)]
+            job, price_per_image, events=[JobEvent(job.id, 1, JobEventType.CREATED, job.status, 0, now)]
         )
         return job
 
-    def events(self, job_id: str) -> list[EventType]:
+    def events(self, job_id: str) -> list[JobEventType]:
         return [event.type for event in self._rows[job_id].events]
 
     def messages(self, job_id: str) -> list[str]:
@@ -113,7 +113,7 @@ class MemoryStore:
         due = [
             row
             for row in self._rows.values()
-            if row.job.status is JobStatus.PENDING
+            if row.job.status is JobState.PENDING
             and row.job.next_attempt_at <= now
             and (row.job.start_deadline is None or row.job.attempt > 0 or row.job.start_deadline > now)
         ]
@@ -123,7 +123,7 @@ class MemoryStore:
             job = row.job
             row.job = replace(
                 job,
-                status=JobStatus.GENERATING,
+                status=JobState.GENERATING,
                 attempt=job.attempt + 1,
                 lease_owner=owner,
                 started_at=job.started_at or now,
@@ -135,7 +135,7 @@ class MemoryStore:
             row.lease_expires_at = now + timedelta(seconds=lease_seconds)
             row.events.append(
                 JobEvent(
-                    job.id, row.job.last_event_seq, EventType.ATTEMPT_STARTED, row.job.status, row.job.attempt, now
+                    job.id, row.job.last_event_seq, JobEventType.ATTEMPT_STARTED, row.job.status, row.job.attempt, now
                 )
             )
             claimed.append(row.job)
@@ -147,7 +147,7 @@ class MemoryStore:
         change: StateChange,
         *,
         attempt: int | None,
-        from_states: Sequence[JobStatus],
+        from_states: Sequence[JobState],
         only_if_lease_expired: bool = False,
     ) -> Job | None:
         if self.before_write is not None:
@@ -155,7 +155,7 @@ class MemoryStore:
         return self._apply(job_id, change, attempt, from_states, only_if_lease_expired=only_if_lease_expired)
 
     async def advance_batch(
-        self, job_id: str, changes: Sequence[StateChange], *, attempt: int, from_states: Sequence[JobStatus]
+        self, job_id: str, changes: Sequence[StateChange], *, attempt: int, from_states: Sequence[JobState]
     ) -> list[Job]:
         if self.before_write is not None:
             await self.before_write(job_id, changes)
@@ -174,7 +174,7 @@ class MemoryStore:
             if (
                 row is not None
                 and row.job.attempt == attempt
-                and row.job.status is JobStatus.GENERATING
+                and row.job.status is JobState.GENERATING
                 and row.job.lease_owner == owner
             ):
                 row.lease_expires_at = _now() + timedelta(seconds=lease_seconds)
@@ -186,9 +186,7 @@ class MemoryStore:
         expired = [
             row
             for row in self._rows.values()
-            if row.job.status is JobStatus.GENERATING
-            and row.lease_expires_at is not None
-            and row.lease_expires_at < now
+            if row.job.status is JobState.GENERATING and row.lease_expires_at is not None and row.lease_expires_at < now
         ]
         expired.sort(key=lambda row: row.lease_expires_at or now)
         return [row.job for row in expired[:limit]]
@@ -198,18 +196,18 @@ class MemoryStore:
         due = [
             row.job.id
             for row in self._rows.values()
-            if row.job.status is JobStatus.PENDING
+            if row.job.status is JobState.PENDING
             and row.job.attempt == 0
             and row.job.start_deadline is not None
             and row.job.start_deadline <= now
         ][:limit]
         expiry = StateChange(
-            event=EventType.EXPIRED,
-            to=JobStatus.EXPIRED,
+            event=JobEventType.EXPIRED,
+            to=JobState.EXPIRED,
             message="The job did not start before its start deadline.",
             error_code="START_DEADLINE_EXCEEDED",
         )
-        ended = [self._apply(job_id, expiry, 0, (JobStatus.PENDING,), only_if_lease_expired=False) for job_id in due]
+        ended = [self._apply(job_id, expiry, 0, (JobState.PENDING,), only_if_lease_expired=False) for job_id in due]
         return [job for job in ended if job is not None]
 
     # -- imagegen_advance ---------------------------------------------------------------------------------
@@ -219,7 +217,7 @@ class MemoryStore:
         job_id: str,
         change: StateChange,
         attempt: int | None,
-        from_states: Sequence[JobStatus],
+        from_states: Sequence[JobState],
         *,
         only_if_lease_expired: bool,
     ) -> Job | None:
@@ -240,7 +238,7 @@ class MemoryStore:
         error_code, error_message = job.error_code, job.error_message
         if change.error_code is not None:
             error_code, error_message = change.error_code, change.message
-        if to is JobStatus.COMPLETED:
+        if to is JobState.COMPLETED:
             error_code = error_message = None
         reserved, charged, completed_at = job.credits_reserved, job.credits_charged, job.completed_at
         lease_owner, next_attempt_at = job.lease_owner, job.next_attempt_at
@@ -248,7 +246,7 @@ class MemoryStore:
             charged = min(len(images) * row.price_per_image, reserved)
             reserved, completed_at, lease_owner = 0, now, None
             row.lease_expires_at = None
-        elif to is JobStatus.PENDING:
+        elif to is JobState.PENDING:
             lease_owner = None
             row.lease_expires_at = None
             next_attempt_at = now + timedelta(seconds=change.retry_delay or 0)

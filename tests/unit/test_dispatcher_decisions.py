@@ -15,21 +15,21 @@ import pytest
 
 from job_service.dispatcher import Dispatcher, DispatcherConfig
 from job_service.domain import (
-    EventType,
-    GenerationDone,
+    GenerationCompleted,
     GenerationEvent,
     GenerationFailure,
     GenerationStarted,
     ImageStored,
     Job,
-    JobStatus,
+    JobEventType,
+    JobState,
     StoredImage,
 )
 from job_service.failure_messages import user_message
 from job_service.state_changes import StateChange
 from tests.support.memory_store import MemoryStore
 
-E = EventType
+E = JobEventType
 # One step of a fake attempt: an event to yield, a failure to raise, or an asyncio.Event to wait for.
 Item = GenerationEvent | BaseException | asyncio.Event
 
@@ -38,8 +38,8 @@ def image(path: str) -> ImageStored:
     return ImageStored(StoredImage(0, f"http://storage/{path}", path, "image/png", 8, 8, 100))
 
 
-def done(delivered: int, filtered: int = 0) -> GenerationDone:
-    return GenerationDone(delivered, filtered, ["safety"] * filtered)
+def done(delivered: int, filtered: int = 0) -> GenerationCompleted:
+    return GenerationCompleted(delivered, filtered, ["safety"] * filtered)
 
 
 class FakeGenerator:
@@ -71,7 +71,7 @@ class FakeGenerator:
                     finished = True
                     raise item
                 else:
-                    finished = isinstance(item, GenerationDone)  # the reader stops at the completion
+                    finished = isinstance(item, GenerationCompleted)  # the reader stops at the completion
                     yield item
             finished = True
         finally:
@@ -102,7 +102,7 @@ async def until(store: MemoryStore, job_id: str, check: str, within: float = 5.0
     async with asyncio.timeout(within):
         while True:
             job = store.job(job_id)
-            if job.status.terminal if check == "ended" else EventType(check) in store.events(job_id):
+            if job.status.terminal if check == "ended" else JobEventType(check) in store.events(job_id):
                 return job
             await asyncio.sleep(0.002)
 
@@ -131,7 +131,7 @@ async def test_a_retryable_failure_with_attempts_left_is_retried_and_the_next_at
 
     ended = await run(store, generator, job)
 
-    assert (ended.status, ended.attempt, ended.failed_attempts) == (JobStatus.COMPLETED, 2, 1)
+    assert (ended.status, ended.attempt, ended.failed_attempts) == (JobState.COMPLETED, 2, 1)
     assert store.events(job.id) == [
         E.CREATED, E.ATTEMPT_STARTED, E.GENERATION_STARTED, E.RETRY_SCHEDULED,
         E.ATTEMPT_STARTED, E.GENERATION_STARTED, E.IMAGE_STORED, E.COMPLETED,
@@ -150,7 +150,7 @@ async def test_a_failure_that_is_not_retryable_fails_the_job_at_once() -> None:
     ended = await run(store, generator, job)
 
     assert (ended.status, ended.error_code, ended.attempt, ended.failed_attempts) == (
-        JobStatus.FAILED, "PROMPT_BLOCKED", 1, 1,
+        JobState.FAILED, "PROMPT_BLOCKED", 1, 1,
     )  # fmt: skip
     assert generator.opened == [1]
     assert ended.credits_charged == 0 and ended.credits_reserved == 0
@@ -164,7 +164,7 @@ async def test_a_retryable_failure_of_the_last_attempt_fails_the_job() -> None:
     ended = await run(store, generator, job)
 
     assert (ended.status, ended.error_code, ended.attempt, ended.failed_attempts) == (
-        JobStatus.FAILED, "PROVIDER_UNAVAILABLE", 2, 2,
+        JobState.FAILED, "PROVIDER_UNAVAILABLE", 2, 2,
     )  # fmt: skip
     assert store.events(job.id)[-1] is E.FAILED and store.events(job.id).count(E.RETRY_SCHEDULED) == 1
 
@@ -176,7 +176,7 @@ async def test_a_failure_that_does_not_count_leaves_the_attempts_untouched() -> 
 
     ended = await run(store, generator, job)
 
-    assert (ended.status, ended.attempt, ended.failed_attempts) == (JobStatus.COMPLETED, 4, 0)
+    assert (ended.status, ended.attempt, ended.failed_attempts) == (JobState.COMPLETED, 4, 0)
     retries = [change for change in store.changes(job.id) if change.event is E.RETRY_SCHEDULED]
     assert len(retries) == 3 and not any(change.count_failure for change in retries)
 
@@ -191,7 +191,7 @@ async def test_a_crash_and_a_stream_that_ends_without_completing_are_counted_ret
 
     ended = await run(store, generator, job)
 
-    assert (ended.status, ended.attempt, ended.failed_attempts) == (JobStatus.COMPLETED, 3, 2)
+    assert (ended.status, ended.attempt, ended.failed_attempts) == (JobState.COMPLETED, 3, 2)
     retries = [change for change in store.changes(job.id) if change.event is E.RETRY_SCHEDULED]
     assert [(change.error_code, change.count_failure) for change in retries] == [
         ("INTERNAL", True), ("STREAM_ENDED", True),
@@ -206,7 +206,7 @@ async def test_an_attempt_asks_only_for_the_images_earlier_attempts_did_not_deli
     ended = await run(store, generator, job)
 
     assert generator.asked == [3, 1]
-    assert (ended.status, len(ended.images), ended.credits_charged) == (JobStatus.COMPLETED, 3, 3)
+    assert (ended.status, len(ended.images), ended.credits_charged) == (JobState.COMPLETED, 3, 3)
     assert [stored.index for stored in ended.images] == [0, 1, 2]
 
 
@@ -219,7 +219,7 @@ async def test_a_job_whose_earlier_attempts_delivered_everything_completes_witho
     ended = await run(store, generator, job)
 
     assert generator.opened == []
-    assert (ended.status, ended.attempt, len(ended.images), ended.credits_charged) == (JobStatus.COMPLETED, 2, 2, 2)
+    assert (ended.status, ended.attempt, len(ended.images), ended.credits_charged) == (JobState.COMPLETED, 2, 2, 2)
     assert store.messages(job.id)[-1] == "2 delivered by earlier attempts"
 
 
@@ -234,7 +234,7 @@ async def test_images_beyond_what_the_attempt_asked_for_are_not_written() -> Non
 
     ended = await run(store, generator, job)
 
-    assert ended.status is JobStatus.COMPLETED
+    assert ended.status is JobState.COMPLETED
     assert [stored.storage_path for stored in ended.images] == ["a/1-0.png", "a/1-1.png"]
     assert ended.credits_charged == 10
     assert store.events(job.id).count(E.IMAGE_STORED) == 2
@@ -247,7 +247,7 @@ async def test_the_completion_records_what_the_provider_filtered() -> None:
 
     ended = await run(store, generator, job)
 
-    assert (ended.status, ended.filtered_count, ended.filtered_reasons) == (JobStatus.COMPLETED, 1, ["safety"])
+    assert (ended.status, ended.filtered_count, ended.filtered_reasons) == (JobState.COMPLETED, 1, ["safety"])
     assert store.messages(job.id)[-1] == "1 delivered, 1 filtered"
 
 
@@ -265,7 +265,7 @@ async def test_a_write_the_fence_refuses_stops_the_attempt() -> None:
         store.let_lease_run_out(job.id)
         reaped = await store.advance(
             job.id, StateChange.lease_expired("w1 stopped responding"), attempt=1,
-            from_states=(JobStatus.GENERATING,), only_if_lease_expired=True,
+            from_states=(JobState.GENERATING,), only_if_lease_expired=True,
         )  # fmt: skip
         assert reaped is not None
         [taken] = await store.claim("w2", 1, 30.0)
@@ -278,7 +278,7 @@ async def test_a_write_the_fence_refuses_stops_the_attempt() -> None:
 
     assert generator.closed_early == [1], "the attempt stopped at its first refused write"
     current = store.job(job.id)
-    assert (current.status, current.attempt, current.lease_owner) == (JobStatus.GENERATING, 2, "w2")
+    assert (current.status, current.attempt, current.lease_owner) == (JobState.GENERATING, 2, "w2")
     assert [stored.storage_path for stored in current.images] == ["a/1-0.png"]
     assert store.events(job.id)[-2:] == [E.LEASE_EXPIRED, E.ATTEMPT_STARTED] and taken.attempt == 2
 
@@ -299,7 +299,7 @@ async def test_a_cancel_before_the_stream_opens_ends_the_job_without_asking_the_
         for taken in claimed:
             requested = await store.advance(
                 taken.id, StateChange.cancel_requested_by_user(), attempt=taken.attempt,
-                from_states=(JobStatus.GENERATING,),
+                from_states=(JobState.GENERATING,),
             )  # fmt: skip
             assert requested is not None
             # As the fan-out delivers it once the attempt runs here (the claim's answer comes first).
@@ -314,7 +314,7 @@ async def test_a_cancel_before_the_stream_opens_ends_the_job_without_asking_the_
         await worker.drain(0.1)
 
     assert generator.opened == []
-    assert (ended.status, ended.credits_charged) == (JobStatus.CANCELLED, 0)
+    assert (ended.status, ended.credits_charged) == (JobState.CANCELLED, 0)
     assert store.messages(job.id)[-1] == "cancelled by the user"
 
 
@@ -329,7 +329,7 @@ async def test_a_cancel_during_the_stream_stops_it_and_charges_what_was_delivere
         await asyncio.wait_for(generator.waiting.wait(), timeout=5)
         requested = await store.advance(
             job.id, StateChange.cancel_requested_by_user(), attempt=running.attempt,
-            from_states=(JobStatus.GENERATING,),
+            from_states=(JobState.GENERATING,),
         )  # fmt: skip
         assert requested is not None
         worker.on_committed(requested, E.CANCEL_REQUESTED)
@@ -338,7 +338,7 @@ async def test_a_cancel_during_the_stream_stops_it_and_charges_what_was_delivere
         await worker.drain(0.1)
 
     assert generator.closed_early == [1]
-    assert (ended.status, len(ended.images), ended.credits_charged) == (JobStatus.CANCELLED, 1, 2)
+    assert (ended.status, len(ended.images), ended.credits_charged) == (JobState.CANCELLED, 1, 2)
     assert store.events(job.id)[-2:] == [E.CANCEL_REQUESTED, E.CANCELLED]
 
 
@@ -361,7 +361,7 @@ async def test_a_cancel_after_the_completion_arrived_lets_the_job_complete() -> 
     finally:
         await worker.drain(0.1)
 
-    assert (ended.status, ended.credits_charged) == (JobStatus.COMPLETED, 1)
+    assert (ended.status, ended.credits_charged) == (JobState.COMPLETED, 1)
     assert store.events(job.id)[-1] is E.COMPLETED and E.CANCELLED not in store.events(job.id)
     assert generator.closed_early == []
 
@@ -369,25 +369,25 @@ async def test_a_cancel_after_the_completion_arrived_lets_the_job_complete() -> 
 @pytest.mark.parametrize(
     ("cancel_requested", "failed_attempts", "status", "last_event"),
     [
-        (False, 0, JobStatus.PENDING, E.LEASE_EXPIRED),
-        (False, 2, JobStatus.FAILED, E.FAILED),
-        (True, 0, JobStatus.CANCELLED, E.CANCELLED),
+        (False, 0, JobState.PENDING, E.LEASE_EXPIRED),
+        (False, 2, JobState.FAILED, E.FAILED),
+        (True, 0, JobState.CANCELLED, E.CANCELLED),
     ],
     ids=["back-to-pending", "last-attempt-fails", "cancel-requested-ends-it"],
 )
 async def test_a_job_whose_lease_ran_out_is_reaped(
-    cancel_requested: bool, failed_attempts: int, status: JobStatus, last_event: EventType
+    cancel_requested: bool, failed_attempts: int, status: JobState, last_event: JobEventType
 ) -> None:
     store = MemoryStore()
     job = store.add_job(max_attempts=3, failed_attempts=failed_attempts)
     [taken] = await store.claim("gone", 1, 30.0)
     if cancel_requested:
         await store.advance(
-            job.id, StateChange.cancel_requested_by_user(), attempt=taken.attempt, from_states=(JobStatus.GENERATING,)
+            job.id, StateChange.cancel_requested_by_user(), attempt=taken.attempt, from_states=(JobState.GENERATING,)
         )
     worker = dispatcher(store, FakeGenerator())
     await worker._reap()
-    assert store.job(job.id).status is JobStatus.GENERATING, "not while the lease still runs"
+    assert store.job(job.id).status is JobState.GENERATING, "not while the lease still runs"
 
     store.let_lease_run_out(job.id)
     await worker._reap()
@@ -395,7 +395,7 @@ async def test_a_job_whose_lease_ran_out_is_reaped(
     reaped = store.job(job.id)
     assert (reaped.status, store.events(job.id)[-1]) == (status, last_event)
     assert reaped.failed_attempts == failed_attempts + (0 if cancel_requested else 1)
-    if status is JobStatus.FAILED:
+    if status is JobState.FAILED:
         assert reaped.error_code == "LEASE_EXPIRED"
 
 
@@ -410,12 +410,12 @@ async def test_a_job_handed_back_at_shutdown_with_a_cancel_requested_ends_cancel
     # The cancel is in the row, but its notification never reached this replica before it began to shut down.
     running = store.job(job.id)
     await store.advance(
-        job.id, StateChange.cancel_requested_by_user(), attempt=running.attempt, from_states=(JobStatus.GENERATING,)
+        job.id, StateChange.cancel_requested_by_user(), attempt=running.attempt, from_states=(JobState.GENERATING,)
     )
 
     await worker.drain(0.01)
 
     ended = store.job(job.id)
     assert store.events(job.id)[-2:] == [E.HANDED_BACK, E.CANCELLED]
-    assert (ended.status, ended.failed_attempts, ended.credits_charged) == (JobStatus.CANCELLED, 0, 0)
+    assert (ended.status, ended.failed_attempts, ended.credits_charged) == (JobState.CANCELLED, 0, 0)
     assert generator.closed_early == [1]

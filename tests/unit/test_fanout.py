@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from job_service.domain import EventType, Job, JobEvent, JobStatus
+from job_service.domain import Job, JobEvent, JobEventType, JobState
 from job_service.fanout import EventFanout
 from tests.support.memory_store import MemoryStore
 
@@ -20,10 +20,10 @@ class Heard:
     def publish(self, job: Job, event: JobEvent) -> None:
         self.log.append(("watchers", event.seq))
 
-    def on_committed(self, job: Job, event: EventType) -> None:
+    def on_committed(self, job: Job, event: JobEventType) -> None:
         self.log.append(("dispatcher", event))
 
-    def on_notification(self, job_id: str, seq: int, event: EventType | None) -> None:
+    def on_notification(self, job_id: str, seq: int, event: JobEventType | None) -> None:
         self.log.append(("dispatcher notified", event))
 
     def wake(self) -> None:
@@ -32,10 +32,10 @@ class Heard:
 
 def claimed_at_create() -> tuple[Job, list[JobEvent]]:
     """A job claimed in the transaction that created it: 'created' and 'attempt_started' commit together."""
-    job = replace(MemoryStore().add_job(), status=JobStatus.GENERATING, attempt=1, last_event_seq=2)
+    job = replace(MemoryStore().add_job(), status=JobState.GENERATING, attempt=1, last_event_seq=2)
     now = datetime.now(UTC)
-    created = JobEvent(job.id, 1, EventType.CREATED, JobStatus.PENDING, 0, now)
-    started = JobEvent(job.id, 2, EventType.ATTEMPT_STARTED, JobStatus.GENERATING, 1, now)
+    created = JobEvent(job.id, 1, JobEventType.CREATED, JobState.PENDING, 0, now)
+    started = JobEvent(job.id, 2, JobEventType.ATTEMPT_STARTED, JobState.GENERATING, 1, now)
     return job, [created, started]
 
 
@@ -51,7 +51,7 @@ def test_watchers_hear_every_event_first_and_the_dispatcher_only_the_jobs_latest
     # The 'created' of a job no longer pending must not wake a claim for it.
     assert heard.log == [
         ("watchers", 1), ("webhooks", None),
-        ("watchers", 2), ("dispatcher", EventType.ATTEMPT_STARTED), ("webhooks", None),
+        ("watchers", 2), ("dispatcher", JobEventType.ATTEMPT_STARTED), ("webhooks", None),
     ]  # fmt: skip
 
 
@@ -60,9 +60,9 @@ def test_a_notification_goes_to_the_dispatcher_and_the_webhook_sender() -> None:
     fanout = EventFanout()
     fanout.deliver_to(watchers=heard, runner=heard, webhooks=heard)
 
-    fanout.notified("some-job", 3, EventType.CANCEL_REQUESTED)
+    fanout.notified("some-job", 3, JobEventType.CANCEL_REQUESTED)
 
-    assert heard.log == [("dispatcher notified", EventType.CANCEL_REQUESTED), ("webhooks", None)]
+    assert heard.log == [("dispatcher notified", JobEventType.CANCEL_REQUESTED), ("webhooks", None)]
 
 
 async def test_a_write_is_in_flight_until_its_events_are_delivered() -> None:

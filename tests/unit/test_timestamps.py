@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from google.protobuf import timestamp_pb2
 
-from job_service.domain import EventType, JobEvent, JobStatus
+from job_service.domain import JobEvent, JobEventType, JobState
 from job_service.servicer import event_to_pb
 
 INSTANTS = [
@@ -24,7 +24,7 @@ INSTANTS = [
 def test_an_event_time_is_the_instant_protobuf_would_give(at: datetime) -> None:
     expected = timestamp_pb2.Timestamp()
     expected.FromDatetime(at)
-    message = event_to_pb(JobEvent("j", 1, EventType.CREATED, JobStatus.PENDING, 0, at))
+    message = event_to_pb(JobEvent("j", 1, JobEventType.CREATED, JobState.PENDING, 0, at))
     assert (message.time.seconds, message.time.nanos) == (expected.seconds, expected.nanos)
     aware = at if at.tzinfo else at.replace(tzinfo=UTC)
     assert message.time.ToDatetime(tzinfo=UTC) == aware
