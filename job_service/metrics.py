@@ -8,8 +8,6 @@ reports the same values (take max, not sum); they are read with one small query 
 
 from __future__ import annotations
 
-from typing import Any
-
 import asyncpg
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -17,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from job_service.cleanup import CleanupStore
 from job_service.domain import Job, JobEvent, JobEventType, JobState
 from job_service.queries import queries
-from job_service.store import CommittedEvents, CreatedJob, JobStore
+from job_service.store import CommittedEvents, JobStore
 from job_service.webhook_sender import WebhookMetricsSink
 from job_service.webhook_store import WebhookStore
 
@@ -28,7 +26,7 @@ CREDIT_KINDS = ("reserved", "captured", "released")
 _PROGRESS_EVENTS = frozenset({JobEventType.GENERATION_STARTED.value, JobEventType.IMAGE_STORED.value})
 
 
-def _transition_details(job: Job, event: str) -> dict[str, Any]:
+def _transition_details(job: Job, event: str) -> dict[str, object]:
     """What an operator asks about a job at this transition, beyond the ids and the state."""
     if event == JobEventType.CREATED.value:
         return {"model": job.model, "images": job.params.sample_count, "reserved": job.credits_reserved}
@@ -164,11 +162,9 @@ class InstrumentedJobStore(JobStore):
         self._metrics.transition(job, event)
         super()._committed(job, event)
 
-    async def create_job(self, **kwargs: Any) -> CreatedJob:
-        made = await super().create_job(**kwargs)
-        if made.created:  # the database says whether this call made the job, in the same round trip
-            self._metrics.credits.labels("reserved").inc(made.job.credits_reserved)
-        return made
+    def _created(self, job: Job) -> None:
+        # Only a create that made its job reserved credits: the database says so in the create's own round trip.
+        self._metrics.credits.labels("reserved").inc(job.credits_reserved)
 
     def _settled(self, job: Job, released: int) -> None:
         self._metrics.credits.labels("released").inc(released)

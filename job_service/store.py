@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import asyncpg
 import structlog
@@ -233,7 +233,7 @@ class _NewJob(NamedTuple):
     user: str
     prompt: str
     model: str
-    params: dict[str, Any]
+    params: dict[str, object]
     template_id: str | None
     request_id: str | None
     request_hash: str
@@ -368,6 +368,10 @@ class JobStore:
         if job.status.terminal:
             self._settled(job, row["reserved_before"])
 
+    def _created(self, job: Job) -> None:
+        """A create just made `job` and reserved `job.credits_reserved` for it (a replay made nothing). A hook for the
+        metrics layer, as _settled is."""
+
     def _settled(self, job: Job, released: int) -> None:
         """A write just ended `job` and settled its reservation: released `released` credits (all it held) and
         captured `job.credits_charged`. A hook for the metrics layer; the ledger has the same two rows."""
@@ -387,7 +391,7 @@ class JobStore:
         active_limit: int,
         new_user_credits: int,
         claim: ClaimAtCreate | None = None,
-        webhook: dict[str, Any] | None = None,
+        webhook: dict[str, object] | None = None,
         priority: int | None = None,
         start_within: float | None = None,
         rules: CreateRules = CreateRules(),
@@ -426,6 +430,8 @@ class JobStore:
                 rate_window_seconds=rules.rate_window_seconds,
             )
         )
+        if made.created:
+            self._created(made.job)
         for event in made.events:  # each with the job as this write left it, as every write reports its events
             self._committed(made.claimed or made.job, event)
         return made
