@@ -162,7 +162,7 @@ def read_answer(content: bytes, index: int, provider: str) -> dict[str, Any] | F
 def check_and_convert(
     data: bytes, declared_mime: str | None, max_pixels: int, mime_type: str, jpeg_quality: int
 ) -> CheckedImage:
-    """The image checked (decoded in full, within `max_pixels`), then in `mime_type`. Blocking: see run_decoding."""
+    """The image checked (complete, within `max_pixels`), then in `mime_type`. Blocking: see run_decoding."""
     return convert(check_image(data, declared_mime, max_pixels), mime_type, jpeg_quality)
 
 

@@ -10,8 +10,10 @@ See /work/shared/reference/external-apis.md §2 for the sources.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
@@ -20,12 +22,23 @@ from generator_service.config import ModelSpec
 from generator_service.domain import FilteredImage, GeneratedImage, GenerationRequest, generation_error
 from generator_service.providers.errors import bad_image, bad_response, error_for_failure
 from generator_service.providers.http import HttpFailure, ProviderHttp, RequestAuth
-from generator_service.providers.images import DEFAULT_MAX_PIXELS, BadImage, check_image, decode_base64, run_decoding
+from generator_service.providers.images import (
+    DEFAULT_MAX_PIXELS,
+    BadImage,
+    CheckedImage,
+    check_image,
+    decode_base64,
+    run_decoding,
+)
 from imagegen_common.errors import ErrorKind, ServiceError
 
 # How Imagen words a prompt refused before generation (HTTP 400), e.g. "The prompt could not be submitted.
 # This prompt contains sensitive words that violate Google's Responsible AI practices."
 _BLOCKED_PROMPT_MARKERS = ("could not be submitted", "sensitive words", "responsible ai")
+# Images of one answer checked at once, each in a worker thread: zlib and Pillow release the GIL, so on 2 cores
+# a 4-image answer of 1K PNGs is parsed and checked in 19 ms instead of 33 (one at a time); 4 at once was no faster
+# there, and would hold more images in memory.
+CHECKS_AT_ONCE = 2
 
 
 def request_body(request: GenerationRequest, jpeg_quality: int, model: ModelSpec) -> dict[str, Any]:
@@ -80,7 +93,8 @@ def _parse(content: bytes) -> Any:
 async def images_from_response(
     content: bytes, provider: str, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> AsyncGenerator[GeneratedImage | FilteredImage, None]:
-    """Yields each prediction as soon as it is decoded and checked, in the provider's order.
+    """Yields each prediction in the provider's order, as soon as it and those before it are checked
+    (CHECKS_AT_ONCE images at a time).
 
     An image keeps the size it has: one that differs from the size table (domain.image_dimensions) is still a
     good image the provider charged for, and the event reports its real size.
@@ -107,31 +121,68 @@ async def images_from_response(
     if not isinstance(predictions, list):
         raise bad_response(provider, "`predictions` is not a list")
 
-    index = 0
-    while predictions:
-        prediction = predictions.pop(0)
-        if not isinstance(prediction, dict):
-            raise bad_response(provider, f"prediction {index} is not an object")
-        if prediction.get("contentType") == "Positive Prompt":
-            continue  # the prompt's own safety scores (includeSafetyAttributes), not an image
-        encoded = prediction.pop("bytesBase64Encoded", None)
-        if encoded is None:
-            reason = prediction.get("raiFilteredReason")
-            if not reason:
-                raise bad_response(provider, f"prediction {index} has neither image bytes nor a filter reason")
-            yield FilteredImage(index, str(reason))
-            index += 1
-            continue
-        try:
-            data = await run_sized(len(encoded) if isinstance(encoded, str) else 0, decode_base64, encoded)
-            del encoded
-            checked = await run_decoding(data, check_image, data, prediction.get("mimeType"), max_pixels)
-        except BadImage as exc:
-            raise bad_image(provider, f"prediction {index}", exc) from None
-        del data, prediction
-        yield GeneratedImage(index, checked.data, checked.mime_type, checked.width, checked.height)
-        del checked
-        index += 1
+    # In the provider's order: each image's check starts as soon as fewer than CHECKS_AT_ONCE are running, and
+    # each item (or the answer's fault) is yielded (raised) once every item before it has been.
+    ahead: deque[tuple[int, FilteredImage | ServiceError | asyncio.Task[CheckedImage]]] = deque()
+    try:
+        index = 0
+        while predictions or ahead:
+            while predictions and sum(isinstance(item, asyncio.Task) for _, item in ahead) < CHECKS_AT_ONCE:
+                prediction = predictions.pop(0)
+                if _is_prompt_scores(prediction):
+                    continue  # the prompt's own safety scores (includeSafetyAttributes), not an image
+                ahead.append((index, _start(prediction, index, provider, max_pixels)))
+                if isinstance(ahead[-1][1], ServiceError):
+                    predictions.clear()  # the answer is broken: nothing after it is read
+                del prediction
+                index += 1
+            if not ahead:
+                continue
+            position, item = ahead.popleft()
+            if isinstance(item, FilteredImage):
+                yield item
+                continue
+            if isinstance(item, ServiceError):
+                raise item
+            try:
+                checked = await item
+            except BadImage as exc:
+                raise bad_image(provider, f"prediction {position}", exc) from None
+            del item
+            yield GeneratedImage(position, checked.data, checked.mime_type, checked.width, checked.height)
+            del checked
+    finally:
+        # An answer that fails or a stream that closes leaves no check running behind it.
+        checks = [item for _, item in ahead if isinstance(item, asyncio.Task)]
+        for check in checks:
+            check.cancel()
+        await asyncio.gather(*checks, return_exceptions=True)
+
+
+def _is_prompt_scores(prediction: object) -> bool:
+    return isinstance(prediction, dict) and prediction.get("contentType") == "Positive Prompt"
+
+
+def _start(
+    prediction: object, index: int, provider: str, max_pixels: int
+) -> FilteredImage | ServiceError | asyncio.Task[CheckedImage]:
+    """The filtered image, the fault of a malformed prediction, or its image's check, started."""
+    if not isinstance(prediction, dict):
+        return bad_response(provider, f"prediction {index} is not an object")
+    encoded = prediction.pop("bytesBase64Encoded", None)
+    if encoded is None:
+        reason = prediction.get("raiFilteredReason")
+        if not reason:
+            return bad_response(provider, f"prediction {index} has neither image bytes nor a filter reason")
+        return FilteredImage(index, str(reason))
+    return asyncio.create_task(_checked(encoded, prediction.get("mimeType"), max_pixels))
+
+
+async def _checked(encoded: object, declared_mime: str | None, max_pixels: int) -> CheckedImage:
+    """One prediction's image: base64 decoded, then checked (both off the event loop when large)."""
+    data = await run_sized(len(encoded) if isinstance(encoded, str) else 0, decode_base64, encoded)
+    del encoded
+    return await run_decoding(data, check_image, data, declared_mime, max_pixels)
 
 
 async def generate(

@@ -304,7 +304,7 @@ async def test_unusable_images_end_the_attempt_for_good(
     assert len(vertex_api.requests) == 1
 
 
-async def test_images_are_yielded_one_at_a_time_before_later_ones_are_decoded(
+async def test_images_are_yielded_in_order_before_a_later_bad_one_fails(
     vertex_api: FakeVertexImagen,
 ) -> None:
     good = b64(image_bytes(1024, 1024, "image/png"))

@@ -34,6 +34,7 @@ from tests.generator.helpers import gemini_settings, running
 IMAGEN = "gemini-api/imagen-4.0-fast-generate-001"  # `:predict`, shared with vertex-imagen
 GEMINI = "gemini-2.5-flash-image"  # `:generateContent`
 
+GOOD_PNG = image_bytes(1024, 1024, "image/png")
 BAD_IMAGES = {
     # (bytes, the reason the attempt ends with)
     "decompression-bomb": (png_declaring(20_000, 20_000), "PROVIDER_IMAGE_TOO_LARGE"),
@@ -41,6 +42,11 @@ BAD_IMAGES = {
     # Above GEN_MAX_IMAGE_PIXELS (40 MP) but below Pillow's own bomb limit: only our bound refuses it.
     "50-megapixels": (flat_png(7_100, 7_100), "PROVIDER_IMAGE_TOO_LARGE"),
     "truncated-png": (flat_png(1024, 1024, rows=500), "PROVIDER_IMAGE_INVALID"),
+    "png-cut-in-transfer": (GOOD_PNG[: len(GOOD_PNG) * 2 // 3], "PROVIDER_IMAGE_INVALID"),
+    "png-with-one-byte-changed": (
+        GOOD_PNG[:300] + bytes([GOOD_PNG[300] ^ 1]) + GOOD_PNG[301:],
+        "PROVIDER_IMAGE_INVALID",
+    ),
     "not-an-image": (b"<html><body>Service temporarily unavailable</body></html>", "PROVIDER_IMAGE_INVALID"),
 }
 
