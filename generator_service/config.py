@@ -317,8 +317,9 @@ class GeneratorSettings(BaseSettings):
     provider_memory_budget_mb: int = Field(default=128, ge=0)
     # JPEG quality asked of Imagen (outputOptions.compressionQuality) and used when converting Gemini output.
     jpeg_quality: int = Field(default=90, ge=1, le=100)
-    # Most pixels a provider's image may have; it is decoded in full before it is stored, so this bounds the
-    # memory and CPU one image costs (4 bytes a pixel decoded). Comfortably above the largest image a supported
+    # Most pixels a provider's image may have, read from its header before anything else: a PNG's pixel stream is
+    # inflated to its end and a JPEG or WebP decoded in full before it is stored, so this bounds the memory and
+    # CPU one image costs (4 bytes a pixel decoded). Comfortably above the largest image a supported
     # model returns (4K: 4096x4096 = 16.8 MP). At most Pillow's own bomb limit (Image.MAX_IMAGE_PIXELS, process-
     # global, left at its default: it warns above 89478485 pixels and refuses twice that), so this is the bound
     # that decides.
