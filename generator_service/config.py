@@ -17,7 +17,7 @@ GEMINI_ASPECT_RATIOS = ["1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16",
 # Gemini 3.1 Flash Image adds the extremes.
 GEMINI_31_ASPECT_RATIOS = [*GEMINI_ASPECT_RATIOS, "1:4", "4:1", "1:8", "8:1"]
 # Gemini 3.1 Flash Image also makes 512 px images: `imageSize` "512" (the Gemini API's discovery document: "Supported
-# values are `512`, `1K`, `2K`, `4K`"); no other catalogued model does.
+# values are `512`, `1K`, `2K`, `4K`"); no other catalogued Google model does (the local placeholder offers all).
 GEMINI_31_IMAGE_SIZES = ["512", "1K", "2K", "4K"]
 PERSON_GENERATION = ["dont_allow", "allow_adult", "allow_all"]
 # Imagen's safety filter levels (`safetySetting`); BLOCK_NONE needs an allow-listed project and is not offered.
@@ -122,6 +122,8 @@ def _gemini_image_models(provider: Literal["gemini-image", "vertex-gemini-image"
     Vertex AI takes `personGeneration` (google-genai refuses it on the Gemini API). The two `-preview` ids stay
     listed for the jobs and templates that name them, but Google shut those previews down (Gemini API 2026-06-25,
     Vertex AI 2026-07-17) in favour of the GA ids `gemini-3-pro-image` and `gemini-3.1-flash-image`.
+    Gemini 3.1 Flash-Lite Image ("Nano Banana 2 Lite", GA 2026-06-30) makes 1K only and is served at Vertex AI's
+    `global` location only (its model card).
     """
     vertex = provider == "vertex-gemini-image"
     prefix, where = ("vertex/", "Vertex AI") if vertex else ("", "Gemini API")
@@ -153,6 +155,15 @@ def _gemini_image_models(provider: Literal["gemini-image", "vertex-gemini-image"
         "thinking": True,
         "provider_price_usd": 0.067,  # 1K; 512 is 0.045, 2K 0.101, 4K 0.151
     }
+    lite = {
+        # Its Vertex model card lists all 14 ratios and 14 input images; the Gemini API's model page says "14 aspect
+        # ratios" too (the same model). Price: third-party quotes of Google's pricing (1120 tokens at $30 / 1M).
+        "aspect_ratios": list(GEMINI_31_ASPECT_RATIOS),
+        "max_input_images": 14,
+        "thinking": True,
+        "provider_price_usd": 0.0336,
+        "vertex_locations": ["global"] if vertex else [],
+    }
     retired = "preview, shut down by Google in 2026; use"
     return [
         model(
@@ -164,6 +175,7 @@ def _gemini_image_models(provider: Literal["gemini-image", "vertex-gemini-image"
         ),
         model("gemini-3-pro-image", "Gemini 3 Pro Image, Nano Banana Pro", **pro),
         model("gemini-3.1-flash-image", "Gemini 3.1 Flash Image, Nano Banana 2", **flash),
+        model("gemini-3.1-flash-lite-image", "Gemini 3.1 Flash-Lite Image, Nano Banana 2 Lite", **lite),
         model(
             "gemini-3-pro-image-preview",
             f"Gemini 3 Pro Image {retired} {prefix}gemini-3-pro-image",
@@ -180,6 +192,10 @@ def _gemini_image_models(provider: Literal["gemini-image", "vertex-gemini-image"
 
 
 def _default_models() -> list[ModelSpec]:
+    # Google lists every Imagen endpoint on Vertex AI as deprecated and discontinued, to be replaced before
+    # 2026-06-30 (its Imagen 4 model page). The entries stay for the jobs and templates that name them; their display
+    # names say so, as the retired previews' do.
+    imagen_retired = "Vertex AI, deprecated by Google: discontinued 2026-06-30"
     imagen_vertex = {
         "parameters": list(_IMAGEN_VERTEX_PARAMETERS),
         "safety_settings": list(SAFETY_SETTINGS),
@@ -191,7 +207,8 @@ def _default_models() -> list[ModelSpec]:
             provider="local",
             display_name="Local placeholder renderer (offline, not AI)",
             aspect_ratios=list(GEMINI_31_ASPECT_RATIOS),
-            image_sizes=["1K", "2K", "4K"],
+            # Every size the catalogue knows (512 is 3.1 Flash Image's), so an app can try each one offline.
+            image_sizes=list(GEMINI_31_IMAGE_SIZES),
             max_input_images=14,
             # Everything but negative_prompt, which no catalogued Google model takes any more.
             parameters=[p for p in PARAMETERS if p != "negative_prompt"],
@@ -202,7 +219,7 @@ def _default_models() -> list[ModelSpec]:
         ModelSpec(
             id="imagen-4.0-generate-001",
             provider="vertex-imagen",
-            display_name="Imagen 4 (Vertex AI)",
+            display_name=f"Imagen 4 ({imagen_retired})",
             image_sizes=["1K", "2K"],
             provider_price_usd=0.04,
             **imagen_vertex,  # type: ignore[arg-type]
@@ -210,7 +227,7 @@ def _default_models() -> list[ModelSpec]:
         ModelSpec(
             id="imagen-4.0-ultra-generate-001",
             provider="vertex-imagen",
-            display_name="Imagen 4 Ultra (Vertex AI)",
+            display_name=f"Imagen 4 Ultra ({imagen_retired})",
             image_sizes=["1K", "2K"],
             provider_price_usd=0.06,
             **imagen_vertex,  # type: ignore[arg-type]
@@ -218,7 +235,7 @@ def _default_models() -> list[ModelSpec]:
         ModelSpec(
             id="imagen-4.0-fast-generate-001",
             provider="vertex-imagen",
-            display_name="Imagen 4 Fast (Vertex AI)",
+            display_name=f"Imagen 4 Fast ({imagen_retired})",
             provider_price_usd=0.02,
             **imagen_vertex,  # type: ignore[arg-type]
         ),

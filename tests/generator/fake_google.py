@@ -284,6 +284,7 @@ class FakeGeminiImage(_FakeService):
         self.thinking_models = {
             "gemini-3-pro-image",
             "gemini-3.1-flash-image",
+            "gemini-3.1-flash-lite-image",
             "gemini-3-pro-image-preview",
             "gemini-3.1-flash-image-preview",
         }

@@ -12,7 +12,11 @@ from generator_service.config import _default_models
 from generator_service.served_models import served_models
 from tests.generator.helpers import running, settings_for
 
-GLOBAL_ONLY = {"vertex/gemini-3-pro-image-preview", "vertex/gemini-3.1-flash-image-preview"}
+GLOBAL_ONLY = {
+    "vertex/gemini-3-pro-image-preview",
+    "vertex/gemini-3.1-flash-image-preview",
+    "vertex/gemini-3.1-flash-lite-image",
+}
 
 
 async def listed(tmp_path: Path, **settings: object) -> set[str]:

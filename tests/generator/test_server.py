@@ -69,6 +69,7 @@ async def test_list_models_lists_only_models_whose_provider_is_configured(tmp_pa
         "gemini-2.5-flash-image": "gemini-image",
         "gemini-3-pro-image": "gemini-image",
         "gemini-3.1-flash-image": "gemini-image",
+        "gemini-3.1-flash-lite-image": "gemini-image",
         "gemini-3-pro-image-preview": "gemini-image",
         "gemini-3.1-flash-image-preview": "gemini-image",
     }
@@ -81,7 +82,8 @@ async def test_list_models_lists_only_models_whose_provider_is_configured(tmp_pa
         "vertex/gemini-2.5-flash-image": "vertex-gemini-image",
         "vertex/gemini-3-pro-image": "vertex-gemini-image",
         "vertex/gemini-3.1-flash-image": "vertex-gemini-image",
-        # The previews are served at `global` only, not at the default us-central1 (test_model_locations.py).
+        # The previews and Flash-Lite Image are served at `global` only, not at the default us-central1
+        # (test_model_locations.py).
     }
 
 
