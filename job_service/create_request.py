@@ -20,7 +20,7 @@ from job_service.webhooks import DEFAULT_EVENTS, WebhookPolicy, event_violations
 # Static limits, for when the generator's catalogue cannot be read: every value some model takes (the generator
 # re-validates each attempt against the model's own list).
 ASPECT_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9", "1:4", "4:1", "1:8", "8:1")
-IMAGE_SIZES = ("1K", "2K", "4K")
+IMAGE_SIZES = ("512", "1K", "2K", "4K")
 PERSON_GENERATION = ("dont_allow", "allow_adult", "allow_all")
 MIME_TYPES = ("image/png", "image/jpeg")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")

@@ -186,8 +186,14 @@ def test_without_the_catalogue_any_well_formed_model_passes_and_the_static_limit
     assert (job.model, job.params.image_size, job.params.aspect_ratio) == ("imagen-9", "4K", "21:9")
     assert refused(with_params(image_size="8K", aspect_ratio="2:1"), catalog=None) == {
         "params.aspect_ratio": "local supports 1:1, 2:3, 3:2, 3:4, 4:3, 4:5, 5:4, 9:16, 16:9, 21:9, 1:4, 4:1, 1:8, 8:1",
-        "params.image_size": "local supports 1K, 2K, 4K",
+        "params.image_size": "local supports 512, 1K, 2K, 4K",
     }
+
+
+def test_without_the_catalogue_the_smallest_size_a_model_offers_still_passes() -> None:
+    # Gemini 3.1 Flash Image (and local) take 512: a generator down for a moment must not refuse it.
+    job = accepted(with_params("gemini-3.1-flash-image", image_size="512"), catalog=None)
+    assert job.params.image_size == "512"
 
 
 # -- templates ------------------------------------------------------------------------------------------------
