@@ -27,6 +27,14 @@ from job_service.domain import Job, JobEvent, JobEventType
 log = structlog.get_logger(__name__)
 
 
+@contextlib.contextmanager
+def _logged_fault(receiver: str, job: Job, event: JobEvent) -> Iterator[None]:
+    try:
+        yield
+    except Exception:
+        log.exception("delivering a committed event failed", receiver=receiver, job_id=job.id, seq=event.seq)
+
+
 class Watchers(Protocol):
     def publish(self, job: Job, event: JobEvent) -> None: ...
 
@@ -91,17 +99,18 @@ class EventFanout:
         The write has committed whatever a receiver does: a receiver's fault is logged, not raised (the NOTIFY and
         a read still bring the event to the watchers).
         """
-        try:
-            if self._watchers is not None:
+        # Each receiver on its own: one's fault must not keep the event from the others.
+        if self._watchers is not None:
+            with _logged_fault("watchers", job, event):
                 self._watchers.publish(job, event)
-            # Only the job's latest event concerns the dispatcher: the 'created' of a job claimed as it was created
-            # (attempt_started came with it) must not wake a claim for a job that is no longer pending.
-            if self._runner is not None and event.seq == job.last_event_seq:
+        # Only the job's latest event concerns the dispatcher: the 'created' of a job claimed as it was created
+        # (attempt_started came with it) must not wake a claim for a job that is no longer pending.
+        if self._runner is not None and event.seq == job.last_event_seq:
+            with _logged_fault("dispatcher", job, event):
                 self._runner.on_committed(job, event.type)
-            if self._webhooks is not None:
+        if self._webhooks is not None:
+            with _logged_fault("webhooks", job, event):
                 self._webhooks.wake()
-        except Exception:
-            log.exception("delivering a committed event failed", job_id=job.id, seq=event.seq)
 
     def notified(self, job_id: str, seq: int, event: JobEventType | None) -> None:
         """A NOTIFY from the database (any replica's commit), or after the LISTEN connection came back ("", 0,

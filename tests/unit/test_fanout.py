@@ -83,3 +83,19 @@ async def test_a_write_is_in_flight_until_its_events_are_delivered() -> None:
     assert ended.is_set() and heard.log == [("watchers", 1)]
     assert fanout.write_in_flight(job.id) is None
     await asyncio.wait_for(ended.wait(), timeout=1)
+
+
+def test_a_receiver_that_fails_does_not_keep_the_event_from_the_others() -> None:
+    heard = Heard()
+
+    class BrokenWatchers:
+        def publish(self, job: Job, event: JobEvent) -> None:
+            raise RuntimeError("watcher bug")
+
+    fanout = EventFanout()
+    fanout.deliver_to(watchers=BrokenWatchers(), runner=heard, webhooks=heard)
+    job, events = claimed_at_create()
+
+    fanout.committed(job, events[-1])  # no raise: the write has committed whatever a receiver does
+
+    assert heard.log == [("dispatcher", JobEventType.ATTEMPT_STARTED), ("webhooks", None)]
