@@ -143,7 +143,7 @@ def after_failure(job: Job, failure: GenerationFailure, base: float, cap: float)
 @dataclass(frozen=True, eq=False)
 class DispatchSlot:
     """Room in a replica for one job while its create is under way (Dispatcher.reserve): the create claims the
-    job for this replica with `claim`, then the replica runs it (adopt) or gets the room back (release)."""
+    job for this replica with `claim`, then the replica runs it or gets the room back (settle)."""
 
     claim: ClaimAtCreate
 
@@ -197,7 +197,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._claiming = True
         self._claim_size = config.claim_batch
-        # Creates under way that claim for this replica (reserve): each holds room for its job until adopt or release.
+        # Creates under way that claim for this replica (reserve): each holds room for its job until settle.
         self._slots: set[DispatchSlot] = set()
         self._no_slots = asyncio.Event()
         self._no_slots.set()
@@ -227,7 +227,7 @@ class Dispatcher:
         that makes it: no NOTIFY to wait for and no claim of its own between a job's creation and its attempt.
 
         None while draining or without room (the job is then created pending, for any replica's claim). The slot
-        holds its room until adopt or release, which the creator must call whatever becomes of the create.
+        holds its room until settle, which the creator must call whatever becomes of the create.
         """
         if not self._claiming or self._room <= 0:
             return None
@@ -236,15 +236,14 @@ class Dispatcher:
         self._no_slots.clear()
         return slot
 
-    def adopt(self, slot: DispatchSlot, job: Job) -> None:
-        """Runs `job`, which the create holding `slot` claimed for this replica: the slot's room becomes its run's."""
+    def settle(self, slot: DispatchSlot, claimed: Job | None) -> None:
+        """Ends the create that held `slot`, whatever became of it: runs `claimed`, the job it claimed for this
+        replica (the slot's room becomes its run's), or gives the room back (the create failed, made the job without
+        claiming it, or was a replay)."""
         self._end_slot(slot)
-        self._start(job)
-
-    def release(self, slot: DispatchSlot) -> None:
-        """Gives the slot's room back: its create failed, or made the job without claiming it, or was a replay."""
-        self._end_slot(slot)
-        if self._room == 1:
+        if claimed is not None:
+            self._start(claimed)
+        elif self._room == 1:
             self._wake.set()  # the room held was what kept a full replica's claimer waiting
 
     def _end_slot(self, slot: DispatchSlot) -> None:
@@ -319,7 +318,7 @@ class Dispatcher:
         if self._loops:
             # A claim under way finishes first, so no job it takes is left behind unseen.
             await asyncio.wait(self._loops[:1], timeout=10.0)
-        # So do creates that claim for this replica (each is one database call): a job one claimed runs (adopt).
+        # So do creates that claim for this replica (each is one database call): a job one claimed runs (settle).
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._no_slots.wait(), timeout=10.0)
         tasks = [task for _, task in self._running.values()]

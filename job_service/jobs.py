@@ -163,9 +163,7 @@ class CreateDispatch(Protocol):
 
     def reserve(self) -> DispatchSlot | None: ...
 
-    def adopt(self, slot: DispatchSlot, job: Job) -> None: ...
-
-    def release(self, slot: DispatchSlot) -> None: ...
+    def settle(self, slot: DispatchSlot, claimed: Job | None) -> None: ...
 
 
 class JobManager:
@@ -304,10 +302,7 @@ class JobManager:
             return made
         finally:
             if slot is not None and self._dispatcher is not None:
-                if claimed is not None:
-                    self._dispatcher.adopt(slot, claimed)
-                else:
-                    self._dispatcher.release(slot)
+                self._dispatcher.settle(slot, claimed)
 
     async def _active_template(self, template_id: str) -> Template:
         template = await self._store.get_template(template_id)

@@ -31,7 +31,7 @@ from job_service.notifications import JobNotifications
 from job_service.state_changes import StateChange
 from job_service.store import ClaimAtCreate, CreatedJob, JobStore, create_pool
 from tests.support.cluster import events_of, eventually, fresh_database
-from tests.support.creates import Create, create_here
+from tests.support.creates import Create, cancel_unfinished, create_here
 from tests.support.ledger import assert_credits_consistent
 
 
@@ -95,14 +95,7 @@ async def dispatcher_db(pg_server: str) -> AsyncIterator[str]:
 async def store(dispatcher_db: str) -> AsyncIterator[JobStore]:
     pool = await create_pool(dispatcher_db, min_size=1, max_size=5, statement_cache_size=100)
     yield JobStore(pool)
-    # Nothing may stay active for the next test's dispatcher (cancelled properly: credits released).
-    for row in await pool.fetch("SELECT id FROM generation_jobs WHERE status IN ('pending', 'generating')"):
-        await JobStore(pool).advance(
-            str(row["id"]),
-            StateChange(event=JobEventType.CANCELLED, to=JobState.CANCELLED),
-            attempt=None,
-            from_states=(JobState.PENDING, JobState.GENERATING),
-        )
+    await cancel_unfinished(pool)  # nothing may stay active for the next test
     await pool.close()
 
 
@@ -786,7 +779,7 @@ async def test_a_job_that_completes_just_before_a_lease_renewal_is_not_reported_
     await assert_credits_consistent(conn)
 
 
-# -- A job claimed in the transaction that creates it (Dispatcher.reserve, adopt, release) ----------------------
+# -- A job claimed in the transaction that creates it (Dispatcher.reserve, settle) ----------------------
 # A replica with room claims the job it creates in the create's own transaction and runs it without a claim; a
 # full or draining replica, or an idempotent replay, claims nothing as it creates. (A create whose caller went away
 # still runs its job here: JobManager's guarantee, tested in test_create_and_claim.)

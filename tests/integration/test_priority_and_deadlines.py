@@ -29,7 +29,7 @@ from job_service.domain import (
 from job_service.state_changes import StateChange
 from job_service.store import ClaimAtCreate, CreatedJob, CreateRules, JobStore, create_pool
 from tests.support.cluster import events_of, eventually, fresh_database
-from tests.support.creates import create_here
+from tests.support.creates import cancel_unfinished, create_here
 from tests.support.ledger import assert_credits_consistent
 
 
@@ -59,14 +59,7 @@ async def priority_db(pg_server: str) -> AsyncIterator[str]:
 async def store(priority_db: str) -> AsyncIterator[JobStore]:
     pool = await create_pool(priority_db, min_size=1, max_size=5, statement_cache_size=100)
     yield JobStore(pool)
-    # Nothing may stay active for the next test (cancelled properly: credits released).
-    for row in await pool.fetch("SELECT id FROM generation_jobs WHERE status IN ('pending', 'generating')"):
-        await JobStore(pool).advance(
-            str(row["id"]),
-            StateChange(event=JobEventType.CANCELLED, to=JobState.CANCELLED),
-            attempt=None,
-            from_states=(JobState.PENDING, JobState.GENERATING),
-        )
+    await cancel_unfinished(pool)  # nothing may stay active for the next test
     await pool.close()
 
 
