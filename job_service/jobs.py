@@ -241,7 +241,7 @@ class JobManager:
             template = await self._active_template(request.template_id)
         catalog = await self._catalog() if not bad_text(request.model, MAX_NAME_CHARS) else None
         model = job_model(request, template, self._policy.default_model)
-        inputs, blobs, input_violations = await self._check_inputs(user_id, model, request.input_images)
+        inputs, blobs, input_violations = await self._check_inputs(user_id, model, catalog, request.input_images)
         checked = check_create_request(
             request,
             user_id=user_id,
@@ -340,18 +340,21 @@ class JobManager:
         )
 
     async def _check_inputs(
-        self, user_id: str, model: str, images: tuple[InputImageInput, ...]
+        self,
+        user_id: str,
+        model: str,
+        catalog: Mapping[str, ModelInfo] | None,
+        images: tuple[InputImageInput, ...],
     ) -> tuple[tuple[InputRef, ...], list[tuple[str, str, bytes]], list[FieldViolation]]:
-        """The input images checked: their refs (for the job's params), the inline bytes to store, the problems."""
+        """The input images checked: their refs (for the job's params), the inline bytes to store, the problems.
+        `catalog`: the models as CreateJob read them (None: unavailable; the generator re-checks the count at the
+        attempt)."""
         if not images:
             return (), [], []
         if len(images) > MAX_INPUT_IMAGES:
             return (), [], [FieldViolation("input_images", f"at most {MAX_INPUT_IMAGES}")]
         violations: list[FieldViolation] = []
-        try:
-            info = (await self._models.list_models()).get(model)
-        except GenerationFailure:
-            info = None  # the generator re-checks the count at the attempt
+        info = catalog.get(model) if catalog is not None else None
         if info is not None and len(images) > info.max_input_images:
             limit = f"at most {info.max_input_images}" if info.max_input_images else "no input images"
             violations.append(FieldViolation("input_images", f"{model} takes {limit}"))
